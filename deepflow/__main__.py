@@ -1,0 +1,4 @@
+"""``python -m deepflow`` is the ``deepflow`` command."""
+from deepflow.cli import run
+
+run()

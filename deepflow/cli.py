@@ -1,0 +1,132 @@
+"""The ``deepflow`` command: ``deepflow COMMAND [flags] [--config.KEY=VALUE ...]``.
+
+Commands:
+  train  --config FILE --workdir DIR   train (or resume: re-run the same command on the workdir)
+  eval   --workdir DIR [--split NAME]  evaluate the latest checkpoint of a run
+
+A user error (bad config, missing dataset, non-finite loss, mismatched checkpoint) exits
+non-zero with one line on stderr; ``--debug`` shows the traceback and runs the steps without jit
+and with NaN checks, to step through them.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+
+from absl import app, flags
+
+COMMANDS = ("train", "eval")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("config", None, "Experiment file (train).")
+flags.DEFINE_string("workdir", None, "Run directory: config.json, metrics.jsonl, checkpoints/.")
+flags.DEFINE_string("split", None, "Split to evaluate (eval; default: the config's eval_split).")
+flags.DEFINE_bool("debug", False, "No jit, NaN checks, full tracebacks.")
+flags.DEFINE_bool("distributed", False, "Join a multi-host run (jax.distributed.initialize; "
+                  "auto-detected on Cloud TPU unless the three flags below are given).")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0.")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+
+
+def _fail(message: str, code: int = 1) -> None:
+  print(f"deepflow: error: {message}", file=sys.stderr)
+  sys.exit(code)
+
+
+def _setup_logging(debug: bool) -> None:
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.INFO if debug else absl_logging.WARNING)
+  logger = logging.getLogger("deepflow")
+  if not logger.handlers:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("deepflow: %(message)s"))
+    logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
+  logger.propagate = False
+
+
+def _require(name: str) -> str:
+  value = getattr(FLAGS, name)
+  if not value:
+    _fail(f"--{name} is required for this command", 2)
+  return value
+
+
+def main(argv: list[str], overrides: list[str]) -> None:
+  if len(argv) < 2 or argv[1] not in COMMANDS:
+    _fail(f"usage: deepflow {{{','.join(COMMANDS)}}} [flags]; see `deepflow --helpfull`", 2)
+  if len(argv) > 2:
+    _fail(f"unexpected arguments: {' '.join(argv[2:])}", 2)
+  _setup_logging(FLAGS.debug)
+  from deepflow.registry import ConfigError
+  from deepflow.train import NonFiniteLossError, Preempted
+  try:
+    if FLAGS.distributed or FLAGS.coordinator_address:
+      from deepflow import parallel
+      parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                      FLAGS.process_id)
+    {"train": _train, "eval": _eval}[argv[1]](overrides)
+  except Preempted as e:
+    print(f"deepflow: {e}", file=sys.stderr)
+  except (ConfigError, NonFiniteLossError, FileNotFoundError) as e:
+    if FLAGS.debug:
+      raise
+    _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def _with_debug(fn):
+  """Runs ``fn`` eagerly with NaN checks under --debug, jitted otherwise."""
+  import jax
+  if not FLAGS.debug:
+    return fn()
+  jax.config.update("jax_debug_nans", True)
+  with jax.disable_jit():
+    return fn()
+
+
+def _train(overrides: list[str]) -> None:
+  import deepflow
+  config = deepflow.load_config(_require("config"), overrides)
+  workdir = _require("workdir")
+  metrics = _with_debug(lambda: deepflow.train_and_evaluate(config, workdir, debug=FLAGS.debug))
+  _print_metrics(config.data.eval_split, metrics)
+
+
+def _eval(overrides: list[str]) -> None:
+  from deepflow import config as config_lib
+  from deepflow.train import checkpoint as checkpoint_lib
+  from deepflow.train.loop import Experiment
+  from deepflow.train.writers import MetricWriter
+  workdir = _require("workdir")
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{workdir} is not a deepflow run (no config.json)")
+  with open(path) as f:
+    config = config_lib.config_from_json(f.read(), overrides)
+  split = FLAGS.split or config.data.eval_split
+  checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
+  if checkpointer.latest_step() is None:
+    raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
+  exp = Experiment(config, workdir, debug=FLAGS.debug)
+  state, _, step = exp.restore(checkpointer)
+  metrics = _with_debug(lambda: exp.evaluate(state, split))
+  writer = MetricWriter(workdir, tensorboard=False)
+  writer.write(step, split, metrics)
+  _print_metrics(split, metrics, step)
+
+
+def _print_metrics(split: str, metrics: dict, step: int | None = None) -> None:
+  at = "" if step is None else f" at step {step}"
+  print(f"final {split} metrics{at}: " +
+        " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+
+
+def run(argv: list[str] | None = None) -> None:
+  """Console-script entry point: splits off ``--config.KEY=VALUE`` overrides, then absl."""
+  argv = list(sys.argv if argv is None else argv)
+  overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
+  rest = [a for a in argv if not a.startswith("--config.")]
+  app.run(functools.partial(main, overrides=overrides), argv=rest)

@@ -1,0 +1,302 @@
+"""The base config, experiment-file loading, ``KEY=VALUE`` overrides and validation.
+
+An experiment file defines ``get_config()`` returning ``deepflow.config.base_config()`` with its
+fields filled in. ``load_config`` calls it, fills in the defaults of the chosen model and task,
+locks the result (so a typo in an override names the key) and validates it before anything is
+compiled. Every user mistake raises ``ConfigError`` with one line.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import json
+import os
+from typing import Any, Iterable
+
+import ml_collections
+
+from deepflow.registry import ConfigError
+
+ConfigDict = ml_collections.ConfigDict
+
+
+def base_config() -> ConfigDict:
+  """Every key deepflow knows, with its default. Experiment files start from this."""
+  c = ConfigDict()
+  c.seed = 0
+  c.task = ConfigDict({"name": "classification"})
+  c.model = ConfigDict({"name": "mlp"})
+  c.data = ConfigDict({
+      "source": "bundled:digits",   # 'bundled:NAME', 'tfds:NAME[/CONFIG][:VERSION]', 'synthetic:NAME'
+      "data_dir": "",               # TFDS data dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+      "train_split": "train",
+      "eval_split": "test",
+      "batch_size": 128,            # global batch, over all hosts and devices
+      "eval_batch_size": 512,
+      "transforms": [{"name": "standardize"}],
+      "cache": True,                # hold a split in host memory after the first read
+      "num_threads": 2,             # Grain reader threads (prefetching into the train step)
+  })
+  c.optimizer = ConfigDict({
+      "name": "adam",
+      "learning_rate": 1e-3,
+      "schedule": "constant",       # constant, cosine, warmup_cosine, piecewise, exponential, linear
+      "warmup_steps": 0,
+      "decay_steps": 0,             # 0 = train.steps
+      "end_learning_rate": 0.0,
+      "boundaries": (),             # piecewise: steps at which the rate is multiplied by decay_rate
+      "decay_rate": 0.1,
+      "momentum": 0.9,              # sgd (0 = plain SGD), rmsprop
+      "nesterov": False,
+      "b1": 0.9,
+      "b2": 0.999,
+      "eps": 1e-8,
+      "weight_decay": 0.0,          # decoupled (adamw, lion, sgd+decay); masked by weight_decay_mask
+      "weight_decay_mask": r"(kernel|embedding)$",  # regex on '/'-joined parameter paths
+      "clip_norm": 0.0,             # global-norm gradient clipping; 0 = off
+  })
+  c.regularizers = []
+  c.train = ConfigDict({
+      "steps": 1000,
+      "microbatches": 1,            # gradient accumulation inside the step (lax.scan)
+      "eval_every": 500,            # 0 = only at the end
+      "log_every": 50,
+      "checkpoint_every": 500,      # 0 = only at the end
+      "keep_checkpoints": 3,
+      "nonfinite": "stop",          # 'stop', or 'skip' (skip the update, stop after max_nonfinite)
+      "max_nonfinite": 10,
+      "progress": True,
+  })
+  c.mesh = ConfigDict({"shape": ConfigDict({"data": -1, "model": 1})})
+  return c
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading and overrides.
+# ------------------------------------------------------------------------------------------------
+
+def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> ConfigDict:
+  """Loads an experiment file, applies ``KEY=VALUE`` overrides, validates, and returns it locked."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise ConfigError(f"experiment file not found: {path}")
+  spec = importlib.util.spec_from_file_location("deepflow_experiment", path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:  # the file itself is broken: say where, in one line
+    raise ConfigError(f"cannot load experiment {path}: {type(e).__name__}: {e}") from e
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"experiment {path} defines no get_config()")
+  config = module.get_config()
+  if not isinstance(config, ConfigDict):
+    raise ConfigError(f"get_config() in {path} must return an ml_collections.ConfigDict")
+  return finalize(config, overrides)
+
+
+def finalize(config: ConfigDict, overrides: Iterable[str] = ()) -> ConfigDict:
+  """Fills in defaults, locks, applies overrides and validates (used for files and for JSON)."""
+  config = _with_defaults(config)
+  config.lock()
+  apply_overrides(config, overrides)
+  config = _with_defaults(config)  # an override may have changed model.name or task.name
+  config.lock()
+  validate(config)
+  return config
+
+
+def config_from_json(text: str, overrides: Iterable[str] = ()) -> ConfigDict:
+  """Rebuilds a run's config from the ``config.json`` written into its workdir."""
+  return finalize(ConfigDict(json.loads(text)), overrides)
+
+
+def parse_value(text: str) -> Any:
+  """A command-line value as Python: literals (numbers, tuples, lists, dicts), booleans in either
+  case, ``none``; anything else stays a string."""
+  lowered = text.strip().lower()
+  if lowered in ("true", "false"):
+    return lowered == "true"
+  if lowered in ("none", "null"):
+    return None
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def apply_overrides(config: ConfigDict, overrides: Iterable[str]) -> None:
+  """Applies ``a.b.c=VALUE`` strings to a locked config; unknown keys and bad types are errors."""
+  for item in overrides:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+      raise ConfigError(f"override {item!r} is not KEY=VALUE")
+    *parents, leaf = key.split(".")
+    node = config
+    for i, part in enumerate(parents):
+      if not isinstance(node, ConfigDict) or part not in node:
+        raise ConfigError(f"unknown config key {'.'.join(parents[:i + 1])!r} in override {item!r}")
+      node = node[part]
+    if not isinstance(node, ConfigDict) or leaf not in node:
+      known = ", ".join(sorted(node.keys())) if isinstance(node, ConfigDict) else ""
+      raise ConfigError(f"unknown config key {key!r}; known here: {known}")
+    value = parse_value(raw)
+    old = node[leaf]
+    if isinstance(old, (list, tuple)) and isinstance(value, (list, tuple)):
+      value = type(old)(value)
+    try:
+      with node.unlocked():
+        node[leaf] = value
+    except TypeError as e:
+      raise ConfigError(f"bad type for {key}: {value!r} ({type(value).__name__}); "
+                        f"expected {type(old).__name__}") from e
+
+
+# ------------------------------------------------------------------------------------------------
+# Defaults of the chosen model and task, then validation.
+# ------------------------------------------------------------------------------------------------
+
+def model_options(model_cls: type) -> dict[str, Any]:
+  """A Linen module's configurable fields and defaults (everything but num_outputs/parent/name)."""
+  options = {}
+  for f in dataclasses.fields(model_cls):
+    if f.name in ("parent", "name", "num_outputs") or not f.init:
+      continue
+    default = f.default if f.default is not dataclasses.MISSING else None
+    options[f.name] = tuple(default) if isinstance(default, list) else default
+  return options
+
+
+def _with_defaults(config: ConfigDict) -> ConfigDict:
+  """A copy of ``config`` with base keys, model fields and task options that it leaves out."""
+  from deepflow import models, tasks  # noqa: F401  (registration)
+  from deepflow.registry import MODELS, TASKS
+  merged = base_config()
+  _merge(merged, config)
+  if merged.model.name in MODELS:
+    for key, value in model_options(MODELS.get(merged.model.name)).items():
+      if key not in merged.model:
+        merged.model[key] = value
+  if merged.task.name in TASKS:
+    for key, value in TASKS.get(merged.task.name).options().items():
+      if key not in merged.task:
+        merged.task[key] = value
+  return merged
+
+
+def _merge(base: ConfigDict, update: ConfigDict) -> None:
+  """Copies ``update`` into ``base``; sections whose keys are free-form (model, task) replace."""
+  for key, value in update.items():
+    if isinstance(value, ConfigDict) and key in base and isinstance(base[key], ConfigDict):
+      if key in ("model", "task") and value.get("name") != base[key].get("name"):
+        base[key] = ConfigDict(value.to_dict())
+      else:
+        _merge(base[key], value)
+    else:
+      try:
+        base[key] = value.to_dict() if isinstance(value, ConfigDict) else value
+      except TypeError as e:
+        raise ConfigError(f"config key {key!r}: {value!r} has the wrong type "
+                          f"(default is {base[key]!r})") from e
+
+
+def validate(config: ConfigDict) -> None:
+  """Checks names, keys, types and values before anything is compiled."""
+  from deepflow import models, tasks, optim, regularizers  # noqa: F401  (registration)
+  from deepflow.data import sources, transforms  # noqa: F401
+  from deepflow.registry import MODELS, TASKS, OPTIMIZERS, SCHEDULES, TRANSFORMS, REGULARIZERS
+
+  base = base_config()
+  _check_keys(config, base, "")
+
+  model_cls = MODELS.get(config.model.name)
+  allowed = set(model_options(model_cls))
+  for key in config.model:
+    if key != "name" and key not in allowed:
+      raise ConfigError(f"model {config.model.name!r} has no option {key!r}; "
+                        f"options: {', '.join(sorted(allowed))}")
+  task_cls = TASKS.get(config.task.name)
+  allowed = set(task_cls.options())
+  for key in config.task:
+    if key != "name" and key not in allowed:
+      raise ConfigError(f"task {config.task.name!r} has no option {key!r}; "
+                        f"options: {', '.join(sorted(allowed)) or 'none'}")
+  OPTIMIZERS.get(config.optimizer.name)
+  SCHEDULES.get(config.optimizer.schedule)
+  for entry in config.data.transforms:
+    TRANSFORMS.get(_entry_name(entry, "data.transforms"))
+  for entry in config.regularizers:
+    REGULARIZERS.get(_entry_name(entry, "regularizers"))
+  sources.parse_source(config.data.source)
+
+  _positive_int(config, "data.batch_size", "data.eval_batch_size", "train.steps",
+                "train.log_every", "train.keep_checkpoints", "train.microbatches",
+                "train.max_nonfinite")
+  for key in ("train.eval_every", "train.checkpoint_every", "optimizer.warmup_steps",
+              "optimizer.decay_steps"):
+    if _get(config, key) < 0:
+      raise ConfigError(f"{key} must be >= 0, got {_get(config, key)}")
+  if not config.optimizer.learning_rate > 0:
+    raise ConfigError(f"optimizer.learning_rate must be > 0, got {config.optimizer.learning_rate}")
+  if config.train.nonfinite not in ("stop", "skip"):
+    raise ConfigError(f"train.nonfinite must be 'stop' or 'skip', got {config.train.nonfinite!r}")
+  if config.data.batch_size % config.train.microbatches:
+    raise ConfigError(f"data.batch_size={config.data.batch_size} is not divisible by "
+                      f"train.microbatches={config.train.microbatches}")
+
+  from deepflow import parallel
+  data_size = parallel.data_axis_size(config.mesh)
+  for key in ("data.batch_size", "data.eval_batch_size"):
+    per_step = _get(config, key) // (config.train.microbatches if key == "data.batch_size" else 1)
+    if per_step % data_size:
+      raise ConfigError(f"{key}={_get(config, key)} (per micro-batch {per_step}) is not divisible "
+                        f"by the {data_size} devices on the mesh's data axis")
+
+
+def _entry_name(entry: Any, where: str) -> str:
+  if not isinstance(entry, (dict, ConfigDict)) or "name" not in entry:
+    raise ConfigError(f"each entry of {where} must be a dict with a 'name', got {entry!r}")
+  return entry["name"]
+
+
+def _check_keys(config: ConfigDict, base: ConfigDict, prefix: str) -> None:
+  for key, value in config.items():
+    path = f"{prefix}{key}"
+    if key not in base:
+      raise ConfigError(f"unknown config key {path!r}; known: {', '.join(sorted(base.keys()))}")
+    if isinstance(base[key], ConfigDict) and key not in ("model", "task"):
+      if not isinstance(value, ConfigDict):
+        raise ConfigError(f"config key {path!r} must be a section, got {value!r}")
+      _check_keys(value, base[key], path + ".")
+    elif not isinstance(base[key], ConfigDict):
+      _check_type(path, value, base[key])
+
+
+def _check_type(path: str, value: Any, default: Any) -> None:
+  kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,),
+           tuple: (tuple, list), list: (list, tuple)}
+  expected = kinds.get(type(default))
+  ok = expected is None or (isinstance(value, expected) and
+                            not (isinstance(value, bool) and bool not in expected))
+  if not ok:
+    raise ConfigError(f"config key {path!r} must be {type(default).__name__}, "
+                      f"got {value!r} ({type(value).__name__})")
+
+
+def _get(config: ConfigDict, dotted: str) -> Any:
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def _positive_int(config: ConfigDict, *keys: str) -> None:
+  for key in keys:
+    value = _get(config, key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+      raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+
+
+def to_json(config: ConfigDict) -> str:
+  """The resolved config as the ``config.json`` a workdir keeps."""
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)

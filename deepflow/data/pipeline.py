@@ -1,0 +1,136 @@
+"""The input pipeline: a Grain dataset of host-local numpy batches, deterministic from the seed.
+
+Batch ``s`` of training is a pure function of (seed, s): Grain shuffles the element indices of
+every epoch with a seed-dependent permutation, so the iterator's state is just its position and a
+resumed run sees exactly the batches an uninterrupted one would. On several hosts, every host
+computes the same global batch of indices and reads only its own contiguous slice of it; the
+global array is the hosts' slices concatenated in process order (``parallel.global_batch``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Iterator, Mapping
+
+import grain
+import jax
+import numpy as np
+
+from deepflow.data import sources, transforms as transforms_lib
+from deepflow.registry import ConfigError
+
+INPUTS, TARGETS, MASK = "inputs", "targets", "mask"
+STATS_FILE = "preprocessing.npz"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """What models and tasks may know about the data: shapes after preprocessing, classes, etc."""
+  input_shape: tuple[int, ...]
+  input_dtype: Any
+  target_shape: tuple[int, ...]
+  num_classes: int | None
+  train_size: int
+  metadata: Mapping[str, Any]
+
+
+class Pipeline:
+  """Train iterator and eval batches for one config (``config.data`` + ``seed``)."""
+
+  def __init__(self, config: Any, workdir: str | None = None):
+    data = config.data
+    self.seed = config.seed
+    self.dataset = sources.open_dataset(data, seed=config.seed)
+    self.train_source = self._split(data.train_split, data.cache)
+    self.eval_sources: dict[str, Any] = {}
+    self.cache = data.cache
+    self.num_threads = data.num_threads
+    self.process_count, self.process_index = jax.process_count(), jax.process_index()
+    self.batch_size = self._per_host(data.batch_size, "data.batch_size")
+    self.eval_batch_size = self._per_host(data.eval_batch_size, "data.eval_batch_size")
+    self.global_batch_size = data.batch_size
+    self.global_eval_batch_size = data.eval_batch_size
+    self.transforms = transforms_lib.build_transforms(data.transforms)
+    self.stats = self._fitted_stats(workdir)
+    example = self._finish(sources.take(self.train_source, np.arange(1)), train=False, step=0)
+    self.spec = DataSpec(
+        input_shape=example[INPUTS].shape[1:], input_dtype=example[INPUTS].dtype,
+        target_shape=example[TARGETS].shape[1:], num_classes=self.dataset.num_classes,
+        train_size=len(self.train_source), metadata=self.dataset.metadata)
+
+  # -- construction helpers ----------------------------------------------------------------------
+
+  def _split(self, name: str, cache: bool):
+    source = self.dataset.split(name)
+    if len(source) == 0:
+      raise ConfigError(f"split {name!r} of {self.dataset.name!r} is empty")
+    return sources.to_memory(source) if cache else source
+
+  def _per_host(self, size: int, key: str) -> int:
+    if size % self.process_count:
+      raise ConfigError(f"{key}={size} is not divisible by the {self.process_count} processes")
+    return size // self.process_count
+
+  def _fitted_stats(self, workdir: str | None):
+    """Statistics from the train split, fitted once per run and kept in the workdir."""
+    path = os.path.join(workdir, STATS_FILE) if workdir else None
+    if path and os.path.exists(path):
+      return transforms_lib.load_stats(path)
+    train = sources.to_memory(self.train_source)
+    stats = transforms_lib.fit_chain(self.transforms, train.arrays, self.dataset.input_key,
+                                     self.dataset.target_key)
+    if path and jax.process_index() == 0:
+      os.makedirs(workdir, exist_ok=True)
+      transforms_lib.save_stats(path, stats)
+    return stats
+
+  def _finish(self, batch: Mapping[str, np.ndarray], *, train: bool, step: int):
+    """Preprocesses a fetched batch and renames the supervised keys to inputs/targets."""
+    rng = np.random.default_rng([self.seed, step, 0 if train else 1])
+    batch = transforms_lib.apply_chain(self.transforms, self.stats, batch,
+                                       self.dataset.input_key, self.dataset.target_key,
+                                       train=train, rng=rng)
+    batch = dict(batch)
+    batch[INPUTS] = batch.pop(self.dataset.input_key)
+    batch[TARGETS] = batch.pop(self.dataset.target_key)
+    return batch
+
+  def _host_slice(self, indices: np.ndarray, per_host: int) -> np.ndarray:
+    return indices[self.process_index * per_host:(self.process_index + 1) * per_host]
+
+  # -- training ----------------------------------------------------------------------------------
+
+  def train_dataset(self) -> grain.IterDataset:
+    """Infinite, reshuffled every epoch; element ``s`` is the host's part of global batch ``s``."""
+    ds = (grain.MapDataset.range(len(self.train_source)).seed(self.seed).shuffle().repeat()
+          .batch(self.global_batch_size, drop_remainder=True))
+    ds = ds.map_with_index(lambda step, idx: self._finish(
+        sources.take(self.train_source, self._host_slice(idx, self.batch_size)),
+        train=True, step=step))
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=self.num_threads,
+                                                prefetch_buffer_size=max(2, 2 * self.num_threads)))
+
+  def train_iterator(self, state: Mapping[str, Any] | None = None) -> grain.DatasetIterator:
+    """A train iterator, positioned by a saved ``get_state()`` when resuming."""
+    iterator = iter(self.train_dataset())
+    if state is not None:
+      iterator.set_state(dict(state))
+    return iterator
+
+  # -- evaluation --------------------------------------------------------------------------------
+
+  def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
+    """The whole split, in order, in fixed-size batches; the last one padded with ``mask`` = 0
+    rows so every example counts exactly once and the eval step compiles once."""
+    if split not in self.eval_sources:
+      self.eval_sources[split] = self._split(split, self.cache)
+    source = self.eval_sources[split]
+    size = self.global_eval_batch_size
+    n = len(source)
+    padded = -(-n // size) * size
+    for start in range(0, padded, size):
+      idx = self._host_slice(np.arange(start, start + size), self.eval_batch_size)
+      valid = idx < n
+      batch = self._finish(sources.take(source, np.where(valid, idx, 0)), train=False, step=0)
+      batch[MASK] = valid.astype(np.float32)
+      yield batch

@@ -1,0 +1,204 @@
+"""Where examples come from: ``bundled:NAME``, ``tfds:NAME`` and ``synthetic:NAME`` sources.
+
+Every source ends up as a ``Dataset``: per split a random-access sequence of examples (dicts of
+numpy arrays), plus what the model and task need to know (input/target keys, number of classes,
+metadata). TFDS datasets are read with ``tfds.data_source`` (ArrayRecord): no TensorFlow.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from deepflow.registry import ConfigError, DATASETS
+
+
+class DatasetNotFoundError(ConfigError):
+  """A dataset that is not prepared locally (deepflow never downloads at run time)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """A dataset's splits (random-access sources) and the facts the model and task need."""
+  name: str
+  splits: Mapping[str, Sequence[Mapping[str, np.ndarray]]]
+  input_key: str
+  target_key: str
+  num_classes: int | None = None   # classification targets; None for regression / LM
+  metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def split(self, name: str) -> "ArraySource | Sequence":
+    if name not in self.splits:
+      raise ConfigError(f"dataset {self.name!r} has no split {name!r}; "
+                        f"splits: {', '.join(sorted(self.splits))}")
+    return self.splits[name]
+
+
+class ArraySource:
+  """An in-memory split: a dict of equally long arrays, indexable per example or per batch."""
+
+  def __init__(self, arrays: Mapping[str, np.ndarray]):
+    lengths = {len(v) for v in arrays.values()}
+    if len(lengths) != 1:
+      raise ValueError(f"arrays of unequal length: { {k: len(v) for k, v in arrays.items()} }")
+    self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    self._len = lengths.pop()
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, index):
+    return {k: v[index] for k, v in self.arrays.items()}
+
+  def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """A batch of examples by index (one fancy-index per feature)."""
+    return {k: v[indices] for k, v in self.arrays.items()}
+
+
+def take(source: Sequence, indices: np.ndarray) -> dict[str, np.ndarray]:
+  """A batch of examples by index from any random-access source."""
+  if isinstance(source, ArraySource):
+    return source.take(indices)
+  getitems = getattr(source, "__getitems__", None)
+  examples = getitems(list(map(int, indices))) if getitems else [source[int(i)] for i in indices]
+  return {k: np.stack([np.asarray(e[k]) for e in examples]) for k in examples[0]}
+
+
+def to_memory(source: Sequence, chunk: int = 4096) -> ArraySource:
+  """Reads a whole split into host memory (small and medium datasets: much faster batches)."""
+  if isinstance(source, ArraySource):
+    return source
+  parts = [take(source, np.arange(i, min(i + chunk, len(source))))
+           for i in range(0, len(source), chunk)]
+  return ArraySource({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+
+
+# ------------------------------------------------------------------------------------------------
+# Parsing 'kind:name[/config][:version]'.
+# ------------------------------------------------------------------------------------------------
+
+SOURCE_KINDS = ("bundled", "tfds", "synthetic")
+
+
+def parse_source(spec: str) -> tuple[str, str]:
+  """Splits ``'kind:rest'`` and checks the kind (and, for bundled/synthetic, the name)."""
+  kind, sep, rest = str(spec).partition(":")
+  if not sep or kind not in SOURCE_KINDS or not rest:
+    raise ConfigError(f"data.source {spec!r} must look like one of "
+                      f"{', '.join(k + ':NAME' for k in SOURCE_KINDS)}")
+  if kind == "bundled":
+    from deepflow.data.bundled import BUILDERS
+    name = rest.split("/")[0]
+    if name not in BUILDERS:
+      raise ConfigError(f"unknown bundled dataset {name!r}; known: {', '.join(sorted(BUILDERS))}")
+  if kind == "synthetic":
+    DATASETS.get(f"synthetic:{rest}")
+  return kind, rest
+
+
+def default_data_dir() -> str:
+  return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+
+
+def open_dataset(data_config: Any, *, seed: int = 0) -> Dataset:
+  """The ``Dataset`` named by ``data.source``."""
+  kind, rest = parse_source(data_config.source)
+  data_dir = data_config.data_dir or default_data_dir()
+  if kind == "synthetic":
+    return DATASETS.get(f"synthetic:{rest}")(seed=seed)
+  if kind == "bundled":
+    builder = _bundled_builder(rest, data_dir)
+    if not builder.is_prepared():
+      builder.download_and_prepare()  # offline: the data ships inside a Python package
+  else:
+    builder = _tfds_builder(rest, data_dir)
+  return _from_builder(builder, data_config.source)
+
+
+def _bundled_builder(rest: str, data_dir: str):
+  from deepflow.data.bundled import BUILDERS
+  name, _, config = rest.partition("/")
+  cls = BUILDERS[name]
+  if config and config not in {c.name for c in (cls.BUILDER_CONFIGS or [])}:
+    known = ", ".join(c.name for c in cls.BUILDER_CONFIGS or []) or "none"
+    raise ConfigError(f"bundled dataset {name!r} has no config {config!r}; known: {known}")
+  return cls(data_dir=data_dir, **({"config": config} if config else {}))
+
+
+def _tfds_builder(rest: str, data_dir: str):
+  """A prepared TFDS builder, or a fast, clear error (never a download attempt)."""
+  import tensorflow_datasets as tfds
+  name = rest.split("/")[0].split(":")[0]
+  try:
+    builder = tfds.builder(rest, data_dir=data_dir, try_gcs=False)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ConfigError(f"unknown TFDS dataset {name!r}") from e
+  except Exception as e:  # e.g. no prepared version and no code to build it here
+    raise DatasetNotFoundError(_not_prepared(rest, data_dir)) from e
+  if not builder.is_prepared():
+    raise DatasetNotFoundError(_not_prepared(rest, data_dir))
+  return builder
+
+
+def _not_prepared(rest: str, data_dir: str) -> str:
+  return (f"TFDS dataset {rest!r} is not prepared in {data_dir} and deepflow does not download "
+          f"at run time; prepare it where there is network: `tfds build {rest.split(':')[0]} "
+          f"--data_dir {data_dir} --file_format=array_record`, then set data.data_dir")
+
+
+def _from_builder(builder, spec: str) -> Dataset:
+  import tensorflow_datasets as tfds
+  info = builder.info
+  if not info.supervised_keys:
+    raise ConfigError(f"dataset {spec!r} declares no supervised_keys (input, target)")
+  input_key, target_key = info.supervised_keys[:2]
+  target = info.features[target_key]
+  num_classes = target.num_classes if isinstance(target, tfds.features.ClassLabel) else None
+  try:
+    splits = builder.as_data_source()
+  except Exception as e:  # e.g. prepared as TFRecord, which needs TensorFlow to read
+    raise DatasetNotFoundError(f"dataset {spec!r} cannot be read without TensorFlow "
+                               f"({type(e).__name__}: {e}); prepare it with "
+                               f"--file_format=array_record") from e
+  return Dataset(name=spec, splits=dict(splits), input_key=input_key, target_key=target_key,
+                 num_classes=num_classes, metadata=dict(info.metadata or {}))
+
+
+# ------------------------------------------------------------------------------------------------
+# Synthetic datasets (tests and benchmarks): deterministic from the seed, in memory.
+# ------------------------------------------------------------------------------------------------
+
+def _synthetic(name: str) -> Callable[[Callable[..., Dataset]], Callable[..., Dataset]]:
+  return DATASETS.register(f"synthetic:{name}")
+
+
+@_synthetic("digits_like")
+def synthetic_images(seed: int = 0, train_size: int = 2048, test_size: int = 512,
+                     shape: tuple[int, ...] = (8, 8, 1), num_classes: int = 10) -> Dataset:
+  """Class-dependent prototype images plus noise: learnable, digits-shaped, instant to build."""
+  rng = np.random.default_rng(seed)
+  prototypes = rng.normal(size=(num_classes, *shape)).astype(np.float32)
+
+  def split(n):
+    labels = rng.integers(0, num_classes, n)
+    images = prototypes[labels] + 0.7 * rng.normal(size=(n, *shape)).astype(np.float32)
+    return ArraySource({"image": images.astype(np.float32), "label": labels.astype(np.int64)})
+  return Dataset("synthetic:digits_like", {"train": split(train_size), "test": split(test_size)},
+                 "image", "label", num_classes)
+
+
+@_synthetic("regression")
+def synthetic_regression(seed: int = 0, train_size: int = 1024, test_size: int = 256,
+                         features: int = 8) -> Dataset:
+  """y = w.x + 0.1 noise: a regression problem with a known optimum."""
+  rng = np.random.default_rng(seed)
+  w = rng.normal(size=(features, 1)).astype(np.float32)
+
+  def split(n):
+    x = rng.normal(size=(n, features)).astype(np.float32)
+    y = x @ w + 0.1 * rng.normal(size=(n, 1)).astype(np.float32)
+    return ArraySource({"features": x, "targets": y})
+  return Dataset("synthetic:regression", {"train": split(train_size), "test": split(test_size)},
+                 "features", "targets", None)

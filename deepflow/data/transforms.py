@@ -1,0 +1,180 @@
+"""Preprocessing transforms: named, configured, fitted on the train split only, then applied to
+every batch (train and eval alike) on the host.
+
+A config lists them in order, e.g. ``data.transforms = [dict(name='impute', strategy='median'),
+dict(name='standardize')]``. Like an optax chain, each transform is a small pair of functions:
+``fit(train_values) -> stats`` and ``apply(stats, values, rng) -> values``. Fitted statistics are
+saved in the workdir (``preprocessing.npz``) so eval, resumption and export reuse exactly them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from deepflow.registry import ConfigError, TRANSFORMS
+
+Stats = dict[str, np.ndarray]
+EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+  """One preprocessing step. ``keys`` name the features it touches ('input' and 'target' mean
+  the dataset's supervised keys); statistics are fitted on the first key and shared by the rest
+  (e.g. the same scaling for a series' past values and its future targets)."""
+  fit: Callable[[np.ndarray], Stats]
+  apply: Callable[[Stats, np.ndarray, np.random.Generator], np.ndarray]
+  keys: tuple[str, ...] = ("input",)
+  train_only: bool = False            # augmentations: training batches only
+  handles_missing: bool = False       # imputation: NaN in, no NaN out
+
+
+def build_transforms(entries: Sequence[Mapping[str, Any]]) -> list[Transform]:
+  """The transforms a config lists, built from the registry with their options."""
+  out = []
+  for entry in entries:
+    options = {k: v for k, v in dict(entry).items() if k != "name"}
+    if "keys" in options:
+      options["keys"] = tuple(options["keys"])
+    factory = TRANSFORMS.get(entry["name"])
+    try:
+      out.append(factory(**options))
+    except TypeError as e:
+      raise ConfigError(f"transform {entry['name']!r}: {e}") from e
+  return out
+
+
+def _reduce_axes(values: np.ndarray, per: str) -> tuple[int, ...]:
+  """Axes to reduce over: 'feature' keeps every non-batch axis, 'channel' only the last one,
+  'global' none; 'auto' is per-channel for images (rank >= 4 with batch) and per-feature else."""
+  if per == "auto":
+    per = "channel" if values.ndim >= 4 else "feature"
+  if per == "feature":
+    return (0,)
+  if per == "channel":
+    return tuple(range(values.ndim - 1))
+  if per == "global":
+    return tuple(range(values.ndim))
+  raise ConfigError(f"unknown normalization axis {per!r}; known: auto, feature, channel, global")
+
+
+@TRANSFORMS.register("standardize")
+def standardize(per: str = "auto", keys: tuple[str, ...] = ("input",)) -> Transform:
+  """(x - mean) / std, statistics from the train split; constant features map to 0."""
+  _reduce_axes(np.zeros((1, 1, 1, 1)), per)  # validate the option at build time
+
+  def fit(values):
+    axes = _reduce_axes(values, per)
+    return {"mean": np.nanmean(values, axis=axes, keepdims=True)[0],
+            "std": np.nanstd(values, axis=axes, keepdims=True)[0]}
+
+  def apply(stats, values, rng):
+    return ((values - stats["mean"]) / np.maximum(stats["std"], EPS)).astype(np.float32)
+  return Transform(fit, apply, keys)
+
+
+@TRANSFORMS.register("minmax")
+def minmax(per: str = "auto", low: float = 0.0, high: float = 1.0,
+           keys: tuple[str, ...] = ("input",)) -> Transform:
+  """Linear rescaling of the train split's [min, max] to [low, high]."""
+  _reduce_axes(np.zeros((1, 1, 1, 1)), per)
+
+  def fit(values):
+    axes = _reduce_axes(values, per)
+    return {"min": np.nanmin(values, axis=axes, keepdims=True)[0],
+            "max": np.nanmax(values, axis=axes, keepdims=True)[0]}
+
+  def apply(stats, values, rng):
+    scale = (high - low) / np.maximum(stats["max"] - stats["min"], EPS)
+    return (low + (values - stats["min"]) * scale).astype(np.float32)
+  return Transform(fit, apply, keys)
+
+
+@TRANSFORMS.register("impute")
+def impute(strategy: str = "mean", fill_value: float = 0.0, indicator: bool = False,
+           keys: tuple[str, ...] = ("input",)) -> Transform:
+  """Replaces NaN by the train split's per-feature mean or median, or a constant; with
+  ``indicator=True`` appends one 0/1 "was missing" feature per input feature (vector inputs)."""
+  if strategy not in ("mean", "median", "constant"):
+    raise ConfigError(f"impute strategy {strategy!r}; known: mean, median, constant")
+
+  def fit(values):
+    if strategy == "constant":
+      fill = np.full(values.shape[1:], fill_value, np.float32)
+    else:
+      fill = (np.nanmean if strategy == "mean" else np.nanmedian)(values, axis=0)
+      fill = np.where(np.isnan(fill), fill_value, fill)  # a feature missing everywhere
+    return {"fill": fill.astype(np.float32)}
+
+  def apply(stats, values, rng):
+    missing = np.isnan(values)
+    filled = np.where(missing, stats["fill"], values).astype(np.float32)
+    if indicator:
+      filled = np.concatenate([filled, missing.astype(np.float32)], axis=-1)
+    return filled
+  return Transform(fit, apply, keys, handles_missing=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fitting a chain and applying it to batches.
+# ------------------------------------------------------------------------------------------------
+
+def resolve_key(key: str, input_key: str, target_key: str) -> str:
+  return {"input": input_key, "target": target_key}.get(key, key)
+
+
+def fit_chain(transforms: Sequence[Transform], train: Mapping[str, np.ndarray],
+              input_key: str, target_key: str) -> list[Stats]:
+  """Fits each transform in order on the train split as transformed by the ones before it.
+  Rejects NaN inputs that no imputation handles: silent NaN training is never what one wants."""
+  values = {k: np.asarray(v) for k, v in train.items()}
+  all_stats = []
+  for t in transforms:
+    if not t.train_only:
+      keys = [resolve_key(k, input_key, target_key) for k in t.keys]
+      stats = t.fit(values[keys[0]].astype(np.float32))
+      for k in keys:
+        values[k] = t.apply(stats, values[k].astype(np.float32), None)
+    else:
+      stats = {}
+    all_stats.append(stats)
+  for key in (input_key, target_key):
+    if np.issubdtype(values[key].dtype, np.floating) and np.isnan(values[key]).any():
+      frac = float(np.isnan(values[key]).mean())
+      raise ConfigError(f"feature {key!r} has missing values (NaN, {frac:.1%} of entries) and no "
+                        f"imputation handles them; add dict(name='impute') to data.transforms")
+  return all_stats
+
+
+def apply_chain(transforms: Sequence[Transform], stats: Sequence[Stats],
+                batch: Mapping[str, np.ndarray], input_key: str, target_key: str, *,
+                train: bool, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+  """Applies fitted transforms to one batch (augmentations only when ``train``)."""
+  batch = dict(batch)
+  for t, s in zip(transforms, stats):
+    if t.train_only and not train:
+      continue
+    for key in t.keys:
+      key = resolve_key(key, input_key, target_key)
+      batch[key] = t.apply(s, batch[key].astype(np.float32), rng)
+  return batch
+
+
+def save_stats(path: str, stats: Sequence[Stats]) -> None:
+  flat = {f"{i}/{k}": v for i, s in enumerate(stats) for k, v in s.items()}
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, __count__=np.array(len(stats)), **flat)
+  os.replace(tmp, path)  # atomic: a crash never leaves half a file
+
+
+def load_stats(path: str) -> list[Stats]:
+  with np.load(path) as f:
+    stats: list[Stats] = [{} for _ in range(int(f["__count__"]))]
+    for name in f.files:
+      if name != "__count__":
+        i, key = name.split("/", 1)
+        stats[int(i)][key] = f[name]
+  return stats

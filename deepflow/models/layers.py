@@ -1,0 +1,154 @@
+"""Blocks shared by several model families, and the activation table.
+
+Activations are registered by name so a config can say ``model.activation = 'tanh'``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from deepflow.registry import ACTIVATIONS, ConfigError
+
+Activation = Callable[[jax.Array], jax.Array]
+
+for _name, _fn in {
+    "sigmoid": jax.nn.sigmoid,
+    "relu": jax.nn.relu,
+    "tanh": jnp.tanh,
+    "gelu": jax.nn.gelu,
+    "silu": jax.nn.silu,
+    "leaky_relu": jax.nn.leaky_relu,
+    "elu": jax.nn.elu,
+    "softplus": jax.nn.softplus,
+    "relu6": jax.nn.relu6,
+    "mish": jax.nn.mish,
+    "identity": lambda x: x,
+}.items():
+  ACTIVATIONS.register(_name)(_fn)
+
+
+def activation(name: str) -> Activation:
+  """The activation function registered under ``name`` (a ConfigError lists the known ones)."""
+  return ACTIVATIONS.get(name)
+
+
+# --- Transformer blocks (shared by transformer.py and vit.py) ---------------------------------
+
+
+def sinusoidal_positions(positions: jax.Array, dim: int) -> jax.Array:
+  """Fixed sine/cosine encodings (Vaswani et al., 2017) of integer ``positions`` -> (..., dim).
+
+  Computed from the positions themselves, so a decoding step at offset ``t`` gets row ``t``."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / max(half, 1))
+  angles = positions.astype(jnp.float32)[..., None] * freqs
+  enc = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+  return jnp.pad(enc, [(0, 0)] * (enc.ndim - 1) + [(0, dim - 2 * half)])
+
+
+class PositionalEmbedding(nn.Module):
+  """Adds position information to (B, T, D) inputs: ``'learned'`` (a table of ``max_len`` rows)
+  or ``'sinusoidal'``. ``offset`` is the position of the first input (non-zero when decoding)."""
+  kind: str = "learned"
+  max_len: int = 512
+
+  @nn.compact
+  def __call__(self, x: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
+    length, dim = x.shape[-2], x.shape[-1]
+    if length > self.max_len:
+      raise ConfigError(f"sequence length {length} exceeds max_len {self.max_len}")
+    if self.kind == "learned":
+      table = self.param("embedding", nn.initializers.normal(0.02), (self.max_len, dim))
+      return x + lax.dynamic_slice_in_dim(table, offset, length, axis=0).astype(x.dtype)
+    if self.kind == "sinusoidal":
+      return x + sinusoidal_positions(offset + jnp.arange(length), dim).astype(x.dtype)
+    raise ConfigError(f"unknown positions {self.kind!r}; known: learned, sinusoidal")
+
+
+class MlpBlock(nn.Module):
+  """The transformer feedforward: dense ``mlp_dim`` -> activation -> dropout -> dense back."""
+  mlp_dim: int
+  activation: str = "gelu"
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    y = activation(self.activation)(nn.Dense(self.mlp_dim)(x))
+    y = nn.Dropout(self.dropout, deterministic=not train)(y)
+    return nn.Dense(x.shape[-1])(y)
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention, optionally causal, with a key/value cache when ``decode``.
+
+  Written here rather than using ``nn.MultiHeadDotProductAttention(decode=True)`` because that
+  cache accepts one token per call; this one also accepts a whole prompt, so decoding prefills
+  in one pass. The cache (collection ``'cache'``) holds ``cache_len`` positions; the first
+  ``init`` with ``decode=True`` only creates it (zeros, index 0)."""
+  num_heads: int
+  causal: bool = False
+  decode: bool = False
+  cache_len: int = 0
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    batch, length, dim = x.shape
+    if dim % self.num_heads:
+      raise ConfigError(f"d_model {dim} is not divisible by num_heads {self.num_heads}")
+    head_dim = dim // self.num_heads
+    qkv = nn.DenseGeneral((3, self.num_heads, head_dim), name="qkv")(x)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q_pos = k_pos = jnp.arange(length)
+    causal = self.causal
+    if self.decode:
+      causal = True
+      ready = self.has_variable("cache", "key")
+      shape = (batch, self.cache_len, self.num_heads, head_dim)
+      cached_k = self.variable("cache", "key", jnp.zeros, shape, k.dtype)
+      cached_v = self.variable("cache", "value", jnp.zeros, shape, v.dtype)
+      index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
+      if ready:
+        start = index.value
+        cached_k.value = lax.dynamic_update_slice(cached_k.value, k, (0, start, 0, 0))
+        cached_v.value = lax.dynamic_update_slice(cached_v.value, v, (0, start, 0, 0))
+        index.value = start + length
+        k, v = cached_k.value, cached_v.value
+        q_pos, k_pos = start + jnp.arange(length), jnp.arange(self.cache_len)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(head_dim)
+    if causal:  # unwritten cache slots lie after every query, so this mask hides them too
+      logits = jnp.where(k_pos[None, :] <= q_pos[:, None], logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    return nn.DenseGeneral(dim, axis=(-2, -1), name="out")(out)
+
+
+class TransformerBlock(nn.Module):
+  """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x)), dropout on both branches.
+
+  ``train`` is positional so the block can be wrapped in ``nn.remat(..., static_argnums=(2,))``."""
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  activation: str = "gelu"
+  causal: bool = False
+  decode: bool = False
+  cache_len: int = 0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    drop = nn.Dropout(self.dropout, deterministic=not train)
+    y = SelfAttention(self.num_heads, self.causal, self.decode, self.cache_len)(nn.LayerNorm()(x))
+    x = x + drop(y)
+    y = MlpBlock(self.mlp_dim, self.activation, self.dropout)(nn.LayerNorm()(x), train)
+    return x + drop(y)
+
+
+def transformer_block(remat: bool) -> type[TransformerBlock]:
+  """The block class, wrapped in ``nn.remat`` (recompute activations in the backward pass to
+  save memory) when asked."""
+  return nn.remat(TransformerBlock, static_argnums=(2,)) if remat else TransformerBlock

@@ -1,0 +1,88 @@
+"""Devices and data placement: the mesh, shardings, multi-host start-up, global batches.
+
+One mechanism: ``jax.jit`` over arrays with a ``NamedSharding`` on a ``Mesh``. With every device
+on the ``data`` axis, parameters replicated and the batch split along it, XLA inserts the gradient
+all-reduce itself: the same program as classic ``pmap`` data parallelism.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from deepflow.registry import ConfigError
+
+DATA = "data"
+MODEL = "model"
+
+
+def mesh_shape(mesh_config: Any, num_devices: int | None = None) -> dict[str, int]:
+  """Axis sizes from ``mesh.shape`` ({'data': -1, 'model': 1}): one -1 takes what is left."""
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  shape = dict(mesh_config.shape)
+  unknown = set(shape) - {DATA, MODEL}
+  if unknown:
+    raise ConfigError(f"unknown mesh axes {sorted(unknown)}; known: {DATA}, {MODEL}")
+  fixed = math.prod(v for v in shape.values() if v != -1)
+  free = [k for k, v in shape.items() if v == -1]
+  if len(free) > 1 or any(v == 0 or v < -1 for v in shape.values()):
+    raise ConfigError(f"mesh.shape {shape}: sizes must be positive, with at most one -1")
+  if free:
+    if num_devices % fixed:
+      raise ConfigError(f"mesh.shape {shape} does not divide the {num_devices} devices")
+    shape[free[0]] = num_devices // fixed
+  if math.prod(shape.values()) != num_devices:
+    raise ConfigError(f"mesh.shape {shape} needs {math.prod(shape.values())} devices, "
+                      f"but {num_devices} are present")
+  return shape
+
+
+def data_axis_size(mesh_config: Any) -> int:
+  return mesh_shape(mesh_config)[DATA]
+
+
+def make_mesh(mesh_config: Any) -> Mesh:
+  """A ``Mesh`` over all devices (of all hosts) with the configured axis sizes."""
+  shape = mesh_shape(mesh_config)
+  devices = np.asarray(jax.devices()).reshape(shape[DATA], shape[MODEL])
+  return Mesh(devices, (DATA, MODEL))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over the data axis, the rest replicated."""
+  return NamedSharding(mesh, P(DATA))
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Host-local numpy batch -> global ``jax.Array``s sharded over the data axis.
+
+  On one host this is a ``device_put``; on several, each host contributes its rows and the global
+  batch is their concatenation in process order."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local.items()}
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """Joins a multi-host run. With no arguments JAX detects the cluster (Cloud TPU, SLURM, ...)."""
+  kwargs = {k: v for k, v in dict(coordinator_address=coordinator_address,
+                                  num_processes=num_processes,
+                                  process_id=process_id).items() if v is not None}
+  jax.distributed.initialize(**kwargs)
+
+
+def to_host(tree: Any) -> Any:
+  """Device arrays -> numpy, gathering the pieces other hosts hold when there are several."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(tree, tiled=True)

@@ -1,0 +1,59 @@
+"""Name -> factory registries: how a config string becomes a model, dataset, optimizer, ...
+
+A config says ``model.name = 'cnn'``; the builder calls ``MODELS.get('cnn')``. Adding a new
+piece is one ``@MODELS.register('name')`` on its factory. An unknown name raises a
+``ConfigError`` that lists the known names, so a typo is a one-line fix.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Callable, Generic, Iterator, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+  """A user error in the experiment config: reported as one line, without a traceback."""
+
+
+class Registry(Generic[T]):
+  """A named mapping from strings to factories (classes or functions)."""
+
+  def __init__(self, kind: str):
+    self.kind = kind
+    self._entries: dict[str, T] = {}
+
+  def register(self, name: str) -> Callable[[T], T]:
+    """Decorator: ``@REGISTRY.register('name')`` stores the decorated object under ``name``."""
+    def add(obj: T) -> T:
+      if name in self._entries and self._entries[name] is not obj:
+        raise ValueError(f"{self.kind} {name!r} is already registered")
+      self._entries[name] = obj
+      return obj
+    return add
+
+  def get(self, name: str) -> T:
+    if name not in self._entries:
+      hint = difflib.get_close_matches(str(name), self._entries, n=1)
+      maybe = f" (did you mean {hint[0]!r}?)" if hint else ""
+      raise ConfigError(f"unknown {self.kind} {name!r}{maybe}; known: {', '.join(self.names())}")
+    return self._entries[name]
+
+  def names(self) -> list[str]:
+    return sorted(self._entries)
+
+  def __contains__(self, name: object) -> bool:
+    return name in self._entries
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self.names())
+
+
+MODELS: Registry = Registry("model")
+TASKS: Registry = Registry("task")
+DATASETS: Registry = Registry("dataset")
+TRANSFORMS: Registry = Registry("transform")
+OPTIMIZERS: Registry = Registry("optimizer")
+SCHEDULES: Registry = Registry("schedule")
+ACTIVATIONS: Registry = Registry("activation")
+REGULARIZERS: Registry = Registry("regularizer")

@@ -1,0 +1,3 @@
+"""Training: state, pure steps, the loop, checkpoints and metric writers."""
+from deepflow.train.loop import Experiment, NonFiniteLossError, Preempted, train_and_evaluate  # noqa: F401
+from deepflow.train.state import TrainState  # noqa: F401

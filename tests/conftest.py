@@ -1,0 +1,14 @@
+"""Test setup: 8 fake CPU devices (set before JAX initialises) and an offline TFDS data dir."""
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """One TFDS data dir per test session: bundled datasets are prepared into it once."""
+  return str(tmp_path_factory.mktemp("tfds"))
