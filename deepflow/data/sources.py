@@ -111,6 +111,11 @@ def open_dataset(data_config: Any, *, seed: int = 0) -> Dataset:
   if kind == "bundled":
     builder = _bundled_builder(rest, data_dir)
     if not builder.is_prepared():
+      import logging
+      import tensorflow_datasets as tfds
+      logging.getLogger("deepflow").info("preparing %s into %s (offline, once)", data_config.source,
+                                         data_dir)
+      tfds.display_progress_bar(False)
       builder.download_and_prepare()  # offline: the data ships inside a Python package
   else:
     builder = _tfds_builder(rest, data_dir)
@@ -118,13 +123,29 @@ def open_dataset(data_config: Any, *, seed: int = 0) -> Dataset:
 
 
 def _bundled_builder(rest: str, data_dir: str):
+  """``NAME[/CONFIG][/key=value,...]``: a named builder config, optionally with fields changed
+  (e.g. ``bundled:co2/weekly/window=104,horizon=4``); each variant is prepared separately."""
   from deepflow.data.bundled import BUILDERS
-  name, _, config = rest.partition("/")
+  from deepflow.data.bundled.base import derive_config
+  name, *parts = rest.split("/")
   cls = BUILDERS[name]
-  if config and config not in {c.name for c in (cls.BUILDER_CONFIGS or [])}:
-    known = ", ".join(c.name for c in cls.BUILDER_CONFIGS or []) or "none"
-    raise ConfigError(f"bundled dataset {name!r} has no config {config!r}; known: {known}")
-  return cls(data_dir=data_dir, **({"config": config} if config else {}))
+  overrides = {}
+  if parts and "=" in parts[-1]:
+    for item in parts.pop().split(","):
+      key, sep, value = item.partition("=")
+      if not sep:
+        raise ConfigError(f"bad dataset option {item!r} in 'bundled:{rest}' (want key=value)")
+      overrides[key.strip()] = value.strip()
+  if len(parts) > 1:
+    raise ConfigError(f"'bundled:{rest}' must look like bundled:NAME[/CONFIG][/key=value,...]")
+  base = parts[0] if parts else None
+  if base is None and not overrides:
+    return cls(data_dir=data_dir)
+  try:
+    config = derive_config(cls, overrides, base=base)
+  except ValueError as e:
+    raise ConfigError(f"bundled dataset {name!r}: {e}") from e
+  return cls(data_dir=data_dir, config=config)
 
 
 def _tfds_builder(rest: str, data_dir: str):
