@@ -1,0 +1,86 @@
+"""The `deepflow` command end to end, in subprocesses, as a user runs it."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+TINY = """
+from deepflow.config import base_config
+
+def get_config():
+  c = base_config()
+  c.model = dict(name="mlp", hidden=(16,))
+  c.data.source = "{source}"
+  c.data.batch_size = 32
+  c.data.eval_batch_size = 64
+  c.train.steps = 6
+  c.train.log_every = 3
+  c.train.eval_every = 3
+  c.train.checkpoint_every = 3
+  return c
+"""
+
+
+def deepflow(*args, env=None):
+  return subprocess.run([sys.executable, "-m", "deepflow", *args], capture_output=True,
+                        text=True, timeout=240, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def experiment(tmp_path):
+  path = tmp_path / "tiny.py"
+  path.write_text(TINY.format(source="synthetic:digits_like"))
+  return str(path)
+
+
+def test_train_then_eval(tmp_path, experiment):
+  workdir = str(tmp_path / "run")
+  out = deepflow("train", "--config", experiment, "--workdir", workdir, "--config.train.steps=4")
+  assert out.returncode == 0, out.stderr
+  assert "final test metrics" in out.stdout and "accuracy=" in out.stdout
+  assert json.load(open(os.path.join(workdir, "config.json")))["train"]["steps"] == 4
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert {r["split"] for r in records} == {"train", "test"}
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "4"]
+  assert any(f.startswith("events") for f in os.listdir(os.path.join(workdir, "tensorboard")))
+
+  again = deepflow("train", "--config", experiment, "--workdir", workdir,
+                   "--config.train.steps=4")
+  assert again.returncode == 0 and "already complete" in again.stderr
+
+  ev = deepflow("eval", "--workdir", workdir, "--split", "train")
+  assert ev.returncode == 0, ev.stderr
+  assert "final train metrics at step 4" in ev.stdout
+  last = json.loads(open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()[-1])
+  assert last["split"] == "train" and last["step"] == 4
+
+
+def one_line_error(out):
+  assert out.returncode != 0
+  assert "Traceback" not in out.stderr, out.stderr
+  lines = [line for line in out.stderr.splitlines() if line.startswith("deepflow: error:")]
+  assert len(lines) == 1, out.stderr
+  return lines[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.train.stepz=3"], "unknown config key 'train.stepz'"),
+    (["--config.model.name=nope"], "unknown model 'nope'"),
+    (["--config.train.steps=abc"], "bad type for train.steps"),
+    (["--config.data.source=tfds:mnist"], "is not prepared"),
+])
+def test_bad_input_is_one_line(tmp_path, experiment, args, message):
+  started = time.time()
+  out = deepflow("train", "--config", experiment, "--workdir", str(tmp_path / "w"), *args,
+                 env={"TFDS_DATA_DIR": str(tmp_path / "empty")})
+  assert message in one_line_error(out)
+  assert time.time() - started < 60  # a missing dataset fails fast, no download retries
+
+
+def test_missing_experiment_file_and_workdir(tmp_path):
+  assert "experiment file not found" in one_line_error(
+      deepflow("train", "--config", str(tmp_path / "nope.py"), "--workdir", str(tmp_path)))
+  assert "no config.json" in one_line_error(deepflow("eval", "--workdir", str(tmp_path)))
