@@ -7,6 +7,7 @@ all-reduce itself: the same program as classic ``pmap`` data parallelism.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Mapping
 
 import jax
@@ -60,11 +61,49 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA))
 
 
-def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Host-local numpy batch -> global ``jax.Array``s sharded over the data axis.
+def state_shardings(abstract_state: Any, mesh: Mesh, parallel_config: Any) -> Any:
+  """A ``NamedSharding`` for every leaf of the train state (params and optimizer state alike,
+  so Adam's moments live where their parameters do):
 
-  On one host this is a ``device_put``; on several, each host contributes its rows and the global
-  batch is their concatenation in process order."""
+  1. the first ``parallel.rules`` entry whose regex matches the leaf's path gives its spec;
+  2. with ``strategy='fsdp'``, arrays of at least ``fsdp_min_size`` elements are split along
+     their largest dimension divisible by the data axis (ZeRO-3 style: XLA gathers them for
+     the forward pass and reduce-scatters the gradients);
+  3. with a ``model`` axis larger than 1, matrices' last (output) dimension is split over it
+     when divisible (tensor parallelism for dense and conv kernels);
+  everything else is replicated. The program is correct for any choice: XLA inserts the
+  collectives the shardings imply; only speed and memory change."""
+  from deepflow.optim.optimizers import path_name
+  rules = [(re.compile(pattern), P(*spec)) for pattern, spec in parallel_config.rules]
+  data, model = mesh.shape[DATA], mesh.shape[MODEL]
+
+  def spec_for(path, leaf) -> P:
+    name = path_name(path)
+    for regex, spec in rules:
+      if regex.search(name):
+        return spec
+    axes: list[Any] = [None] * len(leaf.shape)
+    if model > 1 and len(leaf.shape) >= 2 and leaf.shape[-1] % model == 0:
+      axes[-1] = MODEL
+    if parallel_config.strategy == "fsdp" and math.prod(leaf.shape) >= parallel_config.fsdp_min_size:
+      free = [d for d in range(len(leaf.shape)) if axes[d] is None and leaf.shape[d] % data == 0]
+      if free:
+        axes[max(free, key=lambda d: leaf.shape[d])] = DATA
+    return P(*axes)
+
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: NamedSharding(mesh, spec_for(path, leaf)), abstract_state)
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> Mapping[str, Any]:
+  """Host-local numpy batch -> global arrays sharded over the data axis.
+
+  On several hosts each contributes its rows and the global batch is their concatenation in
+  process order. On one host the numpy arrays are returned as they are: the jitted step's
+  ``in_shardings`` place them on the devices in its C++ fast path, which costs a fraction of a
+  separate ``device_put`` per step."""
+  if jax.process_count() == 1:
+    return local
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local.items()}

@@ -1,5 +1,44 @@
-"""Small shared builders for tests: tiny configs that train in a second."""
+"""Small shared builders for tests: tiny configs that train in a second, and `deepflow` in a
+subprocess as a user runs it."""
+import os
+import subprocess
+import sys
+
 from deepflow import config as config_lib
+
+TINY_EXPERIMENT = """
+from deepflow.config import base_config
+
+def get_config():
+  c = base_config()
+  c.model = dict(name="mlp", hidden=(16,))
+  c.data.source = "synthetic:digits_like"
+  c.data.batch_size = 32
+  c.data.eval_batch_size = 64
+  c.train.steps = 6
+  c.train.log_every = 3
+  c.train.eval_every = 3
+  c.train.checkpoint_every = 3
+  return c
+"""
+
+
+def write_experiment(path, text: str = TINY_EXPERIMENT) -> str:
+  path.write_text(text)
+  return str(path)
+
+
+def deepflow_cli(*args, env=None, **kwargs) -> subprocess.CompletedProcess:
+  """Runs ``python -m deepflow ARGS`` to completion and captures its output."""
+  return subprocess.run([sys.executable, "-m", "deepflow", *args], capture_output=True,
+                        text=True, timeout=300, env={**os.environ, **(env or {})}, **kwargs)
+
+
+def deepflow_process(*args, env=None) -> subprocess.Popen:
+  """Starts ``python -m deepflow ARGS`` in the background (for kill/preemption tests)."""
+  return subprocess.Popen([sys.executable, "-m", "deepflow", *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, **(env or {})})
 
 
 def tiny_config(*overrides: str, model: dict | None = None):

@@ -1,39 +1,16 @@
 """The `deepflow` command end to end, in subprocesses, as a user runs it."""
 import json
 import os
-import subprocess
-import sys
 import time
 
 import pytest
 
-TINY = """
-from deepflow.config import base_config
-
-def get_config():
-  c = base_config()
-  c.model = dict(name="mlp", hidden=(16,))
-  c.data.source = "{source}"
-  c.data.batch_size = 32
-  c.data.eval_batch_size = 64
-  c.train.steps = 6
-  c.train.log_every = 3
-  c.train.eval_every = 3
-  c.train.checkpoint_every = 3
-  return c
-"""
-
-
-def deepflow(*args, env=None):
-  return subprocess.run([sys.executable, "-m", "deepflow", *args], capture_output=True,
-                        text=True, timeout=240, env={**os.environ, **(env or {})})
+from tests.helpers import deepflow_cli as deepflow, write_experiment
 
 
 @pytest.fixture
 def experiment(tmp_path):
-  path = tmp_path / "tiny.py"
-  path.write_text(TINY.format(source="synthetic:digits_like"))
-  return str(path)
+  return write_experiment(tmp_path / "tiny.py")
 
 
 def test_train_then_eval(tmp_path, experiment):

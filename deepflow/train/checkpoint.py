@@ -16,6 +16,8 @@ import orbax.checkpoint as ocp
 
 from deepflow.registry import ConfigError
 
+log = logging.getLogger("deepflow")
+
 
 class CheckpointMismatchError(ConfigError):
   """The checkpoint on disk was written by a different model or optimizer."""
@@ -42,21 +44,46 @@ class Checkpointer:
     self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict | None, int]:
-    """(state, data iterator state, step) of ``step`` or the latest checkpoint."""
-    step = self.latest_step() if step is None else step
-    if step is None:
+    """(state, data iterator state, step) of ``step``, or of the newest readable checkpoint.
+
+    Without a ``step``, an unreadable checkpoint (truncated or corrupted files) is moved aside
+    to ``corrupt-STEP`` with a warning and the next older one is tried, so a damaged save never
+    blocks a resume nor gets silently loaded. If none can be restored, the newest one's error is
+    raised: the usual cause is a config whose model or optimizer differs from the checkpoint's."""
+    steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+    if not steps:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    errors = []
+    for candidate in steps:
+      try:
+        state, data_state = self._restore(abstract_state, candidate)
+      except Exception as e:  # noqa: BLE001  Orbax/TensorStore raise many types for bad files
+        errors.append((candidate, e))
+        continue
+      for bad, error in errors:
+        self._set_aside(bad, error, candidate)
+      return state, data_state, candidate
+    bad, error = errors[0]
+    raise CheckpointMismatchError(
+        f"checkpoint {bad} in {self.directory} cannot be restored into the configured "
+        f"model/optimizer ({_first_line(error)}); use a new --workdir or the config it was "
+        f"trained with") from error
+
+  def _restore(self, abstract_state: Any, step: int) -> tuple[Any, dict | None]:
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     has_data = os.path.isdir(os.path.join(self.directory, str(step), "data"))
     if has_data:
       items["data"] = ocp.args.JsonRestore()
-    try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    except (ValueError, KeyError, TypeError) as e:
-      raise CheckpointMismatchError(
-          f"checkpoint {step} in {self.directory} does not match the configured model/optimizer "
-          f"({_first_line(e)}); use a new --workdir or the config it was trained with") from e
-    return restored["state"], (restored["data"] if has_data else None), step
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return restored["state"], (restored["data"] if has_data else None)
+
+  def _set_aside(self, step: int, error: BaseException, used: int) -> None:
+    log.warning("checkpoint %d is unreadable (%s); moved to corrupt-%d, resuming from step %d",
+                step, _first_line(error), step, used)
+    if jax.process_index() == 0:
+      os.replace(os.path.join(self.directory, str(step)),
+                 os.path.join(self.directory, f"corrupt-{step}"))
+    self.manager.reload()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -77,4 +104,3 @@ def abstract_like(state: Any, shardings: Any) -> Any:
                       state, shardings)
 
 
-logging.getLogger("absl").setLevel(logging.WARNING)

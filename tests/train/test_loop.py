@@ -17,7 +17,11 @@ from tests.helpers import tiny_config
 
 def final_params(config, workdir, step=None):
   exp = Experiment(config, workdir)
-  state, data_state, restored = exp.restore(Checkpointer(workdir, read_only=True), step)
+  checkpointer = Checkpointer(workdir, read_only=True)
+  try:
+    state, data_state, restored = exp.restore(checkpointer, step)
+  finally:
+    checkpointer.close()
   return jax.device_get(state.params), data_state, restored
 
 
@@ -60,7 +64,7 @@ def test_workdir_contents(tmp_path):
 def test_checkpoint_of_another_model_is_refused(tmp_path):
   deepflow.train_and_evaluate(tiny_config(), str(tmp_path))
   other = tiny_config(model=dict(name="mlp", hidden=(16,)))
-  with pytest.raises(CheckpointMismatchError, match="does not match the configured model"):
+  with pytest.raises(CheckpointMismatchError, match="cannot be restored into the configured model"):
     deepflow.train_and_evaluate(other, str(tmp_path))
   final_params(tiny_config(), str(tmp_path))  # still restorable with the right config
 

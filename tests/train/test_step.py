@@ -9,7 +9,7 @@ from deepflow import parallel
 from deepflow.data.pipeline import INPUTS, TARGETS, Pipeline
 from deepflow.registry import TASKS
 from deepflow.train.state import create_state
-from deepflow.train.step import compile_steps, state_shardings
+from deepflow.train.step import compile_steps
 from tests.helpers import tiny_config
 
 
@@ -24,14 +24,16 @@ def setup(microbatches=1, **model):
   return config, task, tx, batches
 
 
-def run_sharded(task, tx, batches, devices, microbatches=1):
-  mesh = Mesh(np.asarray(devices).reshape(len(devices), 1), ("data", "model"))
+def run_sharded(task, tx, batches, devices, microbatches=1, parallel_config=None, model_axis=1):
+  mesh = Mesh(np.asarray(devices).reshape(len(devices) // model_axis, model_axis),
+              ("data", "model"))
   state = create_state(task, tx, seed=0)
-  shardings = state_shardings(state, mesh)
+  shardings = parallel.state_shardings(state, mesh, parallel_config or task.config.parallel)
   state = jax.device_put(state, shardings)
   train_step, _ = compile_steps(task, tx, mesh, shardings, microbatches)
   for b in batches:
     state, _ = train_step(state, parallel.global_batch(b, mesh))
+  run_sharded.last_state = state
   return jax.device_get(state.params)
 
 
@@ -89,7 +91,7 @@ def test_nonfinite_update_is_not_applied():
   _, task, tx, batches = setup()
   mesh = Mesh(np.asarray(jax.devices()).reshape(8, 1), ("data", "model"))
   state = create_state(task, tx, seed=0)
-  shardings = state_shardings(state, mesh)
+  shardings = parallel.state_shardings(state, mesh, task.config.parallel)
   train_step, _ = compile_steps(task, tx, mesh, shardings)
   bad = dict(batches[0])
   bad[INPUTS] = np.full_like(bad[INPUTS], np.nan)
@@ -98,3 +100,56 @@ def test_nonfinite_update_is_not_applied():
   assert float(metrics["nonfinite"]) == 1.0 and int(state.step) == 1
   assert int(state.nonfinite) == 1
   assert_trees_close(before, jax.device_get(state.params), 0.0)
+
+
+def test_fsdp_shards_params_and_optimizer_state_and_matches_data_parallel():
+  config, task, tx, batches = setup()
+  fsdp = config.parallel.copy_and_resolve_references()
+  with fsdp.unlocked():
+    fsdp.strategy, fsdp.fsdp_min_size = "fsdp", 256
+  dp = run_sharded(task, tx, batches, jax.devices())
+  sharded = run_sharded(task, tx, batches, jax.devices(), parallel_config=fsdp)
+  assert_trees_close(dp, sharded, 1e-5)
+  state = run_sharded.last_state
+  kernel = state.params["Dense_0"]["kernel"]  # (64, 32): split along its 64 rows
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec("data", None)
+  assert {s.data.shape for s in kernel.addressable_shards} == {(8, 32)}
+  moments = [x for x in jax.tree.leaves(state.opt_state) if x.shape == kernel.shape]
+  assert moments and all(m.sharding.spec == kernel.sharding.spec for m in moments)
+  assert state.params["Dense_0"]["bias"].sharding.spec == jax.sharding.PartitionSpec(None)
+
+
+def test_model_axis_splits_dense_outputs_and_matches_data_parallel():
+  config, task, tx, batches = setup()
+  dp = run_sharded(task, tx, batches, jax.devices())
+  tp = run_sharded(task, tx, batches, jax.devices(), model_axis=2)
+  assert_trees_close(dp, tp, 1e-5)
+  kernel = run_sharded.last_state.params["Dense_1"]["kernel"]  # (32, 16)
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "model")
+
+
+def test_bfloat16_compute_keeps_float32_master_params_and_converges():
+  config = tiny_config("train.compute_dtype=bfloat16", "train.steps=60",
+                       model=dict(name="mlp", hidden=(64,)))
+  pipeline = Pipeline(config)
+  task = TASKS.get("classification")(config, pipeline.spec)
+  tx = task.optimizer(config.train.steps)
+  state = create_state(task, tx, seed=0)
+  batch = jax.tree.map(jnp.asarray, next(pipeline.train_iterator()))
+  jaxpr = jax.make_jaxpr(lambda p: task.loss(p, {}, batch, jax.random.PRNGKey(0))[0])(
+      state.params)
+  dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert dots and all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
+  grads, _, _ = task.grads(state.params, {}, batch, jax.random.PRNGKey(0))
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+  mesh = Mesh(np.asarray(jax.devices()).reshape(8, 1), ("data", "model"))
+  shardings = parallel.state_shardings(state, mesh, config.parallel)
+  train_step, eval_step = compile_steps(task, tx, mesh, shardings)
+  state = jax.device_put(state, shardings)
+  it = pipeline.train_iterator()
+  for _ in range(config.train.steps):
+    state, metrics = train_step(state, next(it))
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))
+  accuracy = np.mean([eval_step(state, b)["accuracy"][b["mask"] > 0].mean()
+                      for b in pipeline.eval_batches("test")])
+  assert accuracy > 0.9
