@@ -3,6 +3,11 @@
 Commands:
   train  --config FILE --workdir DIR   train (or resume: re-run the same command on the workdir)
   eval   --workdir DIR [--split NAME]  evaluate the latest checkpoint of a run
+  sweep  --config FILE --workdir DIR --sweep KEY=V1,V2 [--sweep ...] [--trials N] [--vectorize]
+         grid (or random) search, one sub-workdir per trial; results.csv, results.md, results.png
+  export  --workdir DIR --out DIR      write a run's inference artifact (jax.export StableHLO,
+         weights, preprocessing, signature.json) that runs without the experiment file
+  predict --model DIR --input FILE [--output FILE]   run an artifact on .npy/.json examples
 
 A user error (bad config, missing dataset, non-finite loss, mismatched checkpoint) exits
 non-zero with one line on stderr; ``--debug`` shows the traceback and runs the steps without jit
@@ -17,7 +22,6 @@ import sys
 
 from absl import app, flags
 
-COMMANDS = ("train", "eval")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "Experiment file (train).")
@@ -68,10 +72,10 @@ def main(argv: list[str], overrides: list[str]) -> None:
       from deepflow import parallel
       parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                       FLAGS.process_id)
-    {"train": _train, "eval": _eval}[argv[1]](overrides)
+    COMMANDS[argv[1]](overrides)
   except Preempted as e:
     print(f"deepflow: {e}", file=sys.stderr)
-  except (ConfigError, NonFiniteLossError, FileNotFoundError) as e:
+  except (ConfigError, NonFiniteLossError, FileNotFoundError) as e:  # user errors: one line
     if FLAGS.debug:
       raise
     _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
@@ -119,9 +123,87 @@ def _eval(overrides: list[str]) -> None:
 
 
 def _print_metrics(split: str, metrics: dict, step: int | None = None) -> None:
+  import jax
+  if jax.process_index() != 0:  # one report per run, not one per host
+    return
   at = "" if step is None else f" at step {step}"
   print(f"final {split} metrics{at}: " +
         " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+
+
+flags.DEFINE_multi_string("sweep", [], "sweep: KEY=V1,V2,... (grid values) or "
+                          "KEY=loguniform(A,B) / uniform(A,B) / randint(A,B) (random search).")
+flags.DEFINE_integer("trials", 0, "sweep: random search with this many trials (0 = full grid).")
+flags.DEFINE_integer("sweep_seed", 0, "sweep: seed of the random search's draws.")
+flags.DEFINE_bool("vectorize", False, "sweep: train all trials as one vmapped population (numeric "
+                  "hyperparameters that change no shape: learning rate, weight decay, dropout, "
+                  "seed, ...).")
+flags.DEFINE_string("metric", None, "sweep: eval metric to rank by (default accuracy, else rmse, "
+                    "else loss).")
+flags.DEFINE_enum("mode", None, ["min", "max"], "sweep: whether a lower or higher metric is "
+                  "better (default: max for accuracy/auc/f1/precision/recall).")
+
+
+def _sweep(overrides: list[str]) -> None:
+  from deepflow import sweep
+  if not FLAGS.sweep:
+    _fail("--sweep KEY=V1,V2,... is required for this command", 2)
+  rows = sweep.run_sweep(_require("config"), _require("workdir"),
+                         [sweep.parse_axis(s) for s in FLAGS.sweep], overrides=overrides,
+                         trials=FLAGS.trials, seed=FLAGS.sweep_seed, vectorize=FLAGS.vectorize,
+                         metric=FLAGS.metric, mode=FLAGS.mode)
+  with open(os.path.join(FLAGS.workdir, "results.md")) as f:
+    print(f.read().rstrip())
+  print(f"{len(rows)} trials; results.csv, results.md and results.png in {FLAGS.workdir}")
+
+
+flags.DEFINE_string("out", None, "export: directory to write the inference artifact to.")
+flags.DEFINE_list("platforms", ["cpu", "cuda", "tpu"], "export: platforms the artifact is "
+                  "lowered for.")
+flags.DEFINE_string("model", None, "predict: an artifact directory written by `deepflow export`.")
+flags.DEFINE_string("input", None, "predict: examples as .npy or .json (a batch, or one example).")
+flags.DEFINE_string("output", None, "predict: write to .npy (the model's outputs: logits for a "
+                    "classifier) or .json (records); default: one JSON line per example.")
+
+
+def _export(overrides: list[str]) -> None:
+  from deepflow import export
+  out = _require("out")
+  signature = export.export(_require("workdir"), out, overrides=overrides,
+                            platforms=FLAGS.platforms)
+  source, spec = signature["source"], signature["input"]
+  sizes = ", ".join(f"{name} {os.path.getsize(os.path.join(out, name)) / 1024:.0f} KiB"
+                    for name in (export.MODEL_FILE, export.WEIGHTS_FILE))
+  shape = ", ".join("batch" if d is None else str(d) for d in spec["shape"])
+  print(f"exported step {source['step']} ({source['checkpoint']} checkpoint) of {FLAGS.workdir} "
+        f"to {out}: {sizes}; input ({shape}) {spec['dtype']}; "
+        f"platforms {', '.join(signature['platforms'])}")
+
+
+def _predict(overrides: list[str]) -> None:
+  import json
+  from deepflow import export
+  if overrides:
+    _fail("predict takes no --config overrides: the artifact holds everything it needs", 2)
+  predictor = export.load(_require("model"))
+  outputs = predictor(export.read_inputs(_require("input")))
+  if FLAGS.output:
+    export.write_predictions(FLAGS.output, predictor, outputs)
+    print(f"wrote {len(outputs)} predictions to {FLAGS.output}")
+  else:
+    for record in predictor.records(outputs):
+      print(json.dumps(record))
+
+
+# Each command is a function of the ``--config.KEY=VALUE`` overrides; its flags are absl flags
+# defined above (shared) or in its own module (imported here).
+COMMANDS = {
+    "train": _train,
+    "eval": _eval,
+    "sweep": _sweep,
+    "export": _export,
+    "predict": _predict,
+}
 
 
 def run(argv: list[str] | None = None) -> None:
