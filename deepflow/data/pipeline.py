@@ -1,7 +1,8 @@
 """The input pipeline: a Grain dataset of host-local numpy batches, deterministic from the seed.
 
-Batch ``s`` of training is a pure function of (seed, s): Grain shuffles the element indices of
-every epoch with a seed-dependent permutation, so the iterator's state is just its position and a
+Batch ``s`` of training is a pure function of (seed, s): every epoch is a fresh permutation of
+the train split drawn from (seed, epoch), cut into ``batch_size`` pieces (the remainder is
+dropped, a different one each epoch), so the Grain iterator's state is just its position and a
 resumed run sees exactly the batches an uninterrupted one would. On several hosts, every host
 computes the same global batch of indices and reads only its own contiguous slice of it; the
 global array is the hosts' slices concatenated in process order (``parallel.global_batch``).
@@ -9,12 +10,15 @@ global array is the hosts' slices concatenated in process order (``parallel.glob
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import sys
 from typing import Any, Iterator, Mapping
 
 import grain
 import jax
 import numpy as np
+from etils import epath
 
 from deepflow.data import sources, transforms as transforms_lib
 from deepflow.registry import ConfigError
@@ -32,6 +36,32 @@ class DataSpec:
   num_classes: int | None
   train_size: int
   metadata: Mapping[str, Any]
+  class_counts: tuple[int, ...] | None = None   # train examples per class (class weights)
+
+
+class BatchIndices:
+  """Random access to the global batches of example indices: batch ``s`` of epoch ``e`` is a
+  slice of the permutation drawn from (seed, e). One vectorized permutation per epoch, instead
+  of a per-element index shuffle (Grain's ``MapDataset.shuffle``), keeps the host cost of a
+  batch in microseconds."""
+
+  def __init__(self, num_examples: int, batch_size: int, seed: int):
+    if batch_size > num_examples:
+      raise ConfigError(f"data.batch_size={batch_size} is larger than the train split "
+                        f"({num_examples} examples)")
+    self.num_examples, self.batch_size, self.seed = num_examples, batch_size, seed
+    self.steps_per_epoch = num_examples // batch_size
+
+  def __len__(self) -> int:
+    return sys.maxsize  # repeats forever
+
+  @functools.lru_cache(maxsize=2)
+  def permutation(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+
+  def __getitem__(self, step: int) -> np.ndarray:
+    epoch, i = divmod(int(step), self.steps_per_epoch)
+    return self.permutation(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
 
 
 class Pipeline:
@@ -56,7 +86,8 @@ class Pipeline:
     self.spec = DataSpec(
         input_shape=example[INPUTS].shape[1:], input_dtype=example[INPUTS].dtype,
         target_shape=example[TARGETS].shape[1:], num_classes=self.dataset.num_classes,
-        train_size=len(self.train_source), metadata=self.dataset.metadata)
+        train_size=len(self.train_source), metadata=self.dataset.metadata,
+        class_counts=self._class_counts())
 
   # -- construction helpers ----------------------------------------------------------------------
 
@@ -74,15 +105,24 @@ class Pipeline:
   def _fitted_stats(self, workdir: str | None):
     """Statistics from the train split, fitted once per run and kept in the workdir."""
     path = os.path.join(workdir, STATS_FILE) if workdir else None
-    if path and os.path.exists(path):
+    if path and epath.Path(path).exists():
       return transforms_lib.load_stats(path)
     train = sources.to_memory(self.train_source)
     stats = transforms_lib.fit_chain(self.transforms, train.arrays, self.dataset.input_key,
                                      self.dataset.target_key)
     if path and jax.process_index() == 0:
-      os.makedirs(workdir, exist_ok=True)
+      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
       transforms_lib.save_stats(path, stats)
     return stats
+
+  def _class_counts(self) -> tuple[int, ...] | None:
+    """Train examples per class of a classification dataset held in memory (``data.cache``;
+    counting a streamed split would read all of it)."""
+    n = self.dataset.num_classes
+    if not n or not isinstance(self.train_source, sources.ArraySource):
+      return None
+    labels = self.train_source.arrays[self.dataset.target_key]
+    return tuple(int(c) for c in np.bincount(np.asarray(labels).reshape(-1), minlength=n)[:n])
 
   def _finish(self, batch: Mapping[str, np.ndarray], *, train: bool, step: int):
     """Preprocesses a fetched batch and renames the supervised keys to inputs/targets."""
@@ -102,8 +142,8 @@ class Pipeline:
 
   def train_dataset(self) -> grain.IterDataset:
     """Infinite, reshuffled every epoch; element ``s`` is the host's part of global batch ``s``."""
-    ds = (grain.MapDataset.range(len(self.train_source)).seed(self.seed).shuffle().repeat()
-          .batch(self.global_batch_size, drop_remainder=True))
+    ds = grain.MapDataset.source(BatchIndices(len(self.train_source), self.global_batch_size,
+                                              self.seed))
     ds = ds.map_with_index(lambda step, idx: self._finish(
         sources.take(self.train_source, self._host_slice(idx, self.batch_size)),
         train=True, step=step))

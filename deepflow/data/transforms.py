@@ -9,10 +9,11 @@ saved in the workdir (``preprocessing.npz``) so eval, resumption and export reus
 from __future__ import annotations
 
 import dataclasses
-import os
+import io
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+from etils import epath
 
 from deepflow.registry import ConfigError, TRANSFORMS
 
@@ -47,11 +48,22 @@ def build_transforms(entries: Sequence[Mapping[str, Any]]) -> list[Transform]:
   return out
 
 
+def array_module(*arrays: Any) -> Any:
+  """numpy for host arrays, jax.numpy if any is a JAX array: the eval-time ``apply`` functions
+  also run traced, inside the inference function that ``deepflow export`` serializes."""
+  import jax
+  if any(isinstance(a, jax.Array) for a in arrays):
+    import jax.numpy as jnp
+    return jnp
+  return np
+
+
 def _reduce_axes(values: np.ndarray, per: str) -> tuple[int, ...]:
   """Axes to reduce over: 'feature' keeps every non-batch axis, 'channel' only the last one,
-  'global' none; 'auto' is per-channel for images (rank >= 4 with batch) and per-feature else."""
+  'global' none; 'auto' is per-feature for (B, F) tables and per-channel for sequences (B, T, C)
+  and images (B, H, W, C), so a series' targets can share its inputs' statistics."""
   if per == "auto":
-    per = "channel" if values.ndim >= 4 else "feature"
+    per = "channel" if values.ndim >= 3 else "feature"
   if per == "feature":
     return (0,)
   if per == "channel":
@@ -63,23 +75,27 @@ def _reduce_axes(values: np.ndarray, per: str) -> tuple[int, ...]:
 
 @TRANSFORMS.register("standardize")
 def standardize(per: str = "auto", keys: tuple[str, ...] = ("input",)) -> Transform:
-  """(x - mean) / std, statistics from the train split; constant features map to 0."""
+  """(x - mean) / std, statistics from the train split. A feature constant in train is only
+  centred (std taken as 1, as scikit-learn does), so an eval value off that constant stays finite
+  instead of being divided by ~0."""
   _reduce_axes(np.zeros((1, 1, 1, 1)), per)  # validate the option at build time
 
   def fit(values):
     axes = _reduce_axes(values, per)
+    std = np.nanstd(values, axis=axes, keepdims=True)[0]
     return {"mean": np.nanmean(values, axis=axes, keepdims=True)[0],
-            "std": np.nanstd(values, axis=axes, keepdims=True)[0]}
+            "std": np.where(std < EPS, 1.0, std).astype(np.float32)}
 
   def apply(stats, values, rng):
-    return ((values - stats["mean"]) / np.maximum(stats["std"], EPS)).astype(np.float32)
+    return ((values - stats["mean"]) / stats["std"]).astype(np.float32)
   return Transform(fit, apply, keys)
 
 
 @TRANSFORMS.register("minmax")
 def minmax(per: str = "auto", low: float = 0.0, high: float = 1.0,
            keys: tuple[str, ...] = ("input",)) -> Transform:
-  """Linear rescaling of the train split's [min, max] to [low, high]."""
+  """Linear rescaling of the train split's [min, max] to [low, high] (a feature constant in train
+  is shifted to ``low``, its range taken as 1, as scikit-learn does)."""
   _reduce_axes(np.zeros((1, 1, 1, 1)), per)
 
   def fit(values):
@@ -88,7 +104,8 @@ def minmax(per: str = "auto", low: float = 0.0, high: float = 1.0,
             "max": np.nanmax(values, axis=axes, keepdims=True)[0]}
 
   def apply(stats, values, rng):
-    scale = (high - low) / np.maximum(stats["max"] - stats["min"], EPS)
+    span = stats["max"] - stats["min"]
+    scale = (high - low) / array_module(values, span).where(span < EPS, 1.0, span)
     return (low + (values - stats["min"]) * scale).astype(np.float32)
   return Transform(fit, apply, keys)
 
@@ -110,10 +127,11 @@ def impute(strategy: str = "mean", fill_value: float = 0.0, indicator: bool = Fa
     return {"fill": fill.astype(np.float32)}
 
   def apply(stats, values, rng):
-    missing = np.isnan(values)
-    filled = np.where(missing, stats["fill"], values).astype(np.float32)
+    xp = array_module(values, stats["fill"])
+    missing = xp.isnan(values)
+    filled = xp.where(missing, stats["fill"], values).astype(np.float32)
     if indicator:
-      filled = np.concatenate([filled, missing.astype(np.float32)], axis=-1)
+      filled = xp.concatenate([filled, missing.astype(np.float32)], axis=-1)
     return filled
   return Transform(fit, apply, keys, handles_missing=True)
 
@@ -152,7 +170,8 @@ def fit_chain(transforms: Sequence[Transform], train: Mapping[str, np.ndarray],
 def apply_chain(transforms: Sequence[Transform], stats: Sequence[Stats],
                 batch: Mapping[str, np.ndarray], input_key: str, target_key: str, *,
                 train: bool, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
-  """Applies fitted transforms to one batch (augmentations only when ``train``)."""
+  """Applies fitted transforms to one batch (augmentations only when ``train``). An eval batch
+  still holding NaN inputs is refused (``fit_chain`` checked only the train split)."""
   batch = dict(batch)
   for t, s in zip(transforms, stats):
     if t.train_only and not train:
@@ -160,18 +179,26 @@ def apply_chain(transforms: Sequence[Transform], stats: Sequence[Stats],
     for key in t.keys:
       key = resolve_key(key, input_key, target_key)
       batch[key] = t.apply(s, batch[key].astype(np.float32), rng)
+  inputs = batch[input_key]
+  if not train and np.issubdtype(inputs.dtype, np.floating) and np.isnan(inputs).any():
+    raise ConfigError(f"feature {input_key!r} of an eval batch has missing values (NaN) that no "
+                      f"imputation handles; add dict(name='impute') to data.transforms")
   return batch
 
 
 def save_stats(path: str, stats: Sequence[Stats]) -> None:
+  """Writes fitted statistics (local path or URL); written whole, then renamed, so a crash
+  never leaves half a file."""
   flat = {f"{i}/{k}": v for i, s in enumerate(stats) for k, v in s.items()}
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, __count__=np.array(len(stats)), **flat)
-  os.replace(tmp, path)  # atomic: a crash never leaves half a file
+  buffer = io.BytesIO()
+  np.savez(buffer, __count__=np.array(len(stats)), **flat)
+  tmp = epath.Path(path + ".tmp")
+  tmp.write_bytes(buffer.getvalue())
+  tmp.rename(path)
 
 
 def load_stats(path: str) -> list[Stats]:
-  with np.load(path) as f:
+  with np.load(io.BytesIO(epath.Path(path).read_bytes())) as f:
     stats: list[Stats] = [{} for _ in range(int(f["__count__"]))]
     for name in f.files:
       if name != "__count__":

@@ -8,13 +8,14 @@ one line instead of being loaded into the wrong model.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from deepflow.registry import ConfigError
+from deepflow.train.writers import is_remote
 
 log = logging.getLogger("deepflow")
 
@@ -27,7 +28,9 @@ class Checkpointer:
   """Latest-``keep`` checkpoints of (state, data iterator state) under ``workdir/checkpoints``."""
 
   def __init__(self, workdir: str, keep: int = 3, *, read_only: bool = False):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.directory = epath.Path(workdir) / "checkpoints"
+    if not is_remote(workdir):
+      self.directory = self.directory.resolve()
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
@@ -71,7 +74,7 @@ class Checkpointer:
 
   def _restore(self, abstract_state: Any, step: int) -> tuple[Any, dict | None]:
     items = {"state": ocp.args.StandardRestore(abstract_state)}
-    has_data = os.path.isdir(os.path.join(self.directory, str(step), "data"))
+    has_data = (self.directory / str(step) / "data").exists()
     if has_data:
       items["data"] = ocp.args.JsonRestore()
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -81,8 +84,7 @@ class Checkpointer:
     log.warning("checkpoint %d is unreadable (%s); moved to corrupt-%d, resuming from step %d",
                 step, _first_line(error), step, used)
     if jax.process_index() == 0:
-      os.replace(os.path.join(self.directory, str(step)),
-                 os.path.join(self.directory, f"corrupt-{step}"))
+      (self.directory / str(step)).rename(self.directory / f"corrupt-{step}")
     self.manager.reload()
 
   def wait(self) -> None:

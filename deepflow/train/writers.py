@@ -1,6 +1,8 @@
 """Where metrics go: ``metrics.jsonl`` (one JSON object per line) and TensorBoard event files.
 
-Only process 0 writes; other processes get a writer that does nothing."""
+Only process 0 writes; other processes get a writer that does nothing. The workdir may be a
+local path or a cloud URL (``gs://...``, through ``etils.epath``); object stores cannot append,
+so there the file is rewritten whole at each flush (it holds one line per logged step)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +10,7 @@ import os
 from typing import Mapping
 
 import jax
+from etils import epath
 
 
 class MetricWriter:
@@ -15,7 +18,10 @@ class MetricWriter:
 
   def __init__(self, workdir: str, *, tensorboard: bool = True):
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = epath.Path(workdir) / "metrics.jsonl"
+    self.remote = is_remote(workdir)
+    self._lines = self.path.read_text().splitlines(keepends=True) if (
+        self.enabled and self.remote and self.path.exists()) else []
     self._tb = None
     if self.enabled and tensorboard:
       from tensorboardX import SummaryWriter
@@ -25,22 +31,34 @@ class MetricWriter:
     if not self.enabled:
       return
     record = {"step": int(step), "split": split, **{k: float(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    line = json.dumps(record) + "\n"
+    if self.remote:
+      self._lines.append(line)
+    else:
+      with open(self.path, "a") as f:
+        f.write(line)
     if self._tb is not None:
       for name, value in metrics.items():
         self._tb.add_scalar(f"{split}/{name}", float(value), int(step))
 
   def flush(self) -> None:
+    if self.enabled and self.remote:
+      self.path.write_text("".join(self._lines))
     if self._tb is not None:
       self._tb.flush()
 
   def close(self) -> None:
+    self.flush()
     if self._tb is not None:
       self._tb.close()
 
 
 def read_metrics(workdir: str) -> list[dict]:
   """All records of a run's ``metrics.jsonl``."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  text = (epath.Path(workdir) / "metrics.jsonl").read_text()
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def is_remote(path: str) -> bool:
+  """True for URLs such as ``gs://bucket/run`` (object stores), False for local paths."""
+  return "://" in os.fspath(path)
