@@ -1,0 +1,77 @@
+"""SimCLR-style contrastive learning (Chen et al., 2020): a small conv backbone, a projection
+head, and the NT-Xent loss."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepflow.models.layers import activation
+from deepflow.registry import ConfigError, MODELS
+
+
+class ConvBackbone(nn.Module):
+  """``len(widths)`` blocks of [3x3 conv -> batch norm -> activation], each after the first
+  halving the resolution (stride 2), then global average pooling -> (B, widths[-1])."""
+  widths: Sequence[int] = (32, 64)
+  activation: str = "relu"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    act = activation(self.activation)
+    for i, width in enumerate(self.widths):
+      strides = (2, 2) if i > 0 else (1, 1)
+      x = nn.Conv(width, (3, 3), strides, use_bias=False)(x)
+      x = act(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+    return x.mean(axis=(1, 2))
+
+
+@MODELS.register("contrastive_cnn")
+class ContrastiveCNN(nn.Module):
+  """A conv backbone (``widths``, see ``ConvBackbone``) giving representations (method
+  ``features``), and a projection head MLP
+  (dense ``projection_hidden`` -> activation -> dense ``projection_dim``) whose output the
+  contrastive loss compares (``__call__``). Downstream tasks use ``features``, not the
+  projection. ``num_outputs`` is unused by the contrastive objective (kept first for the model
+  contract); ``dropout`` applies before the projection head."""
+  num_outputs: int
+  widths: Sequence[int] = (32, 64)
+  projection_hidden: int = 128
+  projection_dim: int = 64
+  activation: str = "relu"
+  dropout: float = 0.0
+
+  def setup(self):
+    self.backbone = ConvBackbone(tuple(self.widths), self.activation)
+    self.hidden = nn.Dense(self.projection_hidden)
+    self.projection = nn.Dense(self.projection_dim)
+    self.drop = nn.Dropout(self.dropout)
+
+  def features(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    """Representations (B, widths[-1]) for linear probes and downstream tasks."""
+    if x.ndim != 4:
+      raise ConfigError(f"contrastive_cnn expects NHWC images, got inputs of shape {x.shape}")
+    return self.backbone(x, train)
+
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    h = self.drop(self.features(x, train=train), deterministic=not train)
+    h = activation(self.activation)(self.hidden(h))
+    return self.projection(h)
+
+
+def nt_xent_loss(z1: jax.Array, z2: jax.Array, temperature: float = 0.5) -> jax.Array:
+  """Normalized temperature-scaled cross entropy over the 2N views (SimCLR).
+
+  ``z1[i]`` and ``z2[i]`` are two views of example ``i``. Each of the 2N L2-normalized views is
+  classified among the other 2N - 1 by cosine similarity / temperature, the positive being
+  the other view of the same example; the loss is the mean over all 2N views."""
+  z = jnp.concatenate([z1, z2], axis=0).astype(jnp.float32)
+  z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+  n2 = z.shape[0]
+  logits = z @ z.T / temperature
+  logits = jnp.where(jnp.eye(n2, dtype=bool), -1e9, logits)  # a view is not its own positive
+  positives = (jnp.arange(n2) + n2 // 2) % n2
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.take_along_axis(log_probs, positives[:, None], axis=-1).mean()

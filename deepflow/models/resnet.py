@@ -1,0 +1,109 @@
+"""Residual networks (He et al., 2016) with batch norm, sized for small images by default."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepflow.models.layers import activation
+from deepflow.registry import ConfigError, MODELS
+
+STEMS = ("small", "imagenet")
+GLOBAL_POOLS = {"avg": jnp.mean, "max": jnp.max}
+
+
+def drop_path(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+  """Stochastic depth (Huang et al., 2016): zero the whole of ``x`` for a random ``rate`` of the
+  examples and scale the rest by 1/(1-rate), so the expected value is unchanged."""
+  keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+class ResidualBlock(nn.Module):
+  """act(shortcut(x) + branch(x)). ``'basic'``: two 3x3 convs; ``'bottleneck'``: 1x1 -> 3x3 ->
+  1x1 with 4x ``width`` outputs. Every conv is followed by batch norm. The shortcut is a 1x1
+  strided conv + batch norm when the shape changes. ``drop_rate`` drops the branch per example
+  during training (stochastic depth). ``train`` is positional so ``nn.remat`` can treat it as
+  static."""
+  width: int
+  strides: int = 1
+  kind: str = "basic"
+  activation: str = "relu"
+  drop_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    act = activation(self.activation)
+    norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)  # noqa: E731
+    s = (self.strides, self.strides)
+    if self.kind == "basic":
+      y = act(norm()(nn.Conv(self.width, (3, 3), s, use_bias=False)(x)))
+      y = norm()(nn.Conv(self.width, (3, 3), use_bias=False)(y))
+      out_width = self.width
+    elif self.kind == "bottleneck":
+      y = act(norm()(nn.Conv(self.width, (1, 1), use_bias=False)(x)))
+      y = act(norm()(nn.Conv(self.width, (3, 3), s, use_bias=False)(y)))
+      out_width = 4 * self.width
+      y = norm()(nn.Conv(out_width, (1, 1), use_bias=False)(y))
+    else:
+      raise ConfigError(f"unknown block {self.kind!r}; known: basic, bottleneck")
+    shortcut = x
+    if x.shape[-1] != out_width or self.strides != 1:
+      shortcut = norm()(nn.Conv(out_width, (1, 1), s, use_bias=False, name="shortcut")(x))
+    if train and self.drop_rate > 0.0:
+      y = drop_path(y, self.drop_rate, self.make_rng("dropout"))
+    return act(shortcut + y)
+
+
+@MODELS.register("resnet")
+class ResNet(nn.Module):
+  """Stem -> stages of residual blocks -> global ``pooling`` -> dropout -> linear head.
+
+  Stage ``i`` has ``stage_sizes[i]`` blocks of width ``width * 2**i``; every stage after the
+  first halves the resolution in its first block. The ``'small'`` stem is one 3x3 conv with no
+  pooling (deepflow's bundled images are 8x8); ``'imagenet'`` is a 7x7 stride-2 conv and a 3x3
+  stride-2 max pool. Stochastic depth rates grow linearly over blocks up to
+  ``stochastic_depth`` at the last block. ``remat`` recomputes each block in the backward pass.
+  The defaults give ResNet-20 of the CIFAR paper."""
+  num_outputs: int
+  stage_sizes: Sequence[int] = (3, 3, 3)
+  width: int = 16
+  block: str = "basic"
+  stem: str = "small"
+  pooling: str = "avg"
+  activation: str = "relu"
+  stochastic_depth: float = 0.0
+  dropout: float = 0.0
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    if x.ndim != 4:
+      raise ConfigError(f"resnet expects NHWC images, got inputs of shape {x.shape}")
+    if self.stem not in STEMS:
+      raise ConfigError(f"unknown stem {self.stem!r}; known: {', '.join(STEMS)}")
+    if self.pooling not in GLOBAL_POOLS:
+      raise ConfigError(f"unknown pooling {self.pooling!r}; known: {', '.join(GLOBAL_POOLS)}")
+    if not 0.0 <= self.stochastic_depth < 1.0:
+      raise ConfigError(f"stochastic_depth must be in [0, 1), got {self.stochastic_depth}")
+    act = activation(self.activation)
+    if self.stem == "small":
+      x = nn.Conv(self.width, (3, 3), use_bias=False, name="stem")(x)
+    else:
+      x = nn.Conv(self.width, (7, 7), (2, 2), use_bias=False, name="stem")(x)
+    x = act(nn.BatchNorm(use_running_average=not train, momentum=0.9, name="stem_norm")(x))
+    if self.stem == "imagenet":
+      x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
+    block_cls = nn.remat(ResidualBlock, static_argnums=(2,)) if self.remat else ResidualBlock
+    total, index = sum(self.stage_sizes), 0
+    for stage, num_blocks in enumerate(self.stage_sizes):
+      for b in range(num_blocks):
+        index += 1
+        x = block_cls(self.width * 2**stage, 2 if stage > 0 and b == 0 else 1, self.block,
+                      self.activation, self.stochastic_depth * index / total,
+                      name=f"stage{stage}_block{b}")(x, train)
+    x = GLOBAL_POOLS[self.pooling](x, axis=(1, 2))
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    return nn.Dense(self.num_outputs, name="head")(x)

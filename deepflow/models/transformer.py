@@ -1,0 +1,110 @@
+"""Transformers: an encoder for sequence-to-one tasks and a decoder-only language model.
+
+Both are pre-LN stacks of ``layers.TransformerBlock``. Inputs are int tokens (B, T) embedded
+into ``d_model`` when ``vocab_size > 0``, or float features (B, T, F) (or (B, T)) projected to
+``d_model`` when ``vocab_size == 0``. The LM decodes with a key/value cache when ``decode`` is
+set (see ``deepflow.models.sampling``).
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepflow.models.layers import PositionalEmbedding, transformer_block
+from deepflow.registry import ConfigError, MODELS
+
+POOLINGS = ("mean", "cls")
+
+
+def embed_inputs(x: jax.Array, vocab_size: int, d_model: int) -> jax.Array:
+  """Tokens (B, T) through an embedding table, or float features projected to ``d_model``.
+
+  Call inside a compact method; the created submodule is named ``embed``."""
+  if vocab_size > 0:
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+      raise ConfigError(f"vocab_size={vocab_size} expects int tokens, got {x.dtype} inputs")
+    return nn.Embed(vocab_size, d_model, name="embed")(x)
+  if x.ndim == 2:  # a univariate series
+    x = x[..., None]
+  return nn.Dense(d_model, name="embed")(x.astype(jnp.float32))
+
+
+@MODELS.register("transformer_encoder")
+class TransformerEncoder(nn.Module):
+  """Bidirectional encoder -> final LayerNorm -> ``pooling`` ('mean' over time, or a learned
+  'cls' token prepended to the sequence) -> dropout -> linear head of ``num_outputs``.
+
+  For sequence classification and sequence-to-one regression or forecasting."""
+  num_outputs: int
+  vocab_size: int = 0
+  d_model: int = 64
+  num_heads: int = 4
+  num_layers: int = 2
+  mlp_dim: int = 128
+  max_len: int = 512
+  positions: str = "learned"
+  pooling: str = "mean"
+  activation: str = "gelu"
+  dropout: float = 0.0
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    if self.pooling not in POOLINGS:
+      raise ConfigError(f"unknown pooling {self.pooling!r}; known: {', '.join(POOLINGS)}")
+    x = embed_inputs(x, self.vocab_size, self.d_model)
+    if self.pooling == "cls":
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, self.d_model))
+      x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.d_model)), x], axis=1)
+    x = PositionalEmbedding(self.positions, self.max_len, name="positions")(x)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    block = transformer_block(self.remat)
+    for i in range(self.num_layers):
+      x = block(self.num_heads, self.mlp_dim, self.dropout, self.activation,
+                name=f"block{i}")(x, train)
+    x = nn.LayerNorm(name="final_norm")(x)
+    x = x[:, 0] if self.pooling == "cls" else x.mean(axis=1)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    return nn.Dense(self.num_outputs, name="head")(x)
+
+
+@MODELS.register("transformer_lm")
+class TransformerLM(nn.Module):
+  """Decoder-only (GPT-style) causal language model: logits (B, T, num_outputs=vocabulary).
+
+  With ``decode=True`` each call appends its tokens to a key/value cache in the ``'cache'``
+  collection and positions continue from the tokens already cached; initialise that cache
+  with ``init`` on the decode-mode module (``sampling.sample`` does this). ``max_len`` bounds
+  both the positions and the cache."""
+  num_outputs: int
+  vocab_size: int = 0
+  d_model: int = 64
+  num_heads: int = 4
+  num_layers: int = 2
+  mlp_dim: int = 128
+  max_len: int = 256
+  positions: str = "learned"
+  activation: str = "gelu"
+  dropout: float = 0.0
+  remat: bool = False
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    offset = 0
+    if self.decode:
+      ready = self.has_variable("cache", "position")
+      position = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
+      if ready:
+        offset = position.value
+        position.value = offset + x.shape[1]
+    x = embed_inputs(x, self.vocab_size, self.d_model)
+    x = PositionalEmbedding(self.positions, self.max_len, name="positions")(x, offset)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    block = transformer_block(self.remat and not self.decode)
+    for i in range(self.num_layers):
+      x = block(self.num_heads, self.mlp_dim, self.dropout, self.activation, causal=True,
+                decode=self.decode, cache_len=self.max_len, name=f"block{i}")(x, train)
+    x = nn.LayerNorm(name="final_norm")(x)
+    return nn.Dense(self.num_outputs, name="head")(x)

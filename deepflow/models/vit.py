@@ -1,0 +1,53 @@
+"""Vision Transformer (Dosovitskiy et al., 2021) sized for small images."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepflow.models.layers import transformer_block
+from deepflow.registry import ConfigError, MODELS
+
+POOLINGS = ("cls", "mean")
+
+
+@MODELS.register("vit")
+class ViT(nn.Module):
+  """NHWC images cut into ``patch_size`` x ``patch_size`` patches (a strided conv), linearly
+  embedded, plus learned positions, through pre-LN transformer blocks shared with
+  ``transformer.py``; pooled by a class token (``'cls'``) or the mean of the patches
+  (``'mean'``), then a linear head. The patch size must divide the image size."""
+  num_outputs: int
+  patch_size: int = 2
+  d_model: int = 64
+  num_heads: int = 4
+  num_layers: int = 4
+  mlp_dim: int = 128
+  pooling: str = "cls"
+  activation: str = "gelu"
+  dropout: float = 0.0
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    if x.ndim != 4:
+      raise ConfigError(f"vit expects NHWC images, got inputs of shape {x.shape}")
+    if self.pooling not in POOLINGS:
+      raise ConfigError(f"unknown pooling {self.pooling!r}; known: {', '.join(POOLINGS)}")
+    height, width, p = x.shape[1], x.shape[2], self.patch_size
+    if p < 1 or height % p or width % p:
+      raise ConfigError(f"image size {height}x{width} is not divisible by patch_size {p}")
+    x = nn.Conv(self.d_model, (p, p), strides=(p, p), padding="VALID", name="patches")(x)
+    x = x.reshape(x.shape[0], -1, self.d_model)
+    if self.pooling == "cls":
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, self.d_model))
+      x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.d_model)), x], axis=1)
+    pos = self.param("positions", nn.initializers.normal(0.02), x.shape[1:])
+    x = nn.Dropout(self.dropout, deterministic=not train)(x + pos)
+    block = transformer_block(self.remat)
+    for i in range(self.num_layers):
+      x = block(self.num_heads, self.mlp_dim, self.dropout, self.activation,
+                name=f"block{i}")(x, train)
+    x = nn.LayerNorm(name="final_norm")(x)
+    x = x[:, 0] if self.pooling == "cls" else x.mean(axis=1)
+    return nn.Dense(self.num_outputs, name="head")(x)

@@ -1,0 +1,123 @@
+"""Transformer encoder and LM: shapes, causality, KV-cache equivalence, and a learning check.
+
+Every model here shares one tiny size and (2, 12) inputs, so compiled ops are reused."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from deepflow.models import layers, transformer
+from deepflow.registry import ConfigError, MODELS
+
+TINY = dict(d_model=16, num_heads=2, num_layers=2, mlp_dim=32)
+VOCAB = 11
+
+# rbg keys: their initialisers compile several times faster than threefry's on CPU
+KEY = jax.random.key(0, impl="rbg")
+
+
+def tokens(shape=(2, 12), seed=1):
+  return jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, shape), jnp.int32)
+
+
+def test_encoder_shapes_tokens_and_floats():
+  enc = MODELS.get("transformer_encoder")(3, vocab_size=VOCAB, pooling="cls", max_len=13, **TINY)
+  x = tokens()
+  variables = jax.eval_shape(enc.init, KEY, x)
+  assert jax.eval_shape(enc.apply, variables, x).shape == (2, 3)
+  assert variables["params"]["cls"].shape == (1, 1, 16)
+  enc = transformer.TransformerEncoder(1, pooling="mean", max_len=12, **TINY)  # float features
+  x = jnp.ones((2, 12, 5))
+  assert jax.eval_shape(enc.apply, jax.eval_shape(enc.init, KEY, x), x).shape == (2, 1)
+
+
+def test_encoder_errors():
+  x = tokens()
+  trace = lambda model, x: jax.eval_shape(model.init, KEY, x)  # noqa: E731  (no compiling)
+  with pytest.raises(ConfigError, match="pooling"):
+    trace(transformer.TransformerEncoder(3, vocab_size=VOCAB, pooling="max", **TINY), x)
+  with pytest.raises(ConfigError, match="max_len 8"):
+    trace(transformer.TransformerEncoder(3, vocab_size=VOCAB, max_len=8, **TINY), x)
+  with pytest.raises(ConfigError, match="num_heads 3"):
+    trace(transformer.TransformerEncoder(3, vocab_size=VOCAB, d_model=16, num_heads=3), x)
+  with pytest.raises(ConfigError, match="int tokens"):
+    trace(transformer.TransformerEncoder(3, vocab_size=VOCAB, **TINY), x.astype(jnp.float32))
+
+
+def test_sinusoidal_positions_formula():
+  pos, dim = np.arange(7), 6
+  got = np.asarray(layers.sinusoidal_positions(jnp.asarray(pos), dim))
+  freqs = 1.0 / 10000 ** (np.arange(3) / 3)
+  want = np.concatenate([np.sin(pos[:, None] * freqs), np.cos(pos[:, None] * freqs)], -1)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.fixture(scope="module", params=["learned", "sinusoidal"])
+def lm(request):
+  model = MODELS.get("transformer_lm")(VOCAB, vocab_size=VOCAB, max_len=12,
+                                       positions=request.param, **TINY)
+  return model, model.init(KEY, tokens())
+
+
+def test_lm_is_causal(lm):
+  model, variables = lm
+  x = tokens()
+  logits = model.apply(variables, x)
+  assert logits.shape == (2, 12, VOCAB)
+  t = 4
+  changed = x.at[:, t + 1:].set((x[:, t + 1:] + 1) % VOCAB)
+  other = model.apply(variables, changed)
+  np.testing.assert_allclose(other[:, :t + 1], logits[:, :t + 1], atol=1e-6)
+  assert np.abs(other[:, t + 1:] - logits[:, t + 1:]).min(axis=-1).max() > 1e-4
+
+
+def test_cached_decoding_matches_full_forward(lm):
+  model, variables = lm
+  x = tokens()
+  full = model.apply(variables, x)
+  decoder = model.clone(decode=True)
+  cache = decoder.init(KEY, x[:, :3])["cache"]
+  logits, state = decoder.apply({**variables, "cache": cache}, x[:, :3], mutable=["cache"])
+  steps = [logits]  # a prefill of 3 tokens, then one token per call
+  for i in range(3, 12):
+    logits, state = decoder.apply({**variables, **state}, x[:, i:i + 1], mutable=["cache"])
+    steps.append(logits)
+  np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5, rtol=1e-5)
+  assert int(state["cache"]["position"]) == 12
+
+
+def test_remat_recomputes_blocks_without_changing_the_model(lm):
+  model, variables = lm
+  x = tokens()
+  remat = model.clone(remat=True)
+  assert (jax.tree.structure(jax.eval_shape(remat.init, KEY, x))
+          == jax.tree.structure(variables))
+  np.testing.assert_allclose(remat.apply(variables, x), model.apply(variables, x), atol=1e-6)
+  grad = lambda m: jax.grad(lambda p: m.apply({"params": p}, x).sum())  # noqa: E731
+  jaxprs = [str(jax.make_jaxpr(grad(m))(variables["params"])) for m in (model, remat)]
+  assert "remat" not in jaxprs[0] and "remat" in jaxprs[1]
+
+
+def test_tiny_lm_overfits_a_fixed_batch():
+  model = transformer.TransformerLM(VOCAB, vocab_size=VOCAB, max_len=12,
+                                    **{**TINY, "num_layers": 1})
+  x = tokens((8, 13), seed=7)
+  params = model.init(KEY, x[:, :-1])["params"]
+  tx = optax.adam(1e-2)
+
+  def loss_fn(p):
+    logits = model.apply({"params": p}, x[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, x[:, 1:]).mean()
+
+  @jax.jit
+  def step(p, opt):
+    loss, grads = jax.value_and_grad(loss_fn)(p)
+    updates, opt = tx.update(grads, opt, p)
+    return optax.apply_updates(p, updates), opt, loss
+
+  opt = tx.init(params)
+  for i in range(60):
+    params, opt, loss = step(params, opt)
+    first = loss if i == 0 else first
+  assert first > 2.0 and loss < 0.1 * first
