@@ -8,6 +8,11 @@ Commands:
   export  --workdir DIR --out DIR      write a run's inference artifact (jax.export StableHLO,
          weights, preprocessing, signature.json) that runs without the experiment file
   predict --model DIR --input FILE [--output FILE]   run an artifact on .npy/.json examples
+  explain --workdir DIR [--method NAME] [--num_examples N] [--split NAME] [--option KEY=VALUE]
+         feature attributions of the latest checkpoint: DIR/explain/METHOD.png and .npz
+  sample --workdir DIR [--num N] [--prompt TEXT] [--num_tokens N] [--temperature T] [--top_k K]
+         draw from a trained generative model: text (language models), PNG grids (GANs), in
+         DIR/samples/
 
 A user error (bad config, missing dataset, non-finite loss, mismatched checkpoint) exits
 non-zero with one line on stderr; ``--debug`` shows the traceback and runs the steps without jit
@@ -195,6 +200,47 @@ def _predict(overrides: list[str]) -> None:
       print(json.dumps(record))
 
 
+flags.DEFINE_string("method", "integrated_gradients", "explain: attribution method "
+                    "(saliency, gradient_x_input, integrated_gradients, smoothgrad, occlusion).")
+flags.DEFINE_integer("num_examples", 16, "explain: how many examples of the split to attribute.")
+flags.DEFINE_alias("num-examples", "num_examples")
+flags.DEFINE_enum("target", "predicted", ["predicted", "label"], "explain: attribute the model's "
+                  "predicted class or the true label.")
+flags.DEFINE_multi_string("option", [], "explain: a method option KEY=VALUE (e.g. steps=100, "
+                          "baseline=mean, patch=2).")
+
+
+def _explain(overrides: list[str]) -> None:
+  from deepflow import explain
+  result = _with_debug(lambda: explain.explain(
+      _require("workdir"), FLAGS.method, FLAGS.num_examples, split=FLAGS.split,
+      target=FLAGS.target, options=explain.parse_options(FLAGS.option), overrides=overrides,
+      debug=FLAGS.debug))
+  print(f"{result.method} attributions of {len(result.inputs)} {result.split} examples at step "
+        f"{result.step}: {result.png} {result.npz}")
+
+
+flags.DEFINE_integer("num", 4, "sample: how many samples to draw.")
+flags.DEFINE_string("prompt", None, "sample: text a language model continues (default: its "
+                    "vocabulary's first token).")
+flags.DEFINE_integer("num_tokens", None, "sample: tokens a language model adds (default 200, or "
+                     "what its max_len leaves).")
+flags.DEFINE_float("temperature", None, "sample: softmax temperature (0 = greedy; default 1).")
+flags.DEFINE_integer("top_k", None, "sample: draw among the k most likely tokens (default all).")
+flags.DEFINE_integer("sample_seed", 0, "sample: seed of the draws.")
+
+
+def _sample(overrides: list[str]) -> None:
+  from deepflow import sample
+  samples, files, step = _with_debug(lambda: sample.sample_run(
+      _require("workdir"), FLAGS.num, seed=FLAGS.sample_seed, overrides=overrides,
+      debug=FLAGS.debug, prompt=FLAGS.prompt, num_tokens=FLAGS.num_tokens,
+      temperature=FLAGS.temperature, top_k=FLAGS.top_k))
+  for i, text in enumerate(samples.get("text", ())):
+    print(f"--- sample {i + 1} ---\n{text}")
+  print(f"{FLAGS.num} samples from the checkpoint at step {step}: {', '.join(files)}")
+
+
 # Each command is a function of the ``--config.KEY=VALUE`` overrides; its flags are absl flags
 # defined above (shared) or in its own module (imported here).
 COMMANDS = {
@@ -203,6 +249,8 @@ COMMANDS = {
     "sweep": _sweep,
     "export": _export,
     "predict": _predict,
+    "explain": _explain,
+    "sample": _sample,
 }
 
 

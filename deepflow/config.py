@@ -67,8 +67,23 @@ def base_config() -> ConfigDict:
       "nonfinite": "stop",          # 'stop', or 'skip' (skip the update, stop after max_nonfinite)
       "max_nonfinite": 10,
       "progress": True,
+      "compute_dtype": "float32",   # 'bfloat16': mixed precision (float32 master params)
+  })
+  c.parallel = ConfigDict({
+      "strategy": "data",           # 'data' (replicated params) or 'fsdp' (sharded over data)
+      "fsdp_min_size": 2 ** 14,     # fsdp: leave arrays smaller than this replicated
+      "rules": [],                  # [(regex on param path, PartitionSpec tuple), ...] first wins
   })
   c.mesh = ConfigDict({"shape": ConfigDict({"data": -1, "model": 1})})
+  c.privacy = ConfigDict({          # DP-SGD (deepflow.privacy): see its docstring for the caveats
+      "enabled": False,
+      "clip_norm": 1.0,             # bound on each example's gradient L2 norm
+      "noise_multiplier": 0.0,      # noise std / clip_norm; 0 with a target_epsilon = calibrated
+      "target_epsilon": 0.0,        # 0 = none; else a run whose train.steps would exceed it is
+                                    # refused before it starts
+      "delta": 1e-5,                # must be below 1 / train_size
+      "accountant": "rdp",          # 'rdp' or 'pld' (dp-accounting)
+  })
   return c
 
 
@@ -238,11 +253,24 @@ def validate(config: ConfigDict) -> None:
       raise ConfigError(f"{key} must be >= 0, got {_get(config, key)}")
   if not config.optimizer.learning_rate > 0:
     raise ConfigError(f"optimizer.learning_rate must be > 0, got {config.optimizer.learning_rate}")
+  if config.train.compute_dtype not in ("float32", "bfloat16"):
+    raise ConfigError(f"train.compute_dtype must be 'float32' or 'bfloat16', got "
+                      f"{config.train.compute_dtype!r}")
+  if config.parallel.strategy not in ("data", "fsdp"):
+    raise ConfigError(f"parallel.strategy must be 'data' or 'fsdp', got "
+                      f"{config.parallel.strategy!r}")
+  for rule in config.parallel.rules:
+    if not (isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)):
+      raise ConfigError(f"each parallel.rules entry must be (regex, spec tuple), got {rule!r}")
   if config.train.nonfinite not in ("stop", "skip"):
     raise ConfigError(f"train.nonfinite must be 'stop' or 'skip', got {config.train.nonfinite!r}")
   if config.data.batch_size % config.train.microbatches:
     raise ConfigError(f"data.batch_size={config.data.batch_size} is not divisible by "
                       f"train.microbatches={config.train.microbatches}")
+
+  if config.privacy.enabled:
+    from deepflow import privacy  # dp-accounting loads only for private runs
+    privacy.validate_config(config)
 
   from deepflow import parallel
   data_size = parallel.data_axis_size(config.mesh)

@@ -1,2 +1,318 @@
-"""Loss-side regularizers, named in ``config.regularizers`` (a list of dicts with a 'name')."""
-from deepflow.registry import REGULARIZERS  # noqa: F401
+"""Regularizers, named in ``config.regularizers`` (a list of dicts with a 'name').
+
+Like an optax transformation, each regularizer is one small record of optional hooks, and a list of
+them combines into one record (``build_regularizers``), so they compose in any number:
+
+- ``batch(batch, rng, num_classes) -> batch``: train step only, before the loss (label smoothing,
+  mixup, cutmix). Classification targets become soft (B, C) class probabilities.
+- ``penalty(params) -> scalar``: added to the training loss (l1, l2 on parameters chosen by regex).
+- ``gradient``: an optax transformation on the raw gradients, first in the optimizer chain after
+  clipping (gradient noise).
+- ``projection``: an optax transformation last in the optimizer chain that moves the updated
+  parameters onto a constraint set (max-norm).
+- ``early_stopping``: read by the loop: stop when an eval metric stops improving, keep the best.
+
+Three regularizers are options of other sections, not entries here: dropout is every model's
+``model.dropout``; decoupled weight decay is ``optimizer.weight_decay`` (masked by the regex
+``optimizer.weight_decay_mask``); stochastic depth is the resnet model's
+``model.stochastic_depth``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from deepflow.data.pipeline import INPUTS, TARGETS
+from deepflow.optim.optimizers import path_name
+from deepflow.registry import ConfigError, REGULARIZERS
+
+Batch = Mapping[str, jax.Array]
+BatchFn = Callable[[Batch, jax.Array, "int | None"], Batch]
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyStopping:
+  """Stop when ``metric`` of the eval split has not improved by more than ``min_delta`` for
+  ``patience`` evaluations in a row; the loop keeps the best checkpoint and ends on it."""
+  metric: str = "loss"
+  mode: str = "min"
+  patience: int = 5
+  min_delta: float = 0.0
+
+  def improved(self, value: float, best: float | None) -> bool:
+    if best is None or math.isnan(best):
+      return not math.isnan(value)
+    if self.mode == "min":
+      return value < best - self.min_delta
+    return value > best + self.min_delta
+
+
+@dataclasses.dataclass(frozen=True)
+class Regularizer:
+  """One regularizer's hooks (see the module docstring); ``None`` means it has none there."""
+  batch: BatchFn | None = None
+  penalty: Callable[[Any], jax.Array] | None = None
+  gradient: optax.GradientTransformation | None = None
+  projection: optax.GradientTransformation | None = None
+  early_stopping: EarlyStopping | None = None
+
+
+def build_regularizers(entries: Sequence[Mapping[str, Any]]) -> Regularizer:
+  """The regularizers a config lists, built from the registry and combined into one."""
+  parts = []
+  for entry in entries:
+    options = {k: v for k, v in dict(entry).items() if k != "name"}
+    factory = REGULARIZERS.get(entry["name"])
+    try:
+      parts.append(factory(**options))
+    except TypeError as e:
+      raise ConfigError(f"regularizer {entry['name']!r}: {e}") from e
+  return combine(parts)
+
+
+def combine(parts: Sequence[Regularizer]) -> Regularizer:
+  """One regularizer doing what ``parts`` do, in list order (batch hooks and transformations)."""
+  batch_fns = [p.batch for p in parts if p.batch]
+  penalties = [p.penalty for p in parts if p.penalty]
+  gradients = [p.gradient for p in parts if p.gradient]
+  projections = [p.projection for p in parts if p.projection]
+  stopping = [p.early_stopping for p in parts if p.early_stopping]
+  if len(stopping) > 1:
+    raise ConfigError("regularizers list 'early_stopping' more than once")
+
+  def batch(b, rng, num_classes):
+    for i, fn in enumerate(batch_fns):
+      b = fn(b, jax.random.fold_in(rng, i), num_classes)
+    return b
+
+  def penalty(params):
+    return sum(fn(params) for fn in penalties)
+
+  return Regularizer(
+      batch=batch if batch_fns else None,
+      penalty=penalty if penalties else None,
+      gradient=optax.chain(*gradients) if gradients else None,
+      projection=optax.chain(*projections) if projections else None,
+      early_stopping=stopping[0] if stopping else None)
+
+
+def _register(name: str):
+  return REGULARIZERS.register(name)
+
+
+def _non_negative(name: str, **values: float) -> None:
+  for key, value in values.items():
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+      raise ConfigError(f"regularizer {name!r}: {key} must be a number >= 0, got {value!r}")
+
+
+def _selector(name: str, pattern: str) -> Callable[[Any], list[jax.Array]]:
+  """The leaves of a parameter tree whose '/'-joined path matches ``pattern`` (re.search)."""
+  try:
+    regex = re.compile(pattern)
+  except re.error as e:
+    raise ConfigError(f"regularizer {name!r}: params {pattern!r} is not a regex: {e}") from e
+
+  def select(params):
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    return [x for path, x in leaves if regex.search(path_name(path))]
+  return select
+
+
+# ------------------------------------------------------------------------------------------------
+# Loss penalties.
+# ------------------------------------------------------------------------------------------------
+
+@_register("l2")
+def l2(amount: float, params: str = r"kernel$") -> Regularizer:
+  """``amount * sum(w ** 2)`` over the parameters whose path matches ``params`` (default: every
+  weight matrix, no biases). Coupled to the loss, unlike ``optimizer.weight_decay``."""
+  _non_negative("l2", amount=amount)
+  select = _selector("l2", params)
+  return Regularizer(penalty=lambda p: amount * sum(jnp.sum(jnp.square(x)) for x in select(p)))
+
+
+@_register("l1")
+def l1(amount: float, params: str = r"kernel$") -> Regularizer:
+  """``amount * sum(|w|)`` over the parameters whose path matches ``params`` (sparsity)."""
+  _non_negative("l1", amount=amount)
+  select = _selector("l1", params)
+  return Regularizer(penalty=lambda p: amount * sum(jnp.sum(jnp.abs(x)) for x in select(p)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Target and batch changes (training batches only).
+# ------------------------------------------------------------------------------------------------
+
+def soft_targets(targets: jax.Array, num_classes: int | None) -> jax.Array:
+  """Integer labels -> one-hot float rows; soft (B, C) targets and real targets pass through."""
+  if num_classes and jnp.issubdtype(targets.dtype, jnp.integer):
+    return jax.nn.one_hot(targets, num_classes, dtype=jnp.float32)
+  return targets.astype(jnp.float32)
+
+
+@_register("label_smoothing")
+def label_smoothing(amount: float = 0.1) -> Regularizer:
+  """Soft targets ``(1 - amount) * onehot + amount / num_classes`` (Szegedy et al., 2016)."""
+  _non_negative("label_smoothing", amount=amount)
+  if amount > 1:
+    raise ConfigError(f"regularizer 'label_smoothing': amount must be <= 1, got {amount}")
+
+  def batch(b, rng, num_classes):
+    if not num_classes:
+      raise ConfigError("regularizer 'label_smoothing' needs a classification task")
+    return {**b, TARGETS: optax.smooth_labels(soft_targets(b[TARGETS], num_classes), amount)}
+  return Regularizer(batch=batch)
+
+
+def _mix_ratio(rng: jax.Array, alpha: float) -> jax.Array:
+  """lambda ~ Beta(alpha, alpha): one mixing ratio per batch, as in the mixup paper's code."""
+  return jax.random.beta(rng, alpha, alpha)
+
+
+@_register("mixup")
+def mixup(alpha: float = 0.2) -> Regularizer:
+  """Mixup (Zhang et al., 2018): with lambda ~ Beta(alpha, alpha) and a random permutation
+  ``p`` of the batch, ``x = lambda x + (1 - lambda) x[p]`` and the same for the (soft) targets."""
+  _non_negative("mixup", alpha=alpha)
+  if alpha <= 0:
+    raise ConfigError("regularizer 'mixup': alpha must be > 0")
+
+  def batch(b, rng, num_classes):
+    ratio_rng, perm_rng = jax.random.split(rng)
+    lam = _mix_ratio(ratio_rng, alpha)
+    perm = jax.random.permutation(perm_rng, b[INPUTS].shape[0])
+    x, y = b[INPUTS].astype(jnp.float32), soft_targets(b[TARGETS], num_classes)
+    return {**b, INPUTS: lam * x + (1 - lam) * x[perm], TARGETS: lam * y + (1 - lam) * y[perm]}
+  return Regularizer(batch=batch)
+
+
+@_register("cutmix")
+def cutmix(alpha: float = 1.0) -> Regularizer:
+  """CutMix (Yun et al., 2019) on (B, H, W, C) images: a box of area ``(1 - lambda) H W``
+  (lambda ~ Beta(alpha, alpha), centre uniform, clipped at the border) is pasted from the
+  permuted batch; targets mix by the box's actual area fraction."""
+  _non_negative("cutmix", alpha=alpha)
+  if alpha <= 0:
+    raise ConfigError("regularizer 'cutmix': alpha must be > 0")
+
+  def batch(b, rng, num_classes):
+    x = b[INPUTS]
+    if x.ndim != 4:
+      raise ConfigError(f"regularizer 'cutmix' needs (B, H, W, C) images, got shape {x.shape}")
+    ratio_rng, perm_rng, y_rng, x_rng = jax.random.split(rng, 4)
+    height, width = x.shape[1], x.shape[2]
+    lam = _mix_ratio(ratio_rng, alpha)
+    cut = jnp.sqrt(1.0 - lam)
+    cy = jax.random.uniform(y_rng) * height
+    cx = jax.random.uniform(x_rng) * width
+    top = jnp.clip(jnp.round(cy - cut * height / 2), 0, height)
+    bottom = jnp.clip(jnp.round(cy + cut * height / 2), 0, height)
+    left = jnp.clip(jnp.round(cx - cut * width / 2), 0, width)
+    right = jnp.clip(jnp.round(cx + cut * width / 2), 0, width)
+    rows, cols = jnp.arange(height)[:, None], jnp.arange(width)[None, :]
+    box = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
+    perm = jax.random.permutation(perm_rng, x.shape[0])
+    mixed = jnp.where(box[None, :, :, None], x[perm], x)
+    kept = 1.0 - (bottom - top) * (right - left) / (height * width)
+    y = soft_targets(b[TARGETS], num_classes)
+    return {**b, INPUTS: mixed, TARGETS: kept * y + (1 - kept) * y[perm]}
+  return Regularizer(batch=batch)
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimizer-side: gradient noise and max-norm constraints.
+# ------------------------------------------------------------------------------------------------
+
+@_register("gradient_noise")
+def gradient_noise(eta: float = 0.01, gamma: float = 0.55, seed: int = 0) -> Regularizer:
+  """Gaussian noise of variance ``eta / t ** gamma`` (t = 1, 2, ...) added to the gradients
+  (Neelakantan et al., 2015), after clipping; optax.add_noise keeps its key in the optimizer
+  state, so a resumed run draws the same noise."""
+  _non_negative("gradient_noise", eta=eta, gamma=gamma)
+  return Regularizer(gradient=optax.add_noise(eta, gamma, key=seed))
+
+
+def max_norm_projection(limit: float, pattern: str) -> optax.GradientTransformation:
+  """Changes the final updates so that every matched kernel's incoming weight vector of each
+  unit (all axes but the last) has L2 norm <= ``limit`` after the update is applied.
+
+  Written here because optax's projections act on whole trees or arrays, not per unit."""
+  regex = re.compile(pattern)
+
+  def project(path, update, param):
+    if not regex.search(path_name(path)) or param.ndim < 2:
+      return update
+    new = param + update
+    norms = jnp.sqrt(jnp.sum(jnp.square(new), axis=tuple(range(new.ndim - 1)), keepdims=True))
+    scale = jnp.minimum(1.0, limit / jnp.maximum(norms, 1e-12))
+    return (new * scale - param).astype(update.dtype)
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("max_norm needs the parameters in the optimizer update")
+    return jax.tree_util.tree_map_with_path(project, updates, params), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+@_register("max_norm")
+def max_norm(limit: float = 3.0, params: str = r"kernel$") -> Regularizer:
+  """Max-norm constraint (Srebro et al., 2005; used with dropout by Srivastava et al., 2014):
+  after every update, each unit's incoming weights (a kernel's column) are rescaled to L2 norm
+  ``limit`` if longer. ``params`` selects the kernels by regex."""
+  _non_negative("max_norm", limit=limit)
+  _selector("max_norm", params)  # check the regex now
+  return Regularizer(projection=max_norm_projection(limit, params))
+
+
+# ------------------------------------------------------------------------------------------------
+# Early stopping (acted on by the training loop).
+# ------------------------------------------------------------------------------------------------
+
+@_register("early_stopping")
+def early_stopping(metric: str = "loss", mode: str = "min", patience: int = 5,
+                   min_delta: float = 0.0) -> Regularizer:
+  """Evaluates every ``train.eval_every`` steps; stops after ``patience`` evaluations without an
+  improvement of ``metric`` (``mode`` 'min' or 'max') by more than ``min_delta``. The best
+  checkpoint is kept in ``workdir/best/`` and the run's final metrics are the best one's."""
+  if mode not in ("min", "max"):
+    raise ConfigError(f"regularizer 'early_stopping': mode must be 'min' or 'max', got {mode!r}")
+  if not isinstance(patience, int) or patience < 1:
+    raise ConfigError(f"regularizer 'early_stopping': patience must be an integer >= 1, "
+                      f"got {patience!r}")
+  _non_negative("early_stopping", min_delta=min_delta)
+  return Regularizer(early_stopping=EarlyStopping(metric, mode, patience, float(min_delta)))
+
+
+@dataclasses.dataclass
+class StoppingRecord:
+  """Where early stopping stands in a run; the loop keeps it as ``workdir/best/stopping.json`` so
+  a resumed run goes on counting (and a stopped one stays stopped)."""
+  best: float | None = None
+  best_step: int = -1
+  bad_evals: int = 0
+  last_step: int = -1
+  stopped: bool = False
+
+  def update(self, rule: EarlyStopping, step: int, metrics: Mapping[str, float]) -> bool:
+    """Counts the evaluation at ``step``; True when it is the best so far."""
+    if rule.metric not in metrics:
+      raise ConfigError(f"early_stopping metric {rule.metric!r} is not an eval metric; "
+                        f"known: {', '.join(sorted(metrics))}")
+    if step <= self.last_step:  # already counted (a resumed run evaluating the same step again)
+      return False
+    self.last_step = step
+    value = float(metrics[rule.metric])
+    if rule.improved(value, self.best):
+      self.best, self.best_step, self.bad_evals = value, step, 0
+      return True
+    self.bad_evals += 1
+    self.stopped = self.bad_evals >= rule.patience
+    return False

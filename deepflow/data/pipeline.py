@@ -37,6 +37,9 @@ class DataSpec:
   train_size: int
   metadata: Mapping[str, Any]
   class_counts: tuple[int, ...] | None = None   # train examples per class (class weights)
+  # Per batch key (inputs, targets): preprocessed values -> the dataset's units, or None where a
+  # transform on them has no inverse (``transforms.inverse``); forecasts report errors in units.
+  inverse: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class BatchIndices:
@@ -87,7 +90,11 @@ class Pipeline:
         input_shape=example[INPUTS].shape[1:], input_dtype=example[INPUTS].dtype,
         target_shape=example[TARGETS].shape[1:], num_classes=self.dataset.num_classes,
         train_size=len(self.train_source), metadata=self.dataset.metadata,
-        class_counts=self._class_counts())
+        class_counts=self._class_counts(),
+        inverse={batch_key: transforms_lib.inverse(self.transforms, self.stats, key,
+                                                   self.dataset.input_key, self.dataset.target_key)
+                 for batch_key, key in ((INPUTS, self.dataset.input_key),
+                                        (TARGETS, self.dataset.target_key))})
 
   # -- construction helpers ----------------------------------------------------------------------
 

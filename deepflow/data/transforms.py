@@ -31,6 +31,8 @@ class Transform:
   keys: tuple[str, ...] = ("input",)
   train_only: bool = False            # augmentations: training batches only
   handles_missing: bool = False       # imputation: NaN in, no NaN out
+  invert: Callable[[Stats, Any], Any] | None = None  # back to the data's units (see ``inverse``)
+  numeric: bool = True                # False: gets the feature as stored (text), not as float32
 
 
 def build_transforms(entries: Sequence[Mapping[str, Any]]) -> list[Transform]:
@@ -88,7 +90,10 @@ def standardize(per: str = "auto", keys: tuple[str, ...] = ("input",)) -> Transf
 
   def apply(stats, values, rng):
     return ((values - stats["mean"]) / stats["std"]).astype(np.float32)
-  return Transform(fit, apply, keys)
+
+  def invert(stats, values):
+    return (values * stats["std"] + stats["mean"]).astype(np.float32)
+  return Transform(fit, apply, keys, invert=invert)
 
 
 @TRANSFORMS.register("minmax")
@@ -107,7 +112,12 @@ def minmax(per: str = "auto", low: float = 0.0, high: float = 1.0,
     span = stats["max"] - stats["min"]
     scale = (high - low) / array_module(values, span).where(span < EPS, 1.0, span)
     return (low + (values - stats["min"]) * scale).astype(np.float32)
-  return Transform(fit, apply, keys)
+
+  def invert(stats, values):
+    span = stats["max"] - stats["min"]
+    scale = (high - low) / array_module(values, span).where(span < EPS, 1.0, span)
+    return ((values - low) / scale + stats["min"]).astype(np.float32)
+  return Transform(fit, apply, keys, invert=invert)
 
 
 @TRANSFORMS.register("impute")
@@ -153,9 +163,9 @@ def fit_chain(transforms: Sequence[Transform], train: Mapping[str, np.ndarray],
   for t in transforms:
     if not t.train_only:
       keys = [resolve_key(k, input_key, target_key) for k in t.keys]
-      stats = t.fit(values[keys[0]].astype(np.float32))
+      stats = t.fit(_as_input(t, values[keys[0]]))
       for k in keys:
-        values[k] = t.apply(stats, values[k].astype(np.float32), None)
+        values[k] = t.apply(stats, _as_input(t, values[k]), None)
     else:
       stats = {}
     all_stats.append(stats)
@@ -178,12 +188,38 @@ def apply_chain(transforms: Sequence[Transform], stats: Sequence[Stats],
       continue
     for key in t.keys:
       key = resolve_key(key, input_key, target_key)
-      batch[key] = t.apply(s, batch[key].astype(np.float32), rng)
+      batch[key] = t.apply(s, _as_input(t, batch[key]), rng)
   inputs = batch[input_key]
   if not train and np.issubdtype(inputs.dtype, np.floating) and np.isnan(inputs).any():
     raise ConfigError(f"feature {input_key!r} of an eval batch has missing values (NaN) that no "
                       f"imputation handles; add dict(name='impute') to data.transforms")
   return batch
+
+
+def _as_input(t: Transform, values: np.ndarray) -> np.ndarray:
+  """A feature as ``t`` takes it: float32 for numeric transforms, as stored (text) otherwise."""
+  return values.astype(np.float32) if t.numeric else values
+
+
+def inverse(transforms: Sequence[Transform], stats: Sequence[Stats], key: str, input_key: str,
+            target_key: str) -> Callable[[Any], Any] | None:
+  """The map from feature ``key``'s preprocessed values back to the dataset's units: the inverses
+  of the fitted transforms on it, last first (the identity when none touches it); None when one
+  of them has no inverse. Works on numpy and traced JAX arrays alike, so a task can report
+  errors in the data's units (a forecast's in ppm, not in standard deviations)."""
+  steps = []
+  for t, s in zip(transforms, stats):
+    if t.train_only or key not in {resolve_key(k, input_key, target_key) for k in t.keys}:
+      continue
+    if t.invert is None:
+      return None
+    steps.append((t, s))
+
+  def invert(values):
+    for t, s in reversed(steps):
+      values = t.invert(s, values)
+    return values
+  return invert
 
 
 def save_stats(path: str, stats: Sequence[Stats]) -> None:
@@ -194,7 +230,7 @@ def save_stats(path: str, stats: Sequence[Stats]) -> None:
   np.savez(buffer, __count__=np.array(len(stats)), **flat)
   tmp = epath.Path(path + ".tmp")
   tmp.write_bytes(buffer.getvalue())
-  tmp.rename(path)
+  tmp.replace(path)  # atomic, and overwrites (rename refuses an existing file)
 
 
 def load_stats(path: str) -> list[Stats]:
@@ -205,3 +241,7 @@ def load_stats(path: str) -> list[Stats]:
         i, key = name.split("/", 1)
         stats[int(i)][key] = f[name]
   return stats
+
+
+from deepflow.data import augment  # noqa: E402,F401  (registers the augmentations)
+from deepflow.data import tokenize  # noqa: E402,F401  (registers the tokenizer)

@@ -97,13 +97,27 @@ def path_name(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
-def build_optimizer(c: Any, total_steps: int) -> optax.GradientTransformation:
-  """The optax chain that ``optimizer`` (a config section) describes."""
+def build_optimizer(c: Any, total_steps: int, *,
+                    gradient: optax.GradientTransformation | None = None,
+                    projection: optax.GradientTransformation | None = None
+                    ) -> optax.GradientTransformation:
+  """The optax chain that ``optimizer`` (a config section) describes. Regularizers add
+  ``gradient`` (after clipping, e.g. gradient noise) and ``projection`` (last, e.g. max-norm)."""
   decay = (optax.add_decayed_weights(c.weight_decay, mask=decay_mask(c.weight_decay_mask))
-           if c.weight_decay else optax.identity())
+           if _set(c.weight_decay) else optax.identity())
   parts = []
-  if c.clip_norm:
+  if _set(c.clip_norm):
     parts.append(optax.clip_by_global_norm(c.clip_norm))
+  if gradient is not None:
+    parts.append(gradient)
   parts.append(OPTIMIZERS.get(c.name)(c, decay))
   parts.append(optax.scale_by_learning_rate(build_schedule(c, total_steps)))
+  if projection is not None:
+    parts.append(projection)
   return optax.chain(*parts)
+
+
+def _set(value: Any) -> bool:
+  """An option is on unless it is a Python zero; a traced value (a vectorized sweep's
+  hyperparameter, which may differ per trial) keeps its transformation in the chain."""
+  return not isinstance(value, (int, float)) or value != 0

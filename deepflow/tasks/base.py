@@ -2,8 +2,10 @@
 
 The loop knows nothing about classification, language modelling or GANs; it calls a task's
 ``init``, ``grads`` (inside the jitted train step), ``eval_outputs`` (inside the jitted eval step)
-and ``summarize`` (on the host, over a whole split). A supervised task writes only ``loss`` and
-the per-example eval outputs; a task with several players (GAN) overrides ``grads`` itself.
+and ``summarize`` (on the host, over a whole split), and adds ``extra_metrics(step)`` to its logs.
+A supervised task writes only ``loss`` and the per-example eval outputs; a task with several
+players (GAN) overrides ``grads`` itself. With ``privacy.enabled``, ``grads`` is DP-SGD over the
+same ``loss`` applied to one example at a time (``private_grads``).
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ import optax
 from deepflow.config import ConfigDict
 from deepflow.data.pipeline import DataSpec
 from deepflow.optim import build_optimizer
-from deepflow.registry import MODELS
+from deepflow.registry import ConfigError, MODELS
+from deepflow.regularizers import build_regularizers
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
@@ -39,6 +42,8 @@ class Task:
     self.options_ = {k: config.task.get(k, v) for k, v in self.options().items()}
     self.spec = spec
     self.model = self.build_model(config.model, self.num_outputs())
+    self.regularizer = build_regularizers(config.regularizers)
+    self.privacy = self.build_privacy(config, spec)
 
   # -- building ----------------------------------------------------------------------------------
 
@@ -52,7 +57,27 @@ class Task:
     return MODELS.get(model_config.name)(num_outputs=num_outputs, **fields)
 
   def optimizer(self, total_steps: int) -> optax.GradientTransformation:
-    return build_optimizer(self.config.optimizer, total_steps)
+    return build_optimizer(self.config.optimizer, total_steps,
+                           gradient=self.regularizer.gradient,
+                           projection=self.regularizer.projection)
+
+  def build_privacy(self, config: ConfigDict, spec: DataSpec):
+    """DP-SGD from ``config.privacy`` (a ``deepflow.privacy.DpSgd``), or None when it is off.
+
+    Refused where examples are not independent in the forward pass (batch statistics) or where
+    a task computes its own gradients (``grads`` overridden), since DP-SGD clips per example."""
+    if not config.privacy.enabled:
+      return None
+    from deepflow import privacy  # dp-accounting loads only for private runs
+    if type(self).grads is not Task.grads:
+      raise ConfigError(f"task {config.task.name!r} computes its own gradients and does not "
+                        f"support privacy.enabled")
+    _, model_state = jax.eval_shape(self.init, jax.random.PRNGKey(0))
+    if model_state:
+      raise ConfigError(f"privacy.enabled needs per-example gradients, but model "
+                        f"{config.model.name!r} keeps batch statistics ({', '.join(model_state)}), "
+                        f"which mix examples; use a model with layer or group norm instead")
+    return privacy.DpSgd.from_config(config, spec.train_size)
 
   def example_inputs(self) -> jax.Array:
     return jnp.zeros((1, *self.spec.input_shape), self.spec.input_dtype)
@@ -70,12 +95,26 @@ class Task:
 
   def apply(self, params: PyTree, model_state: PyTree, inputs: jax.Array, rng: jax.Array | None,
             *, train: bool) -> tuple[jax.Array, PyTree]:
-    """Runs the model; in training returns the updated mutable collections too."""
+    """Runs the model; in training returns the updated mutable collections too.
+
+    Mixed precision (``train.compute_dtype='bfloat16'``): float params and inputs are cast to
+    the compute dtype here, so the forward and backward passes run in it while the master
+    params, the optimizer and the gradients (cast back by autodiff) stay float32; outputs come
+    back as float32 for a numerically safe loss."""
+    compute = self.compute_dtype
+    params, inputs = cast_floats((params, inputs), compute)
     variables = {"params": params, **model_state}
     rngs = {"dropout": rng} if rng is not None else {}
     if train and model_state:
-      return self.model.apply(variables, inputs, train=True, rngs=rngs, mutable=list(model_state))
-    return self.model.apply(variables, inputs, train=train, rngs=rngs), model_state
+      out, model_state = self.model.apply(variables, inputs, train=True, rngs=rngs,
+                                          mutable=list(model_state))
+    else:
+      out = self.model.apply(variables, inputs, train=train, rngs=rngs)
+    return cast_floats(out, jnp.float32), model_state
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.config.train.compute_dtype)
 
   def loss(self, params: PyTree, model_state: PyTree, batch: Mapping[str, jax.Array],
            rng: jax.Array) -> tuple[jax.Array, tuple[Metrics, PyTree]]:
@@ -85,9 +124,43 @@ class Task:
   def grads(self, params: PyTree, model_state: PyTree, batch: Mapping[str, jax.Array],
             rng: jax.Array) -> tuple[PyTree, PyTree, Metrics]:
     """Gradients of ``loss`` w.r.t. params, the new model state and the batch's metrics."""
-    (loss, (metrics, model_state)), grads = jax.value_and_grad(self.loss, has_aux=True)(
-        params, model_state, batch, rng)
+    if self.privacy is not None:
+      return self.private_grads(params, model_state, batch, rng)
+    if self.regularizer.batch is not None:  # label smoothing, mixup, ...: training batches only
+      batch = self.regularizer.batch(batch, jax.random.fold_in(rng, 1), self.spec.num_classes)
+    (loss, (metrics, model_state)), grads = jax.value_and_grad(
+        self.regularized_loss, has_aux=True)(params, model_state, batch, rng)
     return grads, model_state, {"loss": loss, **metrics}
+
+  def private_grads(self, params: PyTree, model_state: PyTree, batch: Mapping[str, jax.Array],
+                    rng: jax.Array) -> tuple[PyTree, PyTree, Metrics]:
+    """DP-SGD (``privacy.enabled``): ``loss`` of each example on its own (vmapped), each gradient
+    clipped, summed and noised by ``self.privacy``. Parameter penalties depend on no example, so
+    their gradient is added after the noise, unclipped and at no privacy cost."""
+    if self.regularizer.batch is not None:  # per-example ones only (validate_config)
+      batch = self.regularizer.batch(batch, jax.random.fold_in(rng, 1), self.spec.num_classes)
+
+    def example_loss(p, example, key):
+      one = jax.tree.map(lambda x: x[None], example)  # a batch of one: the task's own loss
+      loss, (metrics, _) = self.loss(p, model_state, one, key)
+      return loss, metrics
+
+    grads, metrics = self.privacy.gradients(example_loss, params, batch, rng)
+    if self.regularizer.penalty is not None:
+      penalty, penalty_grads = jax.value_and_grad(self.regularizer.penalty)(params)
+      grads = jax.tree.map(jnp.add, grads, penalty_grads)
+      metrics = {**metrics, "loss": metrics["loss"] + penalty, "penalty": penalty}
+    return grads, model_state, metrics
+
+  def regularized_loss(self, params: PyTree, model_state: PyTree,
+                       batch: Mapping[str, jax.Array], rng: jax.Array
+                       ) -> tuple[jax.Array, tuple[Metrics, PyTree]]:
+    """``loss`` plus the configured parameter penalties (l1, l2), reported as ``penalty``."""
+    loss, (metrics, model_state) = self.loss(params, model_state, batch, rng)
+    if self.regularizer.penalty is None:
+      return loss, (metrics, model_state)
+    penalty = self.regularizer.penalty(params)
+    return loss + penalty, ({**metrics, "penalty": penalty}, model_state)
 
   # -- evaluation --------------------------------------------------------------------------------
 
@@ -96,8 +169,35 @@ class Task:
     """Per-example values (shape (B,)) that ``summarize`` reduces over the whole split."""
     raise NotImplementedError
 
+  def extra_metrics(self, step: int) -> dict[str, float]:
+    """Host-side metrics that depend only on the step count, which the loop adds to every train
+    log and evaluation: the privacy budget spent so far under DP-SGD, else none."""
+    return self.privacy.metrics(step) if self.privacy is not None else {}
+
   def summarize(self, outputs: Mapping[str, np.ndarray]) -> dict[str, float]:
     """Split-level metrics from the concatenated per-example outputs of real (unpadded) rows.
     The default: the mean of every output."""
     return {k: float(np.mean(v)) for k, v in outputs.items()}
 
+  # -- generation (``deepflow sample``) ------------------------------------------------------------
+
+  def sample(self, params: PyTree, model_state: PyTree, rng: jax.Array, num: int,
+             **options: Any) -> dict[str, np.ndarray]:
+    """``num`` draws from a trained generative model, as host arrays with a leading ``num`` axis
+    (tokens and their ``text`` for a language model, images for a GAN). ``options`` are the ones
+    the user gave (``prompt``, ``num_tokens``, ``temperature``, ``top_k``); a task refuses one it
+    cannot use. Tasks that are not generative keep this refusal."""
+    raise ConfigError(f"task {self.config.task.name!r} with model {self.config.model.name!r} is "
+                      f"not generative; `deepflow sample` needs a language model or a GAN")
+
+  def save_samples(self, samples: Mapping[str, np.ndarray], directory: str) -> list[str]:
+    """Writes what ``sample`` drew into ``directory`` (text, PNG grids, ...); the paths written."""
+    raise ConfigError(f"task {self.config.task.name!r} with model {self.config.model.name!r} is "
+                      f"not generative; it has no samples to save")
+
+
+
+def cast_floats(tree: PyTree, dtype) -> PyTree:
+  """Casts the floating-point leaves of ``tree`` to ``dtype`` (integers, e.g. tokens, stay)."""
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree)

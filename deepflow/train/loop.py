@@ -6,9 +6,10 @@ then alternates jitted train steps with periodic logging, evaluation and checkpo
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import logging
-import os
 import signal
 import sys
 import time
@@ -17,14 +18,16 @@ from typing import Any
 import jax
 import numpy as np
 import tqdm
+from etils import epath
 
 from deepflow import config as config_lib, parallel
 from deepflow.data.pipeline import MASK, Pipeline
 from deepflow.optim import build_schedule
-from deepflow.registry import TASKS
+from deepflow.registry import ConfigError, TASKS
+from deepflow.regularizers import StoppingRecord
 from deepflow.train import checkpoint as checkpoint_lib
 from deepflow.train.state import TrainState, create_state
-from deepflow.train.step import compile_steps, state_shardings
+from deepflow.train.step import compile_steps
 from deepflow.train.writers import MetricWriter
 
 log = logging.getLogger("deepflow")
@@ -45,7 +48,7 @@ class Experiment:
     self.tx = self.task.optimizer(config.train.steps)
     self.abstract_state = jax.eval_shape(
         functools.partial(create_state, self.task, self.tx, config.seed))
-    self.shardings = state_shardings(self.abstract_state, self.mesh)
+    self.shardings = parallel.state_shardings(self.abstract_state, self.mesh, config.parallel)
     self.train_step, eval_step = compile_steps(self.task, self.tx, self.mesh, self.shardings,
                                                config.train.microbatches, debug=debug)
     self._eval_step = eval_step
@@ -59,26 +62,28 @@ class Experiment:
         checkpoint_lib.abstract_like(self.abstract_state, self.shardings), step)
 
   def evaluate(self, state: TrainState, split: str) -> dict[str, float]:
-    """Metrics over every example of ``split`` (padding rows excluded)."""
+    """Metrics over every example of ``split`` (padding rows excluded), with the task's
+    ``extra_metrics`` at the state's step."""
     chunks = []
     for batch in self.pipeline.eval_batches(split):
       outputs = self._eval_step(state, parallel.global_batch(batch, self.mesh))
       outputs = parallel.to_host(outputs)
       mask = outputs.pop(MASK) > 0
       chunks.append({k: np.asarray(v)[mask] for k, v in outputs.items()})
-    return self.task.summarize({k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]})
+    metrics = self.task.summarize({k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]})
+    return {**metrics, **self.task.extra_metrics(int(state.step))}
 
 
 def train_and_evaluate(config: Any, workdir: str, *, debug: bool = False) -> dict[str, float]:
   """Trains (or resumes) the experiment in ``workdir``; returns the final eval metrics."""
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config_lib.to_json(config))
+    (epath.Path(workdir) / "config.json").write_text(config_lib.to_json(config))
   cfg = config.train
   exp = Experiment(config, workdir, debug=debug)
   checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.keep_checkpoints)
   writer = MetricWriter(workdir)
+  best = _BestKeeper(exp, workdir) if exp.task.regularizer.early_stopping else None
   try:
     if checkpointer.latest_step() is not None:
       state, data_state, step = exp.restore(checkpointer)
@@ -86,17 +91,62 @@ def train_and_evaluate(config: Any, workdir: str, *, debug: bool = False) -> dic
     else:
       state, data_state = exp.init_state(), None
     start = int(state.step)
-    if start >= cfg.steps:
+    if start >= cfg.steps or (best and best.record.stopped):
       log.info("training is already complete (step %d of train.steps=%d); evaluating", start,
                cfg.steps)
     else:
-      state = _train(exp, state, data_state, start, checkpointer, writer)
+      state = _train(exp, state, data_state, start, checkpointer, writer, best)
     metrics = exp.evaluate(state, config.data.eval_split)
     writer.write(int(state.step), config.data.eval_split, metrics)
+    if best:  # early stopping: the run's result is its best checkpoint
+      best.observe(int(state.step), state, metrics)
+      state, metrics = best.restore_best(state, metrics)
     return metrics
   finally:
     checkpointer.close()
     writer.close()
+    if best:
+      best.close()
+
+
+class _BestKeeper:
+  """Early stopping in the loop: counts evaluations, keeps the best state in ``workdir/best/``
+  (an Orbax checkpoint of one step, plus ``stopping.json``) and hands it back at the end."""
+
+  def __init__(self, exp: Experiment, workdir: str):
+    if not exp.config.train.eval_every:
+      raise ConfigError("regularizer 'early_stopping' needs train.eval_every > 0")
+    self.exp, self.rule = exp, exp.task.regularizer.early_stopping
+    self.directory = epath.Path(workdir) / "best"
+    self.path = self.directory / "stopping.json"
+    self.record = StoppingRecord()
+    if self.path.exists():
+      self.record = StoppingRecord(**json.loads(self.path.read_text()))
+    self.checkpointer = checkpoint_lib.Checkpointer(str(self.directory), keep=1)
+
+  def observe(self, step: int, state: TrainState, metrics: dict[str, float]) -> bool:
+    """Counts the evaluation at ``step`` (saving the state if it is the best); True = stop."""
+    if self.record.update(self.rule, step, metrics):
+      self.checkpointer.save(step, state, None, force=True)
+    if jax.process_index() == 0:
+      tmp = self.directory / "stopping.json.tmp"
+      tmp.write_text(json.dumps(dataclasses.asdict(self.record)))
+      tmp.replace(self.path)  # atomic: a crash never leaves half a record
+    return self.record.stopped
+
+  def restore_best(self, state: TrainState, metrics: dict[str, float]):
+    self.checkpointer.wait()
+    step = self.checkpointer.latest_step()
+    if step is None or step == int(state.step):
+      return state, metrics
+    state, _, _ = self.exp.restore(self.checkpointer, step)
+    metrics = self.exp.evaluate(state, self.exp.config.data.eval_split)
+    log.info("early stopping: the best %s=%.4f was at step %d; returning that checkpoint",
+             self.rule.metric, self.record.best, step)
+    return state, metrics
+
+  def close(self) -> None:
+    self.checkpointer.close()
 
 
 class _Preemption:
@@ -128,7 +178,7 @@ class _Preemption:
 
 
 def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpointer,
-           writer: MetricWriter) -> TrainState:
+           writer: MetricWriter, best: _BestKeeper | None = None) -> TrainState:
   config, cfg = exp.config, exp.config.train
   iterator = exp.pipeline.train_iterator(data_state)
   schedule = build_schedule(config.optimizer, cfg.steps)
@@ -158,8 +208,10 @@ def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpoin
     means["learning_rate"] = float(schedule(step - 1))
     elapsed = time.perf_counter() - window_start
     means["steps_per_sec"] = len(flags) / max(elapsed, 1e-9)
+    means.update(exp.task.extra_metrics(step))
     window_start = time.perf_counter()
     writer.write(step, "train", means)
+    writer.flush()
     return means
 
   progress = tqdm.tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True,
@@ -178,18 +230,27 @@ def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpoin
       if step % cfg.log_every == 0 or save_now or step == cfg.steps:
         means = flush(step)
         progress.set_postfix(loss=f"{means['loss']:.4f}", refresh=False)
+      converged = False  # early stopping ran out of patience
       if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
         metrics = exp.evaluate(state, config.data.eval_split)
         writer.write(step, config.data.eval_split, metrics)
-        progress.write(f"step {step}: {config.data.eval_split} " + _format(metrics))
-      if save_now:
-        checkpointer.save(step, state, iterator.get_state(), force=stop)
+        if jax.process_index() == 0:
+          progress.write(f"step {step}: {config.data.eval_split} " + _format(metrics))
+        converged = best is not None and best.observe(step, state, metrics)
+      if converged and pending:
+        flush(step)
+      if save_now or converged:
+        checkpointer.save(step, state, iterator.get_state(), force=stop or converged)
       if stop:
         log.warning("preemption requested: saved the checkpoint at step %d; stopping", step)
         checkpointer.wait()
         raise Preempted(step)
-  if checkpointer.latest_step() != cfg.steps:
-    checkpointer.save(cfg.steps, state, iterator.get_state(), force=True)
+      if converged:
+        log.info("early stopping at step %d: no %s improvement in %d evaluations", step,
+                 best.rule.metric, best.rule.patience)
+        break
+  if checkpointer.latest_step() != step:
+    checkpointer.save(step, state, iterator.get_state(), force=True)
   writer.flush()
   return state
 

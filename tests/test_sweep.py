@@ -1,0 +1,136 @@
+"""Sweeps: parsing, grid and random trials, sequential trials that resume and skip, and the
+vectorized population, whose every member equals the same trial trained alone."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import deepflow
+from deepflow import sweep
+from deepflow.config import base_config, finalize
+from deepflow.registry import ConfigError
+from deepflow.train import checkpoint as checkpoint_lib
+from deepflow.train.loop import Experiment
+from deepflow.train.writers import read_metrics
+
+
+def test_parse_axis():
+  assert sweep.parse_axis("optimizer.learning_rate=1e-4,1e-3").values == (1e-4, 1e-3)
+  assert sweep.parse_axis("model.hidden=(64, 64),(128,)").values == ((64, 64), (128,))
+  assert sweep.parse_axis("optimizer.name=adam,sgd").values == ("adam", "sgd")
+  axis = sweep.parse_axis("optimizer.learning_rate=loguniform(1e-4, 1e-2)")
+  assert (axis.distribution, axis.low, axis.high) == ("loguniform", 1e-4, 1e-2)
+  for bad in ("learning_rate", "a=1,,2", "a=loguniform(0,1)"):
+    with pytest.raises(ConfigError):
+      sweep.parse_axis(bad)
+
+
+def test_grid_and_random_trials():
+  axes = [sweep.parse_axis("a=1,2,3"), sweep.parse_axis("b=0,0.5")]
+  grid = sweep.make_trials(axes)
+  assert grid == [{"a": a, "b": b} for a in (1, 2, 3) for b in (0, 0.5)]
+  ranged = axes + [sweep.parse_axis("c=loguniform(1e-3,1e-1)"), sweep.parse_axis("d=randint(1,4)")]
+  draws = sweep.make_trials(ranged, trials=20, seed=3)
+  assert draws == sweep.make_trials(ranged, trials=20, seed=3)  # a rerun finds the same trials
+  assert all(1e-3 <= t["c"] <= 1e-1 and t["d"] in (1, 2, 3, 4) and t["a"] in (1, 2, 3)
+             for t in draws)
+  assert len({t["c"] for t in draws}) == 20
+  with pytest.raises(ConfigError, match="random search"):
+    sweep.make_trials(ranged)
+
+
+def tiny_config(**train):
+  config = base_config()
+  config.data.source = "synthetic:digits_like"
+  config.data.batch_size = 64
+  config.model = dict(name="mlp", hidden=(32,))
+  config.train.steps = 20
+  config.train.eval_every = 10
+  config.train.log_every = 10
+  config.train.progress = False
+  config.train.update(train)
+  return finalize(config)
+
+
+def test_sequential_sweep_writes_results_and_skips_finished_trials(tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  axes = [sweep.parse_axis("optimizer.learning_rate=1e-3,3e-2")]
+  rows = sweep.run_sweep(tiny_config(), workdir, axes)
+  assert [r["trial"] for r in rows] == [1, 0]  # the larger rate learns more in 20 steps
+  with open(os.path.join(workdir, "results.csv")) as f:
+    table = list(csv.DictReader(f))
+  assert [float(r["optimizer.learning_rate"]) for r in table] == [3e-2, 1e-3]
+  for i in range(2):
+    run = os.path.join(workdir, f"trial_{i:03d}")
+    with open(os.path.join(run, "result.json")) as f:
+      metrics = json.load(f)["metrics"]
+    last = [r for r in read_metrics(run) if r["split"] == "test"][-1]
+    assert last["step"] == 20 and metrics["accuracy"] == last["accuracy"]
+  assert "| 1 | 1 | 0.03 |" in open(os.path.join(workdir, "results.md")).read()
+  assert os.path.getsize(os.path.join(workdir, "results.png")) > 0
+
+  def fail(*args, **kwargs):
+    raise AssertionError("a finished trial was trained again")
+  monkeypatch.setattr(deepflow, "train_and_evaluate", fail)
+  assert sweep.run_sweep(tiny_config(), workdir, axes) == rows
+  with pytest.raises(ConfigError, match="different sweep"):
+    sweep.run_sweep(tiny_config(), workdir, [sweep.parse_axis("optimizer.learning_rate=0.5")])
+
+
+def test_vectorized_members_equal_their_trials_trained_alone(tmp_path):
+  base = tiny_config(steps=30)
+  points = sweep.make_trials([sweep.parse_axis("optimizer.learning_rate=2e-3,1e-2"),
+                              sweep.parse_axis("model.dropout=0,0.3"),
+                              sweep.parse_axis("optimizer.weight_decay=0,0.1"),
+                              sweep.parse_axis("seed=0,1")])
+  configs = [sweep.trial_config(base, ["optimizer.name='adamw'", *sweep.overrides_of(p)])
+             for p in points]
+  dirs = [str(tmp_path / f"member_{i}") for i in range(len(points))]
+  for d in dirs:
+    os.makedirs(d)
+  state, metrics = sweep.train_population(configs, dirs)
+  assert len(metrics) == len(points) == 16
+  for i in (5, 15):  # lr 2e-3, dropout 0.3, decay 0, seed 1; and every option at its second value
+    alone = str(tmp_path / f"alone_{i}")
+    expected = deepflow.train_and_evaluate(configs[i], alone)
+    exp = Experiment(configs[i], alone)
+    trained, _, _ = exp.restore(checkpoint_lib.Checkpointer(alone, read_only=True))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
+                 jax.tree.map(lambda x: x[i], state.params), trained.params)
+    assert metrics[i] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    member_log = [r for r in read_metrics(dirs[i]) if r["split"] == "train"]
+    alone_log = [r for r in read_metrics(alone) if r["split"] == "train"]
+    assert [r["loss"] for r in member_log] == pytest.approx([r["loss"] for r in alone_log],
+                                                            rel=1e-4)
+  assert len({round(m["loss"], 5) for m in metrics}) == 16  # every member trained differently
+
+
+def test_vectorize_refuses_keys_that_change_the_program(tmp_path):
+  configs = [sweep.trial_config(tiny_config(), [f"model.hidden={h}"]) for h in ("(8,)", "(16,)")]
+  with pytest.raises(ConfigError, match="cannot sweep model.hidden"):
+    sweep.train_population(configs, [str(tmp_path)] * 2)
+
+
+def test_cli_vectorized_sweep(tmp_path):
+  experiment = tmp_path / "tiny.py"
+  experiment.write_text(
+      "from deepflow.config import base_config\n"
+      "def get_config():\n"
+      "  c = base_config()\n"
+      "  c.data.source = 'synthetic:digits_like'\n"
+      "  c.model = dict(name='mlp', hidden=(16,))\n"
+      "  c.train.steps = 5\n"
+      "  return c\n")
+  workdir = tmp_path / "sweep"
+  out = subprocess.run(
+      [sys.executable, "-m", "deepflow", "sweep", f"--config={experiment}", f"--workdir={workdir}",
+       "--sweep=optimizer.learning_rate=1e-3,1e-2", "--vectorize", "--metric=loss",
+       "--config.train.progress=false"], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  assert "Sweep ranked by loss (min)" in out.stdout and "2 trials" in out.stdout
+  assert (workdir / "results.csv").exists() and (workdir / "trial_001" / "result.json").exists()
