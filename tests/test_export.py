@@ -1,0 +1,200 @@
+"""deepflow export / predict: the artifact reproduces the in-framework model on raw inputs, at any
+batch size, and refuses bad input and corrupted files with one line."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import deepflow
+from deepflow import config as config_lib, export
+from deepflow.data import sources, transforms as transforms_lib
+
+RUNS = {
+    "mlp": dict(model=dict(name="mlp", hidden=(32,)), source="bundled:digits",
+                transforms=[dict(name="standardize")]),
+    "cnn": dict(model=dict(name="cnn", features=(8,), dense=(16,)), source="bundled:digits",
+                transforms=[dict(name="standardize")]),
+    # NaN inputs: the traced impute (with indicator features) and minmax paths.
+    "impute": dict(model=dict(name="mlp", hidden=(16,)), source="bundled:breast_cancer_missing",
+                   transforms=[dict(name="impute", strategy="median", indicator=True),
+                               dict(name="minmax")]),
+}
+
+
+def run_config(name, data_dir):
+  run = RUNS[name]
+  c = config_lib.base_config()
+  c.model = run["model"]
+  c.data.source = run["source"]
+  c.data.data_dir = data_dir
+  c.data.transforms = run["transforms"]
+  c.data.batch_size = 32
+  c.data.eval_batch_size = 64
+  c.train.steps = 3
+  c.train.log_every = 3
+  c.train.eval_every = 0
+  c.train.checkpoint_every = 0
+  c.train.progress = False
+  return config_lib.finalize(c)
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+  """name -> (workdir, artifact directory): each run trained and exported once per module."""
+  done = {}
+
+  def get(name):
+    if name not in done:
+      workdir = str(tmp_path_factory.mktemp(f"run_{name}"))
+      deepflow.train_and_evaluate(run_config(name, data_dir), workdir)
+      out = os.path.join(workdir, "artifact")
+      export.export(workdir, out, platforms=("cpu",))
+      done[name] = workdir, out
+    return done[name]
+  return get
+
+
+def in_framework(workdir, n):
+  """Raw test inputs and the model's outputs on them through the framework's own (numpy)
+  preprocessing and ``task.apply``."""
+  exp, state, _, _ = export.restore_run(workdir)
+  data = exp.pipeline.dataset
+  raw = sources.take(data.split("test"), np.arange(n))
+  batch = transforms_lib.apply_chain(exp.pipeline.transforms, exp.pipeline.stats, raw,
+                                     data.input_key, data.target_key, train=False)
+  outputs, _ = exp.task.apply(state.params, state.model_state, batch[data.input_key], None,
+                              train=False)
+  return np.asarray(raw[data.input_key]), np.asarray(outputs)
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_exported_outputs_equal_in_framework(name, trained):
+  workdir, out = trained(name)
+  inputs, expected = in_framework(workdir, 7)
+  if name == "impute":
+    assert np.isnan(inputs).any()  # the imputation really runs inside the exported function
+  predictor = export.load(out)
+  for n in (1, 7):  # one symbolic batch dimension serves every batch size
+    got = predictor(inputs[:n])
+    assert got.shape == expected[:n].shape
+    np.testing.assert_allclose(got, expected[:n], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(predictor(inputs[0]), expected[:1], rtol=1e-5, atol=1e-5)
+
+
+def test_signature_describes_the_artifact(trained):
+  workdir, out = trained("cnn")
+  signature = json.load(open(os.path.join(out, export.SIGNATURE_FILE)))
+  assert signature["input"] == {"name": "image", "shape": [None, 8, 8, 1], "dtype": "float32",
+                                "raw_dtype": "float32", "accepts_missing": False}
+  assert signature["output"]["kind"] == "logits"
+  assert signature["output"]["class_names"] == [str(i) for i in range(10)]
+  assert [p["name"] for p in signature["preprocessing"]] == ["standardize"]
+  assert signature["source"]["step"] == 3 and signature["source"]["workdir"] == workdir
+  assert signature["deepflow_version"] == deepflow.__version__
+  assert set(signature["files"]) == {export.MODEL_FILE, export.WEIGHTS_FILE}
+  with np.load(os.path.join(out, export.WEIGHTS_FILE)) as f:
+    assert {"preprocessing/0/mean", "preprocessing/0/std"} <= set(f.files)
+    assert any(k.startswith("params/Conv_0/") for k in f.files)
+
+
+def test_predictor_checks_inputs(trained):
+  predictor = export.load(trained("mlp")[1])
+  good = np.zeros((2, 8, 8, 1), np.float32)
+  assert predictor(good.astype(np.float64)).shape == predictor(good.astype(np.int64)).shape
+  for bad, message in [
+      (np.zeros((2, 8, 8), np.float32), "input shape (2, 8, 8) does not match"),
+      (np.zeros((0, 8, 8, 1), np.float32), "no examples"),
+      (good.astype(np.complex64), "input dtype complex64 is not accepted"),
+      (np.full((1, 8, 8, 1), np.nan, np.float32), "missing values (NaN)"),
+  ]:
+    with pytest.raises(export.ArtifactError) as error:
+      predictor(bad)
+    assert message in str(error.value) and "\n" not in str(error.value)
+  records = predictor.records(predictor(good))
+  assert records[0]["class"] in predictor.class_names
+  assert abs(sum(records[0]["probabilities"]) - 1) < 1e-4
+
+
+def test_inputs_and_outputs_files(trained, tmp_path):
+  predictor = export.load(trained("mlp")[1])
+  x = np.random.default_rng(0).normal(size=(3, 8, 8, 1))
+  json.dump(x.tolist(), open(tmp_path / "x.json", "w"))
+  np.testing.assert_array_equal(export.read_inputs(str(tmp_path / "x.json")), x)
+  outputs = predictor(x)
+  export.write_predictions(str(tmp_path / "y.npy"), predictor, outputs)
+  np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), outputs)
+  export.write_predictions(str(tmp_path / "y.json"), predictor, outputs)
+  assert len(json.load(open(tmp_path / "y.json"))) == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# The commands, in subprocesses, as a user runs them.
+# ------------------------------------------------------------------------------------------------
+
+def deepflow_cli(*args):
+  return subprocess.run([sys.executable, "-m", "deepflow", *args], capture_output=True,
+                        text=True, timeout=240)
+
+
+def one_line_error(out):
+  assert out.returncode != 0
+  assert "Traceback" not in out.stderr, out.stderr
+  lines = [line for line in out.stderr.splitlines() if line.startswith("deepflow: error:")]
+  assert len(lines) == 1, out.stderr
+  return lines[0]
+
+
+def test_export_and_predict_commands(trained, tmp_path):
+  workdir, _ = trained("mlp")
+  out = str(tmp_path / "model")
+  done = deepflow_cli("export", "--workdir", workdir, "--out", out)
+  assert done.returncode == 0, done.stderr
+  assert "input (batch, 8, 8, 1) float32" in done.stdout
+  assert json.load(open(os.path.join(out, "signature.json")))["platforms"] == ["cpu", "cuda",
+                                                                                 "tpu"]
+  inputs, expected = in_framework(workdir, 7)
+  np.save(tmp_path / "x.npy", inputs)
+  done = deepflow_cli("predict", "--model", out, "--input", str(tmp_path / "x.npy"))
+  assert done.returncode == 0, done.stderr
+  records = [json.loads(line) for line in done.stdout.splitlines()]
+  assert [r["index"] for r in records] == expected.argmax(-1).tolist()
+
+
+@pytest.fixture
+def broken(trained, tmp_path):
+  """Artifacts and runs that are wrong in one way each."""
+  import shutil
+  workdir, out = trained("mlp")
+  corrupted = str(tmp_path / "corrupted")
+  shutil.copytree(out, corrupted)
+  with open(os.path.join(corrupted, export.MODEL_FILE), "r+b") as f:
+    f.seek(200)
+    byte = f.read(1)
+    f.seek(200)
+    f.write(bytes([byte[0] ^ 1]))
+  no_checkpoint = tmp_path / "no_checkpoint"
+  no_checkpoint.mkdir()
+  shutil.copy(os.path.join(workdir, "config.json"), no_checkpoint)
+  np.save(tmp_path / "wrong_shape.npy", np.zeros((2, 64), np.float32))
+  np.save(tmp_path / "wrong_dtype.npy", np.full((1, 8, 8, 1), "a"))
+  np.save(tmp_path / "good.npy", np.zeros((2, 8, 8, 1), np.float32))
+  return dict(out=out, corrupted=corrupted, no_checkpoint=str(no_checkpoint), tmp=tmp_path)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("wrong_shape", "input shape (2, 64) does not match the model's (batch, 8, 8, 1)"),
+    ("wrong_dtype", "input dtype <U1 is not accepted by the model, which takes float32"),
+    ("corrupted", "model.bin does not match its checksum"),
+    ("no_checkpoint", "no checkpoint in"),
+])
+def test_bad_input_is_one_line(broken, case, message):
+  if case == "no_checkpoint":
+    args = ["export", "--workdir", broken["no_checkpoint"], "--out", str(broken["tmp"] / "o")]
+  else:
+    model = broken["corrupted"] if case == "corrupted" else broken["out"]
+    data = broken["tmp"] / ("good.npy" if case == "corrupted" else f"{case}.npy")
+    args = ["predict", "--model", model, "--input", str(data)]
+  assert message in one_line_error(deepflow_cli(*args))

@@ -1,0 +1,53 @@
+"""Every notebook in notebooks/ runs headless, offline, with a few training steps, and is kept
+with its outputs cleared (so reviews show code, and the repository stays small)."""
+import glob
+import json
+import os
+import sys
+
+import nbformat
+import pytest
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
+from nbclient import NotebookClient
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
+STEPS = "12"  # DEEPFLOW_NOTEBOOK_STEPS: enough for every curve to have a few points
+
+
+def test_there_are_notebooks():
+  assert NOTEBOOKS
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_outputs_are_cleared(path):
+  nb = nbformat.read(path, as_version=4)
+  dirty = [i for i, cell in enumerate(nb.cells) if cell.cell_type == "code" and
+           (cell.get("outputs") or cell.get("execution_count") is not None)]
+  assert not dirty, (f"{os.path.basename(path)}: cells {dirty} keep outputs; clear them "
+                     f"(jupyter nbconvert --clear-output --inplace {path})")
+
+
+def kernel_manager(tmp_path) -> KernelManager:
+  """A kernel on this very interpreter, whatever kernelspecs the machine has installed: a fresh
+  CI venv and a developer's laptop then run the notebooks against the same deepflow."""
+  spec_dir = tmp_path / "kernels" / "deepflow-test"
+  spec_dir.mkdir(parents=True)
+  (spec_dir / "kernel.json").write_text(json.dumps({
+      "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+      "display_name": "deepflow tests", "language": "python"}))
+  specs = KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")], ensure_native_kernel=False)
+  return KernelManager(kernel_name="deepflow-test", kernel_spec_manager=specs)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_notebook_runs(path, tmp_path, data_dir, monkeypatch):
+  # The kernel inherits this environment: few steps, the session's prepared datasets, and
+  # conftest's 8 CPU devices. It runs in tmp_path, so its runs/ land there.
+  monkeypatch.setenv("DEEPFLOW_NOTEBOOK_STEPS", STEPS)
+  monkeypatch.setenv("TFDS_DATA_DIR", data_dir)
+  nb = nbformat.read(path, as_version=4)
+  client = NotebookClient(nb, km=kernel_manager(tmp_path), timeout=600,
+                          resources={"metadata": {"path": str(tmp_path)}})
+  client.execute()  # raises CellExecutionError, naming the cell, when one fails
