@@ -152,3 +152,12 @@ def transformer_block(remat: bool) -> type[TransformerBlock]:
   """The block class, wrapped in ``nn.remat`` (recompute activations in the backward pass to
   save memory) when asked."""
   return nn.remat(TransformerBlock, static_argnums=(2,)) if remat else TransformerBlock
+
+
+def as_sequence(x: jax.Array) -> jax.Array:
+  """Float inputs as a (B, T, F) sequence of feature vectors: a univariate series (B, T) gets
+  F = 1, and anything of higher rank is read along its second axis, e.g. an NHWC image row by
+  row with F = W * C (how an RNN or a Transformer sees a digit)."""
+  if x.ndim == 2:
+    return x[..., None]
+  return x.reshape(x.shape[0], x.shape[1], -1)

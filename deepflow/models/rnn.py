@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deepflow.models.layers import as_sequence
 from deepflow.registry import ConfigError, MODELS
 
 CELLS = {"rnn": nn.SimpleCell, "lstm": nn.OptimizedLSTMCell, "gru": nn.GRUCell}
@@ -47,7 +48,7 @@ class RNN(nn.Module):
         raise ConfigError(f"vocab_size={self.vocab_size} expects int tokens, got {x.dtype}")
       x = nn.Embed(self.vocab_size, self.embed_dim, name="embed")(x)
     else:
-      x = (x[..., None] if x.ndim == 2 else x).astype(jnp.float32)
+      x = as_sequence(x)
     drop = nn.Dropout(self.dropout, deterministic=not train)
     cell = CELLS[self.cell]
     new_carries = []

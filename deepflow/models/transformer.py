@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deepflow.models.layers import PositionalEmbedding, transformer_block
+from deepflow.models.layers import PositionalEmbedding, as_sequence, transformer_block
 from deepflow.registry import ConfigError, MODELS
 
 POOLINGS = ("mean", "cls")
@@ -25,9 +25,7 @@ def embed_inputs(x: jax.Array, vocab_size: int, d_model: int) -> jax.Array:
     if not jnp.issubdtype(x.dtype, jnp.integer):
       raise ConfigError(f"vocab_size={vocab_size} expects int tokens, got {x.dtype} inputs")
     return nn.Embed(vocab_size, d_model, name="embed")(x)
-  if x.ndim == 2:  # a univariate series
-    x = x[..., None]
-  return nn.Dense(d_model, name="embed")(x.astype(jnp.float32))
+  return nn.Dense(d_model, name="embed")(as_sequence(x))
 
 
 @MODELS.register("transformer_encoder")

@@ -101,3 +101,17 @@ def test_tiny_lstm_overfits_a_fixed_batch():
     params, opt, loss = step(params, opt)
     first = loss if i == 0 else first
   assert first > 2.0 and loss < 0.1 * first
+
+
+def test_images_are_read_row_by_row():
+  """An NHWC image is a sequence of H rows of W*C features, for the RNN and the Transformer."""
+  from deepflow.models.transformer import TransformerEncoder
+  images = jnp.arange(2 * 8 * 8 * 1, dtype=jnp.float32).reshape(2, 8, 8, 1) / 100
+  for model in (rnn.RNN(num_outputs=10, hidden_size=8),
+                TransformerEncoder(num_outputs=10, d_model=16, num_heads=2, num_layers=1,
+                                   mlp_dim=16)):
+    variables = model.init(jax.random.PRNGKey(0), images)
+    out = model.apply(variables, images)
+    assert out.shape == (2, 10)
+    rows = model.apply(variables, images.reshape(2, 8, 8))
+    np.testing.assert_allclose(out, rows, atol=1e-6)
