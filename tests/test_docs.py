@@ -4,7 +4,6 @@ import os
 
 import pytest
 
-from deepflow import config as config_lib
 from deepflow.config import ConfigDict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
