@@ -9,10 +9,15 @@ Two halves, as in Abadi et al. (2016):
 * the accountant, host-side: ``compute_epsilon`` and its inverses over dp-accounting's RDP or PLD
   accountants, for a Poisson-subsampled Gaussian mechanism repeated ``steps`` times.
 
-The step computes per-example gradients itself (rather than handing them to
-``optax.contrib.differentially_private_aggregate``) because it needs the per-example norms for
-metrics and a split between summing and noising for gradient accumulation; the clipping itself is
-optax's ``per_example_global_norm_clip``.
+The step computes the clipped sum itself (rather than handing per-example gradients to
+``optax.contrib.differentially_private_aggregate`` or ``optax.per_example_global_norm_clip``)
+for three reasons: it needs the per-example norms for metrics, a split between summing and
+noising for gradient accumulation, and speed. Those optax pieces take the per-example gradients
+materialized, a (batch x parameters) array that dominates the step on CPU (allocating and
+reading it costs far more than the arithmetic); here the norms come from a vmapped gradient that
+XLA reduces as it goes, and the clipped sum from one ordinary backward pass of the loss weighted
+per example by its clip factor (a factor held constant, so the sum of weighted gradients is
+exactly the sum of clipped ones).
 """
 from __future__ import annotations
 
@@ -166,15 +171,26 @@ def clipped_gradient_sum(per_example_loss: PerExampleLoss, params: PyTree, batch
   ``(clipped_sum, aux)`` with ``aux = {'loss': (B,), 'aux': per-example aux, 'grad_norms': (B,)
   norms before clipping, 'num_clipped': scalar}``. Padding examples should have zero loss so
   that they contribute zero gradient.
+
+  Two passes (see the module docstring): the per-example gradient norms ``n_i``, then the
+  gradient of ``sum_i c_i loss_i`` with ``c_i = min(1, clip_norm / n_i)`` held constant, which is
+  ``sum_i c_i grad_i``. Each example sees the same key in both passes (same dropout mask).
   """
   size = _batch_size(batch)
   keys = jax.random.split(rng, size)
-  grad_fn = jax.value_and_grad(per_example_loss, has_aux=True)
-  (losses, example_aux), grads = jax.vmap(grad_fn, in_axes=(None, 0, 0))(params, batch, keys)
-  norms = jax.vmap(optax.tree.norm)(grads)
-  clipped_sum, num_clipped = optax.per_example_global_norm_clip(grads, clip_norm)
+  example_grad = jax.grad(lambda p, example, key: per_example_loss(p, example, key)[0])
+  norms = jax.vmap(lambda example, key: optax.tree.norm(example_grad(params, example, key)))(
+      batch, keys)
+  # A zero gradient has norm 0: factor 1 (nothing to clip), not clip_norm / 0.
+  factors = jax.lax.stop_gradient(jnp.where(norms > clip_norm, clip_norm / norms, 1.0))
+
+  def weighted_loss(p):
+    losses, example_aux = jax.vmap(per_example_loss, in_axes=(None, 0, 0))(p, batch, keys)
+    return jnp.sum(factors * losses), (losses, example_aux)
+
+  clipped_sum, (losses, example_aux) = jax.grad(weighted_loss, has_aux=True)(params)
   return clipped_sum, {"loss": losses, "aux": example_aux, "grad_norms": norms,
-                       "num_clipped": num_clipped}
+                       "num_clipped": jnp.sum(norms > clip_norm)}
 
 
 def add_noise(grad_sum: PyTree, rng: jax.Array, *, clip_norm: float, noise_multiplier: float,

@@ -31,6 +31,9 @@ class Task:
   """Base task: a model from the registry, one optimizer, a differentiable scalar loss."""
 
   OPTIONS: Mapping[str, Any] = {}
+  # Whether ``loss`` of a batch is a mean of independent per-example terms, so that DP-SGD may
+  # evaluate it one example at a time; False for objectives that compare examples (contrastive).
+  PER_EXAMPLE_LOSS: bool = True
 
   @classmethod
   def options(cls) -> dict[str, Any]:
@@ -64,14 +67,15 @@ class Task:
   def build_privacy(self, config: ConfigDict, spec: DataSpec):
     """DP-SGD from ``config.privacy`` (a ``deepflow.privacy.DpSgd``), or None when it is off.
 
-    Refused where examples are not independent in the forward pass (batch statistics) or where
-    a task computes its own gradients (``grads`` overridden), since DP-SGD clips per example."""
+    Refused where examples are not independent (batch statistics, a loss that compares them:
+    ``PER_EXAMPLE_LOSS``) or where a task computes its own gradients (``grads`` overridden),
+    since DP-SGD clips each example's gradient."""
     if not config.privacy.enabled:
       return None
     from deepflow import privacy  # dp-accounting loads only for private runs
-    if type(self).grads is not Task.grads:
-      raise ConfigError(f"task {config.task.name!r} computes its own gradients and does not "
-                        f"support privacy.enabled")
+    if type(self).grads is not Task.grads or not self.PER_EXAMPLE_LOSS:
+      raise ConfigError(f"task {config.task.name!r} has no per-example loss to clip, so it does "
+                        f"not support privacy.enabled")
     _, model_state = jax.eval_shape(self.init, jax.random.PRNGKey(0))
     if model_state:
       raise ConfigError(f"privacy.enabled needs per-example gradients, but model "

@@ -103,17 +103,19 @@ def test_every_method_is_covered():
 
 
 @pytest.mark.parametrize("name", sorted(METHOD_OPTIONS))
-def test_ignored_features_get_exactly_zero(name):
+def test_ignored_features_get_zero(name):
+  """Zero up to float rounding: occlusion differences outputs computed in different batch
+  shapes, whose matmuls may round differently (at the 1e-8 level here)."""
   model, v = _mlp(ignore_from=D // 2)
   x, t = _data()
   a = attr.attribute(name, lambda z: model.apply(v, z), x, t, **METHOD_OPTIONS[name])
   assert a.shape == x.shape
-  np.testing.assert_array_equal(a[:, D // 2:], 0.0)
+  np.testing.assert_allclose(a[:, D // 2:], 0.0, atol=1e-6)
   assert np.abs(a[:, :D // 2]).max() > 0
 
 
 @pytest.mark.parametrize("name", sorted(METHOD_OPTIONS))
-def test_ignored_image_half_gets_exactly_zero(name):
+def test_ignored_image_half_gets_zero(name):
   # NHWC 4x4x2 images; the model only looks at the left two columns.
   w = jax.random.normal(jax.random.key(2), (4 * 2 * 2, C))
   fn = lambda z: jnp.tanh(z[:, :, :2, :].reshape(z.shape[0], -1) @ w)
@@ -121,7 +123,7 @@ def test_ignored_image_half_gets_exactly_zero(name):
   options = dict(METHOD_OPTIONS[name], **({"patch": 2} if name == "occlusion" else {}))
   a = attr.attribute(name, fn, x, jnp.array([0, 1, 2]), **options)
   assert a.shape == x.shape
-  np.testing.assert_array_equal(a[:, :, 2:, :], 0.0)
+  np.testing.assert_allclose(a[:, :, 2:, :], 0.0, atol=1e-6)
   assert np.abs(a[:, :, :2, :]).max() > 0
 
 

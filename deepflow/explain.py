@@ -1,0 +1,139 @@
+"""Feature attributions of a trained run: what ``deepflow explain --workdir DIR`` does.
+
+``explain(workdir, method, num_examples)`` restores the run's latest checkpoint, takes the first
+``num_examples`` examples of a split as the model sees them (after ``data.transforms``), and
+attributes the predicted class (or the true one) with a method registered in
+``deepflow.analysis.attributions.METHODS``. It writes ``DIR/explain/<method>.png`` (each input
+above its signed heatmap) and ``DIR/explain/<method>.npz`` (``inputs``, ``attributions``,
+``labels``, ``predictions``, ``targets``: the attributed classes) and returns the same arrays.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepflow.analysis import attributions as attributions_lib
+from deepflow.data.pipeline import INPUTS, MASK, TARGETS
+from deepflow.registry import ConfigError
+
+TARGET_CLASSES = ("predicted", "label")
+
+
+@dataclasses.dataclass(frozen=True)
+class Explanation:
+  """One method's attributions of ``num_examples`` examples, and where they were written."""
+  method: str
+  split: str
+  step: int
+  inputs: np.ndarray
+  attributions: np.ndarray
+  labels: np.ndarray
+  predictions: np.ndarray
+  targets: np.ndarray
+  png: str
+  npz: str
+
+
+def parse_options(items: Iterable[str]) -> dict[str, Any]:
+  """``['steps=100', "baseline='mean'"]`` -> method options (values parsed as config values)."""
+  from deepflow.config import parse_value
+  options = {}
+  for item in items:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+      raise ConfigError(f"method option {item!r} is not KEY=VALUE")
+    options[key.strip()] = parse_value(raw)
+  return options
+
+
+def first_examples(pipeline, split: str, count: int) -> dict[str, np.ndarray]:
+  """The first ``count`` examples of ``split`` (fewer if it is smaller), preprocessed."""
+  chunks, have = [], 0
+  for batch in pipeline.eval_batches(split):
+    real = batch[MASK] > 0
+    chunks.append({k: np.asarray(v)[real] for k, v in batch.items() if k != MASK})
+    have += int(real.sum())
+    if have >= count:
+      break
+  return {k: np.concatenate([c[k] for c in chunks])[:count] for k in chunks[0]}
+
+
+def explain(workdir: str, method: str = "integrated_gradients", num_examples: int = 16, *,
+            split: str | None = None, target: str = "predicted",
+            options: Mapping[str, Any] | None = None, overrides: Iterable[str] = (),
+            debug: bool = False) -> Explanation:
+  """Attributions of the latest checkpoint in ``workdir`` (see the module docstring).
+
+  ``target``: attribute the model's 'predicted' class or the true 'label'. ``options`` go to
+  the method (e.g. ``steps`` for integrated gradients, ``patch`` for occlusion); ``overrides``
+  are ``KEY=VALUE`` changes to the run's config (e.g. ``data.data_dir=...``). A workdir with no
+  checkpoint is a ``FileNotFoundError``; a bad method, option or target a ``ConfigError``.
+  """
+  from deepflow import config as config_lib
+  from deepflow.train import checkpoint as checkpoint_lib
+  from deepflow.train.loop import Experiment
+  options = dict(options or {})
+  known = attributions_lib.method_options(method)  # unknown method: ConfigError listing them
+  unknown = sorted(set(options) - set(known))
+  if unknown:  # before the (slow) restore: a typo should fail fast
+    raise ConfigError(f"unknown option(s) {', '.join(map(repr, unknown))} for attribution method "
+                      f"{method!r}; known: {', '.join(known) or '(none)'}")
+  if target not in TARGET_CLASSES:
+    raise ConfigError(f"target must be one of {', '.join(TARGET_CLASSES)}, got {target!r}")
+  if not isinstance(num_examples, int) or num_examples < 1:
+    raise ConfigError(f"num_examples must be a positive integer, got {num_examples!r}")
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{workdir} is not a deepflow run (no config.json)")
+  with open(path) as f:
+    config = config_lib.config_from_json(f.read(), overrides)
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  missing = FileNotFoundError(f"no checkpoint in {directory}: train the run first "
+                              f"(deepflow train --workdir {workdir} ...)")
+  if not os.path.isdir(directory):
+    raise missing
+  checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
+  try:
+    if checkpointer.latest_step() is None:
+      raise missing
+    exp = Experiment(config, workdir, debug=debug)
+    if not exp.task.spec.num_classes:
+      raise ConfigError(f"deepflow explain attributes a class score; task "
+                        f"{config.task.name!r} on {config.data.source} has no classes")
+    state, _, step = exp.restore(checkpointer)
+  finally:
+    checkpointer.close()
+  split = split or config.data.eval_split
+  batch = first_examples(exp.pipeline, split, num_examples)
+  inputs, labels = batch[INPUTS], batch[TARGETS].astype(np.int32)
+  task = exp.task
+
+  def attribute(params, model_state, x, targets):
+    # The parameters are arguments, not constants baked into the program (see attributions).
+    logits = lambda v: task.apply(params, model_state, v, None, train=False)[0]  # noqa: E731
+    predictions = jnp.argmax(logits(x), -1)
+    classes = predictions if targets is None else targets
+    return attributions_lib.attribute(method, logits, x, classes, **options), predictions, classes
+
+  run = attribute if debug else jax.jit(attribute)
+  values, predictions, classes = jax.device_get(run(
+      state.params, state.model_state, inputs, labels if target == "label" else None))
+
+  directory = os.path.join(workdir, "explain")
+  os.makedirs(directory, exist_ok=True)
+  npz = os.path.join(directory, f"{method}.npz")
+  arrays = dict(inputs=np.asarray(inputs, np.float32), attributions=np.asarray(values, np.float32),
+                labels=labels, predictions=np.asarray(predictions, np.int32),
+                targets=np.asarray(classes, np.int32))
+  np.savez(npz, **arrays)
+  from deepflow.analysis.plots import save_attribution_grid
+  png = save_attribution_grid(
+      os.path.join(directory, f"{method}.png"), arrays["inputs"], arrays["attributions"],
+      labels=[f"y={y} p={p}" for y, p in zip(labels, arrays["predictions"])],
+      title=f"{method} of the {target} class, {split} split, step {step}")
+  return Explanation(method, split, int(step), png=png, npz=npz, **arrays)
