@@ -241,12 +241,16 @@ def ranked_table(rows: Sequence[dict[str, Any]], keys: Sequence[str], metric: st
 
 def plot(rows: Sequence[dict[str, Any]], keys: Sequence[str], metric: str, mode: str,
          path: str) -> None:
-  """The metric against the swept value (one numeric key), else one bar per trial, ranked."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  """The metric against the swept value (one numeric key), else one bar per trial, ranked.
+
+  Draws on a bare ``Figure`` with the Agg canvas (no pyplot), so a sweep run from a notebook
+  leaves its inline plotting backend alone."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
   ok = [r for r in rows if r["status"] == "ok" and metric in r]
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig = Figure(figsize=(6, 4))
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
   numeric = len(keys) == 1 and all(isinstance(r[keys[0]], (int, float)) for r in ok)
   if numeric and ok:
     ok = sorted(ok, key=lambda r: r[keys[0]])
@@ -264,7 +268,6 @@ def plot(rows: Sequence[dict[str, Any]], keys: Sequence[str], metric: str, mode:
   ax.set_ylabel(metric) if numeric else ax.set_xlabel(metric)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def run_variants(base: str | ConfigDict, workdir: str, variants: dict[str, Sequence[str]], *,

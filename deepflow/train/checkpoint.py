@@ -25,22 +25,25 @@ class CheckpointMismatchError(ConfigError):
 
 
 class Checkpointer:
-  """Latest-``keep`` checkpoints of (state, data iterator state) under ``workdir/checkpoints``."""
+  """Latest-``keep`` checkpoints of (state, data iterator state) under ``workdir/checkpoints``.
+
+  ``read_only=True`` (eval, export, notebooks) only restores: it creates no directory, deletes
+  nothing and refuses ``save``."""
 
   def __init__(self, workdir: str, keep: int = 3, *, read_only: bool = False):
     self.directory = epath.Path(workdir) / "checkpoints"
     if not is_remote(workdir):
       self.directory = self.directory.resolve()
-    self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                             read_only=read_only,
-                                             enable_async_checkpointing=True))
+    self.read_only = read_only
+    self.manager = ocp.CheckpointManager(self.directory, options=_manager_options(keep, read_only))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, data_state: dict | None, *, force: bool = False) -> None:
+    if self.read_only:
+      raise ValueError(f"cannot save step {step}: this Checkpointer of {self.directory} is "
+                       f"read-only")
     items = {"state": ocp.args.StandardSave(state)}
     if data_state is not None:
       items["data"] = ocp.args.JsonSave(data_state)
@@ -93,6 +96,21 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _manager_options(keep: int, read_only: bool) -> ocp.CheckpointManagerOptions:
+  """Async saves keeping the latest ``keep``; or, read-only, a manager that cannot write.
+
+  Orbax's own ``read_only`` flag is not used: it logs a warning on every construction (and one
+  per option it overrides) whatever the other options say. A manager that creates no directory
+  (``create``), keeps every step (``max_to_keep=None``: it never deletes), cleans up no
+  temporary directories and is never asked to save is just as read-only, and quiet."""
+  if read_only:
+    return ocp.CheckpointManagerOptions(max_to_keep=None, create=False,
+                                        cleanup_tmp_directories=False,
+                                        enable_async_checkpointing=False)
+  return ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                      enable_async_checkpointing=True)
 
 
 def _first_line(error: BaseException) -> str:

@@ -96,7 +96,9 @@ def test_sigterm_saves_the_current_step_and_exits_0(tmp_path, reference):
   _, stderr = process.communicate(timeout=60)
   assert process.returncode == 0, stderr
   assert "preempted at step" in stderr
-  steps = Checkpointer(workdir, read_only=True).manager.all_steps()
+  checkpointer = Checkpointer(workdir, read_only=True)
+  steps = checkpointer.manager.all_steps()
+  checkpointer.close()
   assert len(steps) == 1 and 300 <= steps[0] < STEPS  # saved where it was, not at a multiple
   out = deepflow_cli(*args)
   assert out.returncode == 0, out.stderr
