@@ -39,7 +39,8 @@ def free_port() -> int:
 
 
 def launch(experiment, workdir, devices, process_id=None, num_processes=None, port=None):
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+  flags = os.environ["XLA_FLAGS"].replace("device_count=8", f"device_count={devices}")
+  env = {**os.environ, "XLA_FLAGS": flags,
          "JAX_PLATFORMS": "cpu", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
   args = [sys.executable, "-m", "deepflow", "train", "--config", experiment, "--workdir", workdir]
   if num_processes:

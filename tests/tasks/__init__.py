@@ -1,0 +1,1 @@
+"""Task tests (a package, so their module names cannot clash with tests/models/test_*.py)."""

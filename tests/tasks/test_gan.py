@@ -1,0 +1,213 @@
+"""The GAN task: one jitted step updates both players (each by the gradient of its own loss, with
+its own optimizer), eval scores samples with the reference classifier, sampling writes a PNG."""
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deepflow import config as config_lib
+from deepflow.data.pipeline import INPUTS, TARGETS, Pipeline
+from deepflow.models import gan as gan_lib
+from deepflow.registry import ConfigError, TASKS
+from deepflow.tasks import gan
+from deepflow.train.state import create_state
+from deepflow.train.step import make_train_step
+
+TINY_GAN = dict(name="dcgan", latent_dim=8, features=8, num_classes=10, embed_dim=4)
+
+
+def gan_config(*overrides, model=None, data_dir=""):
+  c = config_lib.base_config()
+  c.task = dict(name="gan", reference_steps=0)
+  c.model = model or TINY_GAN
+  c.data.source = "synthetic:digits_like"
+  c.data.data_dir = data_dir
+  c.data.batch_size = 32
+  c.data.eval_batch_size = 64
+  c.train.steps = 4
+  c.train.progress = False
+  return config_lib.finalize(c, overrides)
+
+
+def build(*overrides, model=None, data_dir=""):
+  config = gan_config(*overrides, model=model, data_dir=data_dir)
+  pipeline = Pipeline(config)
+  task = TASKS.get("gan")(config, pipeline.spec)
+  return task, pipeline
+
+
+@pytest.fixture(scope="module")
+def setup():
+  task, pipeline = build()
+  state = create_state(task, task.optimizer(4), seed=0)
+  return task, pipeline, state, next(pipeline.train_iterator())
+
+
+def changed(before, after):
+  return any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before),
+                                                        jax.tree.leaves(after)))
+
+
+@pytest.mark.parametrize("frozen", [None, "generator", "discriminator"])
+def test_one_step_updates_both_players_unless_one_is_frozen(frozen):
+  overrides = [f"task.{frozen}_learning_rate=0"] if frozen else []
+  task, pipeline = build(*overrides)
+  tx = task.optimizer(4)
+  state = create_state(task, tx, seed=0)
+  new, metrics = jax.jit(make_train_step(task, tx))(state, next(pipeline.train_iterator()))
+  for player in gan.PLAYERS:
+    assert changed(state.params[player], new.params[player]) == (player != frozen), player
+    # batch statistics move in a frozen player too: it still ran forward in training mode
+    assert changed(state.model_state["batch_stats"][player],
+                   new.model_state["batch_stats"][player])
+  assert {"loss", "d_loss", "g_loss", "d_real_accuracy", "d_fake_accuracy"} <= set(metrics)
+  np.testing.assert_allclose(metrics["loss"], metrics["d_loss"] + metrics["g_loss"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", gan_lib.LOSSES)
+def test_each_player_gets_the_gradient_of_its_own_loss(setup, kind, monkeypatch):
+  """Against a reference written with plain ``jax.grad`` per player (the other player's
+  parameters held fixed), on the same latents."""
+  task, _, state, batch = setup
+  monkeypatch.setattr(task, "kind", kind)
+  z = jnp.asarray(np.random.default_rng(0).normal(size=(32, 8)), jnp.float32)
+  monkeypatch.setattr(task, "latents", lambda rng, num: z)
+  real, labels = jnp.asarray(batch[INPUTS]), jnp.asarray(batch[TARGETS]).astype(jnp.int32)
+  grads, model_state, metrics = jax.jit(task.grads)(state.params, state.model_state, batch,
+                                                    jax.random.PRNGKey(1))
+
+  def logits(params):
+    variables = {"params": params, **state.model_state}
+    fake, _ = task.model.apply(variables, z, labels, train=True, method="generate",
+                               mutable=["batch_stats"])
+    out, _ = task.model.apply(variables, jnp.concatenate([real, fake]),
+                              jnp.concatenate([labels, labels]), train=True,
+                              method="discriminate", mutable=["batch_stats"])
+    return jnp.split(out, 2)
+
+  def player_loss(player, sub):
+    params = {**state.params, player: sub}
+    real_logits, fake_logits = logits(params)
+    if player == "discriminator":
+      return gan_lib.discriminator_loss(real_logits, fake_logits, kind)
+    return gan_lib.generator_loss(fake_logits, kind)
+
+  for player in gan.PLAYERS:
+    expected = jax.jit(jax.grad(lambda sub, p=player: player_loss(p, sub)))(state.params[player])
+    for got, want in zip(jax.tree.leaves(grads[player]), jax.tree.leaves(expected)):
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(metrics["d_loss"], jax.jit(player_loss, static_argnums=0)(
+      "discriminator", state.params["discriminator"]), rtol=1e-5)
+  assert set(model_state["batch_stats"]) == set(gan.PLAYERS)
+
+
+def test_players_have_their_own_learning_rates():
+  task, _ = build("task.generator_learning_rate=0.5", "task.discriminator_learning_rate=0.25",
+                  "optimizer.name='sgd'", "optimizer.momentum=0.0")
+  tx = task.optimizer(4)
+  params = jax.tree.map(jnp.zeros_like, jax.eval_shape(task.init, jax.random.PRNGKey(0))[0])
+  ones = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(ones, tx.init(params), params)
+  for player, rate in (("generator", 0.5), ("discriminator", 0.25)):
+    np.testing.assert_array_equal(np.concatenate(
+        [np.ravel(x) for x in jax.tree.leaves(updates[player])]), -rate)
+
+
+def test_eval_scores_samples_with_a_cached_reference_classifier(data_dir):
+  task, pipeline = build("task.reference_steps=60", data_dir=data_dir)
+  state = create_state(task, task.optimizer(4), seed=0)
+  chunks = [jax.jit(task.eval_outputs)(state.params, state.model_state, b)
+            for b in pipeline.eval_batches("test")]
+  outputs = {k: np.concatenate([np.asarray(c[k]) for c in chunks])[:512] for k in chunks[0]}
+  metrics = task.summarize(outputs)
+  for key in ("d_real_accuracy", "d_fake_accuracy", "d_accuracy", "real_accuracy",
+              "sample_accuracy"):
+    assert 0.0 <= metrics[key] <= 1.0, key
+  assert metrics["real_accuracy"] > 0.9  # the reference learned the (easy) synthetic classes
+  assert metrics["sample_accuracy"] < 0.5  # an untrained generator's samples are not digits
+  assert metrics["frechet_distance"] > metrics["real_frechet_distance"] >= 0.0
+  np.testing.assert_allclose(metrics["loss"], metrics["d_loss"] + metrics["g_loss"])
+
+  # The classifier was cached in the data dir: a fresh process would load the same weights.
+  reference = task.reference()
+  assert len(list((Path(data_dir) / gan.REFERENCE_DIR).glob("*.msgpack"))) >= 1
+  gan.ReferenceClassifier._memo.clear()
+  loaded = task.reference()
+  assert loaded is not reference
+  for a, b in zip(jax.tree.leaves(reference.variables), jax.tree.leaves(loaded.variables)):
+    np.testing.assert_array_equal(a, b)
+  assert task.summarize(outputs) == metrics
+
+
+def test_eval_latents_do_not_depend_on_the_batch(setup):
+  task, pipeline, state, _ = setup
+  batch = next(pipeline.eval_batches("test"))
+  half = {k: v[:32] for k, v in batch.items()}
+  whole = task.eval_outputs(state.params, state.model_state, batch)
+  part = task.eval_outputs(state.params, state.model_state, half)
+  np.testing.assert_allclose(whole["d_fake_accuracy"][:32], part["d_fake_accuracy"])
+  np.testing.assert_allclose(whole["g_loss"][:32], part["g_loss"], rtol=1e-5)
+
+
+def test_class_conditional_sampling_and_saved_files(setup, tmp_path):
+  task, _, state, _ = setup
+  samples = task.sample(state.params, state.model_state, jax.random.PRNGKey(0), 25)
+  assert samples["images"].shape == (25, 8, 8, 1)
+  np.testing.assert_array_equal(samples["labels"], np.arange(25) % 10)
+  threes = task.sample(state.params, state.model_state, jax.random.PRNGKey(0), 4, prompt="3",
+                       temperature=0.5)
+  np.testing.assert_array_equal(threes["labels"], [3, 3, 3, 3])
+  pair = task.sample(state.params, state.model_state, jax.random.PRNGKey(0), 4, prompt="1, 7")
+  np.testing.assert_array_equal(pair["labels"], [1, 7, 1, 7])
+  cold = task.sample(state.params, state.model_state, jax.random.PRNGKey(0), 2, prompt=4,
+                     temperature=0.0)
+  np.testing.assert_allclose(cold["images"][0], cold["images"][1], rtol=1e-6)  # z = 0 for both
+
+  files = task.save_samples(samples, str(tmp_path / "samples"))
+  assert [f.rsplit("/", 1)[-1] for f in files] == ["samples.png", "samples.npz"]
+  with open(files[0], "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  saved = np.load(files[1])
+  np.testing.assert_array_equal(saved["images"], samples["images"])
+  np.testing.assert_array_equal(saved["labels"], samples["labels"])
+
+
+def test_sampling_errors_are_one_line(setup):
+  task, _, state, _ = setup
+  draw = lambda num=2, **o: task.sample(state.params, state.model_state,  # noqa: E731
+                                        jax.random.PRNGKey(0), num, **o)
+  with pytest.raises(ConfigError, match="no sample option top_k"):
+    draw(top_k=3)
+  with pytest.raises(ConfigError, match=r"classes in 0\.\.9"):
+    draw(prompt="12")
+  with pytest.raises(ConfigError, match=r"classes in 0\.\.9"):
+    draw(prompt="seven")
+  with pytest.raises(ConfigError, match="temperature must be a number >= 0"):
+    draw(temperature=-1)
+  with pytest.raises(ConfigError, match="positive integer"):
+    draw(num=0)
+
+
+def test_unconditional_gan():
+  task, pipeline = build(model={**TINY_GAN, "num_classes": 0})
+  state = create_state(task, task.optimizer(4), seed=0)
+  samples = task.sample(state.params, state.model_state, jax.random.PRNGKey(0), 5)
+  assert set(samples) == {"images"} and samples["images"].shape == (5, 8, 8, 1)
+  with pytest.raises(ConfigError, match="class-conditional"):
+    task.sample(state.params, state.model_state, jax.random.PRNGKey(0), 5, prompt="3")
+
+
+@pytest.mark.parametrize("overrides, model, message", [
+    (["task.loss='wasserstein'"], None, "task.loss must be one of"),
+    ([], {**TINY_GAN, "image_shape": (16, 16, 1)}, r"set model.image_shape=\(8, 8, 1\)"),
+    ([], {**TINY_GAN, "num_classes": 4}, "dataset's number of classes"),
+    (["task.discriminator_learning_rate=-1.0"], None, "must be None or a number >= 0"),
+    (["regularizers=[{'name': 'label_smoothing'}]"], None, "no batch regularizers"),
+    (["privacy.enabled=True", "privacy.noise_multiplier=1.0"], None, "support privacy.enabled"),
+    ([], dict(name="mlp"), "generator/discriminator model"),
+])
+def test_config_errors(overrides, model, message):
+  with pytest.raises(ConfigError, match=message):
+    build(*overrides, model=model)
