@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Mapping
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -61,8 +62,7 @@ def take(source: Sequence, indices: np.ndarray) -> dict[str, np.ndarray]:
   """A batch of examples by index from any random-access source."""
   if isinstance(source, ArraySource):
     return source.take(indices)
-  getitems = getattr(source, "__getitems__", None)
-  examples = getitems(list(map(int, indices))) if getitems else [source[int(i)] for i in indices]
+  examples = [source[int(i)] for i in indices]
   return {k: np.stack([np.asarray(e[k]) for e in examples]) for k in examples[0]}
 
 
@@ -143,9 +143,11 @@ def _bundled_builder(rest: str, data_dir: str):
     return cls(data_dir=data_dir)
   try:
     config = derive_config(cls, overrides, base=base)
+    # Building the info checks the config against the data, e.g. that a forecasting window
+    # fits in the series: a bad value is the user's, so it is reported in one line too.
+    return cls(data_dir=data_dir, config=config)
   except ValueError as e:
     raise ConfigError(f"bundled dataset {name!r}: {e}") from e
-  return cls(data_dir=data_dir, config=config)
 
 
 def _tfds_builder(rest: str, data_dir: str):
@@ -177,14 +179,41 @@ def _from_builder(builder, spec: str) -> Dataset:
   input_key, target_key = info.supervised_keys[:2]
   target = info.features[target_key]
   num_classes = target.num_classes if isinstance(target, tfds.features.ClassLabel) else None
-  try:
-    splits = builder.as_data_source()
-  except Exception as e:  # e.g. prepared as TFRecord, which needs TensorFlow to read
-    raise DatasetNotFoundError(f"dataset {spec!r} cannot be read without TensorFlow "
-                               f"({type(e).__name__}: {e}); prepare it with "
-                               f"--file_format=array_record") from e
-  return Dataset(name=spec, splits=dict(splits), input_key=input_key, target_key=target_key,
+  splits = _TfdsSplits(builder, spec)
+  return Dataset(name=spec, splits=splits, input_key=input_key, target_key=target_key,
                  num_classes=num_classes, metadata=dict(info.metadata or {}))
+
+
+class _TfdsSplits(Mapping):
+  """A builder's splits, each opened (``as_data_source``) on first use."""
+
+  def __init__(self, builder, spec: str):
+    self.builder, self.spec, self._open = builder, spec, {}
+
+  def __getitem__(self, name: str):
+    if name not in self._open:
+      try:
+        self._open[name] = self.builder.as_data_source(split=name)
+      except (KeyError, ValueError) as e:
+        raise KeyError(name) from e
+      except Exception as e:  # e.g. prepared as TFRecord, which needs TensorFlow to read
+        raise DatasetNotFoundError(f"dataset {self.spec!r} cannot be read without TensorFlow "
+                                   f"({type(e).__name__}); prepare it with "
+                                   f"--file_format=array_record") from e
+    return self._open[name]
+
+  def __contains__(self, name: object) -> bool:
+    try:
+      self[name]
+      return True
+    except KeyError:
+      return False
+
+  def __iter__(self):
+    return iter(list(self.builder.info.splits.keys()))
+
+  def __len__(self) -> int:
+    return len(list(self))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -84,11 +84,6 @@ def make_eval_step(task) -> Callable[[TrainState, Batch], dict]:
   return eval_step
 
 
-def state_shardings(abstract_state: TrainState, mesh) -> Any:
-  """Data parallelism: every leaf of the state replicated on every device."""
-  return jax.tree.map(lambda _: parallel.replicated(mesh), abstract_state)
-
-
 def compile_steps(task, tx, mesh, state_sharding, microbatches: int = 1, *, debug: bool = False):
   """The jitted train step (state donated) and eval step, with explicit shardings. With
   ``debug`` the plain Python functions are returned, to step through them eagerly."""
