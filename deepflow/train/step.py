@@ -7,7 +7,7 @@ last good one) and ``metrics['nonfinite']`` says so; the loop decides whether to
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
