@@ -26,26 +26,32 @@ from deepflow.train.loop import Experiment
 from overhead import deepflow_steps_per_sec
 
 
-def pipeline_vs_resident(config, steps: int) -> tuple[float, float]:
-  """steps/s feeding the step from the pipeline vs from one batch already on the devices."""
+def pipeline_vs_resident(config, steps: int, rounds: int = 3) -> tuple[float, float]:
+  """steps/s feeding the step from the pipeline vs from one batch already on the devices,
+  alternated over ``rounds`` after a warm-up of each (medians)."""
   with tempfile.TemporaryDirectory() as workdir:
     exp = Experiment(config, workdir)
   state = exp.init_state()
   iterator = exp.pipeline.train_iterator()
   resident = jax.device_put(next(iterator), parallel.batch_sharding(exp.mesh))
-  state, metrics = exp.train_step(state, resident)
-  jax.block_until_ready(metrics)
 
-  def timed(feed):
+  def timed(feed, n):
     nonlocal state
     start = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(n):
       state, metrics = exp.train_step(state, feed())
     jax.block_until_ready(metrics)
-    return steps / (time.perf_counter() - start)
+    return n / (time.perf_counter() - start)
 
   loader = lambda: parallel.global_batch(next(iterator), exp.mesh)  # noqa: E731
-  return timed(loader), timed(lambda: resident)
+  feeds = {"pipeline": loader, "resident": lambda: resident}
+  for feed in feeds.values():
+    timed(feed, 50)  # compile, fill the prefetch buffer
+  rates = {name: [] for name in feeds}
+  for _ in range(rounds):
+    for name, feed in feeds.items():
+      rates[name].append(timed(feed, steps))
+  return float(np.median(rates["pipeline"])), float(np.median(rates["resident"]))
 
 
 def time_to_first_step(config) -> float:
@@ -68,10 +74,14 @@ def main():
           "train.progress=False", "data.eval_batch_size=1440"]
   no_ckpt = deepflow.load_config("experiments/digits_cnn.py", base + ["train.checkpoint_every=0"])
   ckpt = deepflow.load_config("experiments/digits_cnn.py", base + ["train.checkpoint_every=50"])
+  ckpt500 = deepflow.load_config("experiments/digits_cnn.py",
+                                 base + ["train.checkpoint_every=500", f"train.steps={5 * args.steps}"])
   first = time_to_first_step(no_ckpt)
-  rows = {"no checkpoints": [], "checkpoint every 50": [], "pipeline": [], "resident": []}
+  rows = {"no checkpoints": [], "checkpoint every 50": [], "checkpoint every 500": [],
+          "pipeline": [], "resident": []}
   for _ in range(args.repeats):
-    for name, config in (("no checkpoints", no_ckpt), ("checkpoint every 50", ckpt)):
+    for name, config in (("no checkpoints", no_ckpt), ("checkpoint every 50", ckpt),
+                         ("checkpoint every 500", ckpt500)):
       with tempfile.TemporaryDirectory() as workdir:
         rows[name].append(deepflow_steps_per_sec(config, workdir))
     loader, resident = pipeline_vs_resident(no_ckpt, args.steps)
@@ -82,8 +92,9 @@ def main():
         f"devices: {jax.devices()[0].platform} x{jax.device_count()}")
   for k, v in med.items():
     print(f"  {k:22s} {v:8.1f} steps/s  (runs: {', '.join(f'{x:.1f}' for x in rows[k])})")
-  print(f"checkpointing every 50 steps keeps {med['checkpoint every 50'] / med['no checkpoints']:.3f}"
-        f" of the steps/s without checkpoints")
+  for every in (50, 500):
+    kept = med[f"checkpoint every {every}"] / med["no checkpoints"]
+    print(f"checkpointing every {every} steps keeps {kept:.3f} of the steps/s without checkpoints")
   print(f"real input pipeline reaches {med['pipeline'] / med['resident']:.3f} of the steps/s of a "
         f"device-resident batch")
   print(f"time to first step (data, init, compile, step): {first:.2f} s")

@@ -42,6 +42,17 @@ class DataSpec:
   inverse: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
+def _jax_dtype(array: np.ndarray) -> np.ndarray:
+  """64-bit numbers as the 32-bit ones JAX computes with. Done here, on the loader's threads,
+  because a 64-bit numpy argument sends every call of the jitted step down its slow path
+  (measured: twice the time per step of the digits CNN)."""
+  if array.dtype == np.int64:
+    return array.astype(np.int32)
+  if array.dtype == np.float64:
+    return array.astype(np.float32)
+  return array
+
+
 class BatchIndices:
   """Random access to the global batches of example indices: batch ``s`` of epoch ``e`` is a
   slice of the permutation drawn from (seed, e). One vectorized permutation per epoch, instead
@@ -137,7 +148,7 @@ class Pipeline:
     batch = transforms_lib.apply_chain(self.transforms, self.stats, batch,
                                        self.dataset.input_key, self.dataset.target_key,
                                        train=train, rng=rng)
-    batch = dict(batch)
+    batch = {k: _jax_dtype(v) for k, v in batch.items()}
     batch[INPUTS] = batch.pop(self.dataset.input_key)
     batch[TARGETS] = batch.pop(self.dataset.target_key)
     return batch
