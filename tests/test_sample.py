@@ -1,0 +1,66 @@
+"""`deepflow sample` end to end, in subprocesses: text from a trained language model, and
+one-line errors for a model that is not generative, a run with no checkpoint and a prompt
+longer than the model's context."""
+import os
+
+import pytest
+
+import deepflow
+from deepflow import config as config_lib
+from tests.helpers import deepflow_cli as deepflow_run, tiny_config
+
+
+def one_line_error(out):
+  assert out.returncode != 0
+  assert "Traceback" not in out.stderr, out.stderr
+  lines = [line for line in out.stderr.splitlines() if line.startswith("deepflow: error:")]
+  assert len(lines) == 1, out.stderr
+  return lines[0]
+
+
+@pytest.fixture(scope="module")
+def lm_run(data_dir, tmp_path_factory):
+  """A tiny character Transformer LM trained for two steps (in this process: it is faster)."""
+  c = config_lib.base_config()
+  c.task.name = "language_model"
+  c.model = dict(name="transformer_lm", d_model=16, num_heads=2, num_layers=1, mlp_dim=32,
+                 max_len=128)
+  c.data.source = "bundled:text"
+  c.data.data_dir = data_dir
+  c.data.transforms = []
+  c.data.batch_size = 16
+  c.data.eval_batch_size = 128
+  c.train.steps = 2
+  c.train.progress = False
+  workdir = str(tmp_path_factory.mktemp("lm_run"))
+  deepflow.train_and_evaluate(config_lib.finalize(c), workdir)
+  return workdir
+
+
+def test_sample_text_from_a_language_model(lm_run):
+  out = deepflow_run("sample", "--workdir", lm_run, "--num", "2", "--prompt", "The ",
+                     "--num_tokens", "20", "--temperature", "0.8", "--top_k", "10")
+  assert out.returncode == 0, out.stderr
+  assert "--- sample 1 ---\nThe " in out.stdout and "--- sample 2 ---\nThe " in out.stdout
+  assert "2 samples from the checkpoint at step 2" in out.stdout
+  with open(os.path.join(lm_run, "samples", "samples.txt")) as f:
+    text = f.read()
+  assert text.count("--- sample") == 2 and text in out.stdout
+
+
+def test_prompt_longer_than_the_context_is_one_line(lm_run):
+  out = deepflow_run("sample", "--workdir", lm_run, "--prompt", "x" * 120, "--num_tokens", "20")
+  assert "exceeds the model's max_len 128" in one_line_error(out)
+
+
+def test_not_generative_and_no_checkpoint_are_one_line(tmp_path):
+  workdir = str(tmp_path / "classifier")
+  deepflow.train_and_evaluate(tiny_config("train.steps=1"), workdir)
+  out = deepflow_run("sample", "--workdir", workdir)
+  assert "task 'classification' with model 'mlp' is not generative" in one_line_error(out)
+  empty = tmp_path / "untrained"
+  empty.mkdir()
+  (empty / "config.json").write_text(config_lib.to_json(tiny_config()))
+  assert "no checkpoint in" in one_line_error(deepflow_run("sample", "--workdir", str(empty)))
+  assert "no config.json" in one_line_error(deepflow_run("sample", "--workdir",
+                                                         str(tmp_path / "nowhere")))
