@@ -97,9 +97,11 @@ def test_tiny_lstm_overfits_a_fixed_batch():
     return optax.apply_updates(p, updates), opt, loss
 
   opt = tx.init(params)
-  for i in range(60):
+  losses = []
+  for _ in range(60):
     params, opt, loss = step(params, opt)
-    first = loss if i == 0 else first
+    losses.append(loss)
+  first = losses[0]
   assert first > 2.0 and loss < 0.1 * first
 
 

@@ -98,7 +98,7 @@ def test_configuration_errors(data_dir, tmp_path):
   with pytest.raises(ConfigError, match="same units"):  # inputs scaled, targets raw
     build("data.transforms=[{'name': 'standardize'}]")
   with pytest.raises(ConfigError, match="has no inverse"):
-    build(f"data.transforms=[{{'name': 'impute', 'keys': ('target',)}}]")
+    build("data.transforms=[{'name': 'impute', 'keys': ('target',)}]")
   with pytest.raises(ConfigError, match="task.feature"):
     build("task.feature=1")
   build("task.residual=False", "data.transforms=[{'name': 'standardize'}]")  # raw targets: fine
