@@ -80,17 +80,12 @@ def main(argv=None):
   args = parser.parse_args(argv)
   path = os.path.abspath(__file__)
   reweighed = reweighing_overrides(config_lib.load_config(path, args.overrides))
-  variants = {f"{name}/seed{s}": [*(reweighed if v is None else v), f"seed={s}", *args.overrides]
-              for name, v in VARIANTS.items() for s in range(args.seeds)}
+  variants = sweep.seeded_variants(
+      {name: reweighed if v is None else v for name, v in VARIANTS.items()}, args.seeds,
+      args.overrides)
   results = sweep.run_variants(path, args.workdir, variants)
   print(f"reweighing table (row = group, column = label): {reweighed[0].split('=', 1)[1]}")
-  print(f"| variant | {' | '.join(k.replace('fairness/', '') for k in KEYS)} |  "
-        f"(test split, mean of {args.seeds} seeds)")
-  print("|---|" + "---|" * len(KEYS))
-  for name in VARIANTS:
-    runs = [results[f"{name}/seed{s}"]["test"] for s in range(args.seeds)]
-    print(f"| {name} | " + " | ".join(f"{sum(r[k] for r in runs) / len(runs):.4f}"
-                                       for k in KEYS) + " |")
+  print(sweep.seed_means_table(results, VARIANTS, args.seeds, KEYS, first_column="variant"))
   return results
 
 

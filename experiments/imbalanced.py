@@ -58,16 +58,11 @@ def main(argv=None):
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("overrides", nargs="*", help="KEY=VALUE for every run (e.g. train.steps=50)")
   args = parser.parse_args(argv)
-  variants = {f"{name}/seed{s}": [*v, f"seed={s}", *args.overrides]
-              for name, v in VARIANTS.items() for s in range(args.seeds)}
+  variants = sweep.seeded_variants(VARIANTS, args.seeds, args.overrides)
   results = sweep.run_variants(os.path.abspath(__file__), args.workdir, variants)
-  keys = ("accuracy", "precision", "recall", "f1", "auc")
-  print(f"| class weights | {' | '.join(keys)} |  (test split, mean of {args.seeds} seeds)")
-  print("|---|" + "---|" * len(keys))
-  for name in VARIANTS:
-    runs = [results[f"{name}/seed{s}"]["test"] for s in range(args.seeds)]
-    print(f"| {name} | " + " | ".join(f"{sum(r[k] for r in runs) / len(runs):.4f}"
-                                       for k in keys) + " |")
+  print(sweep.seed_means_table(results, VARIANTS, args.seeds,
+                               ("accuracy", "precision", "recall", "f1", "auc"),
+                               first_column="class weights"))
   return results
 
 

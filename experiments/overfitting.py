@@ -72,8 +72,7 @@ def main(argv=None):
   parser.add_argument("--seeds", type=int, default=1, help="runs per rung (metrics averaged)")
   parser.add_argument("overrides", nargs="*", help="KEY=VALUE for every rung (e.g. train.steps=50)")
   args = parser.parse_args(argv)
-  variants = {f"{name}/seed{s}": [*v, f"seed={s}", *args.overrides]
-              for name, v in LADDER.items() for s in range(args.seeds)}
+  variants = sweep.seeded_variants(LADDER, args.seeds, args.overrides)
   results = sweep.run_variants(os.path.abspath(__file__), args.workdir, variants,
                                splits=["train"])
   print(f"| rung | train acc | test acc | gap (pts) | train loss | test loss |  "

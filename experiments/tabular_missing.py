@@ -60,15 +60,10 @@ def main(argv=None):
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("overrides", nargs="*", help="KEY=VALUE for every run (e.g. train.steps=50)")
   args = parser.parse_args(argv)
-  variants = {f"{name}/seed{s}": [*v, f"seed={s}", *args.overrides]
-              for name, v in VARIANTS.items() for s in range(args.seeds)}
+  variants = sweep.seeded_variants(VARIANTS, args.seeds, args.overrides)
   results = sweep.run_variants(os.path.abspath(__file__), args.workdir, variants)
-  print(f"| imputation | test accuracy (mean of {args.seeds} seeds) | test AUC | test loss |")
-  print("|---|---|---|---|")
-  for name in VARIANTS:
-    runs = [results[f"{name}/seed{s}"]["test"] for s in range(args.seeds)]
-    mean = {k: sum(r[k] for r in runs) / len(runs) for k in ("accuracy", "auc", "loss")}
-    print(f"| {name} | {mean['accuracy']:.4f} | {mean['auc']:.4f} | {mean['loss']:.4f} |")
+  print(sweep.seed_means_table(results, VARIANTS, args.seeds, ("accuracy", "auc", "loss"),
+                               first_column="imputation"))
   return results
 
 
