@@ -1,5 +1,6 @@
 """Small shared builders for tests: tiny configs that train in a second, and `deepflow` in a
 subprocess as a user runs it."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -54,3 +55,21 @@ def tiny_config(*overrides: str, model: dict | None = None):
   c.train.checkpoint_every = 0
   c.train.progress = False
   return config_lib.finalize(c, overrides)
+
+
+EXPERIMENTS = os.path.join(os.path.dirname(__file__), os.pardir, "experiments")
+
+
+def experiment(name: str):
+  """(path, module) of ``experiments/NAME.py``, imported (for its get_config and main)."""
+  path = os.path.join(EXPERIMENTS, f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"experiment_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return path, module
+
+
+def tiny(data_dir, steps: int = 3) -> list[str]:
+  """Overrides that make any experiment run ``steps`` steps quietly on the session's data dir."""
+  return [f"train.steps={steps}", "train.log_every=1", "train.progress=False",
+          f"data.data_dir='{data_dir}'"]

@@ -1,29 +1,12 @@
 """The generative and self-supervised experiments: each config validates, and each script runs end
 to end for a few steps on tiny networks (DCGAN: train, eval with the reference classifier, a
 sample grid through ``deepflow sample``; SimCLR: train, then the linear-probe table)."""
-import importlib.util
 import os
 
 import pytest
 
 import deepflow
-from tests.helpers import deepflow_cli
-
-ROOT = os.path.join(os.path.dirname(__file__), os.pardir, "experiments")
-
-
-def experiment(name):
-  path = os.path.join(ROOT, f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"experiment_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return path, module
-
-
-def tiny(data_dir, steps=3):
-  return [f"train.steps={steps}", "train.log_every=1", "train.progress=False",
-          f"data.data_dir='{data_dir}'"]
-
+from tests.helpers import deepflow_cli, experiment, tiny
 
 @pytest.mark.parametrize("name", ["digits_dcgan", "digits_simclr"])
 def test_config_validates(name):

@@ -1,28 +1,11 @@
 """The regularization, missing-values and imbalance experiments: every variant's config loads and
 validates, and each comparison script runs end to end for a few steps (on two of its variants, to
 keep the suite fast)."""
-import importlib.util
-import os
 
 import pytest
 
 import deepflow
-
-ROOT = os.path.join(os.path.dirname(__file__), os.pardir, "experiments")
-
-
-def experiment(name):
-  path = os.path.join(ROOT, f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"experiment_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return path, module
-
-
-def tiny(data_dir, steps=3):
-  return [f"train.steps={steps}", "train.log_every=1", "train.progress=False",
-          f"data.data_dir='{data_dir}'"]
-
+from tests.helpers import experiment, tiny
 
 @pytest.mark.parametrize("name, table", [("overfitting", "LADDER"),
                                          ("tabular_missing", "VARIANTS"),
