@@ -67,11 +67,24 @@ def nt_xent_loss(z1: jax.Array, z2: jax.Array, temperature: float = 0.5) -> jax.
   ``z1[i]`` and ``z2[i]`` are two views of example ``i``. Each of the 2N L2-normalized views is
   classified among the other 2N - 1 by cosine similarity / temperature, the positive being
   the other view of the same example; the loss is the mean over all 2N views."""
-  z = jnp.concatenate([z1, z2], axis=0).astype(jnp.float32)
-  z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
-  n2 = z.shape[0]
-  logits = z @ z.T / temperature
-  logits = jnp.where(jnp.eye(n2, dtype=bool), -1e9, logits)  # a view is not its own positive
-  positives = (jnp.arange(n2) + n2 // 2) % n2
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  return -jnp.take_along_axis(log_probs, positives[:, None], axis=-1).mean()
+  # Written blockwise (view 1 against views 1 and 2, view 2 against both; the two blocks' row
+  # sums joined with logaddexp), with the positives as row-wise dot products: on a batch sharded
+  # over devices this needs only all-gathers of the right-hand operands. Concatenating views
+  # or blocks instead compiled to all-to-alls, which deadlocked XLA's CPU collectives on 8
+  # simulated devices.
+  def normalize(z):
+    z = z.astype(jnp.float32)
+    return z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+
+  z1, z2 = normalize(z1), normalize(z2)
+  self_mask = jnp.eye(z1.shape[0], dtype=bool)  # a view is not its own positive
+
+  def view_loss(a, b):
+    """Loss of each view in ``a``: its positive is the same row of ``b``; the negatives are the
+    other rows of ``a`` and of ``b``."""
+    same = jnp.where(self_mask, -jnp.inf, a @ a.T / temperature)
+    other = a @ b.T / temperature
+    lse = jnp.logaddexp(jax.nn.logsumexp(same, axis=1), jax.nn.logsumexp(other, axis=1))
+    return lse - jnp.sum(a * b, axis=-1) / temperature
+
+  return 0.5 * (view_loss(z1, z2).mean() + view_loss(z2, z1).mean())

@@ -1,5 +1,10 @@
 """The contrastive task: on-device views, NT-Xent going down in training, and linear probes on
 the frozen features that separate a trained encoder from a random one."""
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,11 +79,12 @@ def test_training_lowers_nt_xent():
   assert 0.0 <= float(metrics["view_accuracy"]) <= 1.0
 
 
-def test_probe_of_a_trained_encoder_beats_a_random_one(data_dir, tmp_path):
-  """Digits, 150 steps: the cross-validated probe in eval, and a train -> test probe."""
+def probe_gain(data_dir: str, workdir: str) -> dict:
+  """Probe accuracies of a random and of a 150-step trained encoder on digits: the
+  cross-validated probe in eval, and a train -> test probe."""
   config = contrastive_config("train.steps=150", "data.batch_size=128", source="bundled:digits",
                               data_dir=data_dir)
-  exp = Experiment(config, str(tmp_path))
+  exp = Experiment(config, workdir)
 
   def probes(state):
     features = {split: contrastive.split_features(exp.task, state.params, state.model_state,
@@ -93,7 +99,22 @@ def test_probe_of_a_trained_encoder_beats_a_random_one(data_dir, tmp_path):
   iterator = exp.pipeline.train_iterator()
   for _ in range(config.train.steps):
     state, _ = exp.train_step(state, next(iterator))
-  trained = probes(state)
+  return {"random": random, "trained": probes(state)}
+
+
+def test_probe_of_a_trained_encoder_beats_a_random_one(data_dir, tmp_path):
+  """Run on one device in a subprocess: 150 sharded SimCLR steps on 8 simulated CPU devices
+  intermittently deadlock in XLA's CPU collectives (a runtime issue, not deepflow's; the
+  contrastive step itself is covered on 8 devices by the tests above)."""
+  script = ("import json, sys; from tests.tasks.test_contrastive import probe_gain; "
+            "print(json.dumps(probe_gain(sys.argv[1], sys.argv[2])))")
+  env = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"].replace("device_count=8",
+                                                                    "device_count=1")}
+  out = subprocess.run([sys.executable, "-c", script, data_dir, str(tmp_path)], env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  random, trained = result["random"], result["trained"]
   assert trained[0] > random[0] + 0.03  # cross-validated within the test split
   assert trained[1] > random[1]         # fitted on train, scored on test
 
