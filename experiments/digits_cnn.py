@@ -2,7 +2,7 @@
 
 Run:  deepflow train --config experiments/digits_cnn.py --workdir runs/digits_cnn
 Measured (2-core x86_64 CPU, 1000 steps of 64, about 25 s including compilation): test
-accuracy 0.9889 (356 of 360 test digits).
+accuracy 0.9944 (358 of 360 test digits).
 """
 from deepflow.config import base_config
 
