@@ -1,7 +1,10 @@
 """The generative and self-supervised experiments: each config validates, and each script runs end
 to end for a few steps on tiny networks (DCGAN: train, eval with the reference classifier, a
 sample grid through ``deepflow sample``; SimCLR: train, then the linear-probe table)."""
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -30,10 +33,18 @@ def test_digits_dcgan_runs(data_dir, tmp_path):
 
 
 def test_digits_simclr_runs(data_dir, tmp_path):
-  _, module = experiment("digits_simclr")
-  results = module.main(["--workdir", str(tmp_path), *tiny(data_dir),
-                         "model.widths=(8, 16)", "model.projection_hidden=16",
-                         "model.projection_dim=8"])
+  """On one device in a subprocess, like the probe test in tests/tasks/test_contrastive.py:
+  SimCLR steps on 8 simulated CPU devices can deadlock in XLA's CPU collectives."""
+  script = ("import json, sys; from tests.helpers import experiment; "
+            "print(json.dumps(experiment('digits_simclr')[1].main(sys.argv[1:]), default=float))")
+  env = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"].replace("device_count=8",
+                                                                    "device_count=1")}
+  out = subprocess.run([sys.executable, "-c", script, "--workdir", str(tmp_path),
+                        *tiny(data_dir), "model.widths=(8, 16)", "model.projection_hidden=16",
+                        "model.projection_dim=8"], env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  results = json.loads(out.stdout.strip().splitlines()[-1])
   assert set(results) == {"trained", "random init", "raw pixels"}
   for row in results.values():
     assert all(0.0 <= accuracy <= 1.0 for accuracy in row.values())
