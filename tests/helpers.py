@@ -73,3 +73,28 @@ def tiny(data_dir, steps: int = 3) -> list[str]:
   """Overrides that make any experiment run ``steps`` steps quietly on the session's data dir."""
   return [f"train.steps={steps}", "train.log_every=1", "train.progress=False",
           f"data.data_dir='{data_dir}'"]
+
+
+def next_token_losses(model, tokens, learning_rate: float, steps: int = 60) -> list[float]:
+  """Training losses of ``model`` (a language model's Linen module) fitted by Adam to predict
+  ``tokens[:, 1:]`` from ``tokens[:, :-1]``, one fixed batch: a check that it can learn at all."""
+  import jax
+  import optax
+  params = model.init(jax.random.PRNGKey(0), tokens[:, :-1])["params"]
+  tx = optax.adam(learning_rate)
+
+  def loss_fn(p):
+    logits = model.apply({"params": p}, tokens[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+  @jax.jit
+  def step(p, opt):
+    loss, grads = jax.value_and_grad(loss_fn)(p)
+    updates, opt = tx.update(grads, opt, p)
+    return optax.apply_updates(p, updates), opt, loss
+
+  opt, losses = tx.init(params), []
+  for _ in range(steps):
+    params, opt, loss = step(params, opt)
+    losses.append(float(loss))
+  return losses

@@ -2,11 +2,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from deepflow.models import rnn
 from deepflow.registry import ConfigError, MODELS
+from tests.helpers import next_token_losses
 
 # rbg keys: their initialisers compile several times faster than threefry's on CPU
 KEY = jax.random.key(0, impl="rbg")
@@ -83,25 +83,8 @@ def test_carried_state_continues_the_sequence():
 def test_tiny_lstm_overfits_a_fixed_batch():
   lm = rnn.RNN(13, cell="lstm", hidden_size=32, vocab_size=13, embed_dim=16, per_step=True)
   x = jnp.asarray(np.random.default_rng(7).integers(0, 13, (8, 16)), jnp.int32)
-  params = lm.init(KEY, x[:, :-1])["params"]
-  tx = optax.adam(3e-2)
-
-  def loss_fn(p):
-    logits = lm.apply({"params": p}, x[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, x[:, 1:]).mean()
-
-  @jax.jit
-  def step(p, opt):
-    loss, grads = jax.value_and_grad(loss_fn)(p)
-    updates, opt = tx.update(grads, opt, p)
-    return optax.apply_updates(p, updates), opt, loss
-
-  opt = tx.init(params)
-  losses = []
-  for _ in range(60):
-    params, opt, loss = step(params, opt)
-    losses.append(loss)
-  first = losses[0]
+  losses = next_token_losses(lm, x, 3e-2)
+  first, loss = losses[0], losses[-1]
   assert first > 2.0 and loss < 0.1 * first
 
 

@@ -4,11 +4,11 @@ Every model here shares one tiny size and (2, 12) inputs, so compiled ops are re
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from deepflow.models import layers, transformer
 from deepflow.registry import ConfigError, MODELS
+from tests.helpers import next_token_losses
 
 TINY = dict(d_model=16, num_heads=2, num_layers=2, mlp_dim=32)
 VOCAB = 11
@@ -103,23 +103,6 @@ def test_tiny_lm_overfits_a_fixed_batch():
   model = transformer.TransformerLM(VOCAB, vocab_size=VOCAB, max_len=12,
                                     **{**TINY, "num_layers": 1})
   x = tokens((8, 13), seed=7)
-  params = model.init(KEY, x[:, :-1])["params"]
-  tx = optax.adam(1e-2)
-
-  def loss_fn(p):
-    logits = model.apply({"params": p}, x[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, x[:, 1:]).mean()
-
-  @jax.jit
-  def step(p, opt):
-    loss, grads = jax.value_and_grad(loss_fn)(p)
-    updates, opt = tx.update(grads, opt, p)
-    return optax.apply_updates(p, updates), opt, loss
-
-  opt = tx.init(params)
-  losses = []
-  for _ in range(60):
-    params, opt, loss = step(params, opt)
-    losses.append(loss)
-  first = losses[0]
+  losses = next_token_losses(model, x, 1e-2)
+  first, loss = losses[0], losses[-1]
   assert first > 2.0 and loss < 0.1 * first
