@@ -1,18 +1,7 @@
 """The ``deepflow`` command: ``deepflow COMMAND [flags] [--config.KEY=VALUE ...]``.
 
-Commands:
-  train  --config FILE --workdir DIR   train (or resume: re-run the same command on the workdir)
-  eval   --workdir DIR [--split NAME]  evaluate the latest checkpoint of a run
-  sweep  --config FILE --workdir DIR --sweep KEY=V1,V2 [--sweep ...] [--trials N] [--vectorize]
-         grid (or random) search, one sub-workdir per trial; results.csv, results.md, results.png
-  export  --workdir DIR --out DIR      write a run's inference artifact (jax.export StableHLO,
-         weights, preprocessing, signature.json) that runs without the experiment file
-  predict --model DIR --input FILE [--output FILE]   run an artifact on .npy/.json examples
-  explain --workdir DIR [--method NAME] [--num_examples N] [--split NAME] [--option KEY=VALUE]
-         feature attributions of the latest checkpoint: DIR/explain/METHOD.png and .npz
-  sample --workdir DIR [--num N] [--prompt TEXT] [--num_tokens N] [--temperature T] [--top_k K]
-         draw from a trained generative model: text (language models), PNG grids (GANs), in
-         DIR/samples/
+Each command is a function below, marked with ``@command`` (the flags it reads and an example);
+``deepflow --help`` lists them and ``deepflow COMMAND --help`` documents one.
 
 A user error (bad config, missing dataset, non-finite loss, mismatched checkpoint) exits
 non-zero with one line on stderr; ``--debug`` shows the traceback and runs the steps without jit
@@ -21,6 +10,7 @@ and with NaN checks, to step through them.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import sys
@@ -64,14 +54,23 @@ def _require(name: str) -> str:
   return value
 
 
+def command(*flag_names: str, example: str):
+  """Marks a command function with the flags it reads and a typical call, for its --help."""
+  def mark(fn):
+    fn.flag_names, fn.example = flag_names, example
+    return fn
+  return mark
+
+
 def main(argv: list[str], overrides: list[str]) -> None:
   if len(argv) < 2 or argv[1] not in COMMANDS:
-    _fail(f"usage: deepflow {{{','.join(COMMANDS)}}} [flags]; see `deepflow --helpfull`", 2)
+    _fail(f"usage: deepflow {{{','.join(COMMANDS)}}} [flags]; see `deepflow --help`", 2)
   if len(argv) > 2:
     _fail(f"unexpected arguments: {' '.join(argv[2:])}", 2)
   _setup_logging(FLAGS.debug)
   from deepflow.registry import ConfigError
   from deepflow.train import NonFiniteLossError, Preempted
+  from deepflow.train.workdir_lock import WorkdirLockedError
   try:
     if FLAGS.distributed or FLAGS.coordinator_address:
       from deepflow import parallel
@@ -80,8 +79,14 @@ def main(argv: list[str], overrides: list[str]) -> None:
     COMMANDS[argv[1]](overrides)
   except Preempted as e:
     print(f"deepflow: {e}", file=sys.stderr)
-  except (ConfigError, NonFiniteLossError, FileNotFoundError) as e:  # user errors: one line
+    sys.exit(130 if e.interrupted else 0)
+  except KeyboardInterrupt:  # Ctrl-C outside the training loop (compiling, evaluating, ...)
     if FLAGS.debug:
+      raise
+    print("deepflow: interrupted; checkpoints already saved are intact", file=sys.stderr)
+    sys.exit(130)
+  except (ConfigError, NonFiniteLossError, FileNotFoundError, WorkdirLockedError) as e:
+    if FLAGS.debug:  # user errors: one line
       raise
     _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
@@ -96,7 +101,13 @@ def _with_debug(fn):
     return fn()
 
 
+@command("config", "workdir", example="deepflow train --config experiments/digits_cnn.py "
+         "--workdir runs/digits_cnn --config.train.steps=500")
 def _train(overrides: list[str]) -> None:
+  """Train an experiment, or resume it: rerun the same command on the same workdir.
+
+  Ctrl-C saves a checkpoint at the current step and exits 130 (a second Ctrl-C aborts at once);
+  SIGTERM saves and exits 0. One run per workdir: a second one on it is refused."""
   import deepflow
   config = deepflow.load_config(_require("config"), overrides)
   workdir = _require("workdir")
@@ -104,7 +115,9 @@ def _train(overrides: list[str]) -> None:
   _print_metrics(config.data.eval_split, metrics)
 
 
+@command("workdir", "split", example="deepflow eval --workdir runs/digits_cnn --split train")
 def _eval(overrides: list[str]) -> None:
+  """Evaluate the latest checkpoint of a run on a split (default: the config's eval_split)."""
   from deepflow import config as config_lib
   from deepflow.train import checkpoint as checkpoint_lib
   from deepflow.train.loop import Experiment
@@ -149,7 +162,11 @@ flags.DEFINE_enum("mode", None, ["min", "max"], "sweep: whether a lower or highe
                   "better (default: max for accuracy/auc/f1/precision/recall).")
 
 
+@command("config", "workdir", "sweep", "trials", "sweep_seed", "vectorize", "metric", "mode",
+         example="deepflow sweep --config experiments/digits_mlp.py --workdir runs/sweep "
+         "--sweep optimizer.learning_rate=1e-3,3e-3 --sweep model.activation=relu,tanh")
 def _sweep(overrides: list[str]) -> None:
+  """Grid or random search, one sub-workdir per trial; writes results.csv, .md and .png."""
   from deepflow import sweep
   if not FLAGS.sweep:
     _fail("--sweep KEY=V1,V2,... is required for this command", 2)
@@ -171,7 +188,10 @@ flags.DEFINE_string("output", None, "predict: write to .npy (the model's outputs
                     "classifier) or .json (records); default: one JSON line per example.")
 
 
+@command("workdir", "out", "platforms",
+         example="deepflow export --workdir runs/digits_cnn --out artifacts/digits_cnn")
 def _export(overrides: list[str]) -> None:
+  """Write a run's inference artifact (StableHLO, weights, preprocessing, signature.json)."""
   from deepflow import export
   out = _require("out")
   signature = export.export(_require("workdir"), out, overrides=overrides,
@@ -185,7 +205,10 @@ def _export(overrides: list[str]) -> None:
         f"platforms {', '.join(signature['platforms'])}")
 
 
+@command("model", "input", "output",
+         example="deepflow predict --model artifacts/digits_cnn --input examples.npy")
 def _predict(overrides: list[str]) -> None:
+  """Run an exported artifact on .npy/.json examples (needs no experiment file)."""
   import json
   from deepflow import export
   if overrides:
@@ -210,7 +233,10 @@ flags.DEFINE_multi_string("option", [], "explain: a method option KEY=VALUE (e.g
                           "baseline=mean, patch=2).")
 
 
+@command("workdir", "method", "num_examples", "split", "target", "option",
+         example="deepflow explain --workdir runs/digits_cnn --method saliency")
 def _explain(overrides: list[str]) -> None:
+  """Feature attributions of a run's latest checkpoint: DIR/explain/METHOD.png and .npz."""
   from deepflow import explain
   result = _with_debug(lambda: explain.explain(
       _require("workdir"), FLAGS.method, FLAGS.num_examples, split=FLAGS.split,
@@ -230,7 +256,10 @@ flags.DEFINE_integer("top_k", None, "sample: draw among the k most likely tokens
 flags.DEFINE_integer("sample_seed", 0, "sample: seed of the draws.")
 
 
+@command("workdir", "num", "prompt", "num_tokens", "temperature", "top_k", "sample_seed",
+         example="deepflow sample --workdir runs/text_transformer --prompt 'The ' --num 2")
 def _sample(overrides: list[str]) -> None:
+  """Draw from a trained generative model: text (language models), PNG grids (GANs)."""
   from deepflow import sample
   samples, files, step = _with_debug(lambda: sample.sample_run(
       _require("workdir"), FLAGS.num, seed=FLAGS.sample_seed, overrides=overrides,
@@ -259,4 +288,37 @@ def run(argv: list[str] | None = None) -> None:
   argv = list(sys.argv if argv is None else argv)
   overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
   rest = [a for a in argv if not a.startswith("--config.")]
+  if any(a in HELP_FLAGS for a in rest[1:]):
+    print(usage(next((a for a in rest[1:] if a in COMMANDS), None)))
+    return
   app.run(functools.partial(main, overrides=overrides), argv=rest)
+
+
+HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "-?")
+SHARED_FLAGS = ("debug", "distributed", "coordinator_address", "num_processes", "process_id")
+
+
+def usage(name: str | None = None) -> str:
+  """``deepflow --help`` (every command, one line each) or ``deepflow NAME --help`` (that
+  command's description, its flags with their defaults, and an example)."""
+  if name is None:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: deepflow COMMAND [flags] [--config.KEY=VALUE ...]", "", "commands:"]
+    lines += [f"  {n:<{width}}  {_summary(fn)}" for n, fn in COMMANDS.items()]
+    lines += ["", "`deepflow COMMAND --help` shows a command's flags and an example; "
+              "`deepflow --helpfull` lists every flag."]
+    return "\n".join(lines)
+  fn = COMMANDS[name]
+  doc = inspect.cleandoc(fn.__doc__ or "").splitlines()
+  lines = [f"usage: deepflow {name} [flags] [--config.KEY=VALUE ...]", ""] + doc + ["", "flags:"]
+  for flag in (*fn.flag_names, *SHARED_FLAGS):
+    f = FLAGS[flag]
+    unset = f.default is None or f.default is False or f.default in ([], "")
+    default = "" if unset else f" (default: {f.default_as_str})"
+    lines.append(f"  --{flag}: {f.help}{default}")
+  lines += ["", "example:", f"  {fn.example}"]
+  return "\n".join(lines)
+
+
+def _summary(fn) -> str:
+  return (fn.__doc__ or "").strip().splitlines()[0]

@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import traceback
 from typing import Any, Iterable
 
 import ml_collections
@@ -104,13 +105,32 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Confi
   try:
     spec.loader.exec_module(module)
   except Exception as e:  # the file itself is broken: say where, in one line
-    raise ConfigError(f"cannot load experiment {path}: {type(e).__name__}: {e}") from e
+    raise ConfigError(f"cannot load experiment {_line_of(e, path)}: {type(e).__name__}: "
+                      f"{_first_line(e)}") from e
   if not hasattr(module, "get_config"):
     raise ConfigError(f"experiment {path} defines no get_config()")
-  config = module.get_config()
+  try:
+    config = module.get_config()
+  except Exception as e:  # the experiment's own code failed: name its line, not deepflow's
+    raise ConfigError(f"get_config() in {_line_of(e, path)} raised {type(e).__name__}: "
+                      f"{_first_line(e)}") from e
   if not isinstance(config, ConfigDict):
     raise ConfigError(f"get_config() in {path} must return an ml_collections.ConfigDict")
   return finalize(config, overrides)
+
+
+def _line_of(error: BaseException, path: str) -> str:
+  """``PATH:LINE`` of the innermost frame of ``error`` inside the experiment file ``path``."""
+  if isinstance(error, SyntaxError) and error.lineno:
+    return f"{path}:{error.lineno}"
+  frames = [f for f in traceback.extract_tb(error.__traceback__)
+            if os.path.abspath(f.filename) == os.path.abspath(path)]
+  return f"{path}:{frames[-1].lineno}" if frames else path
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return text[0] if text else ""
 
 
 def finalize(config: ConfigDict, overrides: Iterable[str] = ()) -> ConfigDict:

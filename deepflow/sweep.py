@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepflow import config as config_lib
+from deepflow import config as config_lib, parallel
 from deepflow.config import ConfigDict
 from deepflow.registry import ConfigError
 
@@ -143,7 +143,16 @@ def run_sweep(base: str | ConfigDict, workdir: str, axes: Sequence[Axis], *,
               overrides: Sequence[str] = (), trials: int = 0, seed: int = 0,
               vectorize: bool = False, metric: str | None = None,
               mode: str | None = None) -> list[dict[str, Any]]:
-  """Runs (or resumes) the sweep in ``workdir``; returns the rows of ``results.csv``, ranked."""
+  """Runs (or resumes) the sweep in ``workdir``; returns the rows of ``results.csv``, ranked.
+  The sweep holds ``workdir``'s lock (and each trial its own), so two sweeps never share one."""
+  from deepflow.train import workdir_lock
+  os.makedirs(workdir, exist_ok=True)
+  with workdir_lock.hold(workdir):
+    return _run_sweep(base, workdir, axes, overrides=overrides, trials=trials, seed=seed,
+                      vectorize=vectorize, metric=metric, mode=mode)
+
+
+def _run_sweep(base, workdir, axes, *, overrides, trials, seed, vectorize, metric, mode):
   points = make_trials(axes, trials, seed)
   if not points:
     raise ConfigError("the sweep has no trials")
@@ -449,12 +458,13 @@ def train_population(configs: Sequence[ConfigDict], workdirs: Sequence[str]):
   writers = [MetricWriter(d) for d in workdirs]
   state = population.init()
   iterators = {s: p.train_iterator() for s, p in population.pipelines.items()}
-  pending = []
+  pending, in_flight = [], parallel.DispatchWindow()
   try:
     for step in range(1, cfg.steps + 1):
       batch = population.batch({s: next(it) for s, it in iterators.items()})
       state, metrics = population.train_step(state, batch, population.hyper)
       pending.append(metrics)
+      in_flight.add(metrics)
       if step % cfg.log_every == 0 or step == cfg.steps:
         host = jax.device_get(pending)
         pending.clear()

@@ -2,6 +2,7 @@
 subprocess as a user runs it."""
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 
@@ -29,10 +30,21 @@ def write_experiment(path, text: str = TINY_EXPERIMENT) -> str:
   return str(path)
 
 
-def deepflow_cli(*args, env=None, **kwargs) -> subprocess.CompletedProcess:
-  """Runs ``python -m deepflow ARGS`` to completion and captures its output."""
-  return subprocess.run([sys.executable, "-m", "deepflow", *args], capture_output=True,
-                        text=True, timeout=300, env={**os.environ, **(env or {})}, **kwargs)
+def deepflow_cli(*args, env=None, timeout: float = 240, **kwargs) -> subprocess.CompletedProcess:
+  """Runs ``python -m deepflow ARGS`` to completion and captures its output. A run that overruns
+  ``timeout`` gets SIGABRT, which (PYTHONFAULTHANDLER, set by conftest) makes it print every
+  thread's Python stack; the test then fails with that stack instead of hanging."""
+  command = [sys.executable, "-m", "deepflow", *args]
+  process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, **(env or {})}, **kwargs)
+  try:
+    stdout, stderr = process.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    process.send_signal(signal.SIGABRT)
+    _, stderr = process.communicate()
+    raise AssertionError(f"`deepflow {' '.join(args)}` ran over {timeout:.0f} s; its threads:\n"
+                         f"{stderr[-8000:]}") from None
+  return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def deepflow_process(*args, env=None) -> subprocess.Popen:

@@ -61,3 +61,35 @@ def test_missing_experiment_file_and_workdir(tmp_path):
   assert "experiment file not found" in one_line_error(
       deepflow("train", "--config", str(tmp_path / "nope.py"), "--workdir", str(tmp_path)))
   assert "no config.json" in one_line_error(deepflow("eval", "--workdir", str(tmp_path)))
+
+
+def test_an_unknown_split_lists_the_datasets_splits(tmp_path, experiment, data_dir):
+  workdir = str(tmp_path / "run")
+  out = deepflow("train", "--config", experiment, "--workdir", workdir, "--config.train.steps=2",
+                 "--config.data.source=bundled:digits", f"--config.data.data_dir={data_dir}")
+  assert out.returncode == 0, out.stderr
+  assert ("dataset 'bundled:digits' has no split 'nope'; splits: test, train" in
+          one_line_error(deepflow("eval", "--workdir", workdir, "--split", "nope")))
+
+
+def test_an_error_inside_get_config_names_the_file_and_line(tmp_path):
+  path = write_experiment(tmp_path / "broken.py", "from deepflow.config import base_config\n\n"
+                          "def get_config():\n  c = base_config()\n  c.model.width = 1 / 0\n")
+  assert one_line_error(deepflow("train", "--config", path, "--workdir", str(tmp_path / "w"))) == (
+      f"deepflow: error: get_config() in {path}:5 raised ZeroDivisionError: division by zero")
+
+
+def test_help_lists_the_commands_and_each_commands_flags():
+  top = deepflow("--help")
+  assert top.returncode == 0, top.stderr
+  commands = [line.split()[0] for line in top.stdout.split("commands:\n")[1].split("\n\n")[0]
+              .splitlines()]
+  assert commands == ["train", "eval", "sweep", "export", "predict", "explain", "sample"]
+  for name in commands:
+    out = deepflow(name, "--help")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"usage: deepflow {name} ")
+    assert "--workdir" in out.stdout or "--model" in out.stdout
+    assert f"example:\n  deepflow {name} " in out.stdout
+  train = deepflow("train", "-h").stdout
+  assert "--config: Experiment file" in train and "--sweep" not in train

@@ -47,7 +47,30 @@ def test_notebook_runs(path, tmp_path, data_dir, monkeypatch):
   # conftest's 8 CPU devices. It runs in tmp_path, so its runs/ land there.
   monkeypatch.setenv("DEEPFLOW_NOTEBOOK_STEPS", STEPS)
   monkeypatch.setenv("TFDS_DATA_DIR", data_dir)
+  km = kernel_manager(tmp_path)
+  try:
+    execute(path, km, tmp_path)
+  finally:
+    assert not km.is_alive(), "the notebook's kernel outlived its test"
+
+
+def execute(path: str, km: KernelManager, cwd) -> None:
+  """Runs every cell of ``path`` on a kernel started from ``km``, then shuts the kernel down,
+  whether the cells passed or not: nbclient leaves alone a kernel manager it was handed."""
   nb = nbformat.read(path, as_version=4)
-  client = NotebookClient(nb, km=kernel_manager(tmp_path), timeout=600,
-                          resources={"metadata": {"path": str(tmp_path)}})
-  client.execute()  # raises CellExecutionError, naming the cell, when one fails
+  client = NotebookClient(nb, km=km, timeout=240, resources={"metadata": {"path": str(cwd)}})
+  try:
+    client.execute()  # raises CellExecutionError, naming the cell, when one fails
+  finally:
+    if km.has_kernel:
+      km.shutdown_kernel(now=True)
+
+
+def test_a_failing_notebook_shuts_its_kernel_down(tmp_path):
+  failing = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("raise SystemError('x')")])
+  path = str(tmp_path / "failing.ipynb")
+  nbformat.write(failing, path)
+  km = kernel_manager(tmp_path)
+  with pytest.raises(Exception, match="SystemError"):
+    execute(path, km, tmp_path)
+  assert not km.is_alive()

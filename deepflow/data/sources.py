@@ -213,7 +213,7 @@ class _TfdsSplits(Mapping):
     return iter(list(self.builder.info.splits.keys()))
 
   def __len__(self) -> int:
-    return len(list(self))
+    return len(self.builder.info.splits)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from deepflow.data.pipeline import MASK, Pipeline
 from deepflow.optim import build_schedule
 from deepflow.registry import ConfigError, TASKS
 from deepflow.regularizers import StoppingRecord
-from deepflow.train import checkpoint as checkpoint_lib
+from deepflow.train import checkpoint as checkpoint_lib, workdir_lock
 from deepflow.train.state import TrainState, create_state
 from deepflow.train.step import compile_steps
 from deepflow.train.writers import MetricWriter
@@ -75,8 +75,16 @@ class Experiment:
 
 
 def train_and_evaluate(config: Any, workdir: str, *, debug: bool = False) -> dict[str, float]:
-  """Trains (or resumes) the experiment in ``workdir``; returns the final eval metrics."""
+  """Trains (or resumes) the experiment in ``workdir``; returns the final eval metrics.
+
+  The run holds the workdir's lock throughout: a second run on the same workdir is refused
+  before it writes anything."""
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  with workdir_lock.hold(workdir):
+    return _train_and_evaluate(config, workdir, debug=debug)
+
+
+def _train_and_evaluate(config: Any, workdir: str, *, debug: bool) -> dict[str, float]:
   if jax.process_index() == 0:
     (epath.Path(workdir) / "config.json").write_text(config_lib.to_json(config))
   cfg = config.train
@@ -150,32 +158,43 @@ class _BestKeeper:
 
 
 class _Preemption:
-  """SIGTERM (what a preemptible VM receives) asks the loop to save and stop at the next step."""
+  """SIGTERM (what a preemptible VM receives) and a first Ctrl-C (SIGINT) ask the loop to save
+  and stop at the next step. After the first Ctrl-C, SIGINT gets the operating system's default
+  action back, so a second one ends the process at once (the previous checkpoint stays intact:
+  saves are atomic).
+
+  Multi-host runs stop through JAX's preemption sync point (every host at the same step); there
+  Ctrl-C keeps Python's default, since one host stopping alone would stall the others."""
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.signal: int | None = None
+    self._previous: dict[int, Any] = {}
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread (e.g. a notebook worker): no handler, no preemption
-      self._previous = None
+    signums = [signal.SIGTERM] + ([signal.SIGINT] if jax.process_count() == 1 else [])
+    for signum in signums:
+      try:
+        self._previous[signum] = signal.signal(signum, self._handle)
+      except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+        pass
     return self
 
   def _handle(self, signum, frame):
-    self.requested = True
+    self.signal = signum
+    if signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, signal.SIG_DFL)
+      print("\ndeepflow: interrupted: saving a checkpoint at the next step (Ctrl-C again to "
+            "abort at once)", file=sys.stderr, flush=True)
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
   def reached(self, step: int) -> bool:
     if jax.process_count() > 1:  # every host must stop at the same step
       from jax.experimental import multihost_utils
       return multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
-
+    return self.signal is not None
 
 def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpointer,
            writer: MetricWriter, best: _BestKeeper | None = None) -> TrainState:
@@ -183,6 +202,7 @@ def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpoin
   iterator = exp.pipeline.train_iterator(data_state)
   schedule = build_schedule(config.optimizer, cfg.steps)
   pending: list[dict] = []
+  in_flight = parallel.DispatchWindow()
   streak = [0]  # consecutive non-finite steps, carried across log windows
   window_start = time.perf_counter()
 
@@ -223,6 +243,7 @@ def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpoin
       batch = parallel.global_batch(next(iterator), exp.mesh)
       state, metrics = exp.train_step(state, batch)
       pending.append(metrics)
+      in_flight.add(metrics)
       step += 1
       progress.update(1)
       stop = preemption.reached(step)
@@ -242,9 +263,8 @@ def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpoin
       if save_now or converged:
         checkpointer.save(step, state, iterator.get_state(), force=stop or converged)
       if stop:
-        log.warning("preemption requested: saved the checkpoint at step %d; stopping", step)
         checkpointer.wait()
-        raise Preempted(step)
+        raise Preempted(step, interrupted=preemption.signal == signal.SIGINT)
       if converged:
         log.info("early stopping at step %d: no %s improvement in %d evaluations", step,
                  best.rule.metric, best.rule.patience)
@@ -256,11 +276,14 @@ def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpoin
 
 
 class Preempted(Exception):
-  """Raised after the loop saved a checkpoint on SIGTERM; the CLI exits 0 and a rerun resumes."""
+  """Raised after the loop saved a checkpoint on SIGTERM or Ctrl-C; a rerun resumes. The CLI
+  exits 0 after SIGTERM (a preemption is not a failure) and 130 after Ctrl-C, as shells do."""
 
-  def __init__(self, step: int):
-    super().__init__(f"preempted at step {step}; checkpoint saved, rerun to resume")
-    self.step = step
+  def __init__(self, step: int, *, interrupted: bool = False):
+    what = "interrupted" if interrupted else "preempted"
+    super().__init__(f"{what} at step {step}; checkpoint saved; rerun the same command to "
+                     f"resume")
+    self.step, self.interrupted = step, interrupted
 
 
 def _format(metrics: dict[str, float]) -> str:

@@ -1,5 +1,6 @@
-"""Real processes killed and preempted: resumption is exact, saves are atomic, damaged
-checkpoints are set aside."""
+"""Real processes killed, preempted, interrupted and doubled: resumption is exact, saves are
+atomic, damaged checkpoints are set aside, one run holds a workdir, and a loop that never reads a
+result does not deadlock XLA:CPU."""
 import json
 import os
 import shutil
@@ -14,10 +15,12 @@ import numpy as np
 import pytest
 
 import deepflow
+from deepflow.train import loop, workdir_lock
 from deepflow.train.checkpoint import Checkpointer
 from deepflow.train.loop import Experiment
 from tests.helpers import deepflow_cli, deepflow_process, tiny_config, write_experiment
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 1500
 LONG = ["--config.train.steps=%d" % STEPS, "--config.train.log_every=25",
         "--config.train.eval_every=0", "--config.model.dropout=0.2"]
@@ -167,3 +170,98 @@ def test_corrupted_checkpoint_is_set_aside_for_the_previous_one(tmp_path, caplog
   assert step == 8
   assert_bit_identical(want, got)  # retrained 4 -> 8 exactly as before
   shutil.rmtree(workdir)
+
+
+def test_ctrl_c_saves_the_current_step_exits_130_and_resumes_bit_identical(tmp_path, reference):
+  experiment, config, (want, _, _) = reference
+  workdir = str(tmp_path / "run")
+  args = ["train", "--config", experiment, "--workdir", workdir,
+          "--config.train.checkpoint_every=0", *LONG]
+  process = deepflow_process(*args)
+  wait_for_step(process, workdir, 300)
+  process.send_signal(signal.SIGINT)
+  _, stderr = process.communicate(timeout=60)
+  assert process.returncode == 130, stderr
+  assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+  assert "interrupted at step" in stderr and "rerun the same command to resume" in stderr
+  checkpointer = Checkpointer(workdir, read_only=True)
+  steps = checkpointer.manager.all_steps()
+  checkpointer.close()
+  assert len(steps) == 1 and 300 <= steps[0] < STEPS  # where it was, not lost since step 0
+  out = deepflow_cli(*args)
+  assert out.returncode == 0, out.stderr
+  got, _, step = params_of(workdir, config)
+  assert step == STEPS
+  assert_bit_identical(want, got)
+
+
+def test_a_second_ctrl_c_gets_the_default_action_back():
+  before = signal.getsignal(signal.SIGINT)
+  with loop._Preemption() as preemption:
+    assert signal.getsignal(signal.SIGINT) == preemption._handle
+    os.kill(os.getpid(), signal.SIGINT)  # Python runs the handler before the next bytecode
+    assert preemption.reached(1) and preemption.signal == signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL  # the next one ends the process
+  assert signal.getsignal(signal.SIGINT) == before  # restored
+
+
+def test_one_run_per_workdir_and_a_killed_run_does_not_block_the_next(tmp_path, reference):
+  experiment = reference[0]
+  workdir = str(tmp_path / "run")
+  args = ["train", "--config", experiment, "--workdir", workdir, *LONG]
+  first = deepflow_process(*args)
+  wait_for_step(first, workdir, 50)
+  config_json = open(os.path.join(workdir, "config.json")).read()
+  second = deepflow_cli(*args, "--config.train.steps=7")
+  assert second.returncode != 0
+  errors = [line for line in second.stderr.splitlines() if line.startswith("deepflow: error:")]
+  assert len(errors) == 1 and "Traceback" not in second.stderr, second.stderr
+  assert f"is in use by another run (pid {first.pid} on " in errors[0]
+  assert open(os.path.join(workdir, "config.json")).read() == config_json  # nothing touched
+  assert first.poll() is None  # the first run goes on
+  first.send_signal(signal.SIGKILL)
+  first.communicate()
+  killed_at = logged_step(workdir)
+  third = deepflow_cli(*args, "--config.train.steps=%d" % (killed_at + 10))
+  assert third.returncode == 0, third.stderr  # the kernel dropped the dead run's lock
+  record = json.load(open(os.path.join(workdir, workdir_lock.LOCK_FILE)))
+  assert record["pid"] != first.pid and {"host", "since"} <= set(record)
+
+
+def test_a_sweep_and_a_run_inside_it_hold_their_own_locks(tmp_path):
+  with workdir_lock.hold(str(tmp_path)):
+    with pytest.raises(workdir_lock.WorkdirLockedError, match=f"pid {os.getpid()} on "):
+      with workdir_lock.hold(str(tmp_path)):  # a second open file description: refused
+        pass
+    (tmp_path / "trial_000").mkdir()
+    with workdir_lock.hold(str(tmp_path / "trial_000")):
+      pass
+  with workdir_lock.hold(str(tmp_path)):  # released on exit
+    pass
+
+
+RUN_AHEAD = textwrap.dedent("""
+    import sys
+    import jax
+    from deepflow import parallel
+    from deepflow.train import Experiment
+    from tests.helpers import tiny_config
+    exp = Experiment(tiny_config("train.steps=3000"), sys.argv[1])
+    state = exp.init_state()
+    batch = parallel.global_batch(next(exp.pipeline.train_iterator()), exp.mesh)
+    in_flight = parallel.DispatchWindow()
+    for _ in range(3000):  # a resident batch: the host dispatches far faster than steps finish
+      state, metrics = exp.train_step(state, batch)
+      in_flight.add(metrics)
+    print("done", int(jax.device_get(state.step)), flush=True)
+""")
+
+
+def test_a_loop_that_never_reads_a_result_does_not_deadlock_xla_cpu(tmp_path):
+  """3000 steps on 2 simulated devices with nothing fetched: with every step in flight at once
+  this wedged in an all-reduce within the first thousand (XLA aborts it after its deadline)."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2 "
+                                    "--xla_cpu_collective_call_terminate_timeout_seconds=60"}
+  out = subprocess.run([sys.executable, "-c", RUN_AHEAD, str(tmp_path)], capture_output=True,
+                       text=True, timeout=200, env=env, cwd=ROOT)
+  assert out.returncode == 0 and "done 3000" in out.stdout, out.stderr[-3000:]
