@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import deepflow
 from deepflow import parallel
 from deepflow.models import sampling
-from deepflow.train.loop import Experiment
+from deepflow.train.experiment import Experiment
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "experiments")
 

@@ -2,17 +2,21 @@
 
 Commands:
   train  --config FILE --workdir DIR   train (or resume: re-run the same command on the workdir)
-  eval   --workdir DIR [--split NAME]  evaluate the latest checkpoint of a run
+  eval   --workdir DIR [--split NAME]  evaluate a checkpoint of a run
   sweep  --config FILE --workdir DIR --sweep KEY=V1,V2 [--sweep ...] [--trials N] [--vectorize]
          grid (or random) search, one sub-workdir per trial; results.csv, results.md, results.png
   export  --workdir DIR --out DIR      write a run's inference artifact (jax.export StableHLO,
          weights, preprocessing, signature.json) that runs without the experiment file
   predict --model DIR --input FILE [--output FILE]   run an artifact on .npy/.json examples
   explain --workdir DIR [--method NAME] [--num_examples N] [--split NAME] [--option KEY=VALUE]
-         feature attributions of the latest checkpoint: DIR/explain/METHOD.png and .npz
+         feature attributions of a checkpoint: DIR/explain/METHOD.png and .npz
   sample --workdir DIR [--num N] [--prompt TEXT] [--num_tokens N] [--temperature T] [--top_k K]
          draw from a trained generative model: text (language models), PNG grids (GANs), in
          DIR/samples/
+
+eval, explain, sample and export read a run's checkpoint: ``--checkpoint best`` (the default: the
+run's result, i.e. early stopping's best checkpoint if it kept one, else the latest), ``latest``
+or a step number.
 
 A user error (bad config, missing dataset, non-finite loss, mismatched checkpoint) exits
 non-zero with one line on stderr; ``--debug`` shows the traceback and runs the steps without jit
@@ -32,6 +36,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "Experiment file (train).")
 flags.DEFINE_string("workdir", None, "Run directory: config.json, metrics.jsonl, checkpoints/.")
 flags.DEFINE_string("split", None, "Split to evaluate (eval; default: the config's eval_split).")
+flags.DEFINE_string("checkpoint", "best", "eval, explain, sample, export: the run's checkpoint to "
+                    "read: best (the run's result: early stopping's best, else the latest), "
+                    "latest, or a step number.")
 flags.DEFINE_bool("debug", False, "No jit, NaN checks, full tracebacks.")
 flags.DEFINE_bool("distributed", False, "Join a multi-host run (jax.distributed.initialize; "
                   "auto-detected on Cloud TPU unless the three flags below are given).")
@@ -105,22 +112,12 @@ def _train(overrides: list[str]) -> None:
 
 
 def _eval(overrides: list[str]) -> None:
-  from deepflow import config as config_lib
-  from deepflow.train import checkpoint as checkpoint_lib
-  from deepflow.train.loop import Experiment
+  from deepflow.train.experiment import Experiment
   from deepflow.train.writers import MetricWriter
   workdir = _require("workdir")
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{workdir} is not a deepflow run (no config.json)")
-  with open(path) as f:
-    config = config_lib.config_from_json(f.read(), overrides)
-  split = FLAGS.split or config.data.eval_split
-  checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
-  if checkpointer.latest_step() is None:
-    raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
-  exp = Experiment(config, workdir, debug=FLAGS.debug)
-  state, _, step = exp.restore(checkpointer)
+  exp, state, step, _ = Experiment.from_workdir(workdir, overrides, checkpoint=FLAGS.checkpoint,
+                                                debug=FLAGS.debug)
+  split = FLAGS.split or exp.config.data.eval_split
   metrics = _with_debug(lambda: exp.evaluate(state, split))
   writer = MetricWriter(workdir, tensorboard=False)
   writer.write(step, split, metrics)
@@ -175,7 +172,7 @@ def _export(overrides: list[str]) -> None:
   from deepflow import export
   out = _require("out")
   signature = export.export(_require("workdir"), out, overrides=overrides,
-                            platforms=FLAGS.platforms)
+                            platforms=FLAGS.platforms, checkpoint=FLAGS.checkpoint)
   source, spec = signature["source"], signature["input"]
   sizes = ", ".join(f"{name} {os.path.getsize(os.path.join(out, name)) / 1024:.0f} KiB"
                     for name in (export.MODEL_FILE, export.WEIGHTS_FILE))
@@ -215,7 +212,7 @@ def _explain(overrides: list[str]) -> None:
   result = _with_debug(lambda: explain.explain(
       _require("workdir"), FLAGS.method, FLAGS.num_examples, split=FLAGS.split,
       target=FLAGS.target, options=explain.parse_options(FLAGS.option), overrides=overrides,
-      debug=FLAGS.debug))
+      checkpoint=FLAGS.checkpoint, debug=FLAGS.debug))
   print(f"{result.method} attributions of {len(result.inputs)} {result.split} examples at step "
         f"{result.step}: {result.png} {result.npz}")
 
@@ -234,8 +231,8 @@ def _sample(overrides: list[str]) -> None:
   from deepflow import sample
   samples, files, step = _with_debug(lambda: sample.sample_run(
       _require("workdir"), FLAGS.num, seed=FLAGS.sample_seed, overrides=overrides,
-      debug=FLAGS.debug, prompt=FLAGS.prompt, num_tokens=FLAGS.num_tokens,
-      temperature=FLAGS.temperature, top_k=FLAGS.top_k))
+      checkpoint=FLAGS.checkpoint, debug=FLAGS.debug, prompt=FLAGS.prompt,
+      num_tokens=FLAGS.num_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k))
   for i, text in enumerate(samples.get("text", ())):
     print(f"--- sample {i + 1} ---\n{text}")
   print(f"{FLAGS.num} samples from the checkpoint at step {step}: {', '.join(files)}")

@@ -26,15 +26,13 @@ from typing import Any, Callable, Iterable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 from flax import traverse_util
 
 import deepflow
-from deepflow import config as config_lib, parallel
+from deepflow import parallel
 from deepflow.data import sources, transforms as transforms_lib
 from deepflow.registry import ConfigError
-from deepflow.train.checkpoint import Checkpointer
-from deepflow.train.loop import Experiment
+from deepflow.train.experiment import Experiment
 
 MODEL_FILE, WEIGHTS_FILE, SIGNATURE_FILE = "model.bin", "weights.npz", "signature.json"
 FORMAT, FORMAT_VERSION = "deepflow-inference", 1
@@ -49,26 +47,6 @@ class ArtifactError(ConfigError):
 # ------------------------------------------------------------------------------------------------
 # Export.
 # ------------------------------------------------------------------------------------------------
-
-def restore_run(workdir: str, overrides: Iterable[str] = ()) -> tuple[Experiment, Any, int, str]:
-  """(experiment, state, step, 'latest' or 'best') of a run (a local path or a URL): under early
-  stopping the run's result is its best checkpoint (``workdir/best``), otherwise the latest."""
-  path = epath.Path(workdir) / "config.json"
-  if not path.exists():
-    raise FileNotFoundError(f"{workdir} is not a deepflow run (no config.json)")
-  config = config_lib.config_from_json(path.read_text(), overrides)
-  best = epath.Path(workdir) / "best"
-  which = "best" if (best / "checkpoints").is_dir() else "latest"
-  checkpointer = Checkpointer(str(best) if which == "best" else workdir, read_only=True)
-  try:
-    if checkpointer.latest_step() is None:
-      raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}; train the run first")
-    exp = Experiment(config, workdir)
-    state, _, step = exp.restore(checkpointer)
-  finally:
-    checkpointer.close()
-  return exp, state, step, which
-
 
 def _input_chain(exp: Experiment) -> list[tuple[int, transforms_lib.Transform]]:
   """The transforms (with their index in ``data.transforms``) that eval applies to the inputs:
@@ -124,9 +102,11 @@ def raw_example(exp: Experiment) -> np.ndarray:
 
 
 def export(workdir: str, out: str, *, overrides: Iterable[str] = (),
-           platforms: Sequence[str] = PLATFORMS) -> dict[str, Any]:
-  """Writes the inference artifact of a run to ``out``; returns its signature."""
-  exp, state, step, which = restore_run(workdir, overrides)
+           platforms: Sequence[str] = PLATFORMS, checkpoint: str | int = "best"
+           ) -> dict[str, Any]:
+  """Writes the inference artifact of a checkpoint of a run ('best', the default: the run's
+  result; 'latest'; or a step: ``Experiment.from_workdir``) to ``out``; returns its signature."""
+  exp, state, step, which = Experiment.from_workdir(workdir, overrides, checkpoint=checkpoint)
   fn, weights = inference_function(exp, state.params, state.model_state)
   example = raw_example(exp)
   if example.dtype.kind not in "biuf":

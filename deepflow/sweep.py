@@ -298,20 +298,14 @@ def run_variants(base: str | ConfigDict, workdir: str, variants: dict[str, Seque
   and of each extra split in ``splits`` (e.g. 'train', to measure the train/eval gap),
   evaluated on the state the run returns (the best one under early stopping)."""
   import deepflow
-  from deepflow.train import checkpoint as checkpoint_lib
-  from deepflow.train.loop import Experiment
+  from deepflow.train.experiment import Experiment
   results = {}
   for name, overrides in variants.items():
     config = trial_config(base, overrides)
     run = os.path.join(workdir, name)
     results[name] = {config.data.eval_split: deepflow.train_and_evaluate(config, run)}
     if splits:
-      best = os.path.join(run, "best")
-      checkpointer = checkpoint_lib.Checkpointer(best if os.path.isdir(best) else run,
-                                                 read_only=True)
-      exp = Experiment(config, run)
-      state, _, _ = exp.restore(checkpointer)
-      checkpointer.close()
+      exp, state, _, _ = Experiment.from_workdir(run)  # the run's result, as returned above
       for split in splits:
         results[name][split] = exp.evaluate(state, split)
   return results

@@ -2,8 +2,6 @@
 batch size, and refuses bad input and corrupted files with one line."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,6 +9,8 @@ import pytest
 import deepflow
 from deepflow import config as config_lib, export
 from deepflow.data import sources, transforms as transforms_lib
+from deepflow.train.experiment import Experiment
+from tests.helpers import deepflow_cli, one_line_error
 
 RUNS = {
     "mlp": dict(model=dict(name="mlp", hidden=(32,)), source="bundled:digits",
@@ -60,7 +60,7 @@ def trained(data_dir, tmp_path_factory):
 def in_framework(workdir, n):
   """Raw test inputs and the model's outputs on them through the framework's own (numpy)
   preprocessing and ``task.apply``."""
-  exp, state, _, _ = export.restore_run(workdir)
+  exp, state, _, _ = Experiment.from_workdir(workdir)
   data = exp.pipeline.dataset
   raw = sources.take(data.split("test"), np.arange(n))
   batch = transforms_lib.apply_chain(exp.pipeline.transforms, exp.pipeline.stats, raw,
@@ -133,19 +133,6 @@ def test_inputs_and_outputs_files(trained, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # The commands, in subprocesses, as a user runs them.
 # ------------------------------------------------------------------------------------------------
-
-def deepflow_cli(*args):
-  return subprocess.run([sys.executable, "-m", "deepflow", *args], capture_output=True,
-                        text=True, timeout=240)
-
-
-def one_line_error(out):
-  assert out.returncode != 0
-  assert "Traceback" not in out.stderr, out.stderr
-  lines = [line for line in out.stderr.splitlines() if line.startswith("deepflow: error:")]
-  assert len(lines) == 1, out.stderr
-  return lines[0]
-
 
 def test_export_and_predict_commands(trained, tmp_path):
   workdir, _ = trained("mlp")

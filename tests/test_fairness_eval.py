@@ -15,7 +15,7 @@ from deepflow.data.pipeline import INPUTS, MASK, TARGETS, Pipeline
 from deepflow.registry import ConfigError, TASKS
 from deepflow.tasks.supervised import GROUP, reweighing_table
 from deepflow.train import checkpoint as checkpoint_lib
-from deepflow.train.loop import Experiment
+from deepflow.train.experiment import Experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

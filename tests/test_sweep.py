@@ -15,7 +15,7 @@ from deepflow import sweep
 from deepflow.config import base_config, finalize
 from deepflow.registry import ConfigError
 from deepflow.train import checkpoint as checkpoint_lib
-from deepflow.train.loop import Experiment
+from deepflow.train.experiment import Experiment
 from deepflow.train.writers import read_metrics
 
 

@@ -7,7 +7,6 @@ then alternates jitted train steps with periodic logging, evaluation and checkpo
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import signal
@@ -21,13 +20,12 @@ import tqdm
 from etils import epath
 
 from deepflow import config as config_lib, parallel
-from deepflow.data.pipeline import MASK, Pipeline
 from deepflow.optim import build_schedule
-from deepflow.registry import ConfigError, TASKS
+from deepflow.registry import ConfigError
 from deepflow.regularizers import StoppingRecord
 from deepflow.train import checkpoint as checkpoint_lib
-from deepflow.train.state import TrainState, create_state
-from deepflow.train.step import compile_steps
+from deepflow.train.experiment import BEST_DIR, Experiment
+from deepflow.train.state import TrainState
 from deepflow.train.writers import MetricWriter
 
 log = logging.getLogger("deepflow")
@@ -35,43 +33,6 @@ log = logging.getLogger("deepflow")
 
 class NonFiniteLossError(RuntimeError):
   """Training produced a NaN/inf loss or gradient (the bad update was never applied)."""
-
-
-class Experiment:
-  """Everything built from a config that training and evaluation share."""
-
-  def __init__(self, config: Any, workdir: str, *, debug: bool = False):
-    self.config, self.workdir = config, workdir
-    self.pipeline = Pipeline(config, workdir)
-    self.task = TASKS.get(config.task.name)(config, self.pipeline.spec)
-    self.mesh = parallel.make_mesh(config.mesh)
-    self.tx = self.task.optimizer(config.train.steps)
-    self.abstract_state = jax.eval_shape(
-        functools.partial(create_state, self.task, self.tx, config.seed))
-    self.shardings = parallel.state_shardings(self.abstract_state, self.mesh, config.parallel)
-    self.train_step, eval_step = compile_steps(self.task, self.tx, self.mesh, self.shardings,
-                                               config.train.microbatches, debug=debug)
-    self._eval_step = eval_step
-
-  def init_state(self) -> TrainState:
-    init = functools.partial(create_state, self.task, self.tx, self.config.seed)
-    return jax.jit(init, out_shardings=self.shardings)()
-
-  def restore(self, checkpointer, step: int | None = None):
-    return checkpointer.restore(
-        checkpoint_lib.abstract_like(self.abstract_state, self.shardings), step)
-
-  def evaluate(self, state: TrainState, split: str) -> dict[str, float]:
-    """Metrics over every example of ``split`` (padding rows excluded), with the task's
-    ``extra_metrics`` at the state's step."""
-    chunks = []
-    for batch in self.pipeline.eval_batches(split):
-      outputs = self._eval_step(state, parallel.global_batch(batch, self.mesh))
-      outputs = parallel.to_host(outputs)
-      mask = outputs.pop(MASK) > 0
-      chunks.append({k: np.asarray(v)[mask] for k, v in outputs.items()})
-    metrics = self.task.summarize({k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]})
-    return {**metrics, **self.task.extra_metrics(int(state.step))}
 
 
 def train_and_evaluate(config: Any, workdir: str, *, debug: bool = False) -> dict[str, float]:
@@ -117,7 +78,7 @@ class _BestKeeper:
     if not exp.config.train.eval_every:
       raise ConfigError("regularizer 'early_stopping' needs train.eval_every > 0")
     self.exp, self.rule = exp, exp.task.regularizer.early_stopping
-    self.directory = epath.Path(workdir) / "best"
+    self.directory = epath.Path(workdir) / BEST_DIR
     self.path = self.directory / "stopping.json"
     self.record = StoppingRecord()
     if self.path.exists():

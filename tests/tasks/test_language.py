@@ -14,7 +14,7 @@ from deepflow import config as config_lib
 from deepflow.data import sources
 from deepflow.data.pipeline import Pipeline
 from deepflow.registry import ConfigError
-from deepflow.train.loop import Experiment
+from deepflow.train.experiment import Experiment
 
 TINY_LM = dict(name="transformer_lm", d_model=16, num_heads=2, num_layers=1, mlp_dim=32,
                max_len=128)

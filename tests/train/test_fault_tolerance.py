@@ -15,7 +15,7 @@ import pytest
 
 import deepflow
 from deepflow.train.checkpoint import Checkpointer
-from deepflow.train.loop import Experiment
+from deepflow.train.experiment import Experiment
 from tests.helpers import deepflow_cli, deepflow_process, tiny_config, write_experiment
 
 STEPS = 1500
