@@ -16,10 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from ml_collections import ConfigDict
 
-from deepflow.config import ConfigDict
+from deepflow import models  # noqa: F401  (fills MODELS)
 from deepflow.data.pipeline import DataSpec
 from deepflow.optim import build_optimizer
+from deepflow.pytree import cast_floats
 from deepflow.registry import ConfigError, MODELS
 from deepflow.regularizers import build_regularizers
 
@@ -198,10 +200,3 @@ class Task:
     """Writes what ``sample`` drew into ``directory`` (text, PNG grids, ...); the paths written."""
     raise ConfigError(f"task {self.config.task.name!r} with model {self.config.model.name!r} is "
                       f"not generative; it has no samples to save")
-
-
-
-def cast_floats(tree: PyTree, dtype) -> PyTree:
-  """Casts the floating-point leaves of ``tree`` to ``dtype`` (integers, e.g. tokens, stay)."""
-  return jax.tree.map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree)

@@ -16,8 +16,9 @@ import numpy as np
 
 from deepflow.data.pipeline import INPUTS, TARGETS
 from deepflow.models.contrastive import nt_xent_loss
+from deepflow.pytree import cast_floats
 from deepflow.registry import ConfigError, TASKS
-from deepflow.tasks.base import Task, cast_floats
+from deepflow.tasks.base import Task
 
 
 @TASKS.register("contrastive")

@@ -28,8 +28,9 @@ from deepflow.data import sources, transforms as transforms_lib
 from deepflow.data.pipeline import INPUTS, TARGETS
 from deepflow.models import gan as gan_lib
 from deepflow.optim import build_optimizer
+from deepflow.pytree import cast_floats
 from deepflow.registry import ConfigError, MODELS, TASKS
-from deepflow.tasks.base import Task, cast_floats
+from deepflow.tasks.base import Task
 
 log = logging.getLogger("deepflow")
 

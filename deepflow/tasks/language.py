@@ -13,9 +13,8 @@ import numpy as np
 import optax
 from etils import epath
 
-from deepflow.config import model_options
 from deepflow.data.pipeline import INPUTS, TARGETS
-from deepflow.models import sampling
+from deepflow.models import model_options, sampling
 from deepflow.registry import ConfigError, MODELS, TASKS
 from deepflow.tasks.base import Task
 

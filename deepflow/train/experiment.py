@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from deepflow import config as config_lib, parallel
+from deepflow import config as config_lib, parallel, tasks  # noqa: F401  (tasks fills TASKS)
 from deepflow.data.pipeline import MASK, Pipeline
 from deepflow.registry import ConfigError, TASKS
 from deepflow.train import checkpoint as checkpoint_lib
