@@ -184,13 +184,13 @@ def _export(overrides: list[str]) -> None:
 
 def _predict(overrides: list[str]) -> None:
   import json
-  from deepflow import export
+  from deepflow import predict as predict_lib
   if overrides:
     _fail("predict takes no --config overrides: the artifact holds everything it needs", 2)
-  predictor = export.load(_require("model"))
-  outputs = predictor(export.read_inputs(_require("input")))
+  predictor = predict_lib.load(_require("model"))
+  outputs = predictor(predict_lib.read_inputs(_require("input")))
   if FLAGS.output:
-    export.write_predictions(FLAGS.output, predictor, outputs)
+    predict_lib.write_predictions(FLAGS.output, predictor, outputs)
     print(f"wrote {len(outputs)} predictions to {FLAGS.output}")
   else:
     for record in predictor.records(outputs):

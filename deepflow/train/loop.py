@@ -24,15 +24,12 @@ from deepflow.optim import build_schedule
 from deepflow.registry import ConfigError
 from deepflow.regularizers import StoppingRecord
 from deepflow.train import checkpoint as checkpoint_lib
+from deepflow.train.errors import NonFiniteLossError, Preempted
 from deepflow.train.experiment import BEST_DIR, Experiment
 from deepflow.train.state import TrainState
 from deepflow.train.writers import MetricWriter
 
 log = logging.getLogger("deepflow")
-
-
-class NonFiniteLossError(RuntimeError):
-  """Training produced a NaN/inf loss or gradient (the bad update was never applied)."""
 
 
 def train_and_evaluate(config: Any, workdir: str, *, debug: bool = False) -> dict[str, float]:
@@ -214,14 +211,6 @@ def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpoin
     checkpointer.save(step, state, iterator.get_state(), force=True)
   writer.flush()
   return state
-
-
-class Preempted(Exception):
-  """Raised after the loop saved a checkpoint on SIGTERM; the CLI exits 0 and a rerun resumes."""
-
-  def __init__(self, step: int):
-    super().__init__(f"preempted at step {step}; checkpoint saved, rerun to resume")
-    self.step = step
 
 
 def _format(metrics: dict[str, float]) -> str:
