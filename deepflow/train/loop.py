@@ -34,9 +34,7 @@ log = logging.getLogger("deepflow")
 
 def train_and_evaluate(config: Any, workdir: str, *, debug: bool = False) -> dict[str, float]:
   """Trains (or resumes) the experiment in ``workdir``; returns the final eval metrics."""
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    (epath.Path(workdir) / "config.json").write_text(config_lib.to_json(config))
+  write_config(config, workdir)
   cfg = config.train
   exp = Experiment(config, workdir, debug=debug)
   checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.keep_checkpoints)
@@ -141,7 +139,6 @@ def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpoin
   iterator = exp.pipeline.train_iterator(data_state)
   schedule = build_schedule(config.optimizer, cfg.steps)
   pending: list[dict] = []
-  streak = [0]  # consecutive non-finite steps, carried across log windows
   window_start = time.perf_counter()
 
   def flush(step: int) -> dict[str, float]:
@@ -149,23 +146,15 @@ def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpoin
     nonlocal window_start
     host = parallel.to_host(pending)
     pending.clear()
-    flags = [float(m["nonfinite"]) for m in host]
-    for i, bad in enumerate(flags):
-      first_bad = step - len(flags) + i + 1
-      streak[0] = streak[0] + 1 if bad else 0
-      if bad and (cfg.nonfinite == "stop" or streak[0] > cfg.max_nonfinite):
-        latest = checkpointer.latest_step()
-        raise NonFiniteLossError(
-            f"loss or gradients became non-finite at step {first_bad}"
-            f"{'' if cfg.nonfinite == 'stop' else f' ({streak[0]} steps in a row)'}; the update "
-            f"was not applied; last checkpoint: "
-            f"{'none' if latest is None else f'step {latest}'} (intact)")
-    good = [m for m, bad in zip(host, flags) if not bad] or host
-    means = {k: float(np.mean([m[k] for m in good])) for k in good[0] if k != "nonfinite"}
-    means["nonfinite_steps"] = float(sum(flags))
+    means, broken = window_means(host, step, cfg)
+    if broken:
+      latest = checkpointer.latest_step()
+      raise NonFiniteLossError(
+          f"loss or gradients became non-finite {broken}; the update was not applied; last "
+          f"checkpoint: {'none' if latest is None else f'step {latest}'} (intact)")
     means["learning_rate"] = float(schedule(step - 1))
     elapsed = time.perf_counter() - window_start
-    means["steps_per_sec"] = len(flags) / max(elapsed, 1e-9)
+    means["steps_per_sec"] = len(host) / max(elapsed, 1e-9)
     means.update(exp.task.extra_metrics(step))
     window_start = time.perf_counter()
     writer.write(step, "train", means)
@@ -211,6 +200,36 @@ def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpoin
     checkpointer.save(step, state, iterator.get_state(), force=True)
   writer.flush()
   return state
+
+
+def write_config(config: Any, workdir: str) -> None:
+  """Creates ``workdir`` and writes its ``config.json`` (process 0), where every reader of the run
+  (``Experiment.from_workdir``) starts."""
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    (epath.Path(workdir) / "config.json").write_text(config_lib.to_json(config))
+
+
+def window_means(window: list[dict[str, Any]], step: int, cfg: Any
+                 ) -> tuple[dict[str, float], str | None]:
+  """A log window's train metrics on the host (one dict per step, the last at ``step``) -> the
+  means over the steps whose update was applied, with ``nonfinite_steps``; and where the window
+  broke the non-finite policy (``cfg``: ``train.nonfinite``, ``train.max_nonfinite``), e.g.
+  'at step 7 (3 steps in a row)', else None. The streak is the state's own count
+  (``TrainState.nonfinite``, checkpointed with it), so it spans windows and resumes."""
+  flags = [float(m["nonfinite"]) for m in window]
+  for i, (m, bad) in enumerate(zip(window, flags)):
+    streak = int(m["nonfinite_streak"])
+    if bad and (cfg.nonfinite == "stop" or streak > cfg.max_nonfinite):
+      at = f"at step {step - len(window) + i + 1}"
+      return {}, at if cfg.nonfinite == "stop" else f"{at} ({streak} steps in a row)"
+  good = [m for m, bad in zip(window, flags) if not bad] or window
+  means = {k: float(np.mean([m[k] for m in good])) for k in good[0] if k not in _STEP_FLAGS}
+  means["nonfinite_steps"] = float(sum(flags))
+  return means, None
+
+
+_STEP_FLAGS = ("nonfinite", "nonfinite_streak")  # per-step bookkeeping, not metrics to average
 
 
 def _format(metrics: dict[str, float]) -> str:
