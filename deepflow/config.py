@@ -185,7 +185,7 @@ def _with_defaults(config: ConfigDict) -> ConfigDict:
       if key not in merged.model:
         merged.model[key] = value
   if merged.task.name in TASKS:
-    for key, value in TASKS.get(merged.task.name).options().items():
+    for key, value in TASKS.get(merged.task.name).OPTIONS.items():
       if key not in merged.task:
         merged.task[key] = value
   return merged
@@ -224,7 +224,7 @@ def validate(config: ConfigDict) -> None:
       raise ConfigError(f"model {config.model.name!r} has no option {key!r}; "
                         f"options: {', '.join(sorted(allowed))}")
   task_cls = TASKS.get(config.task.name)
-  allowed = set(task_cls.options())
+  allowed = set(task_cls.OPTIONS)
   for key in config.task:
     if key != "name" and key not in allowed:
       raise ConfigError(f"task {config.task.name!r} has no option {key!r}; "

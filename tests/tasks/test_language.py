@@ -10,7 +10,7 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 
-from deepflow import config as config_lib
+from deepflow import config as config_lib, sample
 from deepflow.data import sources
 from deepflow.data.pipeline import Pipeline
 from deepflow.registry import ConfigError
@@ -84,7 +84,7 @@ def test_sampling_continues_the_prompt(lm, tmp_path):
                       temperature=1.0, top_k=5)
   assert drawn["tokens"].shape == (3, 128)  # by default, what max_len leaves after the prompt
   assert task.decode(task.encode("def f(x):\n")) == "def f(x):\n"
-  paths = task.save_samples(greedy, str(tmp_path / "samples"))
+  paths = sample.save_samples(greedy, str(tmp_path / "samples"))
   text = open(paths[0]).read()
   assert paths[0].endswith("samples.txt") and text.startswith("--- sample 1 ---\nThe ")
 
