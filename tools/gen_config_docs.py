@@ -26,11 +26,6 @@ from deepflow import config as config_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUTPUT = os.path.join(ROOT, "docs", "config.md")
 
-# Meanings of base-config keys that have no inline comment in deepflow/config.py yet. Once such a
-# comment exists, its entry here must go (tests/test_docs.py fails on a key documented twice, on
-# an entry for a key that no longer exists, and on a key documented nowhere).
-
-
 # ------------------------------------------------------------------------------------------------
 # The base config: keys, defaults and the comments beside them.
 # ------------------------------------------------------------------------------------------------
@@ -176,7 +171,7 @@ def render() -> str:
   out += ["## Tasks (`task.name`)", ""]
   out += table(("name", "options (task.*)", "description"),
                ((f"`{n}`", cell(", ".join(f"`{k}={v!r}`" for k, v in
-                                          TASKS.get(n).options().items())),
+                                          TASKS.get(n).OPTIONS.items())),
                  cell(summary(TASKS.get(n)))) for n in TASKS.names()))
   out += ["## Optimizers (`optimizer.name`)", "",
           "Every optimizer takes `optimizer.learning_rate`, `schedule`, `weight_decay` and "

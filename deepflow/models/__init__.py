@@ -8,7 +8,7 @@ layers draw from the ``'dropout'`` RNG stream; mutable state (batch norm) lives 
 import dataclasses
 from typing import Any
 
-from deepflow.models import cnn, contrastive, gan, layers, mlp, resnet, rnn, sampling, transformer, vit  # noqa: F401,E501  (registration)
+from deepflow.models import cnn, contrastive, decoding, gan, layers, mlp, resnet, rnn, transformer, vit  # noqa: F401,E501  (registration)
 
 
 def model_options(model_cls: type) -> dict[str, Any]:
