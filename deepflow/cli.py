@@ -238,8 +238,8 @@ def _sample(overrides: list[str]) -> None:
   print(f"{FLAGS.num} samples from the checkpoint at step {step}: {', '.join(files)}")
 
 
-# Each command is a function of the ``--config.KEY=VALUE`` overrides; its flags are absl flags
-# defined above (shared) or in its own module (imported here).
+# Each command is a function of the ``--config.KEY=VALUE`` overrides; its flags are the absl flags
+# defined above, next to it (``--workdir``, ``--split``, ``--checkpoint`` and ``--debug`` shared).
 COMMANDS = {
     "train": _train,
     "eval": _eval,
