@@ -34,6 +34,8 @@ log = logging.getLogger("deepflow")
 
 def train_and_evaluate(config: Any, workdir: str, *, debug: bool = False) -> dict[str, float]:
   """Trains (or resumes) the experiment in ``workdir``; returns the final eval metrics."""
+  # -- Build: the config on disk first (every reader of the run starts there), then everything
+  # built from it.
   write_config(config, workdir)
   cfg = config.train
   exp = Experiment(config, workdir, debug=debug)
@@ -41,17 +43,20 @@ def train_and_evaluate(config: Any, workdir: str, *, debug: bool = False) -> dic
   writer = MetricWriter(workdir)
   best = _BestKeeper(exp, workdir) if exp.task.regularizer.early_stopping else None
   try:
+    # -- Restore the latest checkpoint (a rerun resumes), or initialize.
     if checkpointer.latest_step() is not None:
       state, data_state, step = exp.restore(checkpointer)
       log.info("resuming from the checkpoint at step %d in %s", step, checkpointer.directory)
     else:
       state, data_state = exp.init_state(), None
+    # -- Train what is left.
     start = int(state.step)
     if start >= cfg.steps or (best and best.record.stopped):
       log.info("training is already complete (step %d of train.steps=%d); evaluating", start,
                cfg.steps)
     else:
       state = _train(exp, state, data_state, start, checkpointer, writer, best)
+    # -- The final evaluation: of the last state, or of the best one under early stopping.
     metrics = exp.evaluate(state, config.data.eval_split)
     writer.write(int(state.step), config.data.eval_split, metrics)
     if best:  # early stopping: the run's result is its best checkpoint
@@ -167,6 +172,7 @@ def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpoin
   with _Preemption() as preemption, progress:
     step = start
     while step < cfg.steps:
+      # -- One jitted step; its metrics stay on the device until the window is flushed.
       batch = parallel.global_batch(next(iterator), exp.mesh)
       state, metrics = exp.train_step(state, batch)
       pending.append(metrics)
@@ -174,9 +180,11 @@ def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpoin
       progress.update(1)
       stop = preemption.reached(step)
       save_now = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or stop
+      # -- Log: the window's means (and the non-finite policy) every train.log_every steps.
       if step % cfg.log_every == 0 or save_now or step == cfg.steps:
         means = flush(step)
         progress.set_postfix(loss=f"{means['loss']:.4f}", refresh=False)
+      # -- Evaluate every train.eval_every steps; early stopping counts the evaluations.
       converged = False  # early stopping ran out of patience
       if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
         metrics = exp.evaluate(state, config.data.eval_split)
@@ -184,6 +192,7 @@ def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpoin
         if jax.process_index() == 0:
           progress.write(f"step {step}: {config.data.eval_split} " + _format(metrics))
         converged = best is not None and best.observe(step, state, metrics)
+      # -- Checkpoint; stop on preemption or convergence.
       if converged and pending:
         flush(step)
       if save_now or converged:
