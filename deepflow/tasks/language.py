@@ -12,14 +12,14 @@ import numpy as np
 import optax
 
 from deepflow.data.pipeline import INPUTS, TARGETS
-from deepflow.models import model_options, sampling
+from deepflow.models import decoding, model_options
 from deepflow.registry import ConfigError, MODELS, TASKS
 from deepflow.tasks.base import Task
 
 SAMPLE_OPTIONS = ("prompt", "num_tokens", "temperature", "top_k")
 DEFAULT_NUM_TOKENS = 200
 # One compiled program per (model, length, settings): prefill, then a scan over the new tokens.
-_SAMPLE = jax.jit(sampling.sample, static_argnums=(0, 3),
+_SAMPLE = jax.jit(decoding.sample, static_argnums=(0, 3),
                   static_argnames=("temperature", "top_k", "use_cache"))
 
 
@@ -173,7 +173,7 @@ class LanguageModel(Task):
       num_tokens = DEFAULT_NUM_TOKENS if room is None else max(
           0, min(DEFAULT_NUM_TOKENS, room - len(prompt)))
     prompts = np.tile(prompt, (num, 1))
-    sampling.check_lm(self.model, jnp.asarray(prompts), num_tokens)  # one-line errors first
+    decoding.check_lm(self.model, jnp.asarray(prompts), num_tokens)  # one-line errors first
     tokens = _SAMPLE(self.model, {"params": params, **model_state}, prompts, num_tokens,
                      rng, temperature=float(options.get("temperature", 1.0)),
                      top_k=int(options.get("top_k", 0)))
