@@ -154,3 +154,16 @@ def test_cli_vectorized_sweep(tmp_path):
   assert out.returncode == 0, out.stderr
   assert "Sweep ranked by loss (min)" in out.stdout and "2 trials" in out.stdout
   assert (workdir / "results.csv").exists() and (workdir / "trial_001" / "result.json").exists()
+
+
+def test_seed_means_table():
+  results = {"a/seed0": {"test": {"accuracy": 0.5, "epsilon": 1.0}},
+             "a/seed1": {"test": {"accuracy": 0.7, "epsilon": 3.0}},
+             "b/seed0": {"test": {"accuracy": 0.9}}, "b/seed1": {"test": {"accuracy": 1.0}}}
+  table = sweep.seed_means_table(results, ["a", "b"], 2, ["accuracy", "epsilon"],
+                                 first_column="variant").splitlines()
+  assert table[0] == "| variant | accuracy | epsilon |  (test split, mean of 2 seeds)"
+  assert table[2:] == ["| a | 0.6000 | 2.0000 |", "| b | 0.9500 | - |"]
+  once = {"a": {"test": {"accuracy": 0.25}}}
+  assert sweep.seed_means_table(once, ["a"], None, ["accuracy"], first_column="v").splitlines()[
+      2] == "| a | 0.2500 |"

@@ -18,4 +18,4 @@ from deepflow.sweep.results import (MAXIMIZE, RESULT, default_metric, plot,  # n
                                     ranked_table, write_results)
 from deepflow.sweep.search import TRIAL, run_sweep  # noqa: F401
 from deepflow.sweep.space import Axis, make_trials, overrides_of, parse_axis, trial_config  # noqa: F401,E501
-from deepflow.sweep.variants import run_variants, seed_means_table, seeded_variants  # noqa: F401
+from deepflow.sweep.variants import compare, run_variants, seed_means_table, seeded_variants  # noqa: F401,E501
