@@ -59,11 +59,7 @@ class Experiment:
     if not path.exists():
       raise FileNotFoundError(f"{workdir} is not a deepflow run (no config.json)")
     config = config_lib.config_from_json(path.read_text(), overrides)
-    best = epath.Path(workdir) / BEST_DIR
-    if which == "best" and not (best / "checkpoints").is_dir():
-      which = "latest"  # no early stopping: the run's result is its latest checkpoint
-    checkpointer = checkpoint_lib.Checkpointer(str(best) if which == "best" else workdir,
-                                               read_only=True)
+    checkpointer, which = _open_checkpoints(workdir, which)
     try:
       latest = checkpointer.latest_step()
       if latest is None:
@@ -107,6 +103,21 @@ class Restored(NamedTuple):
   state: TrainState
   step: int
   checkpoint: str
+
+
+def _open_checkpoints(workdir: str, which: str | int) -> tuple[checkpoint_lib.Checkpointer,
+                                                                str | int]:
+  """A read-only Checkpointer of the directory ``which`` names, and ``which`` itself, resolved:
+  'best' is ``workdir/best`` when early stopping saved a state there, else 'latest'."""
+  if which == "best":
+    best = epath.Path(workdir) / BEST_DIR
+    if (best / "checkpoints").is_dir():
+      checkpointer = checkpoint_lib.Checkpointer(str(best), read_only=True)
+      if checkpointer.latest_step() is not None:
+        return checkpointer, which
+      checkpointer.close()  # stopped before its first evaluation: nothing kept yet
+    which = "latest"  # no early stopping: the run's result is its latest checkpoint
+  return checkpoint_lib.Checkpointer(workdir, read_only=True), which
 
 
 def parse_checkpoint(value: str | int) -> str | int:
