@@ -22,7 +22,7 @@ import numpy as np
 
 import deepflow
 from deepflow import parallel
-from deepflow.train.loop import Experiment
+from deepflow.train.experiment import Experiment
 from overhead import deepflow_steps_per_sec
 
 

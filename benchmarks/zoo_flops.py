@@ -8,7 +8,7 @@ run:
    from XLA's cost analysis of the compiled step (``jit(...).lower(...).compile()
    .cost_analysis()['flops']``: forward, backward and optimizer update as XLA counts them),
    times measured steps/s, as a fraction of the peak;
-3. the sampler (``deepflow.models.sampling.sample``) on the Transformer LM: generated tokens/s
+3. the sampler (``deepflow.models.decoding.sample``) on the Transformer LM: generated tokens/s
    with the key/value cache and without it (every step recomputes the whole prefix).
 
 The train steps are fed one device-resident batch, so the numbers are the step's, not the input
@@ -37,8 +37,8 @@ import jax.numpy as jnp
 
 import deepflow
 from deepflow import parallel
-from deepflow.models import sampling
-from deepflow.train.loop import Experiment
+from deepflow.models import decoding
+from deepflow.train.experiment import Experiment
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "experiments")
 
@@ -84,7 +84,7 @@ def sampler_rates(num_tokens: int, batch: int, repeats: int = 3) -> dict[bool, f
     exp = Experiment(config, workdir)
   variables = {"params": exp.init_state().params}
   prompt = jnp.zeros((batch, 1), jnp.int32)
-  draw = jax.jit(sampling.sample, static_argnums=(0, 3),
+  draw = jax.jit(decoding.sample, static_argnums=(0, 3),
                  static_argnames=("temperature", "top_k", "use_cache"))
   rates = {}
   for use_cache in (True, False):

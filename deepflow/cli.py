@@ -3,6 +3,10 @@
 Each command is a function below, marked with ``@command`` (the flags it reads and an example);
 ``deepflow --help`` lists them and ``deepflow COMMAND --help`` documents one.
 
+eval, explain, sample and export read a run's checkpoint: ``--checkpoint best`` (the default: the
+run's result, i.e. early stopping's best checkpoint if it kept one, else the latest), ``latest``
+or a step number.
+
 A user error (bad config, missing dataset, non-finite loss, mismatched checkpoint) exits
 non-zero with one line on stderr; ``--debug`` shows the traceback and runs the steps without jit
 and with NaN checks, to step through them.
@@ -22,6 +26,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "Experiment file (train).")
 flags.DEFINE_string("workdir", None, "Run directory: config.json, metrics.jsonl, checkpoints/.")
 flags.DEFINE_string("split", None, "Split to evaluate (eval; default: the config's eval_split).")
+flags.DEFINE_string("checkpoint", "best", "eval, explain, sample, export: the run's checkpoint to "
+                    "read: best (the run's result: early stopping's best, else the latest), "
+                    "latest, or a step number.")
 flags.DEFINE_bool("debug", False, "No jit, NaN checks, full tracebacks.")
 flags.DEFINE_bool("distributed", False, "Join a multi-host run (jax.distributed.initialize; "
                   "auto-detected on Cloud TPU unless the three flags below are given).")
@@ -69,8 +76,7 @@ def main(argv: list[str], overrides: list[str]) -> None:
     _fail(f"unexpected arguments: {' '.join(argv[2:])}", 2)
   _setup_logging(FLAGS.debug)
   from deepflow.registry import ConfigError
-  from deepflow.train import NonFiniteLossError, Preempted
-  from deepflow.train.workdir_lock import WorkdirLockedError
+  from deepflow.train.errors import NonFiniteLossError, Preempted, WorkdirLockedError
   try:
     if FLAGS.distributed or FLAGS.coordinator_address:
       from deepflow import parallel
@@ -115,25 +121,15 @@ def _train(overrides: list[str]) -> None:
   _print_metrics(config.data.eval_split, metrics)
 
 
-@command("workdir", "split", example="deepflow eval --workdir runs/digits_cnn --split train")
+@command("workdir", "split", "checkpoint", example="deepflow eval --workdir runs/digits_cnn --split train")
 def _eval(overrides: list[str]) -> None:
-  """Evaluate the latest checkpoint of a run on a split (default: the config's eval_split)."""
-  from deepflow import config as config_lib
-  from deepflow.train import checkpoint as checkpoint_lib
-  from deepflow.train.loop import Experiment
+  """Evaluate a checkpoint of a run on a split (default: the config's eval_split)."""
+  from deepflow.train.experiment import Experiment
   from deepflow.train.writers import MetricWriter
   workdir = _require("workdir")
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{workdir} is not a deepflow run (no config.json)")
-  with open(path) as f:
-    config = config_lib.config_from_json(f.read(), overrides)
-  split = FLAGS.split or config.data.eval_split
-  checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
-  if checkpointer.latest_step() is None:
-    raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
-  exp = Experiment(config, workdir, debug=FLAGS.debug)
-  state, _, step = exp.restore(checkpointer)
+  exp, state, step, _ = Experiment.from_workdir(workdir, overrides, checkpoint=FLAGS.checkpoint,
+                                                debug=FLAGS.debug)
+  split = FLAGS.split or exp.config.data.eval_split
   metrics = _with_debug(lambda: exp.evaluate(state, split))
   writer = MetricWriter(workdir, tensorboard=False)
   writer.write(step, split, metrics)
@@ -188,14 +184,14 @@ flags.DEFINE_string("output", None, "predict: write to .npy (the model's outputs
                     "classifier) or .json (records); default: one JSON line per example.")
 
 
-@command("workdir", "out", "platforms",
+@command("workdir", "out", "platforms", "checkpoint",
          example="deepflow export --workdir runs/digits_cnn --out artifacts/digits_cnn")
 def _export(overrides: list[str]) -> None:
   """Write a run's inference artifact (StableHLO, weights, preprocessing, signature.json)."""
   from deepflow import export
   out = _require("out")
   signature = export.export(_require("workdir"), out, overrides=overrides,
-                            platforms=FLAGS.platforms)
+                            platforms=FLAGS.platforms, checkpoint=FLAGS.checkpoint)
   source, spec = signature["source"], signature["input"]
   sizes = ", ".join(f"{name} {os.path.getsize(os.path.join(out, name)) / 1024:.0f} KiB"
                     for name in (export.MODEL_FILE, export.WEIGHTS_FILE))
@@ -210,13 +206,13 @@ def _export(overrides: list[str]) -> None:
 def _predict(overrides: list[str]) -> None:
   """Run an exported artifact on .npy/.json examples (needs no experiment file)."""
   import json
-  from deepflow import export
+  from deepflow import predict as predict_lib
   if overrides:
     _fail("predict takes no --config overrides: the artifact holds everything it needs", 2)
-  predictor = export.load(_require("model"))
-  outputs = predictor(export.read_inputs(_require("input")))
+  predictor = predict_lib.load(_require("model"))
+  outputs = predictor(predict_lib.read_inputs(_require("input")))
   if FLAGS.output:
-    export.write_predictions(FLAGS.output, predictor, outputs)
+    predict_lib.write_predictions(FLAGS.output, predictor, outputs)
     print(f"wrote {len(outputs)} predictions to {FLAGS.output}")
   else:
     for record in predictor.records(outputs):
@@ -233,15 +229,15 @@ flags.DEFINE_multi_string("option", [], "explain: a method option KEY=VALUE (e.g
                           "baseline=mean, patch=2).")
 
 
-@command("workdir", "method", "num_examples", "split", "target", "option",
+@command("workdir", "checkpoint", "method", "num_examples", "split", "target", "option",
          example="deepflow explain --workdir runs/digits_cnn --method saliency")
 def _explain(overrides: list[str]) -> None:
-  """Feature attributions of a run's latest checkpoint: DIR/explain/METHOD.png and .npz."""
+  """Feature attributions of a run's checkpoint: DIR/explain/METHOD.png and .npz."""
   from deepflow import explain
   result = _with_debug(lambda: explain.explain(
       _require("workdir"), FLAGS.method, FLAGS.num_examples, split=FLAGS.split,
       target=FLAGS.target, options=explain.parse_options(FLAGS.option), overrides=overrides,
-      debug=FLAGS.debug))
+      checkpoint=FLAGS.checkpoint, debug=FLAGS.debug))
   print(f"{result.method} attributions of {len(result.inputs)} {result.split} examples at step "
         f"{result.step}: {result.png} {result.npz}")
 
@@ -256,22 +252,23 @@ flags.DEFINE_integer("top_k", None, "sample: draw among the k most likely tokens
 flags.DEFINE_integer("sample_seed", 0, "sample: seed of the draws.")
 
 
-@command("workdir", "num", "prompt", "num_tokens", "temperature", "top_k", "sample_seed",
+@command("workdir", "checkpoint", "num", "prompt", "num_tokens", "temperature", "top_k",
+         "sample_seed",
          example="deepflow sample --workdir runs/text_transformer --prompt 'The ' --num 2")
 def _sample(overrides: list[str]) -> None:
   """Draw from a trained generative model: text (language models), PNG grids (GANs)."""
   from deepflow import sample
   samples, files, step = _with_debug(lambda: sample.sample_run(
       _require("workdir"), FLAGS.num, seed=FLAGS.sample_seed, overrides=overrides,
-      debug=FLAGS.debug, prompt=FLAGS.prompt, num_tokens=FLAGS.num_tokens,
-      temperature=FLAGS.temperature, top_k=FLAGS.top_k))
+      checkpoint=FLAGS.checkpoint, debug=FLAGS.debug, prompt=FLAGS.prompt,
+      num_tokens=FLAGS.num_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k))
   for i, text in enumerate(samples.get("text", ())):
     print(f"--- sample {i + 1} ---\n{text}")
   print(f"{FLAGS.num} samples from the checkpoint at step {step}: {', '.join(files)}")
 
 
-# Each command is a function of the ``--config.KEY=VALUE`` overrides; its flags are absl flags
-# defined above (shared) or in its own module (imported here).
+# Each command is a function of the ``--config.KEY=VALUE`` overrides; its flags are the absl flags
+# defined above, next to it (``--workdir``, ``--split``, ``--checkpoint`` and ``--debug`` shared).
 COMMANDS = {
     "train": _train,
     "eval": _eval,

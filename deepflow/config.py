@@ -8,7 +8,6 @@ compiled. Every user mistake raises ``ConfigError`` with one line.
 from __future__ import annotations
 
 import ast
-import dataclasses
 import importlib.util
 import json
 import os
@@ -194,20 +193,10 @@ def apply_overrides(config: ConfigDict, overrides: Iterable[str]) -> None:
 # Defaults of the chosen model and task, then validation.
 # ------------------------------------------------------------------------------------------------
 
-def model_options(model_cls: type) -> dict[str, Any]:
-  """A Linen module's configurable fields and defaults (everything but num_outputs/parent/name)."""
-  options = {}
-  for f in dataclasses.fields(model_cls):
-    if f.name in ("parent", "name", "num_outputs") or not f.init:
-      continue
-    default = f.default if f.default is not dataclasses.MISSING else None
-    options[f.name] = tuple(default) if isinstance(default, list) else default
-  return options
-
-
 def _with_defaults(config: ConfigDict) -> ConfigDict:
   """A copy of ``config`` with base keys, model fields and task options that it leaves out."""
-  from deepflow import models, tasks  # noqa: F401  (registration)
+  from deepflow import tasks  # noqa: F401  (fills TASKS)
+  from deepflow.models import model_options  # fills MODELS
   from deepflow.registry import MODELS, TASKS
   merged = base_config()
   _merge(merged, config)
@@ -216,7 +205,7 @@ def _with_defaults(config: ConfigDict) -> ConfigDict:
       if key not in merged.model:
         merged.model[key] = value
   if merged.task.name in TASKS:
-    for key, value in TASKS.get(merged.task.name).options().items():
+    for key, value in TASKS.get(merged.task.name).OPTIONS.items():
       if key not in merged.task:
         merged.task[key] = value
   return merged
@@ -240,8 +229,9 @@ def _merge(base: ConfigDict, update: ConfigDict) -> None:
 
 def validate(config: ConfigDict) -> None:
   """Checks names, keys, types and values before anything is compiled."""
-  from deepflow import models, tasks, optim, regularizers  # noqa: F401  (registration)
-  from deepflow.data import sources, transforms  # noqa: F401
+  from deepflow import data, optim, regularizers, tasks  # noqa: F401  (fill the registries)
+  from deepflow.data import sources
+  from deepflow.models import model_options  # fills MODELS
   from deepflow.registry import MODELS, TASKS, OPTIMIZERS, SCHEDULES, TRANSFORMS, REGULARIZERS
 
   base = base_config()
@@ -254,7 +244,7 @@ def validate(config: ConfigDict) -> None:
       raise ConfigError(f"model {config.model.name!r} has no option {key!r}; "
                         f"options: {', '.join(sorted(allowed))}")
   task_cls = TASKS.get(config.task.name)
-  allowed = set(task_cls.options())
+  allowed = set(task_cls.OPTIONS)
   for key in config.task:
     if key != "name" and key not in allowed:
       raise ConfigError(f"task {config.task.name!r} has no option {key!r}; "

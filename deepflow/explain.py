@@ -1,9 +1,9 @@
 """Feature attributions of a trained run: what ``deepflow explain --workdir DIR`` does.
 
-``explain(workdir, method, num_examples)`` restores the run's latest checkpoint, takes the first
-``num_examples`` examples of a split as the model sees them (after ``data.transforms``), and
-attributes the predicted class (or the true one) with a method registered in
-``deepflow.analysis.attributions.METHODS``. It writes ``DIR/explain/<method>.png`` (each input
+``explain(workdir, method, num_examples)`` restores a checkpoint of the run (by default its
+result: see ``deepflow.train.experiment``), takes the first ``num_examples`` examples of a split
+as the model sees them (after ``data.transforms``), and attributes the predicted class (or the
+true one) with a method registered in ``deepflow.analysis.attributions.METHODS``. It writes ``DIR/explain/<method>.png`` (each input
 above its signed heatmap) and ``DIR/explain/<method>.npz`` (``inputs``, ``attributions``,
 ``labels``, ``predictions``, ``targets``: the attributed classes) and returns the same arrays.
 """
@@ -66,17 +66,16 @@ def first_examples(pipeline, split: str, count: int) -> dict[str, np.ndarray]:
 def explain(workdir: str, method: str = "integrated_gradients", num_examples: int = 16, *,
             split: str | None = None, target: str = "predicted",
             options: Mapping[str, Any] | None = None, overrides: Iterable[str] = (),
-            debug: bool = False) -> Explanation:
-  """Attributions of the latest checkpoint in ``workdir`` (see the module docstring).
+            checkpoint: str | int = "best", debug: bool = False) -> Explanation:
+  """Attributions of a checkpoint in ``workdir`` (see the module docstring).
 
   ``target``: attribute the model's 'predicted' class or the true 'label'. ``options`` go to
   the method (e.g. ``steps`` for integrated gradients, ``patch`` for occlusion); ``overrides``
-  are ``KEY=VALUE`` changes to the run's config (e.g. ``data.data_dir=...``). A workdir with no
-  checkpoint is a ``FileNotFoundError``; a bad method, option or target a ``ConfigError``.
+  are ``KEY=VALUE`` changes to the run's config (e.g. ``data.data_dir=...``); ``checkpoint`` is
+  'best', 'latest' or a step (``Experiment.from_workdir``). A workdir with no checkpoint is a
+  ``FileNotFoundError``; a bad method, option or target a ``ConfigError``.
   """
-  from deepflow import config as config_lib
-  from deepflow.train import checkpoint as checkpoint_lib
-  from deepflow.train.loop import Experiment
+  from deepflow.train.experiment import Experiment
   options = dict(options or {})
   known = attributions_lib.method_options(method)  # unknown method: ConfigError listing them
   unknown = sorted(set(options) - set(known))
@@ -87,27 +86,12 @@ def explain(workdir: str, method: str = "integrated_gradients", num_examples: in
     raise ConfigError(f"target must be one of {', '.join(TARGET_CLASSES)}, got {target!r}")
   if not isinstance(num_examples, int) or num_examples < 1:
     raise ConfigError(f"num_examples must be a positive integer, got {num_examples!r}")
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{workdir} is not a deepflow run (no config.json)")
-  with open(path) as f:
-    config = config_lib.config_from_json(f.read(), overrides)
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  missing = FileNotFoundError(f"no checkpoint in {directory}: train the run first "
-                              f"(deepflow train --workdir {workdir} ...)")
-  if not os.path.isdir(directory):
-    raise missing
-  checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
-  try:
-    if checkpointer.latest_step() is None:
-      raise missing
-    exp = Experiment(config, workdir, debug=debug)
-    if not exp.task.spec.num_classes:
-      raise ConfigError(f"deepflow explain attributes a class score; task "
-                        f"{config.task.name!r} on {config.data.source} has no classes")
-    state, _, step = exp.restore(checkpointer)
-  finally:
-    checkpointer.close()
+  exp, state, step, _ = Experiment.from_workdir(workdir, overrides, checkpoint=checkpoint,
+                                                debug=debug)
+  config = exp.config
+  if not exp.task.spec.num_classes:
+    raise ConfigError(f"deepflow explain attributes a class score; task "
+                      f"{config.task.name!r} on {config.data.source} has no classes")
   split = split or config.data.eval_split
   batch = first_examples(exp.pipeline, split, num_examples)
   inputs, labels = batch[INPUTS], batch[TARGETS].astype(np.int32)

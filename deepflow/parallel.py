@@ -73,7 +73,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh, parallel_config: Any) -> An
      when divisible (tensor parallelism for dense and conv kernels);
   everything else is replicated. The program is correct for any choice: XLA inserts the
   collectives the shardings imply; only speed and memory change."""
-  from deepflow.optim.optimizers import path_name
+  from deepflow.pytree import path_name
   rules = [(re.compile(pattern), P(*spec)) for pattern, spec in parallel_config.rules]
   data, model = mesh.shape[DATA], mesh.shape[MODEL]
 

@@ -3,6 +3,15 @@
 A config says ``model.name = 'cnn'``; the builder calls ``MODELS.get('cnn')``. Adding a new
 piece is one ``@MODELS.register('name')`` on its factory. An unknown name raises a
 ``ConfigError`` that lists the known names, so a typo is a one-line fix.
+
+One registration rule: a registry is filled by one package, whose ``__init__.py`` imports every
+module that registers into it, and code that looks a name up imports that package first:
+
+  MODELS, ACTIVATIONS    deepflow.models
+  TASKS                  deepflow.tasks
+  DATASETS, TRANSFORMS   deepflow.data
+  OPTIMIZERS, SCHEDULES  deepflow.optim
+  REGULARIZERS           deepflow.regularizers
 """
 from __future__ import annotations
 
@@ -14,6 +23,13 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
   """A user error in the experiment config: reported as one line, without a traceback."""
+
+
+def first_line(error: BaseException) -> str:
+  """The first line of an error's message (its type's name if it has none), at most 300
+  characters: what a one-line report of a library's error quotes."""
+  text = str(error).strip().splitlines()
+  return (text[0] if text else type(error).__name__)[:300]
 
 
 class Registry(Generic[T]):

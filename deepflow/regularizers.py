@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from deepflow.data.pipeline import INPUTS, TARGETS
-from deepflow.optim.optimizers import path_name
+from deepflow.pytree import path_name
 from deepflow.registry import ConfigError, REGULARIZERS
 
 Batch = Mapping[str, jax.Array]

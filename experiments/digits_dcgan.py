@@ -9,7 +9,7 @@ Or both: python experiments/digits_dcgan.py --workdir runs/digits_dcgan [KEY=VAL
          (trains, or reuses the finished run, and writes 8 samples per class to DIR/samples/)
 
 Eval metrics: ``sample_accuracy``, how often the reference classifier (a small CNN trained once on
-the train split, ``deepflow.tasks.gan.ReferenceClassifier``) recognises the digit each test-set
+the train split, ``deepflow.analysis.reference.ReferenceClassifier``) recognises the digit each test-set
 sample was generated for, beside ``real_accuracy``, its accuracy on the real test digits (the
 ceiling); ``frechet_distance`` to the train split in its feature space, beside
 ``real_frechet_distance`` (the real test digits': the floor for 360 samples).

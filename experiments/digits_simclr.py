@@ -58,7 +58,7 @@ def main(argv=None) -> dict[str, dict[str, float]]:
   from deepflow.data.pipeline import INPUTS, TARGETS
   from deepflow.tasks.contrastive import linear_probe, split_features
   from deepflow.train import checkpoint as checkpoint_lib
-  from deepflow.train.loop import Experiment
+  from deepflow.train.experiment import Experiment
   parser = argparse.ArgumentParser(description="SimCLR on digits, with linear probes")
   parser.add_argument("--workdir", default="runs/digits_simclr")
   parser.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides")

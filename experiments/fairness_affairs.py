@@ -34,7 +34,7 @@ from deepflow.config import base_config
 
 VARIANTS = {
     "unweighted": [],  # get_config() itself
-    "reweighed": None,  # task.group_weights from the train split, filled in by main()
+    "reweighed": lambda config: reweighing_overrides(config),  # from the train split
 }
 KEYS = ("accuracy", "auc", "fairness/group_0/selection_rate", "fairness/group_1/selection_rate",
         "fairness/demographic_parity_difference", "fairness/equal_opportunity_difference",
@@ -70,23 +70,10 @@ def reweighing_overrides(config) -> list[str]:
 
 
 def main(argv=None):
-  import argparse
-  import os
-  from deepflow import config as config_lib, sweep
-  parser = argparse.ArgumentParser(description="unweighted vs reweighed (group fairness)")
-  parser.add_argument("--workdir", default="runs/fairness")
-  parser.add_argument("--seeds", type=int, default=3)
-  parser.add_argument("overrides", nargs="*", help="KEY=VALUE for every run (e.g. train.steps=50)")
-  args = parser.parse_args(argv)
-  path = os.path.abspath(__file__)
-  reweighed = reweighing_overrides(config_lib.load_config(path, args.overrides))
-  variants = sweep.seeded_variants(
-      {name: reweighed if v is None else v for name, v in VARIANTS.items()}, args.seeds,
-      args.overrides)
-  results = sweep.run_variants(path, args.workdir, variants)
-  print(f"reweighing table (row = group, column = label): {reweighed[0].split('=', 1)[1]}")
-  print(sweep.seed_means_table(results, VARIANTS, args.seeds, KEYS, first_column="variant"))
-  return results
+  """The comparison above: every variant, mean over seeds (``deepflow.sweep.compare``)."""
+  from deepflow.sweep import compare
+  return compare(__file__, VARIANTS, argv, description="unweighted vs reweighed (group fairness)",
+                 workdir="runs/fairness", keys=KEYS)
 
 
 if __name__ == "__main__":

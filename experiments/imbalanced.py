@@ -50,20 +50,11 @@ def get_config():
 
 
 def main(argv=None):
-  import argparse
-  import os
-  from deepflow import sweep
-  parser = argparse.ArgumentParser(description="unweighted vs balanced class weights")
-  parser.add_argument("--workdir", default="runs/imbalanced")
-  parser.add_argument("--seeds", type=int, default=3)
-  parser.add_argument("overrides", nargs="*", help="KEY=VALUE for every run (e.g. train.steps=50)")
-  args = parser.parse_args(argv)
-  variants = sweep.seeded_variants(VARIANTS, args.seeds, args.overrides)
-  results = sweep.run_variants(os.path.abspath(__file__), args.workdir, variants)
-  print(sweep.seed_means_table(results, VARIANTS, args.seeds,
-                               ("accuracy", "precision", "recall", "f1", "auc"),
-                               first_column="class weights"))
-  return results
+  """The comparison above: every variant, mean over seeds (``deepflow.sweep.compare``)."""
+  from deepflow.sweep import compare
+  return compare(__file__, VARIANTS, argv, description="unweighted vs balanced class weights",
+                 workdir="runs/imbalanced", keys=("accuracy", "precision", "recall", "f1", "auc"),
+                 first_column="class weights")
 
 
 if __name__ == "__main__":

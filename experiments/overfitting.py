@@ -64,23 +64,18 @@ def get_config():
 
 
 def main(argv=None):
-  import argparse
-  import os
-  from deepflow import sweep
-  parser = argparse.ArgumentParser(description="the regularization ladder")
-  parser.add_argument("--workdir", default="runs/overfitting")
-  parser.add_argument("--seeds", type=int, default=1, help="runs per rung (metrics averaged)")
-  parser.add_argument("overrides", nargs="*", help="KEY=VALUE for every rung (e.g. train.steps=50)")
-  args = parser.parse_args(argv)
-  variants = sweep.seeded_variants(LADDER, args.seeds, args.overrides)
-  results = sweep.run_variants(os.path.abspath(__file__), args.workdir, variants,
-                               splits=["train"])
+  """The ladder above (``deepflow.sweep.compare``, with the train split evaluated too), as a
+  table of train/test accuracy and their gap; returns it."""
+  from deepflow.sweep import compare
+  results = compare(__file__, LADDER, argv, description="the regularization ladder",
+                    workdir="runs/overfitting", seeds=1, splits=["train"])
+  seeds = len(results) // len(LADDER)
   print(f"| rung | train acc | test acc | gap (pts) | train loss | test loss |  "
-        f"(mean of {args.seeds} seed(s))")
+        f"(mean of {seeds} seed(s))")
   print("|---|---|---|---|---|---|")
   table = {}
   for name in LADDER:
-    runs = [results[f"{name}/seed{s}"] for s in range(args.seeds)]
+    runs = [results[f"{name}/seed{s}"] for s in range(seeds)]
     m = table[name] = {f"{split}_{k}": sum(r[split][k] for r in runs) / len(runs)
                        for split in ("train", "test") for k in ("accuracy", "loss")}
     print(f"| {name} | {m['train_accuracy']:.4f} | {m['test_accuracy']:.4f} | "

@@ -55,24 +55,11 @@ def get_config():
 
 
 def main(argv=None):
-  import argparse
-  import math
-  import os
-  from deepflow import sweep
-  parser = argparse.ArgumentParser(description="DP-SGD at epsilon 1, 3, 8 and without privacy")
-  parser.add_argument("--workdir", default="runs/private_digits")
-  parser.add_argument("overrides", nargs="*", help="KEY=VALUE for every run (e.g. train.steps=50)")
-  args = parser.parse_args(argv)
-  variants = {name: [*v, *args.overrides] for name, v in VARIANTS.items()}
-  results = sweep.run_variants(os.path.abspath(__file__), args.workdir, variants)
-  print("| variant | test accuracy | noise multiplier | epsilon (delta 1e-5) |")
-  print("|---|---|---|---|")
-  for name in VARIANTS:
-    m = results[name]["test"]
-    noise, eps = m.get("privacy/noise_multiplier"), m.get("privacy/epsilon", math.inf)
-    print(f"| {name} | {m['accuracy']:.4f} | {'-' if noise is None else f'{noise:.3f}'} | "
-          f"{'-' if math.isinf(eps) else f'{eps:.3f}'} |")
-  return results
+  """The comparison above: one run per variant (``deepflow.sweep.compare``)."""
+  from deepflow.sweep import compare
+  return compare(__file__, VARIANTS, argv, description="DP-SGD at epsilon 1, 3, 8 and without "
+                 "privacy", workdir="runs/private_digits", seeds=None,
+                 keys=("accuracy", "privacy/noise_multiplier", "privacy/epsilon"))
 
 
 if __name__ == "__main__":

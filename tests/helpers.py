@@ -47,6 +47,16 @@ def deepflow_cli(*args, env=None, timeout: float = 240, **kwargs) -> subprocess.
   return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
+def one_line_error(out: subprocess.CompletedProcess) -> str:
+  """The one ``deepflow: error:`` line of a failed command, asserting there is exactly one and
+  no traceback."""
+  assert out.returncode != 0
+  assert "Traceback" not in out.stderr, out.stderr
+  lines = [line for line in out.stderr.splitlines() if line.startswith("deepflow: error:")]
+  assert len(lines) == 1, out.stderr
+  return lines[0]
+
+
 def deepflow_process(*args, env=None) -> subprocess.Popen:
   """Starts ``python -m deepflow ARGS`` in the background (for kill/preemption tests)."""
   return subprocess.Popen([sys.executable, "-m", "deepflow", *args], stdout=subprocess.PIPE,

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from tests.helpers import deepflow_cli as deepflow, write_experiment
+from tests.helpers import deepflow_cli as deepflow, one_line_error, write_experiment
 
 
 @pytest.fixture
@@ -33,14 +33,6 @@ def test_train_then_eval(tmp_path, experiment):
   assert "final train metrics at step 4" in ev.stdout
   last = json.loads(open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()[-1])
   assert last["split"] == "train" and last["step"] == 4
-
-
-def one_line_error(out):
-  assert out.returncode != 0
-  assert "Traceback" not in out.stderr, out.stderr
-  lines = [line for line in out.stderr.splitlines() if line.startswith("deepflow: error:")]
-  assert len(lines) == 1, out.stderr
-  return lines[0]
 
 
 @pytest.mark.parametrize("args, message", [

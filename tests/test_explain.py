@@ -1,7 +1,5 @@
 """`deepflow explain`: attributions of a trained run's checkpoint, in Python and on the CLI."""
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,10 +9,9 @@ from deepflow import config as config_lib, explain
 from deepflow.analysis import attributions
 from deepflow.registry import ConfigError
 from deepflow.train import checkpoint as checkpoint_lib
-from deepflow.train.loop import Experiment
-from tests.helpers import tiny_config
+from deepflow.train.experiment import Experiment
+from tests.helpers import deepflow_cli, tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CNN = dict(name="cnn", features=(4,), dense=(8,))
 
 
@@ -24,11 +21,6 @@ def run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("run"))
   deepflow.train_and_evaluate(tiny_config("train.steps=3", model=CNN), workdir)
   return workdir
-
-
-def deepflow_cli(*args):
-  return subprocess.run([sys.executable, "-m", "deepflow", *args], capture_output=True,
-                        text=True, timeout=240, cwd=ROOT)
 
 
 def test_cli_writes_the_grid_and_the_arrays(run):

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 import deepflow
-from deepflow import config as config_lib, export
+from deepflow import config as config_lib, export, predict
 from deepflow.data import sources, transforms as transforms_lib
+from deepflow.train.experiment import Experiment
+from tests.helpers import deepflow_cli, one_line_error
 
 RUNS = {
     "mlp": dict(model=dict(name="mlp", hidden=(32,)), source="bundled:digits",
@@ -60,7 +62,7 @@ def trained(data_dir, tmp_path_factory):
 def in_framework(workdir, n):
   """Raw test inputs and the model's outputs on them through the framework's own (numpy)
   preprocessing and ``task.apply``."""
-  exp, state, _, _ = export.restore_run(workdir)
+  exp, state, _, _ = Experiment.from_workdir(workdir)
   data = exp.pipeline.dataset
   raw = sources.take(data.split("test"), np.arange(n))
   batch = transforms_lib.apply_chain(exp.pipeline.transforms, exp.pipeline.stats, raw,
@@ -76,7 +78,7 @@ def test_exported_outputs_equal_in_framework(name, trained):
   inputs, expected = in_framework(workdir, 7)
   if name == "impute":
     assert np.isnan(inputs).any()  # the imputation really runs inside the exported function
-  predictor = export.load(out)
+  predictor = predict.load(out)
   for n in (1, 7):  # one symbolic batch dimension serves every batch size
     got = predictor(inputs[:n])
     assert got.shape == expected[:n].shape
@@ -101,7 +103,7 @@ def test_signature_describes_the_artifact(trained):
 
 
 def test_predictor_checks_inputs(trained):
-  predictor = export.load(trained("mlp")[1])
+  predictor = predict.load(trained("mlp")[1])
   good = np.zeros((2, 8, 8, 1), np.float32)
   assert predictor(good.astype(np.float64)).shape == predictor(good.astype(np.int64)).shape
   for bad, message in [
@@ -110,7 +112,7 @@ def test_predictor_checks_inputs(trained):
       (good.astype(np.complex64), "input dtype complex64 is not accepted"),
       (np.full((1, 8, 8, 1), np.nan, np.float32), "missing values (NaN)"),
   ]:
-    with pytest.raises(export.ArtifactError) as error:
+    with pytest.raises(predict.ArtifactError) as error:
       predictor(bad)
     assert message in str(error.value) and "\n" not in str(error.value)
   records = predictor.records(predictor(good))
@@ -119,33 +121,20 @@ def test_predictor_checks_inputs(trained):
 
 
 def test_inputs_and_outputs_files(trained, tmp_path):
-  predictor = export.load(trained("mlp")[1])
+  predictor = predict.load(trained("mlp")[1])
   x = np.random.default_rng(0).normal(size=(3, 8, 8, 1))
   json.dump(x.tolist(), open(tmp_path / "x.json", "w"))
-  np.testing.assert_array_equal(export.read_inputs(str(tmp_path / "x.json")), x)
+  np.testing.assert_array_equal(predict.read_inputs(str(tmp_path / "x.json")), x)
   outputs = predictor(x)
-  export.write_predictions(str(tmp_path / "y.npy"), predictor, outputs)
+  predict.write_predictions(str(tmp_path / "y.npy"), predictor, outputs)
   np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), outputs)
-  export.write_predictions(str(tmp_path / "y.json"), predictor, outputs)
+  predict.write_predictions(str(tmp_path / "y.json"), predictor, outputs)
   assert len(json.load(open(tmp_path / "y.json"))) == 3
 
 
 # ------------------------------------------------------------------------------------------------
 # The commands, in subprocesses, as a user runs them.
 # ------------------------------------------------------------------------------------------------
-
-def deepflow_cli(*args):
-  return subprocess.run([sys.executable, "-m", "deepflow", *args], capture_output=True,
-                        text=True, timeout=240)
-
-
-def one_line_error(out):
-  assert out.returncode != 0
-  assert "Traceback" not in out.stderr, out.stderr
-  lines = [line for line in out.stderr.splitlines() if line.startswith("deepflow: error:")]
-  assert len(lines) == 1, out.stderr
-  return lines[0]
-
 
 def test_export_and_predict_commands(trained, tmp_path):
   workdir, _ = trained("mlp")
@@ -161,6 +150,33 @@ def test_export_and_predict_commands(trained, tmp_path):
   assert done.returncode == 0, done.stderr
   records = [json.loads(line) for line in done.stdout.splitlines()]
   assert [r["index"] for r in records] == expected.argmax(-1).tolist()
+
+
+# What `deepflow predict` must not load: the training stack (its import costs seconds).
+TRAINING_STACK = ("optax", "orbax", "grain", "flax", "tensorflow_datasets")
+PREDICT_IN_A_FRESH_PROCESS = """
+import json, runpy, sys
+sys.argv = ["deepflow", "predict", "--model", sys.argv[1], "--input", sys.argv[2]]
+try:
+  runpy.run_module("deepflow", run_name="__main__")
+except SystemExit as e:
+  assert not e.code, e.code
+print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
+"""
+
+
+def test_predict_imports_no_training_stack(trained, tmp_path):
+  workdir, out = trained("mlp")
+  inputs, expected = in_framework(workdir, 4)
+  np.save(tmp_path / "x.npy", inputs)
+  done = subprocess.run([sys.executable, "-c", PREDICT_IN_A_FRESH_PROCESS, out,
+                         str(tmp_path / "x.npy")], capture_output=True, text=True, timeout=240)
+  assert done.returncode == 0, done.stderr
+  *records, loaded = done.stdout.splitlines()
+  assert [json.loads(r)["index"] for r in records] == expected.argmax(-1).tolist()
+  loaded = set(json.loads(loaded))
+  assert "jax" in loaded and "deepflow" in loaded  # the list is of this process's modules
+  assert not loaded & set(TRAINING_STACK), sorted(loaded & set(TRAINING_STACK))
 
 
 @pytest.fixture

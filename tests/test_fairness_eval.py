@@ -1,5 +1,4 @@
 """Group fairness in eval (bundled:fair has a group), reweighing, and the fairness experiment."""
-import importlib.util
 import os
 
 import jax
@@ -10,14 +9,13 @@ import pytest
 
 import deepflow
 from deepflow import config as config_lib
-from deepflow.analysis.fairness import group_metrics, reweighting_weights
+from deepflow.analysis.fairness import group_metrics, reweighing_weights
 from deepflow.data.pipeline import INPUTS, MASK, TARGETS, Pipeline
 from deepflow.registry import ConfigError, TASKS
 from deepflow.tasks.supervised import GROUP, reweighing_table
 from deepflow.train import checkpoint as checkpoint_lib
-from deepflow.train.loop import Experiment
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from deepflow.train.experiment import Experiment
+from tests.helpers import experiment, tiny
 
 
 def fair_config(data_dir, *overrides, source="bundled:fair"):
@@ -112,7 +110,7 @@ def test_reweighing_table_holds_the_per_example_weights():
   groups = rng.integers(0, 3, 500)
   labels = (rng.random(500) < 0.2 + 0.2 * groups).astype(int)
   table = np.asarray(reweighing_table(labels, groups, 2))
-  np.testing.assert_allclose(table[groups, labels], reweighting_weights(labels, groups))
+  np.testing.assert_allclose(table[groups, labels], reweighing_weights(labels, groups))
   # Weighted, the label rate is the same in every group.
   w = table[groups, labels]
   rates = [np.sum(w * labels * (groups == g)) / np.sum(w * (groups == g)) for g in range(3)]
@@ -120,13 +118,8 @@ def test_reweighing_table_holds_the_per_example_weights():
 
 
 def test_fairness_experiment_runs(data_dir, tmp_path):
-  path = os.path.join(ROOT, "experiments", "fairness_affairs.py")
-  spec = importlib.util.spec_from_file_location("fairness_affairs", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  results = module.main(["--workdir", str(tmp_path), "--seeds", "1", "train.steps=3",
-                         "train.log_every=1", "train.progress=False",
-                         f"data.data_dir='{data_dir}'"])
+  _, module = experiment("fairness_affairs")
+  results = module.main(["--workdir", str(tmp_path), "--seeds", "1", *tiny(data_dir)])
   assert set(results) == {"unweighted/seed0", "reweighed/seed0"}
   for metrics in results.values():
     assert set(module.KEYS) <= set(metrics["test"])

@@ -11,7 +11,7 @@ import numpy as np
 
 import deepflow
 from deepflow.train.checkpoint import Checkpointer
-from deepflow.train.loop import Experiment
+from deepflow.train.experiment import Experiment
 from tests.helpers import write_experiment
 
 EXPERIMENT = """

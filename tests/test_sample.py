@@ -7,15 +7,7 @@ import pytest
 
 import deepflow
 from deepflow import config as config_lib
-from tests.helpers import deepflow_cli as deepflow_run, tiny_config
-
-
-def one_line_error(out):
-  assert out.returncode != 0
-  assert "Traceback" not in out.stderr, out.stderr
-  lines = [line for line in out.stderr.splitlines() if line.startswith("deepflow: error:")]
-  assert len(lines) == 1, out.stderr
-  return lines[0]
+from tests.helpers import deepflow_cli as deepflow_run, one_line_error, tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ import deepflow
 from deepflow import sweep
 from deepflow.config import base_config, finalize
 from deepflow.registry import ConfigError
-from deepflow.train import checkpoint as checkpoint_lib
-from deepflow.train.loop import Experiment
+from deepflow.train import NonFiniteLossError, checkpoint as checkpoint_lib
+from deepflow.train.experiment import Experiment
 from deepflow.train.writers import read_metrics
 
 
@@ -93,7 +93,8 @@ def test_vectorized_members_equal_their_trials_trained_alone(tmp_path):
   dirs = [str(tmp_path / f"member_{i}") for i in range(len(points))]
   for d in dirs:
     os.makedirs(d)
-  state, metrics = sweep.train_population(configs, dirs)
+  state, results = sweep.train_population(configs, dirs)
+  metrics = [r["metrics"] for r in results]
   assert len(metrics) == len(points) == 16
   for i in (5, 15):  # lr 2e-3, dropout 0.3, decay 0, seed 1; and every option at its second value
     alone = str(tmp_path / f"alone_{i}")
@@ -108,6 +109,25 @@ def test_vectorized_members_equal_their_trials_trained_alone(tmp_path):
     assert [r["loss"] for r in member_log] == pytest.approx([r["loss"] for r in alone_log],
                                                             rel=1e-4)
   assert len({round(m["loss"], 5) for m in metrics}) == 16  # every member trained differently
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_a_diverging_member_fails_as_its_trial_alone_does(tmp_path, policy):
+  """The population applies the loop's non-finite policy to each member: the diverging one is
+  failed at the step where training it alone stops, the others train on."""
+  base = tiny_config(steps=20, log_every=1, eval_every=0, checkpoint_every=0,
+                     nonfinite=policy, max_nonfinite=2)
+  configs = [sweep.trial_config(base, ["optimizer.name='sgd'", "optimizer.momentum=0.0",
+                                       f"optimizer.learning_rate={lr}"]) for lr in (0.1, 1e30)]
+  _, results = sweep.train_population(configs, [str(tmp_path / "ok"), str(tmp_path / "bad")])
+  with pytest.raises(NonFiniteLossError) as alone:
+    deepflow.train_and_evaluate(configs[1], str(tmp_path / "alone"))
+  assert results[0]["status"] == "ok" and np.isfinite(results[0]["metrics"]["loss"])
+  where = str(alone.value).split("non-finite ", 1)[1].split(";")[0]
+  assert results[1] == {"status": f"failed: loss or gradients became non-finite {where}",
+                        "metrics": {}}
+  failed_at = int(where.split()[2])
+  assert max(r["step"] for r in read_metrics(str(tmp_path / "bad"))) == failed_at - 1
 
 
 def test_vectorize_refuses_keys_that_change_the_program(tmp_path):
@@ -134,3 +154,16 @@ def test_cli_vectorized_sweep(tmp_path):
   assert out.returncode == 0, out.stderr
   assert "Sweep ranked by loss (min)" in out.stdout and "2 trials" in out.stdout
   assert (workdir / "results.csv").exists() and (workdir / "trial_001" / "result.json").exists()
+
+
+def test_seed_means_table():
+  results = {"a/seed0": {"test": {"accuracy": 0.5, "epsilon": 1.0}},
+             "a/seed1": {"test": {"accuracy": 0.7, "epsilon": 3.0}},
+             "b/seed0": {"test": {"accuracy": 0.9}}, "b/seed1": {"test": {"accuracy": 1.0}}}
+  table = sweep.seed_means_table(results, ["a", "b"], 2, ["accuracy", "epsilon"],
+                                 first_column="variant").splitlines()
+  assert table[0] == "| variant | accuracy | epsilon |  (test split, mean of 2 seeds)"
+  assert table[2:] == ["| a | 0.6000 | 2.0000 |", "| b | 0.9500 | - |"]
+  once = {"a": {"test": {"accuracy": 0.25}}}
+  assert sweep.seed_means_table(once, ["a"], None, ["accuracy"], first_column="v").splitlines()[
+      2] == "| a | 0.2500 |"

@@ -2,7 +2,7 @@
 
 Keys and defaults come from ``deepflow.config.base_config()``; their meanings from the inline
 comments in its source; the choices for each ``name`` from the registries (models with their
-fields via ``deepflow.config.model_options``, tasks, optimizers, schedules, transforms,
+fields via ``deepflow.models.model_options``, tasks, optimizers, schedules, transforms,
 regularizers, datasets, activations) and the first sentence of each one's docstring. Generated,
 so it cannot drift: ``tests/test_docs.py`` fails when the committed file differs.
 
@@ -25,11 +25,6 @@ from deepflow import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUTPUT = os.path.join(ROOT, "docs", "config.md")
-
-# Meanings of base-config keys that have no inline comment in deepflow/config.py yet. Once such a
-# comment exists, its entry here must go (tests/test_docs.py fails on a key documented twice, on
-# an entry for a key that no longer exists, and on a key documented nowhere).
-
 
 # ------------------------------------------------------------------------------------------------
 # The base config: keys, defaults and the comments beside them.
@@ -131,9 +126,9 @@ def options_of(factory: Any, skip: tuple[str, ...] = ()) -> str:
 
 def render() -> str:
   """The whole of docs/config.md."""
-  from deepflow import models, optim, regularizers, tasks  # noqa: F401  (registration)
-  from deepflow.data import sources, transforms  # noqa: F401
+  from deepflow import data, optim, regularizers, tasks  # noqa: F401  (fill the registries)
   from deepflow.data.bundled import BUILDERS
+  from deepflow.models import model_options  # fills MODELS
   from deepflow.registry import (ACTIVATIONS, DATASETS, MODELS, OPTIMIZERS, REGULARIZERS,
                                  SCHEDULES, TASKS, TRANSFORMS)
 
@@ -169,14 +164,14 @@ def render() -> str:
           "data.", ""]
   for name in MODELS.names():
     cls = MODELS.get(name)
-    options = ", ".join(f"{k}={v!r}" for k, v in config_lib.model_options(cls).items())
+    options = ", ".join(f"{k}={v!r}" for k, v in model_options(cls).items())
     out += [f"### `{name}`", "", summary(cls), "", f"Fields: `{options}`" if options else
             "No fields.", ""]
 
   out += ["## Tasks (`task.name`)", ""]
   out += table(("name", "options (task.*)", "description"),
                ((f"`{n}`", cell(", ".join(f"`{k}={v!r}`" for k, v in
-                                          TASKS.get(n).options().items())),
+                                          TASKS.get(n).OPTIONS.items())),
                  cell(summary(TASKS.get(n)))) for n in TASKS.names()))
   out += ["## Optimizers (`optimizer.name`)", "",
           "Every optimizer takes `optimizer.learning_rate`, `schedule`, `weight_decay` and "

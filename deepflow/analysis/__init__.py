@@ -6,7 +6,7 @@ only when ``save_attribution_grid`` is first used, so importing deepflow stays l
 from deepflow.analysis.attributions import (METHODS, attribute, gradient_x_input,
                                             integrated_gradients, method_options, occlusion,
                                             saliency, smoothgrad)
-from deepflow.analysis.fairness import group_metrics, reweighting_weights
+from deepflow.analysis.fairness import group_metrics, reweighing_weights
 
 
 def __getattr__(name: str):
@@ -17,5 +17,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["METHODS", "attribute", "gradient_x_input", "group_metrics", "integrated_gradients",
-           "method_options", "occlusion", "reweighting_weights", "saliency",
+           "method_options", "occlusion", "reweighing_weights", "saliency",
            "save_attribution_grid", "smoothgrad"]

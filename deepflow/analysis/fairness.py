@@ -121,7 +121,7 @@ def group_metrics(predictions, labels, groups, *, threshold: float = 0.5,
   return out
 
 
-def reweighting_weights(labels, groups) -> np.ndarray:
+def reweighing_weights(labels, groups) -> np.ndarray:
   """Per-example weights ``P(g) P(y) / P(g, y)`` (Kamiran & Calders, 2012, "reweighing").
 
   When every (group, label) pair occurs, the label is independent of the group under these

@@ -1,4 +1,5 @@
-"""Attribution heatmaps as PNG grids: each input above its signed attribution map.
+"""Image grids as PNGs: attribution heatmaps (each input above its signed attribution map) and
+generated images (``deepflow sample`` of a GAN).
 
 Uses matplotlib's Agg canvas on a bare ``Figure`` (no pyplot), so it works headless and never
 touches the process-wide backend or pyplot's figure registry.
@@ -108,5 +109,53 @@ def save_attribution_grid(path: str | os.PathLike, inputs, attributions,
       top.set_title(str(labels[i]), fontsize=8)
   if title:
     fig.suptitle(title)
+  fig.savefig(path, format="png", dpi=100)
+  return os.fspath(path)
+
+
+def save_image_grid(path: str | os.PathLike, images: np.ndarray,
+                    labels: Sequence[int] | None = None, *, title: str | None = None) -> str:
+  """Writes images (N, H, W, C) as one PNG mosaic: with ``labels``, one row per class (labelled
+  on the left), else a near-square grid. Values are scaled to [0, 1] over the whole grid, from
+  its 0.5th to its 99.5th percentile (the images are in preprocessed units), so intensities stay
+  comparable between cells.
+  """
+  images = np.asarray(images, np.float32)
+  if images.ndim != 4:
+    raise ConfigError(f"an image grid needs (N, H, W, C) images, got shape {images.shape}")
+  lo, hi = (float(v) for v in np.percentile(images, [0.5, 99.5]))  # outliers can't grey it all
+  images = np.clip((images - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(images)
+
+  if images.shape[-1] not in (1, 3):  # neither grey nor RGB: show the channel mean
+    images = images.mean(-1, keepdims=True)
+  if labels is not None:
+    labels = np.asarray(labels)
+    rows = [images[labels == c] for c in np.unique(labels)]
+    row_names = [str(c) for c in np.unique(labels)]
+  else:
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = [images[i:i + cols] for i in range(0, len(images), cols)]
+    row_names = None
+  n, (h, w, c) = max(len(r) for r in rows), images.shape[1:]
+  gap = 1
+  mosaic = np.ones((len(rows) * (h + gap) - gap, n * (w + gap) - gap, c), np.float32)
+  for i, row in enumerate(rows):
+    for j, image in enumerate(row):
+      mosaic[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = image
+  scale = min(0.25, 8.0 / max(mosaic.shape[:2]))  # inches per pixel: about 8 inches across
+  fig = Figure(figsize=(mosaic.shape[1] * scale + 0.6, mosaic.shape[0] * scale + 0.6),
+               layout="constrained")
+  FigureCanvasAgg(fig)
+  ax = fig.subplots()
+  ax.imshow(mosaic[..., 0] if c == 1 else mosaic, cmap="gray", vmin=0.0, vmax=1.0,
+            interpolation="nearest")
+  ax.set_xticks([])
+  if row_names is not None:
+    ax.set_yticks([i * (h + gap) + (h - 1) / 2 for i in range(len(rows))], row_names)
+    ax.set_ylabel("class")
+  else:
+    ax.set_yticks([])
+  if title:
+    ax.set_title(title, fontsize=9)
   fig.savefig(path, format="png", dpi=100)
   return os.fspath(path)

@@ -242,6 +242,3 @@ def load_stats(path: str) -> list[Stats]:
         stats[int(i)][key] = f[name]
   return stats
 
-
-from deepflow.data import augment  # noqa: E402,F401  (registers the augmentations)
-from deepflow.data import tokenize  # noqa: E402,F401  (registers the tokenizer)

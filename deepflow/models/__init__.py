@@ -5,4 +5,18 @@ from the dataset by the builder) and whose ``__call__(x, *, train=False)`` is pu
 layers draw from the ``'dropout'`` RNG stream; mutable state (batch norm) lives in the
 ``'batch_stats'`` collection.
 """
-from deepflow.models import cnn, contrastive, gan, layers, mlp, resnet, rnn, sampling, transformer, vit  # noqa: F401,E501  (registration)
+import dataclasses
+from typing import Any
+
+from deepflow.models import cnn, contrastive, decoding, gan, layers, mlp, resnet, rnn, transformer, vit  # noqa: F401,E501  (registration)
+
+
+def model_options(model_cls: type) -> dict[str, Any]:
+  """A Linen module's configurable fields and defaults (everything but num_outputs/parent/name)."""
+  options = {}
+  for f in dataclasses.fields(model_cls):
+    if f.name in ("parent", "name", "num_outputs") or not f.init:
+      continue
+    default = f.default if f.default is not dataclasses.MISSING else None
+    options[f.name] = tuple(default) if isinstance(default, list) else default
+  return options

@@ -73,7 +73,7 @@ class TransformerLM(nn.Module):
 
   With ``decode=True`` each call appends its tokens to a key/value cache in the ``'cache'``
   collection and positions continue from the tokens already cached; initialise that cache
-  with ``init`` on the decode-mode module (``sampling.sample`` does this). ``max_len`` bounds
+  with ``init`` on the decode-mode module (``decoding.sample`` does this). ``max_len`` bounds
   both the positions and the cache."""
   num_outputs: int
   vocab_size: int = 0

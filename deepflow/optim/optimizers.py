@@ -14,6 +14,7 @@ import jax
 import optax
 
 from deepflow.optim.schedules import build_schedule
+from deepflow.pytree import path_name
 from deepflow.registry import ConfigError, OPTIMIZERS
 
 Direction = Callable[[Any, optax.GradientTransformation], optax.GradientTransformation]
@@ -90,11 +91,6 @@ def decay_mask(pattern: str) -> Callable[[Any], Any]:
     return jax.tree_util.tree_map_with_path(
         lambda path, _: bool(regex.search(path_name(path))), params)
   return mask
-
-
-def path_name(path) -> str:
-  """'layer/sub/kernel' for a pytree key path."""
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
 def build_optimizer(c: Any, total_steps: int, *,

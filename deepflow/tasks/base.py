@@ -16,10 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from ml_collections import ConfigDict
 
-from deepflow.config import ConfigDict
+from deepflow import models  # noqa: F401  (fills MODELS)
 from deepflow.data.pipeline import DataSpec
 from deepflow.optim import build_optimizer
+from deepflow.pytree import cast_floats
 from deepflow.registry import ConfigError, MODELS
 from deepflow.regularizers import build_regularizers
 
@@ -30,19 +32,16 @@ Metrics = dict[str, jax.Array]
 class Task:
   """Base task: a model from the registry, one optimizer, a differentiable scalar loss."""
 
+  # The task section's options and their defaults (``task.<option>`` in a config); an instance's
+  # ``options`` are the values its config gives them.
   OPTIONS: Mapping[str, Any] = {}
   # Whether ``loss`` of a batch is a mean of independent per-example terms, so that DP-SGD may
   # evaluate it one example at a time; False for objectives that compare examples (contrastive).
   PER_EXAMPLE_LOSS: bool = True
 
-  @classmethod
-  def options(cls) -> dict[str, Any]:
-    """The task section's options and their defaults (``task.<option>`` in a config)."""
-    return dict(cls.OPTIONS)
-
   def __init__(self, config: ConfigDict, spec: DataSpec):
     self.config = config
-    self.options_ = {k: config.task.get(k, v) for k, v in self.options().items()}
+    self.options = {k: config.task.get(k, v) for k, v in self.OPTIONS.items()}
     self.spec = spec
     self.model = self.build_model(config.model, self.num_outputs())
     self.regularizer = build_regularizers(config.regularizers)
@@ -86,11 +85,16 @@ class Task:
   def example_inputs(self) -> jax.Array:
     return jnp.zeros((1, *self.spec.input_shape), self.spec.input_dtype)
 
+  def example_args(self) -> tuple[jax.Array, ...]:
+    """The model's positional arguments for ``init``: one example batch of inputs (a GAN adds
+    labels)."""
+    return (self.example_inputs(),)
+
   def init(self, rng: jax.Array) -> tuple[PyTree, PyTree]:
     """(params, model_state): model state holds the non-trained collections (batch stats)."""
     params_rng, dropout_rng = jax.random.split(rng)
     variables = self.model.init({"params": params_rng, "dropout": dropout_rng},
-                                self.example_inputs(), train=False)
+                                *self.example_args(), train=False)
     variables = dict(variables)
     params = variables.pop("params")
     return params, variables
@@ -98,8 +102,10 @@ class Task:
   # -- training ----------------------------------------------------------------------------------
 
   def apply(self, params: PyTree, model_state: PyTree, inputs: jax.Array, rng: jax.Array | None,
-            *, train: bool) -> tuple[jax.Array, PyTree]:
-    """Runs the model; in training returns the updated mutable collections too.
+            *, train: bool, method: str | None = None, extra: tuple = ()
+            ) -> tuple[jax.Array, PyTree]:
+    """Runs the model (or its ``method``, with ``extra`` positional arguments after the inputs,
+    e.g. a GAN's labels); in training returns the updated mutable collections too.
 
     Mixed precision (``train.compute_dtype='bfloat16'``): float params and inputs are cast to
     the compute dtype here, so the forward and backward passes run in it while the master
@@ -110,10 +116,10 @@ class Task:
     variables = {"params": params, **model_state}
     rngs = {"dropout": rng} if rng is not None else {}
     if train and model_state:
-      out, model_state = self.model.apply(variables, inputs, train=True, rngs=rngs,
-                                          mutable=list(model_state))
+      out, model_state = self.model.apply(variables, inputs, *extra, train=True, rngs=rngs,
+                                          method=method, mutable=list(model_state))
     else:
-      out = self.model.apply(variables, inputs, train=train, rngs=rngs)
+      out = self.model.apply(variables, inputs, *extra, train=train, rngs=rngs, method=method)
     return cast_floats(out, jnp.float32), model_state
 
   @property
@@ -193,15 +199,3 @@ class Task:
     cannot use. Tasks that are not generative keep this refusal."""
     raise ConfigError(f"task {self.config.task.name!r} with model {self.config.model.name!r} is "
                       f"not generative; `deepflow sample` needs a language model or a GAN")
-
-  def save_samples(self, samples: Mapping[str, np.ndarray], directory: str) -> list[str]:
-    """Writes what ``sample`` drew into ``directory`` (text, PNG grids, ...); the paths written."""
-    raise ConfigError(f"task {self.config.task.name!r} with model {self.config.model.name!r} is "
-                      f"not generative; it has no samples to save")
-
-
-
-def cast_floats(tree: PyTree, dtype) -> PyTree:
-  """Casts the floating-point leaves of ``tree`` to ``dtype`` (integers, e.g. tokens, stay)."""
-  return jax.tree.map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree)

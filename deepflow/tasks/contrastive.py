@@ -16,8 +16,9 @@ import numpy as np
 
 from deepflow.data.pipeline import INPUTS, TARGETS
 from deepflow.models.contrastive import nt_xent_loss
+from deepflow.pytree import cast_floats
 from deepflow.registry import ConfigError, TASKS
-from deepflow.tasks.base import Task, cast_floats
+from deepflow.tasks.base import Task
 
 
 @TASKS.register("contrastive")
@@ -53,7 +54,7 @@ class Contrastive(Task):
     if self.regularizer.batch is not None:
       raise ConfigError("task 'contrastive' takes no batch regularizers (label smoothing, mixup, "
                         "cutmix): it uses no labels, and mixed images are not views")
-    o = self.options_
+    o = self.options
     for key in ("temperature", "shift", "rotation", "scale", "noise"):
       value = o[key]
       if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (
@@ -81,7 +82,7 @@ class Contrastive(Task):
                                 dropout, train=True)
     z = z.reshape(images.shape[0], 2, -1)
     z1, z2 = z[:, 0], z[:, 1]
-    loss = nt_xent_loss(z1, z2, self.options_["temperature"])
+    loss = nt_xent_loss(z1, z2, self.options["temperature"])
     return loss, ({"view_accuracy": view_accuracy(z1, z2)}, model_state)
 
   # -- evaluation --------------------------------------------------------------------------------
@@ -103,7 +104,7 @@ class Contrastive(Task):
     features, labels = outputs["features"], outputs.get("label")
     metrics = {"feature_std": float(np.mean(np.std(features, axis=0)))}  # collapse shows as ~0
     if labels is not None:
-      metrics["probe_accuracy"] = linear_probe_cv(features, labels, self.options_["probe_folds"])
+      metrics["probe_accuracy"] = linear_probe_cv(features, labels, self.options["probe_folds"])
     return metrics
 
 

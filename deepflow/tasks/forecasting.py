@@ -35,18 +35,18 @@ class Forecasting(Regression):
     if len(spec.input_shape) not in (1, 2):
       raise ConfigError(f"task 'forecasting' needs windows of shape (time,) or (time, features), "
                         f"got examples of shape {spec.input_shape} from {config.data.source}")
-    feature, features = self.options_["feature"], (spec.input_shape[1:] or (1,))[0]
+    feature, features = self.options["feature"], (spec.input_shape[1:] or (1,))[0]
     if not isinstance(feature, int) or isinstance(feature, bool) or not 0 <= feature < features:
       raise ConfigError(f"task.feature must be an input feature index in [0, {features}), "
                         f"got {feature!r}")
-    if not isinstance(self.options_["residual"], bool):
-      raise ConfigError(f"task.residual must be True or False, got {self.options_['residual']!r}")
+    if not isinstance(self.options["residual"], bool):
+      raise ConfigError(f"task.residual must be True or False, got {self.options['residual']!r}")
     self.to_units = {key: spec.inverse.get(key, lambda x: x) for key in (INPUTS, TARGETS)}
     for key, fn in self.to_units.items():
       if fn is None:
         raise ConfigError(f"task 'forecasting' reports errors in the data's units, but a transform "
                           f"on the {key} has no inverse; use standardize or minmax there")
-    if self.options_["residual"] and not self._same_units():
+    if self.options["residual"] and not self._same_units():
       raise ConfigError("task.residual needs the input series and the targets in the same units; "
                         "normalize them together: dict(name='standardize', keys=('input', "
                         "'target'))")
@@ -64,10 +64,10 @@ class Forecasting(Regression):
 
   def last_value(self, inputs):
     """The forecast series' last value in each window (B,)."""
-    return inputs[:, -1, self.options_["feature"]] if inputs.ndim == 3 else inputs[:, -1]
+    return inputs[:, -1, self.options["feature"]] if inputs.ndim == 3 else inputs[:, -1]
 
   def predict(self, params, model_state, inputs, rng, train):
-    if not self.options_["residual"]:
+    if not self.options["residual"]:
       return super().predict(params, model_state, inputs, rng, train)
     # Every feature relative to its own last value; the forecast is the series' last plus change.
     change, model_state = super().predict(params, model_state, inputs - inputs[:, -1:], rng,

@@ -3,27 +3,23 @@ perplexity over a split, and sampling text from the trained model (``deepflow sa
 from __future__ import annotations
 
 import math
-import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from etils import epath
 
-from deepflow.config import model_options
 from deepflow.data.pipeline import INPUTS, TARGETS
-from deepflow.models import sampling
+from deepflow.models import decoding, model_options
 from deepflow.registry import ConfigError, MODELS, TASKS
 from deepflow.tasks.base import Task
 
 SAMPLE_OPTIONS = ("prompt", "num_tokens", "temperature", "top_k")
 DEFAULT_NUM_TOKENS = 200
-SAMPLES_FILE = "samples.txt"
 # One compiled program per (model, length, settings): prefill, then a scan over the new tokens.
-_SAMPLE = jax.jit(sampling.sample, static_argnums=(0, 3),
+_SAMPLE = jax.jit(decoding.sample, static_argnums=(0, 3),
                   static_argnames=("temperature", "top_k", "use_cache"))
 
 
@@ -55,7 +51,7 @@ class LanguageModel(Task):
                         f"from {config.data.source}; a float transform (e.g. the default "
                         f"standardize) must not touch tokens: set data.transforms=[]")
     super().__init__(config, spec)
-    ignore = self.options_["ignore_id"]
+    ignore = self.options["ignore_id"]
     if ignore is not None and (not isinstance(ignore, int) or isinstance(ignore, bool)):
       raise ConfigError(f"task.ignore_id must be None or a token id, got {ignore!r}")
 
@@ -100,7 +96,7 @@ class LanguageModel(Task):
     """Per token: negative log-likelihood, weight (0 at ``ignore_id``), argmax correct."""
     targets = targets.astype(jnp.int32)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    ignore = self.options_["ignore_id"]
+    ignore = self.options["ignore_id"]
     weights = (jnp.ones_like(nll) if ignore is None
                else (targets != ignore).astype(jnp.float32))
     correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
@@ -177,17 +173,9 @@ class LanguageModel(Task):
       num_tokens = DEFAULT_NUM_TOKENS if room is None else max(
           0, min(DEFAULT_NUM_TOKENS, room - len(prompt)))
     prompts = np.tile(prompt, (num, 1))
-    sampling.check_lm(self.model, jnp.asarray(prompts), num_tokens)  # one-line errors first
+    decoding.check_lm(self.model, jnp.asarray(prompts), num_tokens)  # one-line errors first
     tokens = _SAMPLE(self.model, {"params": params, **model_state}, prompts, num_tokens,
                      rng, temperature=float(options.get("temperature", 1.0)),
                      top_k=int(options.get("top_k", 0)))
     tokens = np.asarray(tokens)
     return {"tokens": tokens, "text": np.array([self.decode(row) for row in tokens])}
-
-  def save_samples(self, samples: Mapping[str, np.ndarray], directory: str) -> list[str]:
-    """``samples.txt``: each sample's text under a ``--- sample N ---`` line."""
-    epath.Path(directory).mkdir(parents=True, exist_ok=True)
-    path = os.path.join(directory, SAMPLES_FILE)
-    epath.Path(path).write_text("".join(f"--- sample {i + 1} ---\n{text}\n"
-                                        for i, text in enumerate(samples["text"])))
-    return [path]

@@ -34,15 +34,15 @@ class Classification(Task):
 
   def __init__(self, config, spec):
     super().__init__(config, spec)
-    self.class_weights = self._class_weights(self.options_["class_weights"])
-    self.fairness = self.options_["fairness"]
+    self.class_weights = self._class_weights(self.options["class_weights"])
+    self.fairness = self.options["fairness"]
     if self.fairness not in (None, True, False):
       raise ConfigError(f"task.fairness must be None (when the data has a group), True or False, "
                         f"got {self.fairness!r}")
     if self.fairness and self.spec.num_classes != 2:
       raise ConfigError(f"task.fairness=True needs a binary classification dataset; "
                         f"{config.data.source} has {self.spec.num_classes} classes")
-    self.group_weights = self._group_weights(self.options_["group_weights"])
+    self.group_weights = self._group_weights(self.options["group_weights"])
 
   def num_outputs(self) -> int:
     if not self.spec.num_classes:
@@ -141,9 +141,9 @@ def reweighing_table(labels, groups, num_classes: int) -> list[list[float]]:
   """``task.group_weights`` for reweighing (Kamiran & Calders, 2012): row ``g``, column ``y`` is
   ``P(g) P(y) / P(g, y)`` over the given (train split's) labels and groups; 1.0 for a cell with
   no examples (it weighs nothing)."""
-  from deepflow.analysis.fairness import reweighting_weights
+  from deepflow.analysis.fairness import reweighing_weights
   labels, groups = np.asarray(labels).astype(np.int64), np.asarray(groups).astype(np.int64)
-  weights = reweighting_weights(labels, groups)
+  weights = reweighing_weights(labels, groups)
   table = np.ones((int(groups.max()) + 1, num_classes))
   table[groups, labels] = weights  # every example of a cell has the same weight
   return table.tolist()

@@ -1,3 +1,15 @@
-"""Training: state, pure steps, the loop, checkpoints and metric writers."""
-from deepflow.train.loop import Experiment, NonFiniteLossError, Preempted, train_and_evaluate  # noqa: F401
-from deepflow.train.state import TrainState  # noqa: F401
+"""Training: state, pure steps, the experiment, the loop, checkpoints and metric writers.
+
+The exceptions load eagerly (the CLI catches them around every command, ``predict`` included);
+the rest on first use, so importing them costs nothing of the training stack."""
+from deepflow.train.errors import NonFiniteLossError, Preempted  # noqa: F401
+
+_LAZY = {"Experiment": "deepflow.train.experiment", "train_and_evaluate": "deepflow.train.loop",
+         "TrainState": "deepflow.train.state"}
+
+
+def __getattr__(name: str):
+  if name in _LAZY:
+    import importlib
+    return getattr(importlib.import_module(_LAZY[name]), name)
+  raise AttributeError(f"module 'deepflow.train' has no attribute {name!r}")

@@ -14,7 +14,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from deepflow.registry import ConfigError
+from deepflow.registry import ConfigError, first_line
 from deepflow.train.writers import is_remote
 
 log = logging.getLogger("deepflow")
@@ -72,7 +72,7 @@ class Checkpointer:
     bad, error = errors[0]
     raise CheckpointMismatchError(
         f"checkpoint {bad} in {self.directory} cannot be restored into the configured "
-        f"model/optimizer ({_first_line(error)}); use a new --workdir or the config it was "
+        f"model/optimizer ({first_line(error)}); use a new --workdir or the config it was "
         f"trained with") from error
 
   def _restore(self, abstract_state: Any, step: int) -> tuple[Any, dict | None]:
@@ -85,7 +85,7 @@ class Checkpointer:
 
   def _set_aside(self, step: int, error: BaseException, used: int) -> None:
     log.warning("checkpoint %d is unreadable (%s); moved to corrupt-%d, resuming from step %d",
-                step, _first_line(error), step, used)
+                step, first_line(error), step, used)
     if jax.process_index() == 0:
       (self.directory / str(step)).rename(self.directory / f"corrupt-{step}")
     self.manager.reload()
@@ -111,11 +111,6 @@ def _manager_options(keep: int, read_only: bool) -> ocp.CheckpointManagerOptions
                                         enable_async_checkpointing=False)
   return ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                       enable_async_checkpointing=True)
-
-
-def _first_line(error: BaseException) -> str:
-  text = str(error).strip().splitlines()
-  return (text[0] if text else type(error).__name__)[:300]
 
 
 def abstract_like(state: Any, shardings: Any) -> Any:

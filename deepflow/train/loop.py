@@ -7,7 +7,6 @@ then alternates jitted train steps with periodic logging, evaluation and checkpo
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import signal
@@ -21,57 +20,16 @@ import tqdm
 from etils import epath
 
 from deepflow import config as config_lib, parallel
-from deepflow.data.pipeline import MASK, Pipeline
 from deepflow.optim import build_schedule
-from deepflow.registry import ConfigError, TASKS
+from deepflow.registry import ConfigError
 from deepflow.regularizers import StoppingRecord
 from deepflow.train import checkpoint as checkpoint_lib, workdir_lock
-from deepflow.train.state import TrainState, create_state
-from deepflow.train.step import compile_steps
+from deepflow.train.errors import NonFiniteLossError, Preempted
+from deepflow.train.experiment import BEST_DIR, Experiment
+from deepflow.train.state import TrainState
 from deepflow.train.writers import MetricWriter
 
 log = logging.getLogger("deepflow")
-
-
-class NonFiniteLossError(RuntimeError):
-  """Training produced a NaN/inf loss or gradient (the bad update was never applied)."""
-
-
-class Experiment:
-  """Everything built from a config that training and evaluation share."""
-
-  def __init__(self, config: Any, workdir: str, *, debug: bool = False):
-    self.config, self.workdir = config, workdir
-    self.pipeline = Pipeline(config, workdir)
-    self.task = TASKS.get(config.task.name)(config, self.pipeline.spec)
-    self.mesh = parallel.make_mesh(config.mesh)
-    self.tx = self.task.optimizer(config.train.steps)
-    self.abstract_state = jax.eval_shape(
-        functools.partial(create_state, self.task, self.tx, config.seed))
-    self.shardings = parallel.state_shardings(self.abstract_state, self.mesh, config.parallel)
-    self.train_step, eval_step = compile_steps(self.task, self.tx, self.mesh, self.shardings,
-                                               config.train.microbatches, debug=debug)
-    self._eval_step = eval_step
-
-  def init_state(self) -> TrainState:
-    init = functools.partial(create_state, self.task, self.tx, self.config.seed)
-    return jax.jit(init, out_shardings=self.shardings)()
-
-  def restore(self, checkpointer, step: int | None = None):
-    return checkpointer.restore(
-        checkpoint_lib.abstract_like(self.abstract_state, self.shardings), step)
-
-  def evaluate(self, state: TrainState, split: str) -> dict[str, float]:
-    """Metrics over every example of ``split`` (padding rows excluded), with the task's
-    ``extra_metrics`` at the state's step."""
-    chunks = []
-    for batch in self.pipeline.eval_batches(split):
-      outputs = self._eval_step(state, parallel.global_batch(batch, self.mesh))
-      outputs = parallel.to_host(outputs)
-      mask = outputs.pop(MASK) > 0
-      chunks.append({k: np.asarray(v)[mask] for k, v in outputs.items()})
-    metrics = self.task.summarize({k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]})
-    return {**metrics, **self.task.extra_metrics(int(state.step))}
 
 
 def train_and_evaluate(config: Any, workdir: str, *, debug: bool = False) -> dict[str, float]:
@@ -85,25 +43,29 @@ def train_and_evaluate(config: Any, workdir: str, *, debug: bool = False) -> dic
 
 
 def _train_and_evaluate(config: Any, workdir: str, *, debug: bool) -> dict[str, float]:
-  if jax.process_index() == 0:
-    (epath.Path(workdir) / "config.json").write_text(config_lib.to_json(config))
+  # -- Build: the config on disk first (every reader of the run starts there), then everything
+  # built from it.
+  write_config(config, workdir)
   cfg = config.train
   exp = Experiment(config, workdir, debug=debug)
   checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.keep_checkpoints)
   writer = MetricWriter(workdir)
   best = _BestKeeper(exp, workdir) if exp.task.regularizer.early_stopping else None
   try:
+    # -- Restore the latest checkpoint (a rerun resumes), or initialize.
     if checkpointer.latest_step() is not None:
       state, data_state, step = exp.restore(checkpointer)
       log.info("resuming from the checkpoint at step %d in %s", step, checkpointer.directory)
     else:
       state, data_state = exp.init_state(), None
+    # -- Train what is left.
     start = int(state.step)
     if start >= cfg.steps or (best and best.record.stopped):
       log.info("training is already complete (step %d of train.steps=%d); evaluating", start,
                cfg.steps)
     else:
       state = _train(exp, state, data_state, start, checkpointer, writer, best)
+    # -- The final evaluation: of the last state, or of the best one under early stopping.
     metrics = exp.evaluate(state, config.data.eval_split)
     writer.write(int(state.step), config.data.eval_split, metrics)
     if best:  # early stopping: the run's result is its best checkpoint
@@ -125,7 +87,7 @@ class _BestKeeper:
     if not exp.config.train.eval_every:
       raise ConfigError("regularizer 'early_stopping' needs train.eval_every > 0")
     self.exp, self.rule = exp, exp.task.regularizer.early_stopping
-    self.directory = epath.Path(workdir) / "best"
+    self.directory = epath.Path(workdir) / BEST_DIR
     self.path = self.directory / "stopping.json"
     self.record = StoppingRecord()
     if self.path.exists():
@@ -203,7 +165,6 @@ def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpoin
   schedule = build_schedule(config.optimizer, cfg.steps)
   pending: list[dict] = []
   in_flight = parallel.DispatchWindow()
-  streak = [0]  # consecutive non-finite steps, carried across log windows
   window_start = time.perf_counter()
 
   def flush(step: int) -> dict[str, float]:
@@ -211,23 +172,15 @@ def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpoin
     nonlocal window_start
     host = parallel.to_host(pending)
     pending.clear()
-    flags = [float(m["nonfinite"]) for m in host]
-    for i, bad in enumerate(flags):
-      first_bad = step - len(flags) + i + 1
-      streak[0] = streak[0] + 1 if bad else 0
-      if bad and (cfg.nonfinite == "stop" or streak[0] > cfg.max_nonfinite):
-        latest = checkpointer.latest_step()
-        raise NonFiniteLossError(
-            f"loss or gradients became non-finite at step {first_bad}"
-            f"{'' if cfg.nonfinite == 'stop' else f' ({streak[0]} steps in a row)'}; the update "
-            f"was not applied; last checkpoint: "
-            f"{'none' if latest is None else f'step {latest}'} (intact)")
-    good = [m for m, bad in zip(host, flags) if not bad] or host
-    means = {k: float(np.mean([m[k] for m in good])) for k in good[0] if k != "nonfinite"}
-    means["nonfinite_steps"] = float(sum(flags))
+    means, broken = window_means(host, step, cfg)
+    if broken:
+      latest = checkpointer.latest_step()
+      raise NonFiniteLossError(
+          f"loss or gradients became non-finite {broken}; the update was not applied; last "
+          f"checkpoint: {'none' if latest is None else f'step {latest}'} (intact)")
     means["learning_rate"] = float(schedule(step - 1))
     elapsed = time.perf_counter() - window_start
-    means["steps_per_sec"] = len(flags) / max(elapsed, 1e-9)
+    means["steps_per_sec"] = len(host) / max(elapsed, 1e-9)
     means.update(exp.task.extra_metrics(step))
     window_start = time.perf_counter()
     writer.write(step, "train", means)
@@ -240,6 +193,7 @@ def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpoin
   with _Preemption() as preemption, progress:
     step = start
     while step < cfg.steps:
+      # -- One jitted step; its metrics stay on the device until the window is flushed.
       batch = parallel.global_batch(next(iterator), exp.mesh)
       state, metrics = exp.train_step(state, batch)
       pending.append(metrics)
@@ -248,9 +202,11 @@ def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpoin
       progress.update(1)
       stop = preemption.reached(step)
       save_now = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or stop
+      # -- Log: the window's means (and the non-finite policy) every train.log_every steps.
       if step % cfg.log_every == 0 or save_now or step == cfg.steps:
         means = flush(step)
         progress.set_postfix(loss=f"{means['loss']:.4f}", refresh=False)
+      # -- Evaluate every train.eval_every steps; early stopping counts the evaluations.
       converged = False  # early stopping ran out of patience
       if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
         metrics = exp.evaluate(state, config.data.eval_split)
@@ -258,6 +214,7 @@ def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpoin
         if jax.process_index() == 0:
           progress.write(f"step {step}: {config.data.eval_split} " + _format(metrics))
         converged = best is not None and best.observe(step, state, metrics)
+      # -- Checkpoint; stop on preemption or convergence.
       if converged and pending:
         flush(step)
       if save_now or converged:
@@ -275,15 +232,34 @@ def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpoin
   return state
 
 
-class Preempted(Exception):
-  """Raised after the loop saved a checkpoint on SIGTERM or Ctrl-C; a rerun resumes. The CLI
-  exits 0 after SIGTERM (a preemption is not a failure) and 130 after Ctrl-C, as shells do."""
+def write_config(config: Any, workdir: str) -> None:
+  """Creates ``workdir`` and writes its ``config.json`` (process 0), where every reader of the run
+  (``Experiment.from_workdir``) starts."""
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    (epath.Path(workdir) / "config.json").write_text(config_lib.to_json(config))
 
-  def __init__(self, step: int, *, interrupted: bool = False):
-    what = "interrupted" if interrupted else "preempted"
-    super().__init__(f"{what} at step {step}; checkpoint saved; rerun the same command to "
-                     f"resume")
-    self.step, self.interrupted = step, interrupted
+
+def window_means(window: list[dict[str, Any]], step: int, cfg: Any
+                 ) -> tuple[dict[str, float], str | None]:
+  """A log window's train metrics on the host (one dict per step, the last at ``step``) -> the
+  means over the steps whose update was applied, with ``nonfinite_steps``; and where the window
+  broke the non-finite policy (``cfg``: ``train.nonfinite``, ``train.max_nonfinite``), e.g.
+  'at step 7 (3 steps in a row)', else None. The streak is the state's own count
+  (``TrainState.nonfinite``, checkpointed with it), so it spans windows and resumes."""
+  flags = [float(m["nonfinite"]) for m in window]
+  for i, (m, bad) in enumerate(zip(window, flags)):
+    streak = int(m["nonfinite_streak"])
+    if bad and (cfg.nonfinite == "stop" or streak > cfg.max_nonfinite):
+      at = f"at step {step - len(window) + i + 1}"
+      return {}, at if cfg.nonfinite == "stop" else f"{at} ({streak} steps in a row)"
+  good = [m for m, bad in zip(window, flags) if not bad] or window
+  means = {k: float(np.mean([m[k] for m in good])) for k in good[0] if k not in _STEP_FLAGS}
+  means["nonfinite_steps"] = float(sum(flags))
+  return means, None
+
+
+_STEP_FLAGS = ("nonfinite", "nonfinite_streak")  # per-step bookkeeping, not metrics to average
 
 
 def _format(metrics: dict[str, float]) -> str:

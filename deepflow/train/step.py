@@ -3,7 +3,8 @@
 ``train_step(state, batch) -> (state, metrics)``: gradients from the task (averaged over
 micro-batches with ``lax.scan`` when ``train.microbatches > 1``), one optimizer update, and a
 guard: if the loss or any gradient is not finite, the update is not applied (the state stays the
-last good one) and ``metrics['nonfinite']`` says so; the loop decides whether to stop.
+last good one), ``metrics['nonfinite']`` says so and ``metrics['nonfinite_streak']`` counts such
+steps in a row (``TrainState.nonfinite``); the loop decides whether to stop.
 """
 from __future__ import annotations
 
@@ -71,8 +72,10 @@ def make_train_step(task, tx: optax.GradientTransformation, microbatches: int = 
         opt_state=keep(opt_state, state.opt_state),
         model_state=keep(model_state, state.model_state),
         nonfinite=jnp.where(finite, 0, state.nonfinite + 1))
+    # The streak the loop's non-finite policy reads is the state's (it survives a resume).
     metrics = {**metrics, "grad_norm": optax.global_norm(grads),
-               "nonfinite": 1.0 - finite.astype(jnp.float32)}
+               "nonfinite": 1.0 - finite.astype(jnp.float32),
+               "nonfinite_streak": new_state.nonfinite.astype(jnp.float32)}
     return new_state, metrics
   return train_step
 

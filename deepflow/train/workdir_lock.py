@@ -22,14 +22,11 @@ from typing import Iterator
 
 import jax
 
+from deepflow.train.errors import WorkdirLockedError
 from deepflow.train.writers import is_remote
 
 log = logging.getLogger("deepflow")
 LOCK_FILE = "run.lock"
-
-
-class WorkdirLockedError(RuntimeError):
-  """Another live run holds the workdir."""
 
 
 @contextlib.contextmanager

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from deepflow.analysis.fairness import group_metrics, reweighting_weights
+from deepflow.analysis.fairness import group_metrics, reweighing_weights
 from deepflow.registry import ConfigError
 
 # Group 0: labels 1 0 0 1, predictions 1 1 1 1. Group 1: labels 1 0 1 0, predictions 0 0 1 0.
@@ -99,17 +99,17 @@ def test_bad_inputs_are_config_errors():
     group_metrics(PREDICTIONS, LABELS, GROUPS.astype(float))
 
 
-def test_reweighting_hand_computed():
+def test_reweighing_hand_computed():
   # P(g=0)=3/4, P(g=1)=1/4, P(y=1)=P(y=0)=1/2; P(0,1)=1/2, P(0,0)=1/4, P(1,0)=1/4.
-  w = reweighting_weights(np.array([1, 1, 0, 0]), np.array([0, 0, 0, 1]))
+  w = reweighing_weights(np.array([1, 1, 0, 0]), np.array([0, 0, 0, 1]))
   np.testing.assert_allclose(w, [0.75, 0.75, 1.5, 0.5])
 
 
-def test_reweighting_makes_label_independent_of_group():
+def test_reweighing_makes_label_independent_of_group():
   rng = np.random.default_rng(1)
   groups = rng.integers(0, 3, 500)
   labels = (rng.random(500) < np.array([0.2, 0.5, 0.8])[groups]).astype(int)  # skewed by group
-  w = reweighting_weights(labels, groups)
+  w = reweighing_weights(labels, groups)
   assert w.sum() == pytest.approx(len(labels))  # every (group, label) cell occurs
   p_y = labels.mean()
   for g in range(3):

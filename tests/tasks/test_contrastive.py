@@ -14,7 +14,7 @@ from deepflow import config as config_lib
 from deepflow.data.pipeline import Pipeline
 from deepflow.registry import ConfigError, TASKS
 from deepflow.tasks import contrastive
-from deepflow.train.loop import Experiment
+from deepflow.train.experiment import Experiment
 from deepflow.train.state import create_state
 from deepflow.train.step import make_train_step
 

@@ -10,7 +10,7 @@ from deepflow import config as config_lib
 from deepflow.data import sources
 from deepflow.data.pipeline import INPUTS, TARGETS, Pipeline
 from deepflow.registry import ConfigError
-from deepflow.train.loop import Experiment
+from deepflow.train.experiment import Experiment
 
 SHARED = "[{'name': 'standardize', 'keys': ('input', 'target')}]"
 

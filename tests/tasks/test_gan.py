@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepflow import config as config_lib
+from deepflow import config as config_lib, sample
+from deepflow.analysis import reference as reference_lib
 from deepflow.data.pipeline import INPUTS, TARGETS, Pipeline
 from deepflow.models import gan as gan_lib
 from deepflow.registry import ConfigError, TASKS
@@ -132,8 +133,8 @@ def test_eval_scores_samples_with_a_cached_reference_classifier(data_dir):
 
   # The classifier was cached in the data dir: a fresh process would load the same weights.
   reference = task.reference()
-  assert len(list((Path(data_dir) / gan.REFERENCE_DIR).glob("*.msgpack"))) >= 1
-  gan.ReferenceClassifier._memo.clear()
+  assert len(list((Path(data_dir) / reference_lib.REFERENCE_DIR).glob("*.msgpack"))) >= 1
+  reference_lib.ReferenceClassifier._memo.clear()
   loaded = task.reference()
   assert loaded is not reference
   for a, b in zip(jax.tree.leaves(reference.variables), jax.tree.leaves(loaded.variables)):
@@ -165,7 +166,7 @@ def test_class_conditional_sampling_and_saved_files(setup, tmp_path):
                      temperature=0.0)
   np.testing.assert_allclose(cold["images"][0], cold["images"][1], rtol=1e-6)  # z = 0 for both
 
-  files = task.save_samples(samples, str(tmp_path / "samples"))
+  files = sample.save_samples(samples, str(tmp_path / "samples"))
   assert [f.rsplit("/", 1)[-1] for f in files] == ["samples.png", "samples.npz"]
   with open(files[0], "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -10,11 +10,11 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 
-from deepflow import config as config_lib
+from deepflow import config as config_lib, sample
 from deepflow.data import sources
 from deepflow.data.pipeline import Pipeline
 from deepflow.registry import ConfigError
-from deepflow.train.loop import Experiment
+from deepflow.train.experiment import Experiment
 
 TINY_LM = dict(name="transformer_lm", d_model=16, num_heads=2, num_layers=1, mlp_dim=32,
                max_len=128)
@@ -84,7 +84,7 @@ def test_sampling_continues_the_prompt(lm, tmp_path):
                       temperature=1.0, top_k=5)
   assert drawn["tokens"].shape == (3, 128)  # by default, what max_len leaves after the prompt
   assert task.decode(task.encode("def f(x):\n")) == "def f(x):\n"
-  paths = task.save_samples(greedy, str(tmp_path / "samples"))
+  paths = sample.save_samples(greedy, str(tmp_path / "samples"))
   text = open(paths[0]).read()
   assert paths[0].endswith("samples.txt") and text.startswith("--- sample 1 ---\nThe ")
 

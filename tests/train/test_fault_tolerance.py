@@ -17,7 +17,7 @@ import pytest
 import deepflow
 from deepflow.train import loop, workdir_lock
 from deepflow.train.checkpoint import Checkpointer
-from deepflow.train.loop import Experiment
+from deepflow.train.experiment import Experiment
 from tests.helpers import deepflow_cli, deepflow_process, tiny_config, write_experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

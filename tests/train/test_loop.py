@@ -11,7 +11,7 @@ import pytest
 import deepflow
 from deepflow.train import NonFiniteLossError
 from deepflow.train.checkpoint import CheckpointMismatchError, Checkpointer
-from deepflow.train.loop import Experiment
+from deepflow.train.experiment import Experiment
 from tests.helpers import tiny_config
 
 

@@ -1,5 +1,5 @@
-"""Autoregressive sampling from deepflow's language models (``transformer_lm``, and ``rnn``
-with ``per_step=True``).
+"""Autoregressive decoding: sampling tokens from deepflow's language models (``transformer_lm``,
+and ``rnn`` with ``per_step=True``).
 
 The prompt is consumed in one call (prefill), then one token per step inside ``lax.scan``, so
 ``sample`` compiles to one program; wrap it as

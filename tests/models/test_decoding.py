@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepflow.models import rnn, sampling, transformer
+from deepflow.models import decoding, rnn, transformer
 from deepflow.registry import ConfigError
 
 VOCAB = 11
@@ -48,7 +48,7 @@ def test_greedy_with_and_without_cache_match_the_reference(which, prompt, reques
   model, variables = request.getfixturevalue(which)
   want = greedy_reference(model, variables, prompt, 9)
   for use_cache in (True, False):
-    got = sampling.sample(model, variables, prompt, 9, jax.random.key(0), temperature=0.0,
+    got = decoding.sample(model, variables, prompt, 9, jax.random.key(0), temperature=0.0,
                           use_cache=use_cache)
     assert got.shape == (2, 12)
     np.testing.assert_array_equal(got, want)
@@ -57,11 +57,11 @@ def test_greedy_with_and_without_cache_match_the_reference(which, prompt, reques
 @pytest.mark.parametrize("which", ["lm", "rnn_lm"])
 def test_sampling_with_and_without_cache_draws_the_same_tokens(which, prompt, request):
   model, variables = request.getfixturevalue(which)
-  jitted = jax.jit(sampling.sample, static_argnums=(0, 3),
+  jitted = jax.jit(decoding.sample, static_argnums=(0, 3),
                    static_argnames=("temperature", "top_k", "use_cache"))
   rng = jax.random.key(4, impl="rbg")
   cached = jitted(model, variables, prompt, 9, rng, temperature=1.5, top_k=8)
-  full = sampling.sample(model, variables, prompt, 9, rng, temperature=1.5, top_k=8,
+  full = decoding.sample(model, variables, prompt, 9, rng, temperature=1.5, top_k=8,
                          use_cache=False)
   np.testing.assert_array_equal(cached, full)
   np.testing.assert_array_equal(cached[:, :3], prompt)
@@ -70,25 +70,25 @@ def test_sampling_with_and_without_cache_draws_the_same_tokens(which, prompt, re
 
 def test_choose_top_k_and_greedy():
   logits = jnp.tile(jnp.array([0.0, 3.0, 2.9, -1.0, 2.8]), (2000, 1))
-  drawn = np.asarray(sampling.choose(logits, KEY, 1.0, 2))
+  drawn = np.asarray(decoding.choose(logits, KEY, 1.0, 2))
   assert set(np.unique(drawn)) == {1, 2}
-  drawn = np.asarray(sampling.choose(logits, KEY, 1.0, 0))
+  drawn = np.asarray(decoding.choose(logits, KEY, 1.0, 0))
   assert set(np.unique(drawn)) == {0, 1, 2, 3, 4}
-  np.testing.assert_array_equal(sampling.choose(logits, KEY, 1.0, 1), 1)
-  np.testing.assert_array_equal(sampling.choose(logits, KEY, 0.0, 0), 1)
+  np.testing.assert_array_equal(decoding.choose(logits, KEY, 1.0, 1), 1)
+  np.testing.assert_array_equal(decoding.choose(logits, KEY, 0.0, 0), 1)
 
 
 def test_config_errors(lm, prompt):
   model, variables = lm
   with pytest.raises(ConfigError, match="exceeds the model's max_len 12") as err:
-    sampling.sample(model, variables, prompt, 10, jax.random.key(0))
+    decoding.sample(model, variables, prompt, 10, jax.random.key(0))
   assert "\n" not in str(err.value)
   encoder = transformer.TransformerEncoder(VOCAB, vocab_size=VOCAB)
   to_one = rnn.RNN(VOCAB, vocab_size=VOCAB)
   for not_lm in (encoder, to_one):
     with pytest.raises(ConfigError, match="generative language model"):
-      sampling.sample(not_lm, {}, prompt, 2, jax.random.key(0))
+      decoding.sample(not_lm, {}, prompt, 2, jax.random.key(0))
   with pytest.raises(ConfigError, match="vocab_size"):
-    sampling.sample(transformer.TransformerLM(VOCAB), {}, prompt, 2, jax.random.key(0))
+    decoding.sample(transformer.TransformerLM(VOCAB), {}, prompt, 2, jax.random.key(0))
   with pytest.raises(ConfigError, match="temperature"):
-    sampling.sample(model, variables, prompt, 2, jax.random.key(0), temperature=-1.0)
+    decoding.sample(model, variables, prompt, 2, jax.random.key(0), temperature=-1.0)

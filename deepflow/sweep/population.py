@@ -1,0 +1,210 @@
+"""Vectorized sweeps: configs that differ only in numeric hyperparameters, trained as one vmapped
+population in one compiled program, with the training loop's own metric window (the non-finite
+policy included), writers and config file."""
+from __future__ import annotations
+
+import contextlib
+import json
+import types
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import ConfigDict
+
+from deepflow import parallel
+from deepflow.registry import ConfigError
+from deepflow.sweep.space import trial_config
+
+# Keys that change no shape or Python branch, so one compiled program serves every value.
+VECTORIZABLE = ("seed", "model.dropout", "optimizer.learning_rate", "optimizer.weight_decay",
+                "optimizer.end_learning_rate", "optimizer.b1", "optimizer.b2", "optimizer.eps")
+_SWEPT_DROPOUT = 0.123456789  # marks the Dropout layers whose rate is the traced swept value
+
+
+@contextlib.contextmanager
+def traced_dropout(rate: jax.Array | None):
+  """Inside the block, every ``nn.Dropout`` built with rate ``_SWEPT_DROPOUT`` drops with the
+  traced ``rate`` instead. Written here because Linen's Dropout branches on its rate in Python
+  (so it cannot be traced); the mask is drawn exactly as Linen draws it (same key, bernoulli of
+  the keep probability), so a population member equals its trial trained alone."""
+  if rate is None:
+    yield
+    return
+
+  def interceptor(next_fn, args, kwargs, context):
+    module = context.module
+    if (not isinstance(module, nn.Dropout) or context.method_name != "__call__"
+        or module.rate != _SWEPT_DROPOUT):
+      return next_fn(*args, **kwargs)
+    inputs = args[0]
+    deterministic = nn.merge_param("deterministic", module.deterministic,
+                                   args[1] if len(args) > 1 else kwargs.get("deterministic"))
+    if deterministic:
+      return inputs
+    rng = kwargs.get("rng")
+    if rng is None:
+      rng = module.make_rng(module.rng_collection)
+    keep = 1.0 - rate  # float32, as Linen's Python float becomes: the same uniform draws
+    shape = [1 if d in module.broadcast_dims else n for d, n in enumerate(inputs.shape)]
+    mask = jnp.broadcast_to(jax.random.bernoulli(rng, p=keep, shape=shape), inputs.shape)
+    return jax.lax.select(mask, inputs / keep.astype(inputs.dtype), jnp.zeros_like(inputs))
+
+  with nn.intercept_methods(interceptor):
+    yield
+
+
+class Population:
+  """Configs that differ only in ``VECTORIZABLE`` keys, as one vmapped program: ``init()`` gives
+  the stacked TrainState (leading axis = member), ``train_step(state, batch, hyper)`` and
+  ``eval_step(state, batch)`` are jitted over the whole population."""
+
+  def __init__(self, configs: Sequence[ConfigDict]):
+    from deepflow.data.pipeline import Pipeline
+    from deepflow.registry import TASKS
+    from deepflow.tasks.base import Task
+    from deepflow.train.step import make_eval_step, make_train_step
+
+    self.configs = list(configs)
+    base = self.base = self.configs[0]
+    swept = _differing_keys(self.configs)
+    fixed = [k for k in swept if k not in VECTORIZABLE]
+    if fixed:
+      raise ConfigError(f"--vectorize cannot sweep {', '.join(fixed)} (it changes shapes or the "
+                        f"program); vectorizable: {', '.join(VECTORIZABLE)}")
+    if jax.process_count() > 1:
+      raise ConfigError("--vectorize runs on one host; sweep sequentially on several")
+    if any(e["name"] == "early_stopping" for e in base.regularizers):
+      raise ConfigError("--vectorize does not support early_stopping; sweep sequentially")
+
+    # Data: one pipeline per distinct seed (the seed orders the batches, and may make the data).
+    self.seeds = [int(c.seed) for c in self.configs]
+    self.pipelines = {s: Pipeline(trial_config(base, [f"seed={s}"]))
+                      for s in dict.fromkeys(self.seeds)}
+    self.per_member_data = len(self.pipelines) > 1
+    spec = self.pipelines[self.seeds[0]].spec
+
+    # The task, with the swept dropout layers marked; the optimizer built from traced options.
+    overrides = [f"model.dropout={_SWEPT_DROPOUT}"] if "model.dropout" in swept else []
+    self.task = task = TASKS.get(base.task.name)(trial_config(base, overrides), spec)
+    if type(task).optimizer is not Task.optimizer:
+      raise ConfigError(f"--vectorize does not support task {base.task.name!r} (own optimizer)")
+    self.hyper = {k: jnp.asarray([float(_get(c, k)) for c in self.configs], jnp.float32)
+                  for k in swept if k != "seed"}
+
+    def member_step(state, batch, hp):
+      with traced_dropout(hp.get("model.dropout")):
+        return make_train_step(task, self.optimizer(hp), base.train.microbatches)(state, batch)
+
+    batch_axis = 0 if self.per_member_data else None
+    self.train_step = jax.jit(jax.vmap(member_step, in_axes=(0, batch_axis, 0)),
+                              donate_argnums=0)
+    self.eval_step = jax.jit(jax.vmap(make_eval_step(task), in_axes=(0, batch_axis)))
+
+  def optimizer(self, hp: dict[str, jax.Array]):
+    """The configured optax chain with the swept optimizer options taken from ``hp``."""
+    from deepflow.optim import build_optimizer
+    options = self.base.optimizer.to_dict()
+    options.update({k.split(".", 1)[1]: v for k, v in hp.items() if k.startswith("optimizer.")})
+    return build_optimizer(types.SimpleNamespace(**options), self.base.train.steps,
+                           gradient=self.task.regularizer.gradient,
+                           projection=self.task.regularizer.projection)
+
+  def init(self):
+    from deepflow.train.state import create_state
+    init = lambda seed, hp: create_state(self.task, self.optimizer(hp), seed)  # noqa: E731
+    return jax.jit(jax.vmap(init))(jnp.asarray(self.seeds), self.hyper)
+
+  def batch(self, batches: dict[int, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """One batch for all members, or each member's from its seed's pipeline (seed swept)."""
+    if not self.per_member_data:
+      return batches[self.seeds[0]]
+    return {k: np.stack([batches[s][k] for s in self.seeds]) for k in batches[self.seeds[0]]}
+
+  def evaluate(self, state) -> list[dict[str, float]]:
+    """Each member's metrics over the whole eval split."""
+    from deepflow.data.pipeline import MASK
+    chunks = []
+    split = self.base.data.eval_split
+    for batches in zip(*(p.eval_batches(split) for p in self.pipelines.values())):
+      out = jax.device_get(self.eval_step(state, self.batch(dict(zip(self.pipelines, batches)))))
+      mask = np.asarray(out.pop(MASK))[0] > 0  # the same rows for every member
+      chunks.append({k: np.asarray(v)[:, mask] for k, v in out.items()})
+    return [self.task.summarize({k: np.concatenate([c[k][i] for c in chunks]) for k in chunks[0]})
+            for i in range(len(self.configs))]
+
+
+def train_population(configs: Sequence[ConfigDict], workdirs: Sequence[str]
+                     ) -> tuple[Any, list[dict[str, Any]]]:
+  """Trains every config as one member of a vmapped ``Population``, with the loop's pieces: each
+  member's ``config.json`` (``write_config``), ``metrics.jsonl`` (``MetricWriter``) and log
+  windows under the loop's non-finite policy (``window_means``). No checkpoints: a population is
+  rerun whole. Returns the stacked final TrainState and each member's result, as a sequential
+  trial records it: ``{"status": "ok", "metrics": final eval metrics}``, or a failed status for a
+  member that broke the non-finite policy (the others train on)."""
+  from deepflow.train.loop import window_means, write_config
+  from deepflow.train.writers import MetricWriter
+  population = Population(configs)
+  cfg, split = population.base.train, population.base.data.eval_split
+  for c, d in zip(configs, workdirs):
+    write_config(c, d)
+  writers = [MetricWriter(d) for d in workdirs]
+  failed: dict[int, str] = {}
+  state = population.init()
+  iterators = {s: p.train_iterator() for s, p in population.pipelines.items()}
+  pending, in_flight = [], parallel.DispatchWindow()
+  try:
+    for step in range(1, cfg.steps + 1):
+      batch = population.batch({s: next(it) for s, it in iterators.items()})
+      state, metrics = population.train_step(state, batch, population.hyper)
+      pending.append(metrics)
+      in_flight.add(metrics)
+      if step % cfg.log_every == 0 or step == cfg.steps:
+        host = jax.device_get(pending)
+        pending.clear()
+        for i, writer in enumerate(writers):
+          if i in failed:
+            continue
+          means, broken = window_means([{k: v[i] for k, v in m.items()} for m in host], step, cfg)
+          if broken:
+            failed[i] = f"failed: loss or gradients became non-finite {broken}"
+          else:
+            writer.write(step, "train", means)
+      if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+        for i, (writer, m) in enumerate(zip(writers, population.evaluate(state))):
+          if i not in failed:
+            writer.write(step, split, m)
+    final = population.evaluate(state)
+    for i, (writer, m) in enumerate(zip(writers, final)):
+      if i not in failed:
+        writer.write(cfg.steps, split, m)
+  finally:
+    for writer in writers:
+      writer.close()
+  return state, [{"status": failed[i], "metrics": {}} if i in failed else
+                 {"status": "ok", "metrics": m} for i, m in enumerate(final)]
+
+
+def _get(config: ConfigDict, dotted: str) -> Any:
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def _differing_keys(configs: Sequence[ConfigDict]) -> list[str]:
+  """Dotted keys whose values differ between the configs."""
+  flat = [_flatten(c.to_dict()) for c in configs]
+  return sorted(k for k in flat[0] if any(f.get(k) != flat[0][k] for f in flat[1:]))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = json.dumps(value, sort_keys=True, default=str)
+  return out

@@ -1,0 +1,132 @@
+"""An experiment: everything built from a config that training, evaluation and every command
+reading a finished run share, and the one way to reopen a run from its workdir.
+
+``Experiment.from_workdir(workdir, overrides, checkpoint=...)`` reads ``config.json``, rebuilds
+the experiment and restores a checkpoint. Every command that reads a run (``eval``, ``explain``,
+``sample``, ``export``) goes through it and takes ``--checkpoint`` with the same default:
+
+  best    the run's result: the early-stopping best checkpoint (``workdir/best/``) when the run
+          kept one, otherwise the latest; what ``train_and_evaluate`` returned (the default)
+  latest  the newest checkpoint in ``workdir/checkpoints/`` (where a resume starts)
+  STEP    that step of ``workdir/checkpoints/`` (one of those ``train.keep_checkpoints`` kept)
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Iterable, NamedTuple
+
+import jax
+import numpy as np
+from etils import epath
+
+from deepflow import config as config_lib, parallel, tasks  # noqa: F401  (tasks fills TASKS)
+from deepflow.data.pipeline import MASK, Pipeline
+from deepflow.registry import ConfigError, TASKS
+from deepflow.train import checkpoint as checkpoint_lib
+from deepflow.train.state import TrainState, create_state
+from deepflow.train.step import compile_steps
+
+CHECKPOINTS = ("best", "latest")  # or a step number
+DEFAULT_CHECKPOINT = "best"
+BEST_DIR = "best"  # early stopping's one-step checkpoint directory inside a workdir
+
+
+class Experiment:
+  """Everything built from a config that training and evaluation share."""
+
+  def __init__(self, config: Any, workdir: str, *, debug: bool = False):
+    self.config, self.workdir = config, workdir
+    self.pipeline = Pipeline(config, workdir)
+    self.task = TASKS.get(config.task.name)(config, self.pipeline.spec)
+    self.mesh = parallel.make_mesh(config.mesh)
+    self.tx = self.task.optimizer(config.train.steps)
+    self.abstract_state = jax.eval_shape(
+        functools.partial(create_state, self.task, self.tx, config.seed))
+    self.shardings = parallel.state_shardings(self.abstract_state, self.mesh, config.parallel)
+    self.train_step, eval_step = compile_steps(self.task, self.tx, self.mesh, self.shardings,
+                                               config.train.microbatches, debug=debug)
+    self._eval_step = eval_step
+
+  @classmethod
+  def from_workdir(cls, workdir: str, overrides: Iterable[str] = (), *,
+                   checkpoint: str | int = DEFAULT_CHECKPOINT, debug: bool = False) -> Restored:
+    """The run in ``workdir`` (a local path or a URL) reopened: its config (with ``overrides``,
+    e.g. ``data.data_dir=...``), the experiment and the state of ``checkpoint`` (see the module
+    docstring). A directory that is not a run, or has no such checkpoint, is a one-line
+    ``FileNotFoundError``; a bad ``checkpoint`` value a ``ConfigError``."""
+    which = parse_checkpoint(checkpoint)
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
+      raise FileNotFoundError(f"{workdir} is not a deepflow run (no config.json)")
+    config = config_lib.config_from_json(path.read_text(), overrides)
+    checkpointer, which = _open_checkpoints(workdir, which)
+    try:
+      latest = checkpointer.latest_step()
+      if latest is None:
+        raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}: train the run "
+                                f"first (deepflow train --workdir {workdir} ...)")
+      if isinstance(which, int) and which not in checkpointer.manager.all_steps():
+        kept = ", ".join(map(str, sorted(checkpointer.manager.all_steps())))
+        raise FileNotFoundError(f"no checkpoint of step {which} in {checkpointer.directory} "
+                                f"(kept: {kept})")
+      exp = cls(config, workdir, debug=debug)
+      state, _, step = exp.restore(checkpointer, which if isinstance(which, int) else None)
+    finally:
+      checkpointer.close()
+    return Restored(exp, state, int(step), which if isinstance(which, str) else "step")
+
+  def init_state(self) -> TrainState:
+    init = functools.partial(create_state, self.task, self.tx, self.config.seed)
+    return jax.jit(init, out_shardings=self.shardings)()
+
+  def restore(self, checkpointer, step: int | None = None):
+    return checkpointer.restore(
+        checkpoint_lib.abstract_like(self.abstract_state, self.shardings), step)
+
+  def evaluate(self, state: TrainState, split: str) -> dict[str, float]:
+    """Metrics over every example of ``split`` (padding rows excluded), with the task's
+    ``extra_metrics`` at the state's step."""
+    chunks = []
+    for batch in self.pipeline.eval_batches(split):
+      outputs = self._eval_step(state, parallel.global_batch(batch, self.mesh))
+      outputs = parallel.to_host(outputs)
+      mask = outputs.pop(MASK) > 0
+      chunks.append({k: np.asarray(v)[mask] for k, v in outputs.items()})
+    metrics = self.task.summarize({k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]})
+    return {**metrics, **self.task.extra_metrics(int(state.step))}
+
+
+class Restored(NamedTuple):
+  """A reopened run: the experiment, the restored state, its step, and which checkpoint it is
+  ('best', 'latest' or 'step')."""
+  experiment: Experiment
+  state: TrainState
+  step: int
+  checkpoint: str
+
+
+def _open_checkpoints(workdir: str, which: str | int) -> tuple[checkpoint_lib.Checkpointer,
+                                                                str | int]:
+  """A read-only Checkpointer of the directory ``which`` names, and ``which`` itself, resolved:
+  'best' is ``workdir/best`` when early stopping saved a state there, else 'latest'."""
+  if which == "best":
+    best = epath.Path(workdir) / BEST_DIR
+    if (best / "checkpoints").is_dir():
+      checkpointer = checkpoint_lib.Checkpointer(str(best), read_only=True)
+      if checkpointer.latest_step() is not None:
+        return checkpointer, which
+      checkpointer.close()  # stopped before its first evaluation: nothing kept yet
+    which = "latest"  # no early stopping: the run's result is its latest checkpoint
+  return checkpoint_lib.Checkpointer(workdir, read_only=True), which
+
+
+def parse_checkpoint(value: str | int) -> str | int:
+  """'best', 'latest' or a step number (an int, or its digits as text)."""
+  if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    return value
+  text = str(value).strip()
+  if text in CHECKPOINTS:
+    return text
+  if text.isdigit():
+    return int(text)
+  raise ConfigError(f"--checkpoint must be best, latest or a step number, got {value!r}")
