@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 import deepflow
 import deepflow.privacy
 from deepflow import parallel
-from deepflow.data.pipeline import Pipeline
+from deepflow.data.pipeline import MASK, Pipeline
 from deepflow.privacy import accounting
 from deepflow.registry import ConfigError, TASKS
 from deepflow.train import checkpoint as checkpoint_lib
@@ -226,3 +226,38 @@ def test_private_digits_experiment_runs(data_dir, tmp_path):
   with open(os.path.join(tmp_path, "epsilon_1", "config.json")) as f:
     assert json.load(f)["privacy"]["target_epsilon"] == 1.0
   assert not math.isinf(results["epsilon_8"]["test"]["privacy/noise_multiplier"])
+
+
+def test_a_poisson_batch_gives_its_real_examples_clipped_sum_over_the_expected_size():
+  """Padding rows contribute nothing; the sum is divided by batch_size (the expected size), not
+  by how many examples were sampled."""
+  config = tiny_config(*PRIVATE, "privacy.clip_norm=1e6", "model.dropout=0.0")
+  task, tx = _task_and_tx(config)
+  params = create_state(task, tx, seed=0).params
+  batch = next(Pipeline(config).train_iterator())
+  real = np.asarray(batch[MASK]) > 0
+  assert 0 < real.sum() < len(real)  # some padding, so the check below is not vacuous
+  grads, _, metrics = jax.jit(task.grads)(params, {}, batch, jax.random.key(0))
+  examples = {k: v[real] for k, v in batch.items() if k != MASK}
+
+  def summed_over_expected(p):
+    return task.loss(p, {}, examples, None)[0] * real.sum() / BATCH
+  assert_trees_close(grads, jax.grad(summed_over_expected)(params), atol=1e-6)
+  assert float(metrics["privacy/batch_size"]) == real.sum()
+  assert float(metrics["loss"]) == pytest.approx(float(task.loss(params, {}, examples, None)[0]),
+                                                 rel=1e-5)
+
+
+def test_the_logs_say_how_to_read_epsilon_for_each_sampling():
+  poisson, _ = _task_and_tx(tiny_config(*PRIVATE, "privacy.noise_multiplier=1.0"))
+  metrics = poisson.extra_metrics(8)
+  assert 0 <= metrics["privacy/truncation_delta"] < 1e-2 * metrics["privacy/delta"]
+  assert "privacy/epsilon_is_approximate" not in metrics
+  shuffled, _ = _task_and_tx(tiny_config(*SHUFFLED, "privacy.noise_multiplier=1.0"))
+  metrics = shuffled.extra_metrics(8)
+  assert metrics["privacy/epsilon_is_approximate"] == 1.0
+  assert "privacy/truncation_delta" not in metrics
+  with pytest.raises(ConfigError, match="privacy.sampling"):
+    tiny_config(*PRIVATE, "privacy.sampling='uniform'")
+  with pytest.raises(ConfigError, match="max_batch_size"):
+    tiny_config(*PRIVATE, "privacy.max_batch_size=20")  # below data.batch_size
