@@ -1,13 +1,12 @@
 """Convolutional networks: conv + pooling blocks, then a dense head (LeNet-5 is a preset)."""
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 
-from deepflow.models import conv, pooling
+from deepflow.models import pooling
 from deepflow.models.layers import activation
 from deepflow.registry import ConfigError, MODELS
 
@@ -42,8 +41,7 @@ class CNN(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     act = activation(self.activation)
     for width in self.features:
-      x = nn.Conv(width, (self.kernel_size, self.kernel_size), padding=self.padding,
-                  conv_general_dilated=conv.conv_general_dilated)(x)
+      x = nn.Conv(width, (self.kernel_size, self.kernel_size), padding=self.padding)(x)
       x = pool(self.pooling, act(x), self.pool_size)
     x = x.reshape(x.shape[0], -1)
     for width in self.dense:
@@ -62,10 +60,8 @@ class LeNet5(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     act = activation(self.activation)
-    conv5 = functools.partial(nn.Conv, kernel_size=(5, 5), padding="SAME",
-                              conv_general_dilated=conv.conv_general_dilated)
-    x = pool(self.pooling, act(conv5(6)(x)), 2)
-    x = pool(self.pooling, act(conv5(16)(x)), 2)
+    x = pool(self.pooling, act(nn.Conv(6, (5, 5), padding="SAME")(x)), 2)
+    x = pool(self.pooling, act(nn.Conv(16, (5, 5), padding="SAME")(x)), 2)
     x = x.reshape(x.shape[0], -1)
     x = act(nn.Dense(84)(act(nn.Dense(120)(x))))
     return nn.Dense(self.num_outputs)(x)

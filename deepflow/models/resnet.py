@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deepflow.models import conv, pooling
+from deepflow.models import pooling
 from deepflow.models.layers import activation
 from deepflow.registry import ConfigError, MODELS
 
@@ -91,11 +91,9 @@ class ResNet(nn.Module):
       raise ConfigError(f"stochastic_depth must be in [0, 1), got {self.stochastic_depth}")
     act = activation(self.activation)
     if self.stem == "small":
-      x = nn.Conv(self.width, (3, 3), use_bias=False, name="stem",
-                  conv_general_dilated=conv.conv_general_dilated)(x)
+      x = nn.Conv(self.width, (3, 3), use_bias=False, name="stem")(x)
     else:
-      x = nn.Conv(self.width, (7, 7), (2, 2), use_bias=False, name="stem",
-                  conv_general_dilated=conv.conv_general_dilated)(x)
+      x = nn.Conv(self.width, (7, 7), (2, 2), use_bias=False, name="stem")(x)
     x = act(nn.BatchNorm(use_running_average=not train, momentum=0.9, name="stem_norm")(x))
     if self.stem == "imagenet":
       x = pooling.max_pool(x, (3, 3), (2, 2), padding="SAME")
