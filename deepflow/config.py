@@ -86,6 +86,11 @@ def base_config() -> ConfigDict:
                                     # refused before it starts
       "delta": 1e-5,                # must be below 1 / train_size
       "accountant": "rdp",          # 'rdp' or 'pld' (dp-accounting)
+      "sampling": "poisson",        # 'poisson': each example joins a step's batch with probability
+                                    # batch_size / train_size (what the epsilon assumes); 'shuffle':
+                                    # fixed-size shuffled batches (the epsilon is an approximation)
+      "max_batch_size": 0,          # Poisson batches are padded to this many rows (0 = automatic: a
+                                    # size exceeded with negligible probability over the run)
   })
   return c
 

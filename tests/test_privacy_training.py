@@ -17,11 +17,11 @@ from jax.sharding import Mesh
 import deepflow
 import deepflow.privacy
 from deepflow import parallel
-from deepflow.data.pipeline import Pipeline
-from deepflow.optim import privacy as optim_privacy
+from deepflow.data.pipeline import MASK, Pipeline
+from deepflow.privacy import accounting
 from deepflow.registry import ConfigError, TASKS
 from deepflow.train import checkpoint as checkpoint_lib
-from deepflow.train.loop import Experiment
+from deepflow.train.experiment import Experiment
 from deepflow.train.state import create_state
 from deepflow.train.step import accumulate_grads, compile_steps
 from deepflow.train.writers import read_metrics
@@ -30,6 +30,8 @@ from tests.helpers import tiny_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_SIZE, BATCH = 2048, 32  # synthetic:digits_like and tiny_config
 PRIVATE = ("privacy.enabled=True",)
+# The same fixed-size batches as a non-private run, for comparisons batch by batch.
+SHUFFLED = (*PRIVATE, "privacy.sampling='shuffle'")
 
 
 def final_params(config, workdir):
@@ -49,7 +51,7 @@ def assert_trees_close(a, b, atol=1e-5):
 
 
 def test_compute_epsilon_is_public_and_is_the_accountant():
-  assert deepflow.privacy.compute_epsilon is optim_privacy.compute_epsilon  # one implementation
+  assert deepflow.privacy.compute_epsilon is accounting.compute_epsilon  # one implementation
   accountant = dp_accounting.rdp.RdpAccountant()
   accountant.compose(dp_accounting.PoissonSampledDpEvent(
       0.01, dp_accounting.GaussianDpEvent(1.3)), 500)
@@ -62,7 +64,7 @@ def test_no_noise_and_huge_clip_trains_like_the_ordinary_step(tmp_path):
   steps = ("train.steps=4", "model.dropout=0.0")
   ordinary = final_params(tiny_config(*steps), str(tmp_path / "ordinary"))
   for microbatches in (1, 2):
-    private = final_params(tiny_config(*steps, *PRIVATE, "privacy.clip_norm=1e6",
+    private = final_params(tiny_config(*steps, *SHUFFLED, "privacy.clip_norm=1e6",
                                        f"train.microbatches={microbatches}"),
                            str(tmp_path / f"private{microbatches}"))
     assert_trees_close(private, ordinary)
@@ -77,7 +79,7 @@ def _task_and_tx(config):
 
 def test_small_clip_norm_clips_every_example_and_logs_it(tmp_path):
   clip = 1e-3
-  config = tiny_config(*PRIVATE, f"privacy.clip_norm={clip}", "train.steps=2",
+  config = tiny_config(*SHUFFLED, f"privacy.clip_norm={clip}", "train.steps=2",
                        "train.log_every=1")
   deepflow.train_and_evaluate(config, str(tmp_path))
   train = [r for r in read_metrics(str(tmp_path)) if r["split"] == "train"]
@@ -224,3 +226,38 @@ def test_private_digits_experiment_runs(data_dir, tmp_path):
   with open(os.path.join(tmp_path, "epsilon_1", "config.json")) as f:
     assert json.load(f)["privacy"]["target_epsilon"] == 1.0
   assert not math.isinf(results["epsilon_8"]["test"]["privacy/noise_multiplier"])
+
+
+def test_a_poisson_batch_gives_its_real_examples_clipped_sum_over_the_expected_size():
+  """Padding rows contribute nothing; the sum is divided by batch_size (the expected size), not
+  by how many examples were sampled."""
+  config = tiny_config(*PRIVATE, "privacy.clip_norm=1e6", "model.dropout=0.0")
+  task, tx = _task_and_tx(config)
+  params = create_state(task, tx, seed=0).params
+  batch = next(Pipeline(config).train_iterator())
+  real = np.asarray(batch[MASK]) > 0
+  assert 0 < real.sum() < len(real)  # some padding, so the check below is not vacuous
+  grads, _, metrics = jax.jit(task.grads)(params, {}, batch, jax.random.key(0))
+  examples = {k: v[real] for k, v in batch.items() if k != MASK}
+
+  def summed_over_expected(p):
+    return task.loss(p, {}, examples, None)[0] * real.sum() / BATCH
+  assert_trees_close(grads, jax.grad(summed_over_expected)(params), atol=1e-6)
+  assert float(metrics["privacy/batch_size"]) == real.sum()
+  assert float(metrics["loss"]) == pytest.approx(float(task.loss(params, {}, examples, None)[0]),
+                                                 rel=1e-5)
+
+
+def test_the_logs_say_how_to_read_epsilon_for_each_sampling():
+  poisson, _ = _task_and_tx(tiny_config(*PRIVATE, "privacy.noise_multiplier=1.0"))
+  metrics = poisson.extra_metrics(8)
+  assert 0 <= metrics["privacy/truncation_delta"] < 1e-2 * metrics["privacy/delta"]
+  assert "privacy/epsilon_is_approximate" not in metrics
+  shuffled, _ = _task_and_tx(tiny_config(*SHUFFLED, "privacy.noise_multiplier=1.0"))
+  metrics = shuffled.extra_metrics(8)
+  assert metrics["privacy/epsilon_is_approximate"] == 1.0
+  assert "privacy/truncation_delta" not in metrics
+  with pytest.raises(ConfigError, match="privacy.sampling"):
+    tiny_config(*PRIVATE, "privacy.sampling='uniform'")
+  with pytest.raises(ConfigError, match="max_batch_size"):
+    tiny_config(*PRIVATE, "privacy.max_batch_size=20")  # below data.batch_size

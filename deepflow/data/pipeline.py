@@ -1,18 +1,16 @@
 """The input pipeline: a Grain dataset of host-local numpy batches, deterministic from the seed.
 
-Batch ``s`` of training is a pure function of (seed, s): every epoch is a fresh permutation of
-the train split drawn from (seed, epoch), cut into ``batch_size`` pieces (the remainder is
-dropped, a different one each epoch), so the Grain iterator's state is just its position and a
-resumed run sees exactly the batches an uninterrupted one would. On several hosts, every host
+Batch ``s`` of training is a pure function of (seed, s) (``deepflow.data.sampler``: shuffled
+fixed-size batches, or Poisson-sampled ones padded with a ``mask`` under DP-SGD), so the Grain
+iterator's state is just its position and a resumed run sees exactly the batches an
+uninterrupted one would. On several hosts, every host
 computes the same global batch of indices and reads only its own contiguous slice of it; the
 global array is the hosts' slices concatenated in process order (``parallel.global_batch``).
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
-import sys
 from typing import Any, Iterator, Mapping
 
 import grain
@@ -20,7 +18,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from deepflow.data import sources, transforms as transforms_lib
+from deepflow.data import sampler as sampler_lib, sources, transforms as transforms_lib
 from deepflow.registry import ConfigError
 
 INPUTS, TARGETS, MASK = "inputs", "targets", "mask"
@@ -53,31 +51,6 @@ def _jax_dtype(array: np.ndarray) -> np.ndarray:
   return array
 
 
-class BatchIndices:
-  """Random access to the global batches of example indices: batch ``s`` of epoch ``e`` is a
-  slice of the permutation drawn from (seed, e). One vectorized permutation per epoch, instead
-  of a per-element index shuffle (Grain's ``MapDataset.shuffle``), keeps the host cost of a
-  batch in microseconds."""
-
-  def __init__(self, num_examples: int, batch_size: int, seed: int):
-    if batch_size > num_examples:
-      raise ConfigError(f"data.batch_size={batch_size} is larger than the train split "
-                        f"({num_examples} examples)")
-    self.num_examples, self.batch_size, self.seed = num_examples, batch_size, seed
-    self.steps_per_epoch = num_examples // batch_size
-
-  def __len__(self) -> int:
-    return sys.maxsize  # repeats forever
-
-  @functools.lru_cache(maxsize=2)
-  def permutation(self, epoch: int) -> np.ndarray:
-    return np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
-
-  def __getitem__(self, step: int) -> np.ndarray:
-    epoch, i = divmod(int(step), self.steps_per_epoch)
-    return self.permutation(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
-
-
 class Pipeline:
   """Train iterator and eval batches for one config (``config.data`` + ``seed``)."""
 
@@ -90,9 +63,10 @@ class Pipeline:
     self.cache = data.cache
     self.num_threads = data.num_threads
     self.process_count, self.process_index = jax.process_count(), jax.process_index()
-    self.batch_size = self._per_host(data.batch_size, "data.batch_size")
+    self.sampler = sampler_lib.train_sampler(config, len(self.train_source))
+    self.batch_size = self._per_host(self.sampler.batch_size, "data.batch_size")
     self.eval_batch_size = self._per_host(data.eval_batch_size, "data.eval_batch_size")
-    self.global_batch_size = data.batch_size
+    self.global_batch_size = self.sampler.batch_size  # rows per step (a Poisson batch's cap)
     self.global_eval_batch_size = data.eval_batch_size
     self.transforms = transforms_lib.build_transforms(data.transforms)
     self.stats = self._fitted_stats(workdir)
@@ -160,13 +134,19 @@ class Pipeline:
 
   def train_dataset(self) -> grain.IterDataset:
     """Infinite, reshuffled every epoch; element ``s`` is the host's part of global batch ``s``."""
-    ds = grain.MapDataset.source(BatchIndices(len(self.train_source), self.global_batch_size,
-                                              self.seed))
-    ds = ds.map_with_index(lambda step, idx: self._finish(
-        sources.take(self.train_source, self._host_slice(idx, self.batch_size)),
-        train=True, step=step))
+    ds = grain.MapDataset.source(self.sampler)
+    ds = ds.map_with_index(lambda step, indices_and_mask: self._train_batch(step,
+                                                                            *indices_and_mask))
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=self.num_threads,
                                                 prefetch_buffer_size=max(2, 2 * self.num_threads)))
+
+  def _train_batch(self, step: int, indices: np.ndarray, mask: np.ndarray | None):
+    batch = self._finish(sources.take(self.train_source, self._host_slice(indices,
+                                                                          self.batch_size)),
+                         train=True, step=step)
+    if mask is not None:  # Poisson batches: padding rows (mask 0) must contribute nothing
+      batch[MASK] = self._host_slice(mask, self.batch_size)
+    return batch
 
   def train_iterator(self, state: Mapping[str, Any] | None = None) -> grain.DatasetIterator:
     """A train iterator, positioned by a saved ``get_state()`` when resuming."""

@@ -6,10 +6,11 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 
+from deepflow.models import pooling
 from deepflow.models.layers import activation
 from deepflow.registry import ConfigError, MODELS
 
-POOLS = {"max": nn.max_pool, "avg": nn.avg_pool}
+POOLS = {"max": pooling.max_pool, "avg": pooling.avg_pool}
 
 
 def pool(name: str, x: jax.Array, window: int) -> jax.Array:

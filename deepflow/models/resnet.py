@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deepflow.models import pooling
 from deepflow.models.layers import activation
 from deepflow.registry import ConfigError, MODELS
 
@@ -95,7 +96,7 @@ class ResNet(nn.Module):
       x = nn.Conv(self.width, (7, 7), (2, 2), use_bias=False, name="stem")(x)
     x = act(nn.BatchNorm(use_running_average=not train, momentum=0.9, name="stem_norm")(x))
     if self.stem == "imagenet":
-      x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
+      x = pooling.max_pool(x, (3, 3), (2, 2), padding="SAME")
     block_cls = nn.remat(ResidualBlock, static_argnums=(2,)) if self.remat else ResidualBlock
     total, index = sum(self.stage_sizes), 0
     for stage, num_blocks in enumerate(self.stage_sizes):

@@ -3,7 +3,7 @@
 Both are pre-LN stacks of ``layers.TransformerBlock``. Inputs are int tokens (B, T) embedded
 into ``d_model`` when ``vocab_size > 0``, or float features (B, T, F) (or (B, T)) projected to
 ``d_model`` when ``vocab_size == 0``. The LM decodes with a key/value cache when ``decode`` is
-set (see ``deepflow.models.sampling``).
+set (see ``deepflow.models.decoding``).
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import optax
 from ml_collections import ConfigDict
 
 from deepflow import models  # noqa: F401  (fills MODELS)
-from deepflow.data.pipeline import DataSpec
+from deepflow.data.pipeline import MASK, DataSpec
 from deepflow.optim import build_optimizer
 from deepflow.pytree import cast_floats
 from deepflow.registry import ConfigError, MODELS
@@ -151,9 +151,11 @@ class Task:
       batch = self.regularizer.batch(batch, jax.random.fold_in(rng, 1), self.spec.num_classes)
 
     def example_loss(p, example, key):
+      example = dict(example)
+      real = example.pop(MASK, 1.0)  # a Poisson batch's padding row: zero loss, zero gradient
       one = jax.tree.map(lambda x: x[None], example)  # a batch of one: the task's own loss
       loss, (metrics, _) = self.loss(p, model_state, one, key)
-      return loss, metrics
+      return real * loss, metrics
 
     grads, metrics = self.privacy.gradients(example_loss, params, batch, rng)
     if self.regularizer.penalty is not None:

@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from deepflow.optim import privacy
+from deepflow import privacy
 from deepflow.registry import ConfigError
 
 B, D, C = 16, 5, 3

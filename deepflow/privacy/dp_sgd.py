@@ -1,25 +1,24 @@
-"""Differential privacy for deepflow runs: the public accountant, and DP-SGD from a config.
+"""DP-SGD as a config's ``privacy`` section describes it: ``validate_config`` and ``DpSgd``.
 
-The accountant (``compute_epsilon``, ``noise_multiplier_for_epsilon``, ``max_steps_for_epsilon``)
-and the mechanism (``private_gradients``, ``clipped_gradient_sum``, ``add_noise``) are
-implemented once, in ``deepflow.optim.privacy``, and re-exported here as the public API::
-
-  from deepflow.privacy import compute_epsilon
-  compute_epsilon(noise_multiplier=1.1, sample_rate=256 / 60000, steps=14000, delta=1e-5)
-
-``DpSgd`` is what a task needs from the config's ``privacy`` section: the noise multiplier
-(given, or calibrated to ``target_epsilon``), the per-example clipped and noised gradients of a
-(micro-)batch, and the epsilon spent after a number of steps. ``Task.grads`` uses it when
-``privacy.enabled`` is set; the loop logs ``privacy/epsilon`` with every train log and eval.
+``DpSgd`` holds the noise multiplier (given, or calibrated to ``target_epsilon``), computes the
+per-example clipped and noised gradients of a (micro-)batch in the train step, and the epsilon
+spent after a number of steps on the host. ``Task.grads`` uses it when ``privacy.enabled`` is
+set; the loop logs ``privacy/epsilon`` with every train log and eval.
 
 What is and is not accounted, stated honestly:
 
-* Sampling. deepflow's loader cuts fixed-size batches from a fresh shuffle of the train split
-  every epoch (sampling without replacement), not Poisson subsampling. The epsilon reported is
-  that of the Poisson-subsampled Gaussian mechanism with ``sample_rate = batch_size /
-  train_size``: the standard approximation (TF Privacy, Opacus and most papers report it), but the
-  guarantee is proven for Poisson sampling only, and shuffled batches can be less private than it
-  says (Chua et al., 2024, "How Private are DP-SGD Implementations?").
+* Sampling. By default (``privacy.sampling='poisson'``) each training example joins a step's
+  batch independently with probability ``q = batch_size / train_size``
+  (``deepflow.data.sampler``), which is the sampling the accountant's Poisson-subsampled Gaussian
+  mechanism describes. Batches are padded to a fixed size (``privacy.max_batch_size``, by default
+  one exceeded with probability below ``1e-6 * delta`` over the run) with masked rows that
+  contribute nothing; the rare larger batch is truncated, and the guarantee becomes (epsilon,
+  delta + ``privacy/truncation_delta``), logged with every epsilon. The noised sum is divided by
+  the expected batch size ``batch_size``. ``privacy.sampling='shuffle'`` trains on fixed-size
+  batches cut from a fresh shuffle every epoch instead; the epsilon reported is then the Poisson
+  one, an approximation (TF Privacy, Opacus and many papers report it) that shuffled batches may
+  not meet (Chua et al., 2024, "How Private are DP-SGD Implementations?"), and the logs say so
+  with ``privacy/epsilon_is_approximate`` = 1.
 * Only the trained parameters are covered. Train-split metrics (loss, accuracy, per-example
   gradient norms) are computed from raw examples, and statistics that ``data.transforms`` fit on
   the train split (e.g. ``standardize``'s means) are not privatized either; use transforms whose
@@ -39,15 +38,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from deepflow.optim.privacy import (ACCOUNTANTS, PerExampleLoss, add_noise,
-                                    clipped_gradient_sum, compute_epsilon,
-                                    max_steps_for_epsilon, noise_multiplier_for_epsilon,
-                                    private_gradients)
+from deepflow.data import sampler
+from deepflow.data.pipeline import MASK
+from deepflow.privacy.accounting import (ACCOUNTANTS, compute_epsilon, max_steps_for_epsilon,
+                                         noise_multiplier_for_epsilon, truncation_delta)
+from deepflow.privacy.mechanism import PerExampleLoss, private_gradients
 from deepflow.registry import ConfigError
-
-__all__ = ["ACCOUNTANTS", "DpSgd", "add_noise", "clipped_gradient_sum", "compute_epsilon",
-           "max_steps_for_epsilon", "noise_multiplier_for_epsilon", "private_gradients",
-           "validate_config"]
 
 PyTree = Any
 log = logging.getLogger("deepflow")
@@ -55,10 +51,12 @@ log = logging.getLogger("deepflow")
 # Regularizers that build a training example from several (mixup, cutmix): one example then
 # changes two clipped gradients, which doubles the sensitivity the accountant assumes.
 MIXING_REGULARIZERS = ("mixup", "cutmix")
+SAMPLINGS = ("poisson", "shuffle")
 
 
 def validate_config(config: Any) -> None:
-  """Checks of the ``privacy`` section (and what it conflicts with) that need no data."""
+  """Checks of the ``privacy`` section (and what it conflicts with) that need no data; run by
+  ``deepflow.config`` when a config is finalized."""
   p = config.privacy
   if not p.clip_norm > 0:
     raise ConfigError(f"privacy.clip_norm must be > 0 (the per-example gradient bound), got "
@@ -76,6 +74,15 @@ def validate_config(config: Any) -> None:
   if config.optimizer.clip_norm:
     raise ConfigError("privacy.enabled clips each example's gradient to privacy.clip_norm; set "
                       "optimizer.clip_norm=0 (no second, global clip)")
+  if p.sampling not in SAMPLINGS:
+    raise ConfigError(f"privacy.sampling must be one of {', '.join(SAMPLINGS)}, got "
+                      f"{p.sampling!r}")
+  multiple = sampler.batch_multiple(config)
+  if p.max_batch_size and (p.max_batch_size < config.data.batch_size
+                           or p.max_batch_size % multiple):
+    raise ConfigError(f"privacy.max_batch_size={p.max_batch_size} must be 0 (automatic) or at "
+                      f"least data.batch_size={config.data.batch_size} and a multiple of "
+                      f"{multiple} (processes x micro-batches x data-axis devices)")
   for entry in config.regularizers:
     if entry["name"] in MIXING_REGULARIZERS:
       raise ConfigError(f"regularizer {entry['name']!r} mixes examples, which breaks DP-SGD's "
@@ -90,19 +97,25 @@ class DpSgd:
   micro-batch gets independent noise of std ``noise_multiplier * clip_norm / sqrt(microbatches)``
   on its clipped sum, so the step's total noise is exactly ``N(0, (noise_multiplier *
   clip_norm)^2)`` on the sum of all clipped gradients: the same mechanism (in distribution) as
-  summing every micro-batch first and adding the noise once."""
+  summing every micro-batch first and adding the noise once.
+
+  ``overflow``: the probability that some Poisson batch of the run exceeds its fixed size and is
+  truncated (0 for shuffled batches)."""
   clip_norm: float
   noise_multiplier: float
   sample_rate: float
   delta: float
   accountant: str = "rdp"
   microbatches: int = 1
+  sampling: str = "poisson"
+  batch_size: int = 1  # the expected (Poisson) or exact (shuffle) examples per step
+  overflow: float = 0.0
 
   @classmethod
   def from_config(cls, config: Any, train_size: int) -> "DpSgd":
-    """From ``config.privacy`` and the train split's size: calibrates the noise to
-    ``target_epsilon`` (when noise_multiplier is 0) and refuses a run that would exceed it."""
-    validate_config(config)
+    """From ``config.privacy`` (already checked by ``validate_config``) and the train split's
+    size: calibrates the noise to ``target_epsilon`` (when noise_multiplier is 0) and refuses a
+    run that would exceed it."""
     p, steps = config.privacy, config.train.steps
     sample_rate = config.data.batch_size / train_size
     if p.delta >= 1 / train_size:
@@ -115,8 +128,15 @@ class DpSgd:
                                            p.accountant)
       log.info("privacy: noise_multiplier %.4f reaches epsilon %g (delta %g) in %d steps at "
                "sample rate %.4g", noise, p.target_epsilon, p.delta, steps, sample_rate)
+    overflow = 0.0
+    if sampler.poisson_sampled(config):
+      overflow = sampler.overflow_probability(train_size, sample_rate,
+                                              sampler.poisson_cap(config, train_size), steps)
+    else:
+      log.warning("privacy: sampling='shuffle': the epsilon reported is that of Poisson "
+                  "sampling, an approximation for shuffled fixed-size batches")
     dp = cls(float(p.clip_norm), noise, sample_rate, float(p.delta), p.accountant,
-             config.train.microbatches)
+             config.train.microbatches, p.sampling, int(config.data.batch_size), overflow)
     spent = dp.epsilon(steps)
     if p.target_epsilon and spent > p.target_epsilon:
       fit = max_steps_for_epsilon(p.target_epsilon, noise, sample_rate, p.delta, p.accountant)
@@ -134,17 +154,32 @@ class DpSgd:
   def gradients(self, per_example_loss: PerExampleLoss, params: PyTree, batch: PyTree,
                 rng: jax.Array) -> tuple[PyTree, dict[str, jax.Array]]:
     """(noised mean gradient of this micro-batch, metrics): ``loss`` and the per-example aux
-    values averaged over the batch, ``privacy/example_grad_norm`` (mean per-example norm before
-    clipping) and ``privacy/clipped_fraction``."""
+    values averaged over the batch's real examples, ``privacy/example_grad_norm`` (their mean
+    norm before clipping), ``privacy/clipped_fraction`` and, for Poisson batches,
+    ``privacy/batch_size`` (how many examples were sampled).
+
+    A Poisson batch (one with a ``mask``) is divided by its expected size, ``batch_size /
+    microbatches`` per micro-batch, not by how many examples it holds: that count depends on
+    the private data, and the expected size is what DP-SGD's analysis divides by.
+    ``per_example_loss`` must give masked rows zero loss (``Task.private_grads`` does), so their
+    gradient is zero and they are never clipped."""
+    mask = batch.get(MASK)
+    denominator = None if mask is None else self.batch_size / self.microbatches
     grads, aux = private_gradients(per_example_loss, params, batch, rng,
                                    clip_norm=self.clip_norm,
                                    noise_multiplier=self.noise_multiplier /
-                                   math.sqrt(self.microbatches))
-    size = aux["loss"].shape[0]
-    metrics = {"loss": jnp.mean(aux["loss"]),
-               **{k: jnp.mean(v) for k, v in (aux["aux"] or {}).items()},
-               "privacy/example_grad_norm": jnp.mean(aux["grad_norms"]),
-               "privacy/clipped_fraction": aux["num_clipped"].astype(jnp.float32) / size}
+                                   math.sqrt(self.microbatches), denominator=denominator)
+    weights = jnp.ones_like(aux["loss"]) if mask is None else mask
+    count = jnp.maximum(jnp.sum(weights), 1.0)
+
+    def mean(values):
+      return jnp.sum(weights.reshape(-1, *(1,) * (values.ndim - 1)) * values, axis=0) / count
+    metrics = {"loss": mean(aux["loss"]),
+               **{k: mean(v) for k, v in (aux["aux"] or {}).items()},
+               "privacy/example_grad_norm": mean(aux["grad_norms"]),
+               "privacy/clipped_fraction": aux["num_clipped"].astype(jnp.float32) / count}
+    if mask is not None:
+      metrics["privacy/batch_size"] = jnp.sum(mask)
     return grads, metrics
 
   # -- on the host -------------------------------------------------------------------------------
@@ -156,6 +191,13 @@ class DpSgd:
                            self.accountant)
 
   def metrics(self, step: int) -> dict[str, float]:
-    """What the loop logs with every train log and eval: the budget spent so far."""
-    return {"privacy/epsilon": self.epsilon(step), "privacy/delta": self.delta,
-            "privacy/noise_multiplier": self.noise_multiplier}
+    """What the loop logs with every train log and eval: the budget spent so far, and how to
+    read it (the truncation's extra delta for Poisson batches; a flag for shuffled ones)."""
+    epsilon = self.epsilon(step)
+    out = {"privacy/epsilon": epsilon, "privacy/delta": self.delta,
+           "privacy/noise_multiplier": self.noise_multiplier}
+    if self.sampling == "poisson":
+      out["privacy/truncation_delta"] = truncation_delta(epsilon, self.overflow)
+    else:
+      out["privacy/epsilon_is_approximate"] = 1.0
+    return out

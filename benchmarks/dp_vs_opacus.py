@@ -1,0 +1,123 @@
+"""deepflow's DP-SGD step vs Opacus's on the same CPU, same sampling, clip and noise, in one run.
+
+The model is the digits CNN (experiments/digits_cnn.py, dropout 0; ``vs_pytorch.torch_cnn`` on
+the PyTorch side), AdamW, clip norm 1, noise multiplier 1, on the bundled digits. Both train on
+the same Poisson-sampled batches (``deepflow.data.sampler.PoissonBatches``, expected size
+``--batch``): deepflow on its fixed-shape padded batch with a mask (its real step,
+``Experiment.train_step``), Opacus on the sampled rows alone (the variable-size batches its
+``DPDataLoader`` would give), through ``GradSampleModule`` + ``DPOptimizer`` with
+``expected_batch_size``. Each contender is warmed up, then timed in ``--rounds`` interleaved
+rounds; the median counts. deepflow's non-private step on batches of ``--batch`` is timed
+beside them. Opacus and PyTorch are benchmark-only dependencies.
+
+    python benchmarks/dp_vs_opacus.py [--batches 128,1024] [--rounds 5] [--seconds 1.0]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import warnings
+
+# OpenMP threads that spin while waiting collapse when other jobs share the cores (measured on
+# the shared 2-core machine: PyTorch's CNN step 130-220 ms spinning vs 31 ms passive); XLA's
+# threads sleep. Set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import jax
+import numpy as np
+import opacus
+import torch
+
+import deepflow
+from deepflow.data.pipeline import INPUTS, MASK, TARGETS
+from deepflow.train.experiment import Experiment
+from dp_step import cpu_name  # noqa: E402  (benchmarks/ is the script's directory)
+from vs_pytorch import ROOT, time_round, torch_cnn  # noqa: E402
+
+DP = ["privacy.enabled=True", "privacy.noise_multiplier=1.0", "privacy.clip_norm=1.0",
+      "privacy.target_epsilon=0"]
+
+
+def deepflow_step(batch: int, private: bool, workdir: str, rounds: int = 8):
+  config = deepflow.load_config(os.path.join(ROOT, "experiments", "digits_cnn.py"),
+                                ["model.dropout=0.0", "optimizer.clip_norm=0.0",
+                                 f"data.batch_size={batch}", *(DP if private else [])])
+  exp = Experiment(config, workdir)
+  iterator = exp.pipeline.train_iterator()
+  host = [next(iterator) for _ in range(rounds)]
+  batches = [jax.device_put(b) for b in host]
+  state = [exp.init_state(), 0]
+
+  def step():
+    state[0], metrics = exp.train_step(state[0], batches[state[1] % len(batches)])
+    state[1] += 1
+    return metrics
+  jax.block_until_ready(step())
+  return step, jax.block_until_ready, host
+
+
+def opacus_step(host_batches, expected_batch: int):
+  """Opacus on the real rows of deepflow's Poisson batches (masks dropped)."""
+  net = opacus.GradSampleModule(torch_cnn())
+  optimizer = opacus.optimizers.DPOptimizer(
+      torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4), noise_multiplier=1.0,
+      max_grad_norm=1.0, expected_batch_size=expected_batch)
+  batches = []
+  for b in host_batches:
+    real = b[MASK] > 0
+    batches.append((torch.from_numpy(np.ascontiguousarray(b[INPUTS][real].transpose(0, 3, 1, 2))),
+                    torch.from_numpy(b[TARGETS][real].astype(np.int64))))
+  loss_fn = torch.nn.CrossEntropyLoss()
+  count = [0]
+
+  def step():
+    x, y = batches[count[0] % len(batches)]
+    count[0] += 1
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn(net(x), y)
+    loss.backward()
+    optimizer.step()
+    return loss
+  for _ in range(2):
+    step()
+  return step, lambda loss: loss.item()
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--batches", default="128,1024")
+  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--seconds", type=float, default=1.0)
+  parser.add_argument("--threads", type=int, default=2)
+  args = parser.parse_args(argv)
+  torch.set_num_threads(args.threads)
+  warnings.filterwarnings("ignore", module="opacus")
+  print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs; jax {jax.__version__}, torch "
+        f"{torch.__version__} ({torch.get_num_threads()} threads, OMP_WAIT_POLICY "
+        f"{os.environ['OMP_WAIT_POLICY']}), opacus {opacus.__version__}; "
+        f"load average {os.getloadavg()[0]:.2f}")
+  with tempfile.TemporaryDirectory() as tmp:
+    for batch in map(int, args.batches.split(",")):
+      dp_step, dp_sync, host = deepflow_step(batch, True, os.path.join(tmp, f"dp{batch}"))
+      contenders = {"deepflow DP": (dp_step, dp_sync),
+                    "Opacus": opacus_step(host, batch),
+                    "deepflow non-private": deepflow_step(batch, False,
+                                                          os.path.join(tmp, f"plain{batch}"))[:2]}
+      steps = max(2, int(args.seconds / time_round(dp_step, dp_sync, 3)))
+      times = {name: [] for name in contenders}
+      for _ in range(args.rounds):
+        for name, (step, sync) in contenders.items():
+          times[name].append(time_round(step, sync, steps))
+      med = {name: float(np.median(t)) for name, t in times.items()}
+      sizes = [int(b[MASK].sum()) for b in host]
+      print(f"batch {batch} (Poisson: padded to {host[0][MASK].shape[0]} rows, sampled "
+            f"{min(sizes)}-{max(sizes)}; median of {args.rounds} rounds x {steps} steps): "
+            + ", ".join(f"{name} {1e3 * t:.1f} ms" for name, t in med.items())
+            + f"; Opacus / deepflow DP {med['Opacus'] / med['deepflow DP']:.2f}x, deepflow DP / "
+            f"non-private {med['deepflow DP'] / med['deepflow non-private']:.2f}x", flush=True)
+  print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+  main()
