@@ -10,6 +10,9 @@ Commands:
   predict --model DIR --input FILE [--output FILE]   run an artifact on .npy/.json examples
   explain --workdir DIR [--method NAME] [--num_examples N] [--split NAME] [--option KEY=VALUE]
          feature attributions of the latest checkpoint: DIR/explain/METHOD.png and .npz
+  plan   --config FILE [--topology v5e:2x2] [--json] [--measure N]   compile the train and eval
+         steps for a TPU slice (or the local devices): memory per device, FLOPs, roofline step
+         time, parameter sharding, whether it fits and the largest batch that does
   sample --workdir DIR [--num N] [--prompt TEXT] [--num_tokens N] [--temperature T] [--top_k K]
          draw from a trained generative model: text (language models), PNG grids (GANs), in
          DIR/samples/
@@ -241,6 +244,31 @@ def _sample(overrides: list[str]) -> None:
   print(f"{FLAGS.num} samples from the checkpoint at step {step}: {', '.join(files)}")
 
 
+flags.DEFINE_string("topology", None, "plan: a TPU slice to compile for, e.g. v5e:2x2, v5e:4x8, "
+                    "v4:2x2x1, v5p:2x2x1, v6e:4x4 (needs deepflow[tpu]); default: the local devices.")
+flags.DEFINE_bool("json", False, "plan: print the plan as JSON.")
+flags.DEFINE_integer("measure", 0, "plan: also run this many real train steps on the local "
+                     "devices and report their measured peak memory.")
+flags.DEFINE_bool("search_batch", True, "plan: find the largest global batch that fits by "
+                  "compiling (a few more compiles).")
+
+
+def _plan(overrides: list[str]) -> None:
+  import json
+  import deepflow
+  from deepflow import plan as plan_lib
+  if FLAGS.measure and FLAGS.topology:
+    _fail("--measure runs steps on the local devices; it cannot be combined with --topology", 2)
+  devices = plan_lib.target_devices(FLAGS.topology)
+  config = deepflow.load_config(_require("config"), overrides, num_devices=len(devices))
+  plan = plan_lib.make_plan(config, FLAGS.topology, search_batch=FLAGS.search_batch)
+  if FLAGS.measure:
+    plan["measured"] = {"steps": FLAGS.measure, **plan_lib.measure(config, FLAGS.measure)}
+  print(json.dumps(plan, indent=1) if FLAGS.json else plan_lib.format_plan(plan))
+  if plan["fits"] is False:
+    sys.exit(1)
+
+
 # Each command is a function of the ``--config.KEY=VALUE`` overrides; its flags are absl flags
 # defined above (shared) or in its own module (imported here).
 COMMANDS = {
@@ -251,6 +279,7 @@ COMMANDS = {
     "predict": _predict,
     "explain": _explain,
     "sample": _sample,
+    "plan": _plan,
 }
 
 

@@ -94,8 +94,12 @@ def base_config() -> ConfigDict:
 # Loading and overrides.
 # ------------------------------------------------------------------------------------------------
 
-def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> ConfigDict:
-  """Loads an experiment file, applies ``KEY=VALUE`` overrides, validates, and returns it locked."""
+def load_config(path: str | os.PathLike, overrides: Iterable[str] = (),
+                num_devices: int | None = None) -> ConfigDict:
+  """Loads an experiment file, applies ``KEY=VALUE`` overrides, validates, and returns it locked.
+
+  The mesh and batch sizes are checked against ``num_devices`` (default: the devices present;
+  ``deepflow plan --topology`` passes the slice's)."""
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise ConfigError(f"experiment file not found: {path}")
@@ -110,17 +114,18 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Confi
   config = module.get_config()
   if not isinstance(config, ConfigDict):
     raise ConfigError(f"get_config() in {path} must return an ml_collections.ConfigDict")
-  return finalize(config, overrides)
+  return finalize(config, overrides, num_devices)
 
 
-def finalize(config: ConfigDict, overrides: Iterable[str] = ()) -> ConfigDict:
+def finalize(config: ConfigDict, overrides: Iterable[str] = (),
+             num_devices: int | None = None) -> ConfigDict:
   """Fills in defaults, locks, applies overrides and validates (used for files and for JSON)."""
   config = _with_defaults(config)
   config.lock()
   apply_overrides(config, overrides)
   config = _with_defaults(config)  # an override may have changed model.name or task.name
   config.lock()
-  validate(config)
+  validate(config, num_devices)
   return config
 
 
@@ -218,7 +223,7 @@ def _merge(base: ConfigDict, update: ConfigDict) -> None:
                           f"(default is {base[key]!r})") from e
 
 
-def validate(config: ConfigDict) -> None:
+def validate(config: ConfigDict, num_devices: int | None = None) -> None:
   """Checks names, keys, types and values before anything is compiled."""
   from deepflow import models, tasks, optim, regularizers  # noqa: F401  (registration)
   from deepflow.data import sources, transforms  # noqa: F401
@@ -276,7 +281,7 @@ def validate(config: ConfigDict) -> None:
     privacy.validate_config(config)
 
   from deepflow import parallel
-  data_size = parallel.data_axis_size(config.mesh)
+  data_size = parallel.data_axis_size(config.mesh, num_devices)
   for key in ("data.batch_size", "data.eval_batch_size"):
     per_step = _get(config, key) // (config.train.microbatches if key == "data.batch_size" else 1)
     if per_step % data_size:
