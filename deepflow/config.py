@@ -68,6 +68,9 @@ def base_config() -> ConfigDict:
       "max_nonfinite": 10,          # 'skip': consecutive non-finite steps before stopping
       "progress": True,             # show a progress bar (steps/s, ETA, loss)
       "compute_dtype": "float32",   # 'bfloat16': mixed precision (float32 master params)
+      "profile_steps": (),          # (first, last): a jax.profiler trace of them in workdir/profile
+      # JAX's persistent compilation cache: a rerun loads its compiled steps; '' = off
+      "compilation_cache": "~/.cache/deepflow/jax",
   })
   c.parallel = ConfigDict({
       "strategy": "data",           # 'data' (replicated params) or 'fsdp' (sharded over data)
@@ -270,6 +273,10 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
   for rule in config.parallel.rules:
     if not (isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)):
       raise ConfigError(f"each parallel.rules entry must be (regex, spec tuple), got {rule!r}")
+  profile = tuple(config.train.profile_steps)
+  if profile and (len(profile) != 2 or not 0 <= profile[0] < profile[1]):
+    raise ConfigError(f"train.profile_steps must be (first, last) with 0 <= first < last, "
+                      f"got {profile}")
   if config.train.nonfinite not in ("stop", "skip"):
     raise ConfigError(f"train.nonfinite must be 'stop' or 'skip', got {config.train.nonfinite!r}")
   if config.data.batch_size % config.train.microbatches:

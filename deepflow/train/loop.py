@@ -6,6 +6,7 @@ then alternates jitted train steps with periodic logging, evaluation and checkpo
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -25,7 +26,7 @@ from deepflow.data.pipeline import MASK, Pipeline
 from deepflow.optim import build_schedule
 from deepflow.registry import ConfigError, TASKS
 from deepflow.regularizers import StoppingRecord
-from deepflow.train import checkpoint as checkpoint_lib
+from deepflow.train import checkpoint as checkpoint_lib, runtime
 from deepflow.train.state import TrainState, create_state
 from deepflow.train.step import compile_steps
 from deepflow.train.writers import MetricWriter
@@ -80,6 +81,7 @@ def train_and_evaluate(config: Any, workdir: str, *, debug: bool = False) -> dic
   if jax.process_index() == 0:
     (epath.Path(workdir) / "config.json").write_text(config_lib.to_json(config))
   cfg = config.train
+  runtime.use_compilation_cache(cfg.compilation_cache)
   exp = Experiment(config, workdir, debug=debug)
   checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.keep_checkpoints)
   writer = MetricWriter(workdir)
@@ -217,13 +219,16 @@ def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpoin
   progress = tqdm.tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True,
                        disable=not (cfg.progress and jax.process_index() == 0),
                        file=sys.stderr, desc="train")
-  with _Preemption() as preemption, progress:
+  profiler = runtime.StepProfiler(cfg.profile_steps, exp.workdir)
+  with _Preemption() as preemption, progress, contextlib.closing(profiler):
     step = start
     while step < cfg.steps:
       batch = parallel.global_batch(next(iterator), exp.mesh)
+      profiler.before(step)
       state, metrics = exp.train_step(state, batch)
       pending.append(metrics)
       step += 1
+      profiler.after(step, metrics)
       progress.update(1)
       stop = preemption.reached(step)
       save_now = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or stop
