@@ -69,8 +69,8 @@ def base_config() -> ConfigDict:
       "progress": True,             # show a progress bar (steps/s, ETA, loss)
       "compute_dtype": "float32",   # 'bfloat16': mixed precision (float32 master params)
       "profile_steps": (),          # (first, last): a jax.profiler trace of them in workdir/profile
-      # JAX's persistent compilation cache: a rerun loads its compiled steps; '' = off
-      "compilation_cache": "~/.cache/deepflow/jax",
+      "compilation_cache": "~/.cache/deepflow/jax",  # JAX's persistent compilation cache
+                                    # (a rerun loads its compiled steps); '' = off
   })
   c.parallel = ConfigDict({
       "strategy": "data",           # 'data' (replicated params) or 'fsdp' (sharded over data)
