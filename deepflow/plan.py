@@ -9,6 +9,7 @@ aliased (donated) and temporary bytes, ``cost_analysis`` its FLOPs and bytes acc
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import logging
@@ -147,6 +148,26 @@ def largest_fitting(fits: Callable[[int], bool], unit: int, limit: int) -> int:
   return good * unit
 
 
+def _abstract_args(exp):
+  """The train state as shapes, dtypes and shardings: what the steps are lowered with."""
+  return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+                      exp.abstract_state, exp.shardings)
+
+
+def _unrolled(config):
+  """The config without loops over layers (``model.scan_layers``) or micro-batches, or None if
+  it has none. XLA's cost analysis counts a loop's body once, so the FLOPs and bytes of a
+  looped step are read from this equivalent (the same arithmetic, unrolled) program."""
+  scanned = bool(config.model.get("scan_layers", False))
+  if not scanned and config.train.microbatches == 1:
+    return None
+  config = copy.deepcopy(config)
+  if scanned:
+    config.model.scan_layers = False
+  config.train.microbatches = 1
+  return config
+
+
 def make_plan(config, topology: str | None = None, *, search_batch: bool = True
               ) -> dict[str, Any]:
   """Compiles the config's train and eval steps for the target devices; returns the plan."""
@@ -155,8 +176,7 @@ def make_plan(config, topology: str | None = None, *, search_batch: bool = True
   exp = Experiment(config, None, devices=devices)
   hbm, chip = device_limits(devices[0])
   mesh_axes = dict(exp.mesh.shape)
-  state_args = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-                            exp.abstract_state, exp.shardings)
+  state_args = _abstract_args(exp)
 
   # The TPU compiler refuses a program larger than HBM; told not to, it reports its sizes.
   options = {"xla_tpu_no_crash_on_oom": True} if devices[0].platform == "tpu" else None
@@ -167,6 +187,13 @@ def make_plan(config, topology: str | None = None, *, search_batch: bool = True
                         compiler_options=options)
 
   train = train_cost(config.data.batch_size)
+  unrolled = _unrolled(config)
+  if unrolled is not None:
+    loopless = Experiment(unrolled, None, devices=devices)
+    counted = compile_cost(loopless.train_step, _abstract_args(loopless),
+                           loopless.pipeline.abstract_batch(config.data.batch_size, train=True),
+                           compiler_options=options)
+    train = dataclasses.replace(train, flops=counted.flops, bytes_accessed=counted.bytes_accessed)
   evaluation = compile_cost(exp._eval_step, state_args,
                             exp.pipeline.abstract_batch(config.data.eval_batch_size, train=False),
                             compiler_options=options)
@@ -184,6 +211,8 @@ def make_plan(config, topology: str | None = None, *, search_batch: bool = True
       "train_step": dataclasses.asdict(train) | {"peak": train.peak},
       "eval_step": dataclasses.asdict(evaluation) | {"peak": evaluation.peak},
       "peak_bytes": peak,
+      "costs_from": "the compiled step" if unrolled is None else
+                    "its unrolled equivalent (XLA counts a loop body once)",
       "sharding": sharding_table(exp.abstract_state, exp.shardings),
   }
   if chip:
@@ -230,8 +259,7 @@ def measure(config, steps: int) -> dict[str, Any]:
   batches = [next(iterator) for _ in range(steps)]
   init = jax.jit(functools.partial(create_state, exp.task, exp.tx, config.seed),
                  out_shardings=exp.shardings).lower().compile()
-  state_args = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-                            exp.abstract_state, exp.shardings)
+  state_args = _abstract_args(exp)
   step = exp.train_step.lower(state_args, exp.pipeline.abstract_batch(
       config.data.batch_size, train=True)).compile()
   device = jax.devices()[0]
@@ -277,7 +305,7 @@ def format_plan(plan: dict[str, Any]) -> str:
   lines.append(f"  {'memory of the device':<32}{_gib(d['hbm_bytes']):>14}")
   lines.append("")
   lines.append(f"FLOPs per train step, per device: {train['flops']:.4g}; bytes accessed: "
-               f"{train['bytes_accessed']:.4g}")
+               f"{train['bytes_accessed']:.4g} (from {plan['costs_from']})")
   if "roofline" in plan:
     r = plan["roofline"]
     lines.append(f"roofline step time at peak ({d['peak_flops'] / 1e12:g} TFLOP/s, "

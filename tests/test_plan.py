@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from deepflow import plan as plan_lib
+from deepflow import config as config_lib, plan as plan_lib
 from deepflow.registry import ConfigError
 from tests.helpers import deepflow_cli as deepflow, tiny_config, write_experiment
 
@@ -66,6 +66,25 @@ def test_another_topology_with_a_model_axis():
   assert result["devices"]["hbm_bytes"] == 16 * 2 ** 30
   kernel = next(p for p in result["sharding"] if p["name"] == "Dense_0/kernel")
   assert kernel["spec"] == "(None, 'model')" and kernel["bytes"] == 4 * 64 * 256 // 2
+
+
+def test_scanned_and_accumulated_steps_count_every_layer_and_micro_batch(data_dir):
+  """XLA's cost analysis counts a loop body once; the plan's FLOPs of a scanned, accumulating
+  step are those of the same step without loops."""
+  lm = dict(name="transformer_lm", d_model=32, num_heads=2, num_layers=4,
+            mlp_dim=64, max_len=16)
+  results = []
+  for scan, micro in ((False, 1), (True, 2)):
+    c = config_lib.base_config()
+    c.task.name, c.model, c.data.transforms, c.data.data_dir = "language_model", lm, [], data_dir
+    c.data.source, c.data.batch_size, c.data.eval_batch_size = "bundled:text/seq_len=16", 32, 32
+    config = config_lib.finalize(c, [f"model.scan_layers={scan}", f"train.microbatches={micro}"],
+                                 num_devices=4)
+    results.append(plan_lib.make_plan(config, "v5e:2x2", search_batch=False))
+  unrolled, looped = results
+  assert looped["costs_from"].startswith("its unrolled equivalent")
+  assert looped["train_step"]["flops"] == pytest.approx(unrolled["train_step"]["flops"], rel=0.02)
+  assert looped["state_bytes"] == unrolled["state_bytes"]
 
 
 def test_largest_batch_is_the_boundary_found_by_compiling(monkeypatch):
