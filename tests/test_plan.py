@@ -168,3 +168,4 @@ def test_local_plan_measures_real_steps(tmp_path):
   predicted, measured = result["train_step"]["peak"], result["measured"]["peak_bytes"]
   assert predicted > 3 * 4 * mlp_parameters((2048, 2048, 2048))
   assert measured == pytest.approx(predicted, rel=0.25), (measured, predicted)
+
