@@ -71,8 +71,8 @@ def test_another_topology_with_a_model_axis():
 def test_scanned_and_accumulated_steps_count_every_layer_and_micro_batch(data_dir):
   """XLA's cost analysis counts a loop body once; the plan's FLOPs of a scanned, accumulating
   step are those of the same step without loops."""
-  lm = dict(name="transformer_lm", d_model=32, num_heads=2, num_layers=4,
-            mlp_dim=64, max_len=16)
+  lm = dict(name="transformer_lm", d_model=16, num_heads=2, num_layers=2, mlp_dim=32,
+            max_len=16)
   results = []
   for scan, micro in ((False, 1), (True, 2)):
     c = config_lib.base_config()
