@@ -244,8 +244,9 @@ def _sample(overrides: list[str]) -> None:
   print(f"{FLAGS.num} samples from the checkpoint at step {step}: {', '.join(files)}")
 
 
-flags.DEFINE_string("topology", None, "plan: a TPU slice to compile for, e.g. v5e:2x2, v5e:4x8, "
-                    "v4:2x2x1, v5p:2x2x1, v6e:4x4 (needs deepflow[tpu]); default: the local devices.")
+flags.DEFINE_string("topology", None, "plan: a TPU slice to compile for, e.g. v5e:2x2, "
+                    "v5e:4x8, v4:2x2x1, v5p:2x2x1, v6e:4x4 (needs deepflow[tpu]); default: the "
+                    "local devices.")
 flags.DEFINE_bool("json", False, "plan: print the plan as JSON.")
 flags.DEFINE_integer("measure", 0, "plan: also run this many real train steps on the local "
                      "devices and report their measured peak memory.")

@@ -330,6 +330,7 @@ def format_plan(plan: dict[str, Any]) -> str:
                  f"{plan['largest_batch']}")
   if "measured" in plan:
     m = plan["measured"]
-    lines.append(f"measured peak over {m['steps']} steps ({m['source']}): {_gib(m['peak_bytes'])}"
-                 f" vs predicted {_gib(train['peak'])} ({m['peak_bytes'] / train['peak'] - 1:+.1%})")
+    ratio = m["peak_bytes"] / train["peak"] - 1
+    lines.append(f"measured peak over {m['steps']} steps ({m['source']}): "
+                 f"{_gib(m['peak_bytes'])} vs predicted {_gib(train['peak'])} ({ratio:+.1%})")
   return "\n".join(lines)
