@@ -267,6 +267,37 @@ def _sample(overrides: list[str]) -> None:
   print(f"{FLAGS.num} samples from the checkpoint at step {step}: {', '.join(files)}")
 
 
+flags.DEFINE_string("topology", None, "plan: a TPU slice to compile for, e.g. v5e:2x2, "
+                    "v5e:4x8, v4:2x2x1, v5p:2x2x1, v6e:4x4 (needs deepflow[tpu]); default: the "
+                    "local devices.")
+flags.DEFINE_bool("json", False, "plan: print the plan as JSON.")
+flags.DEFINE_integer("measure", 0, "plan: also run this many real train steps on the local "
+                     "devices and report their measured peak memory.")
+flags.DEFINE_bool("search_batch", True, "plan: find the largest global batch that fits by "
+                  "compiling (a few more compiles).")
+
+
+@command("config", "topology", "json", "measure", "search_batch",
+         example="deepflow plan --config experiments/gpt2_small.py --topology v5e:2x4")
+def _plan(overrides: list[str]) -> None:
+  """Plan a run before renting the hardware: compile the train and eval steps for a TPU slice
+  (or the local devices) and report memory per device, FLOPs, roofline step time, parameter
+  sharding, whether it fits and the largest global batch that does (exit 1 if it does not fit)."""
+  import json
+  import deepflow
+  from deepflow import plan as plan_lib
+  if FLAGS.measure and FLAGS.topology:
+    _fail("--measure runs steps on the local devices; it cannot be combined with --topology", 2)
+  devices = plan_lib.target_devices(FLAGS.topology)
+  config = deepflow.load_config(_require("config"), overrides, num_devices=len(devices))
+  plan = plan_lib.make_plan(config, FLAGS.topology, search_batch=FLAGS.search_batch)
+  if FLAGS.measure:
+    plan["measured"] = {"steps": FLAGS.measure, **plan_lib.measure(config, FLAGS.measure)}
+  print(json.dumps(plan, indent=1) if FLAGS.json else plan_lib.format_plan(plan))
+  if plan["fits"] is False:
+    sys.exit(1)
+
+
 # Each command is a function of the ``--config.KEY=VALUE`` overrides; its flags are the absl flags
 # defined above, next to it (``--workdir``, ``--split``, ``--checkpoint`` and ``--debug`` shared).
 COMMANDS = {
@@ -277,6 +308,7 @@ COMMANDS = {
     "predict": _predict,
     "explain": _explain,
     "sample": _sample,
+    "plan": _plan,
 }
 
 

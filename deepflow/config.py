@@ -68,6 +68,9 @@ def base_config() -> ConfigDict:
       "max_nonfinite": 10,          # 'skip': consecutive non-finite steps before stopping
       "progress": True,             # show a progress bar (steps/s, ETA, loss)
       "compute_dtype": "float32",   # 'bfloat16': mixed precision (float32 master params)
+      "profile_steps": (),          # (first, last): a jax.profiler trace of them in workdir/profile
+      "compilation_cache": "~/.cache/deepflow/jax",  # JAX's persistent compilation cache
+                                    # (a rerun loads its compiled steps); '' = off
   })
   c.parallel = ConfigDict({
       "strategy": "data",           # 'data' (replicated params) or 'fsdp' (sharded over data)
@@ -99,8 +102,12 @@ def base_config() -> ConfigDict:
 # Loading and overrides.
 # ------------------------------------------------------------------------------------------------
 
-def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> ConfigDict:
-  """Loads an experiment file, applies ``KEY=VALUE`` overrides, validates, and returns it locked."""
+def load_config(path: str | os.PathLike, overrides: Iterable[str] = (),
+                num_devices: int | None = None) -> ConfigDict:
+  """Loads an experiment file, applies ``KEY=VALUE`` overrides, validates, and returns it locked.
+
+  The mesh and batch sizes are checked against ``num_devices`` (default: the devices present;
+  ``deepflow plan --topology`` passes the slice's)."""
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise ConfigError(f"experiment file not found: {path}")
@@ -120,7 +127,7 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Confi
                       f"{_first_line(e)}") from e
   if not isinstance(config, ConfigDict):
     raise ConfigError(f"get_config() in {path} must return an ml_collections.ConfigDict")
-  return finalize(config, overrides)
+  return finalize(config, overrides, num_devices)
 
 
 def _line_of(error: BaseException, path: str) -> str:
@@ -137,14 +144,15 @@ def _first_line(error: BaseException) -> str:
   return text[0] if text else ""
 
 
-def finalize(config: ConfigDict, overrides: Iterable[str] = ()) -> ConfigDict:
+def finalize(config: ConfigDict, overrides: Iterable[str] = (),
+             num_devices: int | None = None) -> ConfigDict:
   """Fills in defaults, locks, applies overrides and validates (used for files and for JSON)."""
   config = _with_defaults(config)
   config.lock()
   apply_overrides(config, overrides)
   config = _with_defaults(config)  # an override may have changed model.name or task.name
   config.lock()
-  validate(config)
+  validate(config, num_devices)
   return config
 
 
@@ -232,7 +240,7 @@ def _merge(base: ConfigDict, update: ConfigDict) -> None:
                           f"(default is {base[key]!r})") from e
 
 
-def validate(config: ConfigDict) -> None:
+def validate(config: ConfigDict, num_devices: int | None = None) -> None:
   """Checks names, keys, types and values before anything is compiled."""
   from deepflow import data, optim, regularizers, tasks  # noqa: F401  (fill the registries)
   from deepflow.data import sources
@@ -280,6 +288,10 @@ def validate(config: ConfigDict) -> None:
   for rule in config.parallel.rules:
     if not (isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)):
       raise ConfigError(f"each parallel.rules entry must be (regex, spec tuple), got {rule!r}")
+  profile = tuple(config.train.profile_steps)
+  if profile and (len(profile) != 2 or not 0 <= profile[0] < profile[1]):
+    raise ConfigError(f"train.profile_steps must be (first, last) with 0 <= first < last, "
+                      f"got {profile}")
   if config.train.nonfinite not in ("stop", "skip"):
     raise ConfigError(f"train.nonfinite must be 'stop' or 'skip', got {config.train.nonfinite!r}")
   if config.data.batch_size % config.train.microbatches:
@@ -291,7 +303,7 @@ def validate(config: ConfigDict) -> None:
     privacy.validate_config(config)
 
   from deepflow import parallel
-  data_size = parallel.data_axis_size(config.mesh)
+  data_size = parallel.data_axis_size(config.mesh, num_devices)
   for key in ("data.batch_size", "data.eval_batch_size"):
     per_step = _get(config, key) // (config.train.microbatches if key == "data.batch_size" else 1)
     if per_step % data_size:

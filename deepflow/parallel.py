@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -41,15 +41,16 @@ def mesh_shape(mesh_config: Any, num_devices: int | None = None) -> dict[str, in
   return shape
 
 
-def data_axis_size(mesh_config: Any) -> int:
-  return mesh_shape(mesh_config)[DATA]
+def data_axis_size(mesh_config: Any, num_devices: int | None = None) -> int:
+  return mesh_shape(mesh_config, num_devices)[DATA]
 
 
-def make_mesh(mesh_config: Any) -> Mesh:
-  """A ``Mesh`` over all devices (of all hosts) with the configured axis sizes."""
-  shape = mesh_shape(mesh_config)
-  devices = np.asarray(jax.devices()).reshape(shape[DATA], shape[MODEL])
-  return Mesh(devices, (DATA, MODEL))
+def make_mesh(mesh_config: Any, devices: Sequence[Any] | None = None) -> Mesh:
+  """A ``Mesh`` over ``devices`` (default: all devices of all hosts) with the configured axis
+  sizes. ``deepflow plan`` passes the devices of a TPU topology it compiles for."""
+  devices = jax.devices() if devices is None else list(devices)
+  shape = mesh_shape(mesh_config, len(devices))
+  return Mesh(np.asarray(devices).reshape(shape[DATA], shape[MODEL]), (DATA, MODEL))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -64,7 +64,7 @@ def deepflow_process(*args, env=None) -> subprocess.Popen:
                           env={**os.environ, **(env or {})})
 
 
-def tiny_config(*overrides: str, model: dict | None = None):
+def tiny_config(*overrides: str, model: dict | None = None, num_devices: int | None = None):
   """A digits-shaped synthetic classification config, validated like a real one."""
   c = config_lib.base_config()
   c.model = model or dict(name="mlp", hidden=(32,))
@@ -76,7 +76,7 @@ def tiny_config(*overrides: str, model: dict | None = None):
   c.train.eval_every = 0
   c.train.checkpoint_every = 0
   c.train.progress = False
-  return config_lib.finalize(c, overrides)
+  return config_lib.finalize(c, overrides, num_devices)
 
 
 EXPERIMENTS = os.path.join(os.path.dirname(__file__), os.pardir, "experiments")

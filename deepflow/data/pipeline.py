@@ -127,6 +127,15 @@ class Pipeline:
     batch[TARGETS] = batch.pop(self.dataset.target_key)
     return batch
 
+  def abstract_batch(self, global_size: int, *, train: bool) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of a global batch of ``global_size`` rows, from one preprocessed
+    example (eval batches carry ``mask``): what compiling a step needs, without the data."""
+    example = self._finish(sources.take(self.train_source, np.arange(1)), train=train, step=0)
+    if not train:
+      example[MASK] = np.ones(1, np.float32)
+    return {k: jax.ShapeDtypeStruct((global_size, *v.shape[1:]), v.dtype)
+            for k, v in example.items()}
+
   def _host_slice(self, indices: np.ndarray, per_host: int) -> np.ndarray:
     return indices[self.process_index * per_host:(self.process_index + 1) * per_host]
 

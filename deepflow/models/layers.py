@@ -96,7 +96,8 @@ class SelfAttention(nn.Module):
   cache_len: int = 0
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
+    """``key_mask`` (B, T), optional: which positions hold real tokens (padding is ignored)."""
     batch, length, dim = x.shape
     if dim % self.num_heads:
       raise ConfigError(f"d_model {dim} is not divisible by num_heads {self.num_heads}")
@@ -119,11 +120,13 @@ class SelfAttention(nn.Module):
         index.value = start + length
         k, v = cached_k.value, cached_v.value
         q_pos, k_pos = start + jnp.arange(length), jnp.arange(self.cache_len)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(head_dim)
-    if causal:  # unwritten cache slots lie after every query, so this mask hides them too
-      logits = jnp.where(k_pos[None, :] <= q_pos[:, None], logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    # Unwritten cache slots lie after every query, so the causal mask hides them too.
+    mask = (k_pos[None, :] <= q_pos[:, None])[None, None] if causal else None
+    if key_mask is not None:  # (B, keys): False for padding tokens
+      padding = key_mask.astype(bool)[:, None, None, :]
+      mask = padding if mask is None else mask & padding
+    # XLA's fused attention everywhere, cuDNN's flash attention on a GPU when it applies.
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask)
     return nn.DenseGeneral(dim, axis=(-2, -1), name="out")(out)
 
 
@@ -148,10 +151,48 @@ class TransformerBlock(nn.Module):
     return x + drop(y)
 
 
-def transformer_block(remat: bool) -> type[TransformerBlock]:
-  """The block class, wrapped in ``nn.remat`` (recompute activations in the backward pass to
-  save memory) when asked."""
-  return nn.remat(TransformerBlock, static_argnums=(2,)) if remat else TransformerBlock
+REMAT_POLICIES = ("none", "full", *sorted(
+    name for name in dir(jax.checkpoint_policies) if name.endswith("saveable")))
+
+
+def transformer_block(remat_policy: str = "none") -> type[TransformerBlock]:
+  """The block class, wrapped in ``nn.remat`` unless ``remat_policy`` is 'none': 'full'
+  recomputes every activation in the backward pass, a ``jax.checkpoint_policies`` name (e.g.
+  'dots_saveable': keep matmul outputs) recomputes only what the policy does not save."""
+  if remat_policy not in REMAT_POLICIES:
+    raise ConfigError(f"unknown remat_policy {remat_policy!r}; known: {', '.join(REMAT_POLICIES)}")
+  if remat_policy == "none":
+    return TransformerBlock
+  policy = None if remat_policy == "full" else getattr(jax.checkpoint_policies, remat_policy)
+  return nn.remat(TransformerBlock, static_argnums=(2,), policy=policy)
+
+
+class _ScannedBlock(nn.Module):
+  """One block as a ``nn.scan`` body: (carry) -> (carry, no output)."""
+  block: dict
+  remat_policy: str
+  train: bool
+
+  @nn.compact
+  def __call__(self, x: jax.Array, _) -> tuple[jax.Array, None]:
+    return transformer_block(self.remat_policy)(**self.block, name="block")(x, self.train), None
+
+
+def block_stack(x: jax.Array, train: bool, *, num_layers: int, scan: bool, remat_policy: str,
+                **block) -> jax.Array:
+  """``num_layers`` transformer blocks (fields ``block``) applied in turn; call inside a compact
+  method. With ``scan`` one block is traced and ``nn.scan`` repeats it over parameters stacked
+  on a leading layer axis (``blocks/block/...``): compile time stays flat with depth. Otherwise
+  each block is its own submodule ``block{i}``."""
+  if not scan:
+    cls = transformer_block(remat_policy)
+    for i in range(num_layers):
+      x = cls(**block, name=f"block{i}")(x, train)
+    return x
+  stack = nn.scan(_ScannedBlock, variable_axes={"params": 0, "cache": 0},
+                  split_rngs={"params": True, "dropout": True}, length=num_layers)
+  x, _ = stack(block, remat_policy, train, name="blocks")(x, None)
+  return x
 
 
 def as_sequence(x: jax.Array) -> jax.Array:

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deepflow.models.layers import PositionalEmbedding, as_sequence, transformer_block
+from deepflow.models.layers import PositionalEmbedding, as_sequence, block_stack
 from deepflow.registry import ConfigError, MODELS
 
 POOLINGS = ("mean", "cls")
@@ -45,7 +45,8 @@ class TransformerEncoder(nn.Module):
   pooling: str = "mean"
   activation: str = "gelu"
   dropout: float = 0.0
-  remat: bool = False
+  remat_policy: str = "none"   # none, full, or a jax.checkpoint_policies name (dots_saveable)
+  scan_layers: bool = False    # nn.scan over the blocks: stacked parameters, flat compile time
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -57,10 +58,9 @@ class TransformerEncoder(nn.Module):
       x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.d_model)), x], axis=1)
     x = PositionalEmbedding(self.positions, self.max_len, name="positions")(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    block = transformer_block(self.remat)
-    for i in range(self.num_layers):
-      x = block(self.num_heads, self.mlp_dim, self.dropout, self.activation,
-                name=f"block{i}")(x, train)
+    x = block_stack(x, train, num_layers=self.num_layers, scan=self.scan_layers,
+                    remat_policy=self.remat_policy, num_heads=self.num_heads,
+                    mlp_dim=self.mlp_dim, dropout=self.dropout, activation=self.activation)
     x = nn.LayerNorm(name="final_norm")(x)
     x = x[:, 0] if self.pooling == "cls" else x.mean(axis=1)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
@@ -85,7 +85,8 @@ class TransformerLM(nn.Module):
   positions: str = "learned"
   activation: str = "gelu"
   dropout: float = 0.0
-  remat: bool = False
+  remat_policy: str = "none"   # none, full, or a jax.checkpoint_policies name (dots_saveable)
+  scan_layers: bool = False    # nn.scan over the blocks: stacked parameters, flat compile time
   decode: bool = False
 
   @nn.compact
@@ -100,9 +101,10 @@ class TransformerLM(nn.Module):
     x = embed_inputs(x, self.vocab_size, self.d_model)
     x = PositionalEmbedding(self.positions, self.max_len, name="positions")(x, offset)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    block = transformer_block(self.remat and not self.decode)
-    for i in range(self.num_layers):
-      x = block(self.num_heads, self.mlp_dim, self.dropout, self.activation, causal=True,
-                decode=self.decode, cache_len=self.max_len, name=f"block{i}")(x, train)
+    x = block_stack(x, train, num_layers=self.num_layers, scan=self.scan_layers,
+                    remat_policy="none" if self.decode else self.remat_policy,
+                    num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout,
+                    activation=self.activation, causal=True, decode=self.decode,
+                    cache_len=self.max_len)
     x = nn.LayerNorm(name="final_norm")(x)
     return nn.Dense(self.num_outputs, name="head")(x)

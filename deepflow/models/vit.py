@@ -5,7 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deepflow.models.layers import transformer_block
+from deepflow.models.layers import block_stack
 from deepflow.registry import ConfigError, MODELS
 
 POOLINGS = ("cls", "mean")
@@ -26,7 +26,8 @@ class ViT(nn.Module):
   pooling: str = "cls"
   activation: str = "gelu"
   dropout: float = 0.0
-  remat: bool = False
+  remat_policy: str = "none"   # none, full, or a jax.checkpoint_policies name (dots_saveable)
+  scan_layers: bool = False    # nn.scan over the blocks: stacked parameters, flat compile time
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -44,10 +45,9 @@ class ViT(nn.Module):
       x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.d_model)), x], axis=1)
     pos = self.param("positions", nn.initializers.normal(0.02), x.shape[1:])
     x = nn.Dropout(self.dropout, deterministic=not train)(x + pos)
-    block = transformer_block(self.remat)
-    for i in range(self.num_layers):
-      x = block(self.num_heads, self.mlp_dim, self.dropout, self.activation,
-                name=f"block{i}")(x, train)
+    x = block_stack(x, train, num_layers=self.num_layers, scan=self.scan_layers,
+                    remat_policy=self.remat_policy, num_heads=self.num_heads,
+                    mlp_dim=self.mlp_dim, dropout=self.dropout, activation=self.activation)
     x = nn.LayerNorm(name="final_norm")(x)
     x = x[:, 0] if self.pooling == "cls" else x.mean(axis=1)
     return nn.Dense(self.num_outputs, name="head")(x)

@@ -34,11 +34,11 @@ BEST_DIR = "best"  # early stopping's one-step checkpoint directory inside a wor
 class Experiment:
   """Everything built from a config that training and evaluation share."""
 
-  def __init__(self, config: Any, workdir: str, *, debug: bool = False):
+  def __init__(self, config: Any, workdir: str | None, *, debug: bool = False, devices=None):
     self.config, self.workdir = config, workdir
     self.pipeline = Pipeline(config, workdir)
     self.task = TASKS.get(config.task.name)(config, self.pipeline.spec)
-    self.mesh = parallel.make_mesh(config.mesh)
+    self.mesh = parallel.make_mesh(config.mesh, devices)
     self.tx = self.task.optimizer(config.train.steps)
     self.abstract_state = jax.eval_shape(
         functools.partial(create_state, self.task, self.tx, config.seed))

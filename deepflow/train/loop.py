@@ -6,6 +6,7 @@ then alternates jitted train steps with periodic logging, evaluation and checkpo
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -23,7 +24,7 @@ from deepflow import config as config_lib, parallel
 from deepflow.optim import build_schedule
 from deepflow.registry import ConfigError
 from deepflow.regularizers import StoppingRecord
-from deepflow.train import checkpoint as checkpoint_lib, workdir_lock
+from deepflow.train import checkpoint as checkpoint_lib, runtime, workdir_lock
 from deepflow.train.errors import NonFiniteLossError, Preempted
 from deepflow.train.experiment import BEST_DIR, Experiment
 from deepflow.train.state import TrainState
@@ -47,6 +48,7 @@ def _train_and_evaluate(config: Any, workdir: str, *, debug: bool) -> dict[str, 
   # built from it.
   write_config(config, workdir)
   cfg = config.train
+  runtime.use_compilation_cache(cfg.compilation_cache)
   exp = Experiment(config, workdir, debug=debug)
   checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.keep_checkpoints)
   writer = MetricWriter(workdir)
@@ -190,15 +192,18 @@ def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpoin
   progress = tqdm.tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True,
                        disable=not (cfg.progress and jax.process_index() == 0),
                        file=sys.stderr, desc="train")
-  with _Preemption() as preemption, progress:
+  profiler = runtime.StepProfiler(cfg.profile_steps, exp.workdir)
+  with _Preemption() as preemption, progress, contextlib.closing(profiler):
     step = start
     while step < cfg.steps:
       # -- One jitted step; its metrics stay on the device until the window is flushed.
       batch = parallel.global_batch(next(iterator), exp.mesh)
+      profiler.before(step)
       state, metrics = exp.train_step(state, batch)
       pending.append(metrics)
       in_flight.add(metrics)
       step += 1
+      profiler.after(step, metrics)
       progress.update(1)
       stop = preemption.reached(step)
       save_now = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or stop

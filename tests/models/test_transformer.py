@@ -87,16 +87,81 @@ def test_cached_decoding_matches_full_forward(lm):
   assert int(state["cache"]["position"]) == 12
 
 
-def test_remat_recomputes_blocks_without_changing_the_model(lm):
+@pytest.mark.parametrize("policy", ["full", "dots_saveable"])
+def test_remat_policy_recomputes_blocks_without_changing_the_model(lm, policy):
   model, variables = lm
   x = tokens()
-  remat = model.clone(remat=True)
+  remat = model.clone(remat_policy=policy)
   assert (jax.tree.structure(jax.eval_shape(remat.init, KEY, x))
           == jax.tree.structure(variables))
   np.testing.assert_allclose(remat.apply(variables, x), model.apply(variables, x), atol=1e-6)
   grad = lambda m: jax.grad(lambda p: m.apply({"params": p}, x).sum())  # noqa: E731
   jaxprs = [str(jax.make_jaxpr(grad(m))(variables["params"])) for m in (model, remat)]
   assert "remat" not in jaxprs[0] and "remat" in jaxprs[1]
+  if policy != "full":
+    assert "policy=DotsSaveable" in jaxprs[1]
+  with pytest.raises(ConfigError, match="unknown remat_policy 'most'"):
+    jax.eval_shape(model.clone(remat_policy="most").init, KEY, x)
+
+
+def stacked(params):
+  """Unscanned parameters (block0, block1, ...) stacked as a scanned model holds them."""
+  blocks = sorted(k for k in params if k.startswith("block"))
+  rest = {k: v for k, v in params.items() if k not in blocks}
+  return {**rest, "blocks": {"block": jax.tree.map(lambda *xs: jnp.stack(xs),
+                                                   *[params[k] for k in blocks])}}
+
+
+@pytest.mark.parametrize("name", ["transformer_lm", "transformer_encoder"])
+def test_scanned_layers_compute_the_unscanned_model(name):
+  model = MODELS.get(name)(VOCAB, vocab_size=VOCAB, max_len=12, **TINY)
+  x = tokens()
+  params = model.init(KEY, x)["params"]
+  scanned = model.clone(scan_layers=True)
+  shapes = jax.eval_shape(scanned.init, KEY, x)["params"]
+  assert jax.tree.map(lambda a: a.shape, shapes) == jax.tree.map(lambda a: a.shape,
+                                                                 stacked(params))
+  np.testing.assert_allclose(scanned.apply({"params": stacked(params)}, x),
+                             model.apply({"params": params}, x), atol=1e-5, rtol=1e-5)
+
+
+def test_scanned_lm_decodes_with_its_cache_like_the_full_pass():
+  model = transformer.TransformerLM(VOCAB, vocab_size=VOCAB, max_len=12, scan_layers=True, **TINY)
+  x = tokens()
+  params = model.init(KEY, x)["params"]
+  full = model.apply({"params": params}, x)
+  decoder = model.clone(decode=True)
+  cache = decoder.init(KEY, x[:, :1])["cache"]
+  steps = []
+  for t in range(x.shape[1]):
+    logits, state = decoder.apply({"params": params, "cache": cache}, x[:, t:t + 1],
+                                  mutable=["cache"])
+    cache = state["cache"]
+    steps.append(logits)
+  np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5, rtol=1e-5)
+
+
+def reference_attention(q, k, v, mask):
+  """Softmax(q k^T / sqrt(d)) v with masked logits at float32's minimum: the formula."""
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_equals_the_formula_with_causal_and_padding_masks(causal):
+  attention = layers.SelfAttention(num_heads=2, causal=causal)
+  x = jax.random.normal(jax.random.key(1), (2, 6, 8))
+  key_mask = jnp.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], bool)
+  params = attention.init(KEY, x)["params"]
+  out = attention.apply({"params": params}, x, key_mask)
+  qkv = jnp.einsum("btd,dshe->btshe", x, params["qkv"]["kernel"]) + params["qkv"]["bias"]
+  mask = key_mask[:, None, None, :]
+  if causal:
+    mask = mask & jnp.tril(jnp.ones((6, 6), bool))[None, None]
+  expected = reference_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask)
+  expected = jnp.einsum("bthe,hed->btd", expected, params["out"]["kernel"]) + params["out"]["bias"]
+  np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_tiny_lm_overfits_a_fixed_batch():

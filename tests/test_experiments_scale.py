@@ -1,0 +1,21 @@
+"""Real-size experiment files (planned with `deepflow plan`, not trained here): each validates as
+written and trains a few steps at a tiny size through overrides."""
+import os
+
+import numpy as np
+
+import deepflow
+
+
+def test_gpt2_small_file_validates_and_trains_at_a_tiny_size(data_dir, tmp_path):
+  path = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "gpt2_small.py")
+  full = deepflow.load_config(path)
+  assert (full.model.d_model, full.model.num_layers, full.model.max_len) == (768, 12, 1024)
+  config = deepflow.load_config(path, [
+      "model.d_model=32", "model.num_heads=2", "model.num_layers=2", "model.mlp_dim=64",
+      "model.max_len=32", "model.vocab_size=0", "data.source='bundled:text/seq_len=32'",
+      f"data.data_dir='{data_dir}'", "data.batch_size=8", "data.eval_batch_size=64",
+      "data.eval_split=validation", "train.steps=2", "train.eval_every=0",
+      "train.checkpoint_every=0", "train.progress=False", "train.compilation_cache=''"])
+  metrics = deepflow.train_and_evaluate(config, str(tmp_path))
+  assert np.isfinite(metrics["perplexity"])
