@@ -280,9 +280,11 @@ flags.DEFINE_bool("search_batch", True, "plan: find the largest global batch tha
 @command("config", "topology", "json", "measure", "search_batch",
          example="deepflow plan --config experiments/gpt2_small.py --topology v5e:2x4")
 def _plan(overrides: list[str]) -> None:
-  """Plan a run before renting the hardware: compile the train and eval steps for a TPU slice
-  (or the local devices) and report memory per device, FLOPs, roofline step time, parameter
-  sharding, whether it fits and the largest global batch that does (exit 1 if it does not fit)."""
+  """Plan a run: memory per device, FLOPs, step time and sharding on a TPU slice or here.
+
+  Compiles the train and eval steps for a TPU topology (or the local devices) from abstract
+  shapes, and says whether the run fits and the largest global batch that does (exit 1 if it
+  does not fit)."""
   import json
   import deepflow
   from deepflow import plan as plan_lib
