@@ -88,28 +88,6 @@ def test_sigkill_at_an_arbitrary_step_then_resume_is_bit_identical(tmp_path, ref
   assert_bit_identical(want, got)
 
 
-def test_sigterm_saves_the_current_step_and_exits_0(tmp_path, reference):
-  experiment, config, (want, _, _) = reference
-  workdir = str(tmp_path / "run")
-  args = ["train", "--config", experiment, "--workdir", workdir,
-          "--config.train.checkpoint_every=0", *LONG]
-  process = deepflow_process(*args)
-  wait_for_step(process, workdir, 300)
-  process.send_signal(signal.SIGTERM)
-  _, stderr = process.communicate(timeout=60)
-  assert process.returncode == 0, stderr
-  assert "preempted at step" in stderr
-  checkpointer = Checkpointer(workdir, read_only=True)
-  steps = checkpointer.manager.all_steps()
-  checkpointer.close()
-  assert len(steps) == 1 and 300 <= steps[0] < STEPS  # saved where it was, not at a multiple
-  out = deepflow_cli(*args)
-  assert out.returncode == 0, out.stderr
-  got, _, step = params_of(workdir, config)
-  assert step == STEPS
-  assert_bit_identical(want, got)
-
-
 CRASH_DURING_SAVE = textwrap.dedent("""
     import sys, time
     import jax, numpy as np
@@ -172,22 +150,27 @@ def test_corrupted_checkpoint_is_set_aside_for_the_previous_one(tmp_path, caplog
   shutil.rmtree(workdir)
 
 
-def test_ctrl_c_saves_the_current_step_exits_130_and_resumes_bit_identical(tmp_path, reference):
+@pytest.mark.parametrize("signum, code, said", [
+    (signal.SIGTERM, 0, "preempted at step"),     # a preemption is not a failure
+    (signal.SIGINT, 130, "interrupted at step"),  # Ctrl-C, as shells report it
+])
+def test_a_signal_saves_the_current_step_and_the_rerun_is_bit_identical(tmp_path, reference,
+                                                                         signum, code, said):
   experiment, config, (want, _, _) = reference
   workdir = str(tmp_path / "run")
   args = ["train", "--config", experiment, "--workdir", workdir,
           "--config.train.checkpoint_every=0", *LONG]
   process = deepflow_process(*args)
   wait_for_step(process, workdir, 300)
-  process.send_signal(signal.SIGINT)
+  process.send_signal(signum)
   _, stderr = process.communicate(timeout=60)
-  assert process.returncode == 130, stderr
+  assert process.returncode == code, stderr
   assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
-  assert "interrupted at step" in stderr and "rerun the same command to resume" in stderr
+  assert said in stderr and "rerun the same command to resume" in stderr
   checkpointer = Checkpointer(workdir, read_only=True)
   steps = checkpointer.manager.all_steps()
   checkpointer.close()
-  assert len(steps) == 1 and 300 <= steps[0] < STEPS  # where it was, not lost since step 0
+  assert len(steps) == 1 and 300 <= steps[0] < STEPS  # saved where it was, not at a multiple
   out = deepflow_cli(*args)
   assert out.returncode == 0, out.stderr
   got, _, step = params_of(workdir, config)
