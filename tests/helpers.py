@@ -30,13 +30,25 @@ def write_experiment(path, text: str = TINY_EXPERIMENT) -> str:
   return str(path)
 
 
+# A `deepflow` subprocess gets 2 simulated devices, not conftest's 8: two run the same
+# data-parallel program (sharded batch, all-reduced gradients) at a third less CPU per step on
+# the 2-core machine the suite runs on. A test that needs another count passes XLA_FLAGS in env.
+CLI_DEVICES = 2
+
+
+def subprocess_environment(env=None, devices: int = CLI_DEVICES) -> dict:
+  """This process's environment with ``devices`` simulated devices, updated with ``env``."""
+  flags = os.environ["XLA_FLAGS"].replace("device_count=8", f"device_count={devices}")
+  return {**os.environ, "XLA_FLAGS": flags, **(env or {})}
+
+
 def deepflow_cli(*args, env=None, timeout: float = 240, **kwargs) -> subprocess.CompletedProcess:
   """Runs ``python -m deepflow ARGS`` to completion and captures its output. A run that overruns
   ``timeout`` gets SIGABRT, which (PYTHONFAULTHANDLER, set by conftest) makes it print every
   thread's Python stack; the test then fails with that stack instead of hanging."""
   command = [sys.executable, "-m", "deepflow", *args]
   process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, **(env or {})}, **kwargs)
+                             env=subprocess_environment(env), **kwargs)
   try:
     stdout, stderr = process.communicate(timeout=timeout)
   except subprocess.TimeoutExpired:
@@ -61,7 +73,7 @@ def deepflow_process(*args, env=None) -> subprocess.Popen:
   """Starts ``python -m deepflow ARGS`` in the background (for kill/preemption tests)."""
   return subprocess.Popen([sys.executable, "-m", "deepflow", *args], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True,
-                          env={**os.environ, **(env or {})})
+                          env=subprocess_environment(env))
 
 
 def tiny_config(*overrides: str, model: dict | None = None, num_devices: int | None = None):

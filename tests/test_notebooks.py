@@ -11,6 +11,8 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
+from tests.helpers import subprocess_environment
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
 STEPS = "12"  # DEEPFLOW_NOTEBOOK_STEPS: enough for every curve to have a few points
@@ -43,9 +45,10 @@ def kernel_manager(tmp_path) -> KernelManager:
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs(path, tmp_path, data_dir, monkeypatch):
-  # The kernel inherits this environment: few steps, the session's prepared datasets, and
-  # conftest's 8 CPU devices. It runs in tmp_path, so its runs/ land there.
+  # The kernel inherits this environment: few steps, the session's prepared datasets, and the
+  # simulated devices of a `deepflow` subprocess. It runs in tmp_path, so its runs/ land there.
   monkeypatch.setenv("DEEPFLOW_NOTEBOOK_STEPS", STEPS)
+  monkeypatch.setenv("XLA_FLAGS", subprocess_environment()["XLA_FLAGS"])
   monkeypatch.setenv("TFDS_DATA_DIR", data_dir)
   km = kernel_manager(tmp_path)
   try:
