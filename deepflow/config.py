@@ -28,7 +28,7 @@ def base_config() -> ConfigDict:
   c.task = ConfigDict({"name": "classification"})  # the objective; its options sit beside it
   c.model = ConfigDict({            # the architecture; its fields sit beside it
       "name": "mlp",                # see the model registry
-      "init_from": "",              # start from trained weights (deepflow.weights): a run 'RUN',
+      "init_from": "",              # start from trained weights (deepflow.train.init_from): a run 'RUN',
                                     # 'RUN:STEP' or 'RUN:best', an Orbax checkpoint directory, a
                                     # .safetensors or .npz file; '' = a fresh initialisation
       "init_map": [],               # [(regex, replacement), ...]: renames the source's tensor
