@@ -122,3 +122,22 @@ def test_missing_source_through_the_cli(tmp_path):
                      str(workdir), f"--config.model.init_from={tmp_path / 'nowhere'}")
   assert "no such run, checkpoint directory or weights file" in one_line_error(out)
   assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
+
+
+def test_every_sweep_trial_starts_from_the_same_weights(source, tmp_path):
+  """One plain-SGD step per trial: from one start, trial i's update is -lr_i * (the same
+  gradient), so (params_i - start) / lr_i agrees across learning rates."""
+  from deepflow import sweep
+  start = source_variables(source, "latest")
+  rates = (0.5, 0.05)
+  sweep.run_sweep(config("optimizer.name=sgd", "optimizer.momentum=0.0", "train.steps=1",
+                         f"model.init_from={source}"),
+                  str(tmp_path), [sweep.parse_axis(f"optimizer.learning_rate={rates[0]},"
+                                                   f"{rates[1]}")])
+  directions = []
+  for i, rate in enumerate(rates):
+    trial = source_variables(str(tmp_path / f"trial_{i:03d}"), "latest")
+    directions.append({k: (trial[k] - start[k]) / rate for k in start})
+  for name in start:
+    assert np.any(directions[0][name])
+    np.testing.assert_allclose(directions[0][name], directions[1][name], rtol=1e-4, atol=1e-6)
