@@ -74,7 +74,8 @@ def base_config() -> ConfigDict:
       "freeze": "",                 # regex on parameter paths: these are not trained ('' = none)
       "lr_multipliers": [],         # [(regex, factor), ...]: the first match scales a parameter's
                                     # learning rate (e.g. ('^head/', 10.0))
-      "freeze_batch_stats": False,  # keep batch-norm running statistics as initialised or loaded
+      "freeze_batch_stats": False,  # keep batch-norm running statistics as loaded (evaluation
+                                    # uses them; training still normalizes by each batch's own)
   })
   c.regularizers = []              # [dict(name=..., **options), ...]: see the registry
   c.train = ConfigDict({

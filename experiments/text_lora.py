@@ -15,39 +15,25 @@ same optimizer, learning rate and steps.
 
 Result: see the README ("Starting from trained weights"), measured with ``main``.
 """
-from deepflow.config import base_config
+import os
+
+import deepflow
 
 PRETRAINED = "runs/text_pretrain"
 TARGETS = r"block\d+/(SelfAttention_0/(qkv|out)|MlpBlock_0/Dense_\d)/kernel$"
+TEXT_TRANSFORMER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "text_transformer.py")
 
 
-def pretrain_config():
-  """``text_transformer`` on the first half of the training stream."""
-  config = base_config()
-  config.task.name = "language_model"
-  config.model = dict(name="transformer_lm", d_model=64, num_heads=4, num_layers=2,
-                      mlp_dim=256, max_len=128)
-  config.data.source = "bundled:text"
-  config.data.train_split = "train[:50%]"
-  config.data.transforms = []
-  config.data.batch_size = 32
-  config.data.eval_batch_size = 128
-  config.optimizer.name = "adamw"
-  config.optimizer.learning_rate = 3e-3
-  config.optimizer.schedule = "cosine"
-  config.optimizer.warmup_steps = 100
-  config.optimizer.weight_decay = 0.01
-  config.optimizer.clip_norm = 1.0
-  config.train.steps = 800
-  config.train.eval_every = 0
-  config.train.checkpoint_every = 400
-  return config
+def pretrain_config(overrides=()):
+  """``text_transformer`` (800 steps) on the first half of the training stream."""
+  return deepflow.load_config(TEXT_TRANSFORMER, ["data.train_split=train[:50%]",
+                                                 "train.eval_every=0", *overrides])
 
 
 def get_config():
   config = pretrain_config()
-  config.model.update(init_from=PRETRAINED,
-                      lora=dict(rank=8, alpha=16.0, targets=TARGETS))
+  config.model.init_from = PRETRAINED
+  config.model.lora.update(rank=8, alpha=16.0, targets=TARGETS)
   config.data.train_split = "train[50%:]"
   config.optimizer.learning_rate = 2e-3
   config.optimizer.warmup_steps = 20
@@ -59,9 +45,6 @@ def main(argv=None) -> dict[str, dict[str, float]]:
   """Pretrains (or reuses) the model, then scores it as it is, LoRA-fine-tuned and fully
   fine-tuned; prints a table and returns {model: {'trainable': n, 'perplexity': p}}."""
   import argparse
-  import os
-  import deepflow
-  from deepflow.config import finalize
   from deepflow.train.experiment import Experiment
   parser = argparse.ArgumentParser(description="LoRA vs full fine-tuning on a second text")
   parser.add_argument("--workdir", default="runs/text_lora")
@@ -70,8 +53,7 @@ def main(argv=None) -> dict[str, dict[str, float]]:
                       help="KEY=VALUE override of the pretraining config")
   parser.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides")
   args = parser.parse_args(argv)
-  pretrained = deepflow.train_and_evaluate(finalize(pretrain_config(), args.pretrain),
-                                           args.pretrained)  # trains once; a rerun evaluates
+  pretrained = deepflow.train_and_evaluate(pretrain_config(args.pretrain), args.pretrained)  # trains once; a rerun evaluates
   results = {"pretrained, not adapted": {"trainable": 0,
                                          "perplexity": pretrained["perplexity"]}}
   for name, run, rank in (("LoRA fine-tuned", "lora", None), ("fully fine-tuned", "full", 0)):
