@@ -19,25 +19,30 @@ def test_config_validates(name):
 
 
 def test_digits_finetune_runs(data_dir, tmp_path):
-  """In a subprocess on one device, as the SimCLR experiment's own test (its steps on 8
-  simulated CPU devices can deadlock in XLA's CPU collectives)."""
-  script = ("import json, sys; from tests.helpers import experiment; "
-            "print(json.dumps(experiment('digits_finetune')[1].main(sys.argv[1:])))")
-  small = [*tiny(data_dir, steps=2), "model.widths=(4, 8)"]
-  pretrain = [*small, "model.projection_hidden=8", "model.projection_dim=4",
-              "train.eval_every=0"]
+  """SimCLR pretraining then the comparison, in a subprocess on one device, as the SimCLR
+  experiment's own test (its steps on 8 simulated CPU devices can deadlock in XLA's CPU
+  collectives); in tmp_path, where the file's relative runs/digits_simclr then lies."""
+  script = ("import json, sys, deepflow; from tests.helpers import experiment; "
+            "pre = deepflow.load_config(experiment('digits_simclr')[0], sys.argv[1:] + "
+            "['model.projection_hidden=8', 'model.projection_dim=4', 'train.eval_every=0']); "
+            "deepflow.train_and_evaluate(pre, 'runs/digits_simclr'); "
+            "print(json.dumps(experiment('digits_finetune')[1].main(['--seeds', '1'] + "
+            "sys.argv[1:])))")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"].replace("device_count=8",
-                                                                    "device_count=1")}
-  out = subprocess.run([sys.executable, "-c", script, "--workdir", str(tmp_path / "finetune"),
-                        "--pretrained", str(tmp_path / "simclr"), "--seeds", "0",
-                        *(f"--pretrain={o}" for o in pretrain), *small],
-                       env=env, capture_output=True, text=True, timeout=600)
+                                                                    "device_count=1"),
+         "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+  out = subprocess.run([sys.executable, "-c", script, *tiny(data_dir, steps=2),
+                        "model.widths=(4, 8)"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   results = json.loads(out.stdout.strip().splitlines()[-1])
-  assert set(results) == {"SimCLR-pretrained", "from scratch"}
-  assert all(0.0 <= a <= 1.0 for row in results.values() for a in row)
-  with open(tmp_path / "finetune" / "pretrained_seed0" / "config.json") as f:
-    assert json.load(f)["model"]["init_from"] == str(tmp_path / "simclr")
+  assert set(results) == {"scratch/seed0", "fine-tuned/seed0", "frozen/seed0"}
+  assert all(0.0 <= r["test"]["accuracy"] <= 1.0 for r in results.values())
+  runs = tmp_path / "runs" / "digits_finetune"
+  for name, source in (("scratch", ""), ("fine-tuned", "runs/digits_simclr")):
+    with open(runs / name / "seed0" / "config.json") as f:
+      assert json.load(f)["model"]["init_from"] == source
 
 
 def test_text_lora_runs(data_dir, tmp_path):
