@@ -141,3 +141,11 @@ def test_every_sweep_trial_starts_from_the_same_weights(source, tmp_path):
   for name in start:
     assert np.any(directions[0][name])
     np.testing.assert_allclose(directions[0][name], directions[1][name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_vectorized_sweep_refuses_init_from():
+  from deepflow.registry import ConfigError
+  from deepflow.sweep.population import Population
+  configs = [config("model.init_from=runs/x", f"optimizer.learning_rate={lr}") for lr in (.1, .2)]
+  with pytest.raises(ConfigError, match="--vectorize does not support model.init_from; sweep"):
+    Population(configs)
