@@ -13,7 +13,20 @@ LoRA (``model.lora``) adapts the attention (qkv, out) and MLP kernels of every b
 8 (alpha 16); only the adapters train. Full fine-tuning trains every parameter. Both use the
 same optimizer, learning rate and steps.
 
-Result: see the README ("Starting from trained weights"), measured with ``main``.
+Result (measured with ``main`` on the shared 2-core x86_64 CPU machine, load average ~14 from
+other jobs; pretraining 800 steps of 32 chunks, each fine-tuning 300; perplexity over all 46,464
+test characters):
+
+| model | trainable parameters (of 121,575) | test perplexity |
+|---|---|---|
+| pretrained on train[:50%], not adapted | 0 | 5.318 |
+| LoRA fine-tuned on train[50%:] | 16,384 | 4.961 |
+| fully fine-tuned on train[50%:] | 121,575 | 4.467 |
+
+LoRA, training 13.5% of the parameters (and holding optimizer state for those alone), recovers
+42% of the perplexity gain of full fine-tuning (5.318 -> 4.961 vs -> 4.467) in the same 300
+steps at the same learning rate; on a model this small, full fine-tuning is affordable and
+better.
 """
 import os
 
