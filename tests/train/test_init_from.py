@@ -149,3 +149,13 @@ def test_a_vectorized_sweep_refuses_init_from():
   configs = [config("model.init_from=runs/x", f"optimizer.learning_rate={lr}") for lr in (.1, .2)]
   with pytest.raises(ConfigError, match="--vectorize does not support model.init_from; sweep"):
     Population(configs)
+
+
+def test_export_safetensors_through_the_cli(source, tmp_path):
+  out = deepflow_cli("export", "--workdir", source, "--checkpoint", "2", "--format",
+                     "safetensors", "--out", str(tmp_path / "w.safetensors"))
+  assert out.returncode == 0, out.stderr
+  assert "exported the weights of step 2" in out.stdout
+  read, expected = load_file(str(tmp_path / "w.safetensors")), source_variables(source, 2)
+  assert read.keys() == expected.keys()
+  assert all(read[k].tobytes() == expected[k].tobytes() for k in expected)
