@@ -6,8 +6,8 @@
 norm, weight decay and the optimizer's moments cover those alone, and frozen parameters hold no
 optimizer state). ``optimizer.lr_multipliers`` ``[(regex, factor), ...]`` then scales the
 updates of the parameters the first matching rule names, ``optax.masked(optax.scale(factor))``
-after the chain: since every update ends in ``-learning_rate * direction``, that is the learning
-rate times the factor (exactly, for optimizers that treat parameters elementwise).
+after the chain: since the chain ends in ``-learning_rate * direction``, that is the learning
+rate times the factor (exactly, unless a projection regularizer such as max_norm follows it).
 """
 from __future__ import annotations
 
