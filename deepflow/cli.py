@@ -178,18 +178,30 @@ def _sweep(overrides: list[str]) -> None:
 flags.DEFINE_string("out", None, "export: directory to write the inference artifact to.")
 flags.DEFINE_list("platforms", ["cpu", "cuda", "tpu"], "export: platforms the artifact is "
                   "lowered for.")
+flags.DEFINE_enum("format", "stablehlo", ["stablehlo", "safetensors"], "export: 'stablehlo' (an "
+                  "inference artifact for `deepflow predict`) or 'safetensors' (the weights "
+                  "under flat names, LoRA merged; --out FILE.safetensors or a directory).")
 flags.DEFINE_string("model", None, "predict: an artifact directory written by `deepflow export`.")
 flags.DEFINE_string("input", None, "predict: examples as .npy or .json (a batch, or one example).")
 flags.DEFINE_string("output", None, "predict: write to .npy (the model's outputs: logits for a "
                     "classifier) or .json (records); default: one JSON line per example.")
 
 
-@command("workdir", "out", "platforms", "checkpoint",
+@command("workdir", "out", "format", "platforms", "checkpoint",
          example="deepflow export --workdir runs/digits_cnn --out artifacts/digits_cnn")
 def _export(overrides: list[str]) -> None:
-  """Write a run's inference artifact (StableHLO, weights, preprocessing, signature.json)."""
+  """Write a run's inference artifact (StableHLO, weights, preprocessing, signature.json).
+
+  With --format safetensors: its weights only, as named tensors (LoRA adapters merged), which
+  model.init_from and the safetensors library read."""
   from deepflow import export
   out = _require("out")
+  if FLAGS.format == "safetensors":
+    path, tensors, step = export.export_safetensors(
+        _require("workdir"), out, overrides=overrides, checkpoint=FLAGS.checkpoint)
+    print(f"exported the weights of step {step} of {FLAGS.workdir} to {path}: {len(tensors)} "
+          f"tensors, {os.path.getsize(path) / 1024:.0f} KiB")
+    return
   signature = export.export(_require("workdir"), out, overrides=overrides,
                             platforms=FLAGS.platforms, checkpoint=FLAGS.checkpoint)
   source, spec = signature["source"], signature["input"]

@@ -26,7 +26,23 @@ def base_config() -> ConfigDict:
   c = ConfigDict()
   c.seed = 0                        # seeds initialisation, dropout and data order: same seed, same run
   c.task = ConfigDict({"name": "classification"})  # the objective; its options sit beside it
-  c.model = ConfigDict({"name": "mlp"})  # the architecture; its fields sit beside it
+  c.model = ConfigDict({            # the architecture; its fields sit beside it
+      "name": "mlp",                # see the model registry
+      "init_from": "",              # start from trained weights (deepflow.train.init_from): a run 'RUN',
+                                    # 'RUN:STEP' or 'RUN:best', an Orbax checkpoint directory, a
+                                    # .safetensors or .npz file; '' = a fresh initialisation
+      "init_map": [],               # [(regex, replacement), ...]: renames the source's tensor
+                                    # names ('params/...', 'batch_stats/...'), in order
+      "init_skip": "",              # regex: parameters left freshly initialised (and source
+                                    # tensors of that name ignored), e.g. a new head
+      "init_layout": "deepflow",    # 'pytorch': the source is a PyTorch state_dict (conv OIHW,
+                                    # Linear (out, in), dotted names; see deepflow.weights)
+      "lora": ConfigDict({          # low-rank adapters (deepflow.models.lora); only they train
+          "rank": 0,                # 0 = off
+          "alpha": 1.0,             # the update is (alpha / rank) * A @ B
+          "targets": r"kernel$",    # regex on parameter paths: the Dense/attention kernels adapted
+      }),
+  })
   c.data = ConfigDict({
       "source": "bundled:digits",   # 'bundled:NAME', 'tfds:NAME[/CONFIG][:VERSION]', 'synthetic:NAME'
       "data_dir": "",               # TFDS data dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
@@ -55,6 +71,11 @@ def base_config() -> ConfigDict:
       "weight_decay": 0.0,          # decoupled (adamw, lion, sgd+decay); masked by weight_decay_mask
       "weight_decay_mask": r"(kernel|embedding)$",  # regex on '/'-joined parameter paths
       "clip_norm": 0.0,             # global-norm gradient clipping; 0 = off
+      "freeze": "",                 # regex on parameter paths: these are not trained ('' = none)
+      "lr_multipliers": [],         # [(regex, factor), ...]: the first match scales a parameter's
+                                    # learning rate (e.g. ('^head/', 10.0))
+      "freeze_batch_stats": False,  # keep batch-norm running statistics as loaded (evaluation
+                                    # uses them; training still normalizes by each batch's own)
   })
   c.regularizers = []              # [dict(name=..., **options), ...]: see the registry
   c.train = ConfigDict({
@@ -209,10 +230,11 @@ def apply_overrides(config: ConfigDict, overrides: Iterable[str]) -> None:
 def _with_defaults(config: ConfigDict) -> ConfigDict:
   """A copy of ``config`` with base keys, model fields and task options that it leaves out."""
   from deepflow import tasks  # noqa: F401  (fills TASKS)
-  from deepflow.models import model_options  # fills MODELS
+  from deepflow.models import TRANSFER_KEYS, model_options  # fills MODELS
   from deepflow.registry import MODELS, TASKS
   merged = base_config()
   _merge(merged, config)
+  _fill(merged.model, {k: v for k, v in base_config().model.items() if k in TRANSFER_KEYS})
   if merged.model.name in MODELS:
     for key, value in model_options(MODELS.get(merged.model.name)).items():
       if key not in merged.model:
@@ -222,6 +244,15 @@ def _with_defaults(config: ConfigDict) -> ConfigDict:
       if key not in merged.task:
         merged.task[key] = value
   return merged
+
+
+def _fill(section: ConfigDict, defaults: dict[str, Any]) -> None:
+  """Adds the ``defaults`` that ``section`` lacks, inside nested sections too."""
+  for key, value in defaults.items():
+    if key not in section:
+      section[key] = value
+    elif isinstance(value, ConfigDict) and isinstance(section[key], ConfigDict):
+      _fill(section[key], dict(value.items()))
 
 
 def _merge(base: ConfigDict, update: ConfigDict) -> None:
@@ -244,14 +275,16 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
   """Checks names, keys, types and values before anything is compiled."""
   from deepflow import data, optim, regularizers, tasks  # noqa: F401  (fill the registries)
   from deepflow.data import sources
-  from deepflow.models import model_options  # fills MODELS
+  from deepflow.models import TRANSFER_KEYS, model_options  # fills MODELS
   from deepflow.registry import MODELS, TASKS, OPTIMIZERS, SCHEDULES, TRANSFORMS, REGULARIZERS
 
   base = base_config()
   _check_keys(config, base, "")
 
   model_cls = MODELS.get(config.model.name)
-  allowed = set(model_options(model_cls))
+  _check_keys(ConfigDict({k: config.model[k] for k in TRANSFER_KEYS}),
+              ConfigDict({k: base.model[k] for k in TRANSFER_KEYS}), "model.")
+  allowed = set(model_options(model_cls)) | set(TRANSFER_KEYS)
   for key in config.model:
     if key != "name" and key not in allowed:
       raise ConfigError(f"model {config.model.name!r} has no option {key!r}; "

@@ -1,5 +1,6 @@
 """Inference artifacts: ``deepflow export`` writes one from a run (this module); ``deepflow
 predict`` runs it (``deepflow.predict``, which needs JAX and numpy only and describes the files).
+``deepflow export --format safetensors`` writes the weights alone (``export_safetensors``).
 
 ``export(workdir, out)`` reopens a checkpoint of the run (``Experiment.from_workdir``), traces the
 fitted eval-time preprocessing and the model in eval mode into one function, serializes it with
@@ -25,6 +26,9 @@ from deepflow.predict import (FORMAT, FORMAT_VERSION, MODEL_FILE, SIGNATURE_FILE
                               WEIGHTS_FILE, sha256)
 from deepflow.registry import ConfigError
 from deepflow.train.experiment import Experiment
+from deepflow.weights import files
+
+SAFETENSORS_FILE = "model.safetensors"
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 STATS_PREFIX = "preprocessing/"
@@ -116,6 +120,23 @@ def export(workdir: str, out: str, *, overrides: Iterable[str] = (),
   _write_atomic(os.path.join(out, SIGNATURE_FILE),
                 (json.dumps(signature, indent=2) + "\n").encode())
   return signature
+
+
+def export_safetensors(workdir: str, out: str, *, overrides: Iterable[str] = (),
+                       checkpoint: str | int = "best") -> tuple[str, dict[str, np.ndarray], int]:
+  """Writes a checkpoint's variables as a ``.safetensors`` file under their flat names
+  (``params/...``, ``batch_stats/...``; LoRA adapters merged into their kernels), readable by
+  the ``safetensors`` library and by ``model.init_from``. ``out`` is the file, or a directory
+  to write ``model.safetensors`` in. Returns (path, tensors, step)."""
+  exp, state, step, which = Experiment.from_workdir(workdir, overrides, checkpoint=checkpoint)
+  path = out if out.endswith(".safetensors") else os.path.join(out, SAFETENSORS_FILE)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tensors = files.flatten(parallel.to_host(
+      {"params": exp.task.model_params(state.params), **state.model_state}))
+  files.write_safetensors(tensors, path, metadata={
+      "format": "deepflow", "model": exp.config.model.name, "step": str(step),
+      "checkpoint": which})
+  return path, tensors, step
 
 
 def _signature(exp: Experiment, exported: Any, example: np.ndarray, step: int, which: str,

@@ -16,6 +16,7 @@ module that registers into it, and code that looks a name up imports that packag
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -73,3 +74,11 @@ OPTIMIZERS: Registry = Registry("optimizer")
 SCHEDULES: Registry = Registry("schedule")
 ACTIVATIONS: Registry = Registry("activation")
 REGULARIZERS: Registry = Registry("regularizer")
+
+
+def compile_regex(pattern: str, key: str) -> re.Pattern:
+  """A config value that must be a regex (``key`` names it in the one-line error)."""
+  try:
+    return re.compile(pattern)
+  except (re.error, TypeError) as e:
+    raise ConfigError(f"{key} {pattern!r} is not a regex: {e}") from e

@@ -8,7 +8,18 @@ layers draw from the ``'dropout'`` RNG stream; mutable state (batch norm) lives 
 import dataclasses
 from typing import Any
 
-from deepflow.models import cnn, contrastive, decoding, gan, layers, mlp, resnet, rnn, transformer, vit  # noqa: F401,E501  (registration)
+from deepflow.models import cnn, contrastive, decoding, gan, layers, lora, mlp, resnet, rnn, transformer, vit  # noqa: F401,E501  (registration)
+
+
+# The model section's keys that are not the architecture's fields: where its weights start
+# (deepflow.train.init_from) and its adapters (deepflow.models.lora).
+TRANSFER_KEYS = ("init_from", "init_map", "init_skip", "init_layout", "lora")
+
+
+def model_fields(model_config: Any) -> dict[str, Any]:
+  """The architecture's own fields of a ``model`` config section (its name and TRANSFER_KEYS
+  left out), as the module's constructor takes them."""
+  return {k: v for k, v in model_config.items() if k != "name" and k not in TRANSFER_KEYS}
 
 
 def model_options(model_cls: type) -> dict[str, Any]:

@@ -61,6 +61,29 @@ class ContrastiveCNN(nn.Module):
     return self.projection(h)
 
 
+@MODELS.register("encoder_cnn")
+class EncoderCNN(nn.Module):
+  """``contrastive_cnn``'s conv backbone (the same parameter names, ``backbone/...``) with a
+  dense classification ``head``: the network a contrastively pre-trained encoder is fine-tuned
+  in (``model.init_from`` a ``contrastive_cnn`` run with
+  ``model.init_skip='^params/(head|hidden|projection)/'``); ``dropout`` applies before the
+  head."""
+  num_outputs: int
+  widths: Sequence[int] = (32, 64)
+  activation: str = "relu"
+  dropout: float = 0.0
+
+  def setup(self):
+    self.backbone = ConvBackbone(tuple(self.widths), self.activation)
+    self.drop = nn.Dropout(self.dropout)
+    self.head = nn.Dense(self.num_outputs)
+
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    if x.ndim != 4:
+      raise ConfigError(f"encoder_cnn expects NHWC images, got inputs of shape {x.shape}")
+    return self.head(self.drop(self.backbone(x, train), deterministic=not train))
+
+
 def nt_xent_loss(z1: jax.Array, z2: jax.Array, temperature: float = 0.5) -> jax.Array:
   """Normalized temperature-scaled cross entropy over the 2N views (SimCLR).
 

@@ -78,6 +78,13 @@ class Population:
       raise ConfigError("--vectorize runs on one host; sweep sequentially on several")
     if any(e["name"] == "early_stopping" for e in base.regularizers):
       raise ConfigError("--vectorize does not support early_stopping; sweep sequentially")
+    transfer = [k for k, on in (("model.init_from", base.model.init_from),
+                                ("model.lora", base.model.lora.rank),
+                                ("optimizer.freeze", base.optimizer.freeze),
+                                ("optimizer.lr_multipliers", base.optimizer.lr_multipliers))
+                if on]
+    if transfer:
+      raise ConfigError(f"--vectorize does not support {', '.join(transfer)}; sweep sequentially")
 
     # Data: one pipeline per distinct seed (the seed orders the batches, and may make the data).
     self.seeds = [int(c.seed) for c in self.configs]

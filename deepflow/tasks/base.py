@@ -20,6 +20,7 @@ from ml_collections import ConfigDict
 
 from deepflow import models  # noqa: F401  (fills MODELS)
 from deepflow.data.pipeline import MASK, DataSpec
+from deepflow.models import lora as lora_lib, model_fields
 from deepflow.optim import build_optimizer
 from deepflow.pytree import cast_floats
 from deepflow.registry import ConfigError, MODELS
@@ -44,6 +45,10 @@ class Task:
     self.options = {k: config.task.get(k, v) for k, v in self.OPTIONS.items()}
     self.spec = spec
     self.model = self.build_model(config.model, self.num_outputs())
+    self.lora = lora_lib.from_config(config.model.lora)
+    if self.lora and getattr(self.model, "scan_layers", False):
+      raise ConfigError("model.lora adapts each layer's kernels; it does not support "
+                        "model.scan_layers=True (kernels stacked over layers)")
     self.regularizer = build_regularizers(config.regularizers)
     self.privacy = self.build_privacy(config, spec)
 
@@ -54,8 +59,8 @@ class Task:
 
   @staticmethod
   def build_model(model_config: ConfigDict, num_outputs: int) -> nn.Module:
-    fields = {k: v for k, v in model_config.items() if k != "name"}
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    fields = {k: tuple(v) if isinstance(v, list) else v
+              for k, v in model_fields(model_config).items()}
     return MODELS.get(model_config.name)(num_outputs=num_outputs, **fields)
 
   def optimizer(self, total_steps: int) -> optax.GradientTransformation:
@@ -97,7 +102,14 @@ class Task:
                                 *self.example_args(), train=False)
     variables = dict(variables)
     params = variables.pop("params")
+    if self.lora:
+      params = lora_lib.add_adapters(params, self.lora, jax.random.fold_in(params_rng, 1))
     return params, variables
+
+  def model_params(self, params: PyTree) -> PyTree:
+    """The parameters the model itself takes: with ``model.lora``, the adapters merged into
+    their kernels (``deepflow.models.lora``); else ``params`` as they are."""
+    return lora_lib.merge(params, self.lora) if self.lora else params
 
   # -- training ----------------------------------------------------------------------------------
 
@@ -112,7 +124,7 @@ class Task:
     params, the optimizer and the gradients (cast back by autodiff) stay float32; outputs come
     back as float32 for a numerically safe loss."""
     compute = self.compute_dtype
-    params, inputs = cast_floats((params, inputs), compute)
+    params, inputs = cast_floats((self.model_params(params), inputs), compute)
     variables = {"params": params, **model_state}
     rngs = {"dropout": rng} if rng is not None else {}
     if train and model_state:

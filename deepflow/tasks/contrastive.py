@@ -89,7 +89,7 @@ class Contrastive(Task):
 
   def features(self, params, model_state, inputs: jax.Array) -> jax.Array:
     """The frozen representations of ``inputs`` (eval mode), float32."""
-    params, inputs = cast_floats((params, inputs), self.compute_dtype)
+    params, inputs = cast_floats((self.model_params(params), inputs), self.compute_dtype)
     out = self.model.apply({"params": params, **model_state}, inputs, train=False,
                            method="features")
     return out.astype(jnp.float32)

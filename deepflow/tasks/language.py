@@ -174,7 +174,7 @@ class LanguageModel(Task):
           0, min(DEFAULT_NUM_TOKENS, room - len(prompt)))
     prompts = np.tile(prompt, (num, 1))
     decoding.check_lm(self.model, jnp.asarray(prompts), num_tokens)  # one-line errors first
-    tokens = _SAMPLE(self.model, {"params": params, **model_state}, prompts, num_tokens,
+    tokens = _SAMPLE(self.model, {"params": self.model_params(params), **model_state}, prompts, num_tokens,
                      rng, temperature=float(options.get("temperature", 1.0)),
                      top_k=int(options.get("top_k", 0)))
     tokens = np.asarray(tokens)

@@ -21,6 +21,7 @@ from etils import epath
 
 from deepflow import config as config_lib, parallel, tasks  # noqa: F401  (tasks fills TASKS)
 from deepflow.data.pipeline import MASK, Pipeline
+from deepflow.optim.partition import Partition
 from deepflow.registry import ConfigError, TASKS
 from deepflow.train import checkpoint as checkpoint_lib
 from deepflow.train.state import TrainState, create_state
@@ -39,7 +40,9 @@ class Experiment:
     self.pipeline = Pipeline(config, workdir)
     self.task = TASKS.get(config.task.name)(config, self.pipeline.spec)
     self.mesh = parallel.make_mesh(config.mesh, devices)
-    self.tx = self.task.optimizer(config.train.steps)
+    self.partition = Partition(config.optimizer, self.task.lora is not None)
+    self.partition.check(jax.eval_shape(self.task.init, jax.random.PRNGKey(0))[0])
+    self.tx = self.partition.wrap(self.task.optimizer(config.train.steps))
     self.abstract_state = jax.eval_shape(
         functools.partial(create_state, self.task, self.tx, config.seed))
     self.shardings = parallel.state_shardings(self.abstract_state, self.mesh, config.parallel)

@@ -24,7 +24,7 @@ from deepflow import config as config_lib, parallel
 from deepflow.optim import build_schedule
 from deepflow.registry import ConfigError
 from deepflow.regularizers import StoppingRecord
-from deepflow.train import checkpoint as checkpoint_lib, runtime, workdir_lock
+from deepflow.train import checkpoint as checkpoint_lib, init_from, runtime, workdir_lock
 from deepflow.train.errors import NonFiniteLossError, Preempted
 from deepflow.train.experiment import BEST_DIR, Experiment
 from deepflow.train.state import TrainState
@@ -54,12 +54,15 @@ def _train_and_evaluate(config: Any, workdir: str, *, debug: bool) -> dict[str, 
   writer = MetricWriter(workdir)
   best = _BestKeeper(exp, workdir) if exp.task.regularizer.early_stopping else None
   try:
-    # -- Restore the latest checkpoint (a rerun resumes), or initialize.
+    # -- Restore the latest checkpoint (a rerun resumes), or initialize (from model.init_from
+    # when it is set: only here, so a resume never reloads it).
     if checkpointer.latest_step() is not None:
       state, data_state, step = exp.restore(checkpointer)
       log.info("resuming from the checkpoint at step %d in %s", step, checkpointer.directory)
     else:
-      state, data_state = exp.init_state(), None
+      state, data_state = init_from.initial_state(exp), None
+    trained, total = exp.partition.count(state.params)
+    log.info("trainable parameters: %d of %d", trained, total)
     # -- Train what is left.
     start = int(state.step)
     if start >= cfg.steps or (best and best.record.stopped):

@@ -60,6 +60,8 @@ def make_train_step(task, tx: optax.GradientTransformation, microbatches: int = 
     rng = jax.random.fold_in(state.rng, state.step)
     grads, model_state, metrics = accumulate_grads(task, state.params, state.model_state, batch,
                                                    rng, microbatches)
+    if task.config.optimizer.freeze_batch_stats:  # running statistics stay as loaded
+      model_state = state.model_state
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(metrics["loss"]) & all_finite(grads)

@@ -1,0 +1,91 @@
+"""Which parameters train, and how fast: freezing and per-group learning rates by regex.
+
+``optimizer.freeze`` (a regex on '/'-joined parameter paths, e.g. ``^backbone/``) and, with
+``model.lora``, every parameter but the adapters are frozen: ``optax.multi_transform`` gives them
+``optax.set_to_zero`` and the configured chain sees only the trained ones (so clipping's global
+norm, weight decay and the optimizer's moments cover those alone, and frozen parameters hold no
+optimizer state). ``optimizer.lr_multipliers`` ``[(regex, factor), ...]`` then scales the
+updates of the parameters the first matching rule names, ``optax.masked(optax.scale(factor))``
+after the chain: since the chain ends in ``-learning_rate * direction``, that is the learning
+rate times the factor (exactly, unless a projection regularizer such as max_norm follows it).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import optax
+
+from deepflow.models.lora import is_adapter
+from deepflow.pytree import path_name
+from deepflow.registry import ConfigError, compile_regex
+
+FROZEN, TRAINED = "frozen", "trained"
+
+
+class Partition:
+  """The trained/frozen split and the learning-rate groups of one config."""
+
+  def __init__(self, optimizer: Any, lora_on: bool):
+    self.freeze = (compile_regex(optimizer.freeze, "optimizer.freeze") if optimizer.freeze
+                   else None)
+    self.lora_on = lora_on
+    self.multipliers = []
+    for rule in optimizer.lr_multipliers:
+      if not (isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)
+              and isinstance(rule[1], (int, float)) and not isinstance(rule[1], bool)
+              and rule[1] >= 0):
+        raise ConfigError(f"each optimizer.lr_multipliers entry must be (regex, factor >= 0), "
+                          f"got {rule!r}")
+      self.multipliers.append((compile_regex(rule[0], "optimizer.lr_multipliers"),
+                               float(rule[1])))
+
+  @property
+  def active(self) -> bool:
+    return bool(self.freeze or self.lora_on or self.multipliers)
+
+  def frozen(self, path: str) -> bool:
+    return bool((self.freeze and self.freeze.search(path))
+                or (self.lora_on and not is_adapter(path)))
+
+  def labels(self, params: Any) -> Any:
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: FROZEN if self.frozen(path_name(p)) else TRAINED, params)
+
+  def factor_mask(self, index: int) -> Callable[[Any], Any]:
+    """True where rule ``index`` is the first rule matching the parameter."""
+    def first(path: str) -> bool:
+      hits = [i for i, (regex, _) in enumerate(self.multipliers) if regex.search(path)]
+      return bool(hits) and hits[0] == index
+    return lambda params: jax.tree_util.tree_map_with_path(lambda p, _: first(path_name(p)),
+                                                           params)
+
+  def wrap(self, tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``tx`` restricted to the trained parameters, with the learning-rate factors."""
+    if not self.active:
+      return tx
+    scaled = optax.chain(tx, *(optax.masked(optax.scale(factor), self.factor_mask(i))
+                               for i, (_, factor) in enumerate(self.multipliers)))
+    return optax.multi_transform({TRAINED: scaled, FROZEN: optax.set_to_zero()}, self.labels)
+
+  def check(self, params: Any) -> None:
+    """A freeze regex that names no parameter, or one that leaves none to train, is a
+    ConfigError (a typo would otherwise train everything, or nothing)."""
+    paths = [path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    if self.freeze and not any(self.freeze.search(p) for p in paths):
+      raise ConfigError(f"optimizer.freeze {self.freeze.pattern!r} matches no parameter; "
+                        f"the model's are: {', '.join(paths[:8])}{' ...' * (len(paths) > 8)}")
+    if self.active and all(self.frozen(p) for p in paths):
+      raise ConfigError("every parameter is frozen (optimizer.freeze, model.lora): nothing "
+                        "would train")
+
+  def count(self, params: Any) -> tuple[int, int]:
+    """(trained, total) numbers of parameter values."""
+    trained = total = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+      size = int(np.prod(leaf.shape))
+      total += size
+      trained += 0 if self.frozen(path_name(path)) else size
+    return trained, total
+

@@ -1,0 +1,74 @@
+"""Fitting a source's named tensors to a configured model: rename, skip, then match by name.
+
+``model.init_map`` ``[(regex, replacement), ...]`` rewrites each source name in order
+(``re.sub``); ``model.init_skip`` (a regex) names the parameters left as freshly initialised, and
+source tensors of those names are ignored (e.g. a classification head for another number of
+classes). Every other model variable must receive exactly one source tensor of its shape, and
+every source tensor must land on a variable: anything else is one ``WeightsMismatchError``
+listing the missing, unexpected and wrongly shaped names — never a silent partial load.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from deepflow.registry import ConfigError, compile_regex
+
+SHOWN = 6  # names listed per kind of mismatch in the one-line error
+
+
+class WeightsMismatchError(ConfigError):
+  """The source's tensors do not fit the configured model."""
+
+
+def rename(tensors: dict[str, np.ndarray], init_map: Iterable[Any]) -> dict[str, np.ndarray]:
+  """The tensors under the names ``init_map``'s rules give them (applied in order)."""
+  rules = []
+  for rule in init_map:
+    if not (isinstance(rule, (list, tuple)) and len(rule) == 2
+            and all(isinstance(r, str) for r in rule)):
+      raise ConfigError(f"each model.init_map entry must be (regex, replacement), got {rule!r}")
+    rules.append((compile_regex(rule[0], "model.init_map"), rule[1]))
+  out: dict[str, np.ndarray] = {}
+  origin: dict[str, str] = {}
+  for name, value in tensors.items():
+    new = name
+    for regex, replacement in rules:
+      new = regex.sub(replacement, new)
+    if new in out:
+      raise WeightsMismatchError(f"model.init_map maps both {origin[new]!r} and {name!r} to "
+                                 f"{new!r}")
+    out[new], origin[new] = value, name
+  return out
+
+
+def fit(tensors: dict[str, np.ndarray], target: dict[str, Any], *, skip: str = "",
+        fresh: Callable[[str], bool] = lambda name: False, source: str = "the source"
+        ) -> dict[str, np.ndarray]:
+  """``target`` (flat names -> arrays or shape structs of the configured model) with every
+  variable not skipped taken from ``tensors``, cast to the target's dtype. ``fresh`` marks
+  variables that no source can hold (LoRA adapters); they keep the target's values too."""
+  skipped = compile_regex(skip, "model.init_skip") if skip else None
+  keep = lambda name: bool(skipped and skipped.search(name)) or fresh(name)  # noqa: E731
+  wanted = {k: v for k, v in target.items() if not keep(k)}
+  given = {k: v for k, v in tensors.items() if not (skipped and skipped.search(k))}
+  missing = sorted(set(wanted) - set(given))
+  unexpected = sorted(set(given) - set(wanted))
+  shapes = sorted(f"{k} {tuple(np.shape(given[k]))} vs {tuple(wanted[k].shape)}"
+                  for k in set(wanted) & set(given)
+                  if tuple(np.shape(given[k])) != tuple(wanted[k].shape))
+  problems = [f"{label} {len(names)}: {_some(names)}"
+              for label, names in (("missing", missing), ("unexpected", unexpected),
+                                   ("wrong shape (source vs model)", shapes)) if names]
+  if problems:
+    raise WeightsMismatchError(
+        f"{source} does not fit the model: {'; '.join(problems)} (rename with model.init_map, "
+        f"leave fresh with model.init_skip)")
+  return {k: np.asarray(given[k]).astype(wanted[k].dtype, copy=False) if k in wanted else v
+          for k, v in target.items()}
+
+
+
+def _some(names: list[str]) -> str:
+  return ", ".join(names[:SHOWN]) + (", ..." if len(names) > SHOWN else "")
