@@ -99,18 +99,20 @@ def plan(per_example_loss: Callable, params: PyTree, example: PyTree, key: jax.A
       return per_example_loss(p, example, key)[0]
   jax.eval_shape(traced, params)
 
-  # The same loss with every covered call's output replaced by zeros: any parameter it still
-  # depends on is read by something else.
-  replaced = iter(found)
+  # The same loss with every covered call's output replaced by zeros, and the calls' inputs as
+  # outputs too (what reaches a layer's input reaches the loss): any parameter these still
+  # depend on is read by something other than its own layer's call.
+  replaced, inputs = iter(found), []
 
   def constant(next_fun, args, kwargs, path, spec):
     call = next(replaced)
     assert call.path == path, "the model called its layers in a different order when retraced"
+    inputs.append(args[0])
     return jnp.zeros(call.out.shape, call.out.dtype)
 
   def without_covered(p):
     with nn.intercept_methods(_intercepting(lambda spec, path: True, constant)):
-      return per_example_loss(p, example, key)[0]
+      return per_example_loss(p, example, key)[0], inputs
   leaves = _leaf_paths(params)
   live = _live_inputs(jax.make_jaxpr(without_covered)(params))
   live_paths = {path for path, used in zip(leaves, live) if used}
