@@ -11,8 +11,8 @@ output gradients of all of a module's calls in one forward pass, each with a lea
 gradients).
 
 For Dense and Conv the per-example kernel gradient is ``A_i^T G_i`` with ``A_i`` (T x D) the
-example's input rows (the input vectors of a Dense layer at every position, the unfolded patches
-of a convolution) and ``G_i`` (T x C) the output gradients at the same T positions. Its squared
+example's input rows (the input vectors of a Dense layer at every position, the patches of a
+convolution) and ``G_i`` (T x C) the output gradients at the same T positions. Its squared
 norm is either ``<A_i A_i^T, G_i G_i^T>`` (two T x T Gram matrices: T^2 (D + C) work) or the
 materialized ``A_i^T G_i`` (T D C work), whichever costs less; the bias gradient is ``sum_t G_i``.
 An embedding's per-example gradient adds ``g_t`` to row ``id_t``, so its squared norm is the sum of
@@ -21,6 +21,7 @@ An embedding's per-example gradient adds ``g_t`` to row ``id_t``, so its squared
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -43,15 +44,12 @@ class Dense:
   def rows(self, x: Array) -> Array:
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
-  def kernel(self, matrix: Array, shape: Sequence[int]) -> Array:
-    return matrix.reshape(shape)
-
 
 @dataclasses.dataclass(frozen=True)
 class Conv:
   """``nn.Conv`` without groups, masks, input dilation or a custom convolution: kernel
-  (*window, D_in, C), optional bias (C,). Rows are the input's unfolded patches, whose features
-  ``lax.conv_general_dilated_patches`` orders (D_in, *window)."""
+  (*window, D_in, C), optional bias (C,). Rows are the input's patches, features ordered
+  (*window, D_in) like the kernel's leading axes."""
   use_bias: bool
   window: tuple[int, ...]
   strides: tuple[int, ...]
@@ -63,18 +61,26 @@ class Conv:
     return ("kernel", "bias") if self.use_bias else ("kernel",)
 
   def rows(self, x: Array) -> Array:
+    """Patches by padding and one strided slice per window offset: memory moves only (XLA's
+    ``conv_general_dilated_patches`` is a convolution with an identity kernel, D_in * prod(window)
+    times the work of the layer itself)."""
     spatial = len(self.window)
     images = x.reshape(-1, *x.shape[-(spatial + 1):])  # every example's images, one batch
-    dims = "DHW"[-spatial:]
-    patches = lax.conv_general_dilated_patches(
-        images, self.window, self.strides, self.padding, rhs_dilation=self.dilation,
-        dimension_numbers=(f"N{dims}C", f"{dims}IO", f"N{dims}C"),
-        precision=lax.Precision.HIGHEST)
-    return patches.reshape(x.shape[0], -1, patches.shape[-1])
-
-  def kernel(self, matrix: Array, shape: Sequence[int]) -> Array:
-    *window, d_in, c = shape
-    return jnp.moveaxis(matrix.reshape(d_in, *window, c), 0, -2)
+    reach = [(k - 1) * d + 1 for k, d in zip(self.window, self.dilation)]
+    pads = (lax.padtype_to_pads(images.shape[1:-1], reach, self.strides, self.padding)
+            if isinstance(self.padding, str) else self.padding)
+    images = jnp.pad(images, [(0, 0), *pads, (0, 0)])
+    out = [(n - r) // s + 1 for n, r, s in zip(images.shape[1:-1], reach, self.strides)]
+    slices = []
+    for offset in itertools.product(*map(range, self.window)):
+      start = [o * d for o, d in zip(offset, self.dilation)]
+      slices.append(lax.slice(
+          images, (0, *start, 0),
+          (images.shape[0], *[b + (n - 1) * s + 1 for b, n, s in zip(start, out, self.strides)],
+           images.shape[-1]),
+          (1, *self.strides, 1)))
+    patches = jnp.stack(slices, axis=-2)  # (M, *out, prod(window), D_in)
+    return patches.reshape(x.shape[0], -1, patches.shape[-2] * patches.shape[-1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,8 +174,9 @@ def clipped_sum(spec, inputs: Sequence[Array], grads: Sequence[Array], factors: 
     return {"embedding": summed.astype(table.dtype)}
   a, g = _matrices(spec, inputs, grads)
   kernel = params["kernel"]
-  out = {"kernel": spec.kernel(jnp.einsum("ntd,ntc->dc", factors[:, None, None] * a, g),
-                               kernel.shape).astype(kernel.dtype)}
+  weighted = factors[:, None, None] * g
+  matrix = a.reshape(-1, a.shape[-1]).T @ weighted.reshape(-1, g.shape[-1])  # one plain matmul
+  out = {"kernel": matrix.reshape(kernel.shape).astype(kernel.dtype)}
   if spec.use_bias:
     out["bias"] = jnp.einsum("n,ntc->c", factors, g).astype(params["bias"].dtype)
   return out
