@@ -15,6 +15,8 @@ example's input rows (the input vectors of a Dense layer at every position, the 
 convolution) and ``G_i`` (T x C) the output gradients at the same T positions. Its squared
 norm is either ``<A_i A_i^T, G_i G_i^T>`` (two T x T Gram matrices: T^2 (D + C) work) or the
 materialized ``A_i^T G_i`` (T D C work), whichever costs less; the bias gradient is ``sum_t G_i``.
+The clipped sum ``sum_i c_i A_i^T G_i`` is one matmul for Dense, and for Conv the kernel gradient
+of the convolution itself with output gradients ``c_i G_i``.
 An embedding's per-example gradient adds ``g_t`` to row ``id_t``, so its squared norm is the sum of
 ``<g_t, g_s>`` over position pairs with the same token.
 """
@@ -60,12 +62,14 @@ class Conv:
   def param_names(self) -> tuple[str, ...]:
     return ("kernel", "bias") if self.use_bias else ("kernel",)
 
+  def _images(self, x: Array) -> Array:
+    return x.reshape(-1, *x.shape[-(len(self.window) + 1):])  # every example's, one batch
+
   def rows(self, x: Array) -> Array:
     """Patches by padding and one strided slice per window offset: memory moves only (XLA's
     ``conv_general_dilated_patches`` is a convolution with an identity kernel, D_in * prod(window)
     times the work of the layer itself)."""
-    spatial = len(self.window)
-    images = x.reshape(-1, *x.shape[-(spatial + 1):])  # every example's images, one batch
+    images = self._images(x)
     reach = [(k - 1) * d + 1 for k, d in zip(self.window, self.dilation)]
     pads = (lax.padtype_to_pads(images.shape[1:-1], reach, self.strides, self.padding)
             if isinstance(self.padding, str) else self.padding)
@@ -79,8 +83,22 @@ class Conv:
           (images.shape[0], *[b + (n - 1) * s + 1 for b, n, s in zip(start, out, self.strides)],
            images.shape[-1]),
           (1, *self.strides, 1)))
-    patches = jnp.stack(slices, axis=-2)  # (M, *out, prod(window), D_in)
-    return patches.reshape(x.shape[0], -1, patches.shape[-2] * patches.shape[-1])
+    patches = jnp.concatenate(slices, axis=-1)  # features (*window, D_in)
+    return patches.reshape(x.shape[0], -1, patches.shape[-1])
+
+  def kernel_sum(self, x: Array, g: Array, kernel: Array) -> Array:
+    """``sum_i x_i^T g_i`` as the kernel gradient of the convolution itself (XLA's
+    backward-filter convolution: several times faster on CPU than a matmul of the patches)."""
+    spatial = len(self.window)
+    dims = "DHW"[-spatial:]
+
+    def conv(w):
+      return lax.conv_general_dilated(
+          self._images(x), w, self.strides, self.padding, rhs_dilation=self.dilation,
+          dimension_numbers=(f"N{dims}C", f"{dims}IO", f"N{dims}C"),
+          precision=lax.Precision.HIGHEST)
+    out, pullback = jax.vjp(conv, kernel)
+    return pullback(g.reshape(out.shape))[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,12 +190,17 @@ def clipped_sum(spec, inputs: Sequence[Array], grads: Sequence[Array], factors: 
     weighted = (factors[:, None, None] * g).reshape(-1, g.shape[-1])
     summed = jnp.zeros(table.shape, jnp.float32).at[ids.reshape(-1)].add(weighted)
     return {"embedding": summed.astype(table.dtype)}
-  a, g = _matrices(spec, inputs, grads)
-  kernel = params["kernel"]
-  weighted = factors[:, None, None] * g
-  matrix = a.reshape(-1, a.shape[-1]).T @ weighted.reshape(-1, g.shape[-1])  # one plain matmul
-  out = {"kernel": matrix.reshape(kernel.shape).astype(kernel.dtype)}
+  kernel = params["kernel"].astype(jnp.float32)
+  if isinstance(spec, Conv):
+    inputs, grads = _f32(inputs), _f32(grads)
+    summed = sum(spec.kernel_sum(x, factors.reshape(-1, *(1,) * (g.ndim - 1)) * g, kernel)
+                 for x, g in zip(inputs, grads))
+    g = jnp.concatenate([gi.reshape(gi.shape[0], -1, gi.shape[-1]) for gi in grads], axis=1)
+  else:
+    a, g = _matrices(spec, inputs, grads)
+    weighted = factors[:, None, None] * g
+    summed = a.reshape(-1, a.shape[-1]).T @ weighted.reshape(-1, g.shape[-1])  # one matmul
+  out = {"kernel": summed.reshape(kernel.shape).astype(params["kernel"].dtype)}
   if spec.use_bias:
     out["bias"] = jnp.einsum("n,ntc->c", factors, g).astype(params["bias"].dtype)
   return out
-
