@@ -61,8 +61,10 @@ def _intercepting(select: Callable[[Any, Path], bool], on_call: Callable):
 
   def interceptor(next_fun, args, kwargs, context):
     spec = ghost_layers.layer_spec(context.module, context.method_name)
+    if spec is None or current_trace() != base:
+      return next_fun(*args, **kwargs)
     path = tuple(context.module.scope.path)
-    if spec is None or current_trace() != base or not select(spec, path):
+    if not select(spec, path):
       return next_fun(*args, **kwargs)
     return on_call(next_fun, args, kwargs, path, spec)
   return interceptor
