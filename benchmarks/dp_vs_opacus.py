@@ -4,11 +4,13 @@ The model is the digits CNN (experiments/digits_cnn.py, dropout 0; ``vs_pytorch.
 the PyTorch side), AdamW, clip norm 1, noise multiplier 1, on the bundled digits. Both train on
 the same Poisson-sampled batches (``deepflow.data.sampler.PoissonBatches``, expected size
 ``--batch``): deepflow on its fixed-shape padded batch with a mask (its real step,
-``Experiment.train_step``), Opacus on the sampled rows alone (the variable-size batches its
-``DPDataLoader`` would give), through ``GradSampleModule`` + ``DPOptimizer`` with
-``expected_batch_size``. Each contender is warmed up, then timed in ``--rounds`` interleaved
-rounds; the median counts. deepflow's non-private step on batches of ``--batch`` is timed
-beside them. Opacus and PyTorch are benchmark-only dependencies.
+``Experiment.train_step``) twice, with ``privacy.clipping='ghost'`` (per-example norms from
+layer inputs and output gradients) and ``'vmap'`` (vmapped per-example gradients), Opacus on the
+sampled rows alone (the variable-size batches its ``DPDataLoader`` would give), through
+``GradSampleModule`` + ``DPOptimizer`` with ``expected_batch_size``. Each contender is warmed up,
+then timed in ``--rounds`` interleaved rounds; the median counts. deepflow's non-private step on
+batches of ``--batch`` is timed beside them, and at the padded batch's size (the rows the DP step
+computes). Opacus and PyTorch are benchmark-only dependencies.
 
     python benchmarks/dp_vs_opacus.py [--batches 128,1024] [--rounds 5] [--seconds 1.0]
 """
@@ -31,30 +33,22 @@ import torch
 
 import deepflow
 from deepflow.data.pipeline import INPUTS, MASK, TARGETS
-from deepflow.train.experiment import Experiment
 from dp_step import cpu_name  # noqa: E402  (benchmarks/ is the script's directory)
-from vs_pytorch import ROOT, time_round, torch_cnn  # noqa: E402
+from resident import deepflow_step, time_round  # noqa: E402
+from vs_pytorch import ROOT, torch_cnn  # noqa: E402
 
 DP = ["privacy.enabled=True", "privacy.noise_multiplier=1.0", "privacy.clip_norm=1.0",
       "privacy.target_epsilon=0"]
+DP_CONTENDERS = ("deepflow DP ghost", "deepflow DP vmap")
 
 
-def deepflow_step(batch: int, private: bool, workdir: str, rounds: int = 8):
-  config = deepflow.load_config(os.path.join(ROOT, "experiments", "digits_cnn.py"),
-                                ["model.dropout=0.0", "optimizer.clip_norm=0.0",
-                                 f"data.batch_size={batch}", *(DP if private else [])])
-  exp = Experiment(config, workdir)
-  iterator = exp.pipeline.train_iterator()
-  host = [next(iterator) for _ in range(rounds)]
-  batches = [jax.device_put(b) for b in host]
-  state = [exp.init_state(), 0]
-
-  def step():
-    state[0], metrics = exp.train_step(state[0], batches[state[1] % len(batches)])
-    state[1] += 1
-    return metrics
-  jax.block_until_ready(step())
-  return step, jax.block_until_ready, host
+def digits_cnn_config(batch: int, clipping: str | None):
+  """The digits CNN at ``batch``; DP-SGD with ``clipping`` ('ghost', 'vmap'), or None for the
+  non-private step."""
+  private = [*DP, f"privacy.clipping='{clipping}'"] if clipping else []
+  return deepflow.load_config(os.path.join(ROOT, "experiments", "digits_cnn.py"),
+                              ["model.dropout=0.0", "optimizer.clip_norm=0.0",
+                               f"data.batch_size={batch}", *private])
 
 
 def opacus_step(host_batches, expected_batch: int):
@@ -99,23 +93,39 @@ def main(argv=None):
         f"load average {os.getloadavg()[0]:.2f}")
   with tempfile.TemporaryDirectory() as tmp:
     for batch in map(int, args.batches.split(",")):
-      dp_step, dp_sync, host = deepflow_step(batch, True, os.path.join(tmp, f"dp{batch}"))
-      contenders = {"deepflow DP": (dp_step, dp_sync),
-                    "Opacus": opacus_step(host, batch),
-                    "deepflow non-private": deepflow_step(batch, False,
-                                                          os.path.join(tmp, f"plain{batch}"))[:2]}
-      steps = max(2, int(args.seconds / time_round(dp_step, dp_sync, 3)))
+      ghost_step, ghost_sync, host = deepflow_step(
+          digits_cnn_config(batch, "ghost"), os.path.join(tmp, f"ghost{batch}"), 8)
+      contenders = {
+          "deepflow DP ghost": (ghost_step, ghost_sync),
+          "deepflow DP vmap": deepflow_step(digits_cnn_config(batch, "vmap"),
+                                            os.path.join(tmp, f"vmap{batch}"), 8)[:2],
+          "Opacus": opacus_step(host, batch),
+          "deepflow non-private": deepflow_step(digits_cnn_config(batch, None),
+                                                os.path.join(tmp, f"plain{batch}"), 8)[:2],
+          # The DP step computes every row of its padded batch: the same step without privacy
+          # on that many rows is the floor for it.
+          "deepflow non-private, padded size": deepflow_step(
+              digits_cnn_config(host[0][MASK].shape[0], None), os.path.join(tmp, f"pad{batch}"),
+              8)[:2]}
+      steps = max(2, int(args.seconds / time_round(ghost_step, ghost_sync, 3)))
       times = {name: [] for name in contenders}
       for _ in range(args.rounds):
         for name, (step, sync) in contenders.items():
           times[name].append(time_round(step, sync, steps))
       med = {name: float(np.median(t)) for name, t in times.items()}
       sizes = [int(b[MASK].sum()) for b in host]
+      plain = med["deepflow non-private"]
       print(f"batch {batch} (Poisson: padded to {host[0][MASK].shape[0]} rows, sampled "
-            f"{min(sizes)}-{max(sizes)}; median of {args.rounds} rounds x {steps} steps): "
+            f"{min(sizes)}-{max(sizes)}; median of {args.rounds} rounds x {steps} steps, load "
+            f"{os.getloadavg()[0]:.2f}): "
             + ", ".join(f"{name} {1e3 * t:.1f} ms" for name, t in med.items())
-            + f"; Opacus / deepflow DP {med['Opacus'] / med['deepflow DP']:.2f}x, deepflow DP / "
-            f"non-private {med['deepflow DP'] / med['deepflow non-private']:.2f}x", flush=True)
+            + "; Opacus / deepflow DP: "
+            + ", ".join(f"{med['Opacus'] / med[k]:.2f}x ({k[12:]})" for k in DP_CONTENDERS)
+            + "; deepflow DP / non-private: "
+            + ", ".join(f"{med[k] / plain:.2f}x ({k[12:]})" for k in DP_CONTENDERS)
+            + f"; ghost / non-private at the padded size "
+            f"{med['deepflow DP ghost'] / med['deepflow non-private, padded size']:.2f}x",
+            flush=True)
   print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 

@@ -24,7 +24,6 @@ import argparse
 import functools
 import os
 import tempfile
-import time
 
 # OpenMP threads that spin while waiting collapse when other jobs share the cores (measured on
 # the shared 2-core machine: PyTorch's CNN step 130-220 ms spinning vs 31 ms passive); XLA's
@@ -38,8 +37,8 @@ from torch import nn
 
 import deepflow
 from deepflow.data import sources
-from deepflow.train.experiment import Experiment
 from dp_step import cpu_name  # noqa: E402  (benchmarks/ is the script's directory)
+from resident import deepflow_step, time_round  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 CIFAR_SHAPED = "synthetic:cifar_shaped"
@@ -59,19 +58,10 @@ def deepflow_config(model: str, batch: int):
                                "model.stage_sizes=(3,3,3)", f"data.batch_size={batch}"])
 
 
-def deepflow_step(model: str, batch: int, workdir: str):
+def deepflow_model_step(model: str, batch: int, workdir: str):
   """A zero-argument step over fixed batches, compiled, and the example batch (numpy)."""
-  exp = Experiment(deepflow_config(model, batch), workdir)
-  iterator = exp.pipeline.train_iterator()
-  batches = [jax.device_put(next(iterator)) for _ in range(4)]
-  state = [exp.init_state(), 0]
-
-  def step():
-    state[0], metrics = exp.train_step(state[0], batches[state[1] % len(batches)])
-    state[1] += 1
-    return metrics
-  jax.block_until_ready(step())
-  return step, jax.block_until_ready, jax.tree.map(np.asarray, batches[0])
+  step, sync, host = deepflow_step(deepflow_config(model, batch), workdir)
+  return step, sync, host[0]
 
 
 # -- PyTorch -------------------------------------------------------------------------------------
@@ -129,17 +119,9 @@ def torch_step(model: str, example, compiled: bool):
 
 # -- timing --------------------------------------------------------------------------------------
 
-def time_round(step, sync, steps: int) -> float:
-  start = time.perf_counter()
-  for _ in range(steps):
-    out = step()
-  sync(out)
-  return (time.perf_counter() - start) / steps
-
-
 def run_case(model: str, batch: int, rounds: int, seconds: float, compiled: bool, tmp: str):
   contenders = {}
-  df_step, df_sync, example = deepflow_step(model, batch, os.path.join(tmp, f"{model}{batch}"))
+  df_step, df_sync, example = deepflow_model_step(model, batch, os.path.join(tmp, f"{model}{batch}"))
   contenders["deepflow"] = (df_step, df_sync)
   contenders["torch eager"] = torch_step(model, example, compiled=False)
   if compiled:

@@ -19,6 +19,10 @@ What is and is not accounted, stated honestly:
   one, an approximation (TF Privacy, Opacus and many papers report it) that shuffled batches may
   not meet (Chua et al., 2024, "How Private are DP-SGD Implementations?"), and the logs say so
   with ``privacy/epsilon_is_approximate`` = 1.
+* Clipping. ``privacy.clipping`` picks how each example's gradient norm and the clipped sum are
+  computed (``deepflow.privacy.mechanism``): from Dense, Conv and Embed layers' inputs and output
+  gradients ('ghost'), from vmapped per-example gradients ('vmap'), or ghost whenever every
+  parameter is in such a layer ('auto'). The mechanism, hence the guarantee, is the same.
 * Only the trained parameters are covered. Train-split metrics (loss, accuracy, per-example
   gradient norms) are computed from raw examples, and statistics that ``data.transforms`` fit on
   the train split (e.g. ``standardize``'s means) are not privatized either; use transforms whose
@@ -42,7 +46,7 @@ from deepflow.data import sampler
 from deepflow.data.pipeline import MASK
 from deepflow.privacy.accounting import (ACCOUNTANTS, compute_epsilon, max_steps_for_epsilon,
                                          noise_multiplier_for_epsilon, truncation_delta)
-from deepflow.privacy.mechanism import PerExampleLoss, private_gradients
+from deepflow.privacy.mechanism import CLIPPINGS, PerExampleLoss, private_gradients
 from deepflow.registry import ConfigError
 
 PyTree = Any
@@ -74,6 +78,9 @@ def validate_config(config: Any) -> None:
   if config.optimizer.clip_norm:
     raise ConfigError("privacy.enabled clips each example's gradient to privacy.clip_norm; set "
                       "optimizer.clip_norm=0 (no second, global clip)")
+  if p.clipping not in CLIPPINGS:
+    raise ConfigError(f"privacy.clipping must be one of {', '.join(CLIPPINGS)}, got "
+                      f"{p.clipping!r}")
   if p.sampling not in SAMPLINGS:
     raise ConfigError(f"privacy.sampling must be one of {', '.join(SAMPLINGS)}, got "
                       f"{p.sampling!r}")
@@ -110,6 +117,7 @@ class DpSgd:
   sampling: str = "poisson"
   batch_size: int = 1  # the expected (Poisson) or exact (shuffle) examples per step
   overflow: float = 0.0
+  clipping: str = "auto"  # how per-example norms are computed (``mechanism.clipped_gradient_sum``)
 
   @classmethod
   def from_config(cls, config: Any, train_size: int) -> "DpSgd":
@@ -136,7 +144,8 @@ class DpSgd:
       log.warning("privacy: sampling='shuffle': the epsilon reported is that of Poisson "
                   "sampling, an approximation for shuffled fixed-size batches")
     dp = cls(float(p.clip_norm), noise, sample_rate, float(p.delta), p.accountant,
-             config.train.microbatches, p.sampling, int(config.data.batch_size), overflow)
+             config.train.microbatches, p.sampling, int(config.data.batch_size), overflow,
+             p.clipping)
     spent = dp.epsilon(steps)
     if p.target_epsilon and spent > p.target_epsilon:
       fit = max_steps_for_epsilon(p.target_epsilon, noise, sample_rate, p.delta, p.accountant)
@@ -168,7 +177,8 @@ class DpSgd:
     grads, aux = private_gradients(per_example_loss, params, batch, rng,
                                    clip_norm=self.clip_norm,
                                    noise_multiplier=self.noise_multiplier /
-                                   math.sqrt(self.microbatches), denominator=denominator)
+                                   math.sqrt(self.microbatches), denominator=denominator,
+                                   clipping=self.clipping)
     weights = jnp.ones_like(aux["loss"]) if mask is None else mask
     count = jnp.maximum(jnp.sum(weights), 1.0)
 

@@ -12,19 +12,30 @@ reading it costs far more than the arithmetic); here the norms come from a vmapp
 XLA reduces as it goes, and the clipped sum from one ordinary backward pass of the loss weighted
 per example by its clip factor (a factor held constant, so the sum of weighted gradients is
 exactly the sum of clipped ones).
+
+``clipping`` chooses how the norms and the clipped sum are computed: ``'vmap'`` as above;
+``'ghost'`` from each Dense, Conv and Embed layer's inputs and output gradients in one backward
+pass (``deepflow.privacy.ghost``), with per-example gradients materialized only for parameters
+outside such layers; ``'auto'`` (the default) is ``'ghost'`` when every parameter is in a covered
+layer and ``'vmap'`` otherwise. All three give the same result up to float rounding.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from deepflow.privacy import ghost
 from deepflow.registry import ConfigError
 
 PyTree = Any
 PerExampleLoss = Callable[[PyTree, PyTree, jax.Array], tuple[jax.Array, Any]]
+CLIPPINGS = ("auto", "ghost", "vmap")
+log = logging.getLogger("deepflow")
+
 
 def _batch_size(batch: PyTree) -> int:
   sizes = {leaf.shape[0] if jnp.ndim(leaf) else None for leaf in jax.tree.leaves(batch)}
@@ -35,7 +46,8 @@ def _batch_size(batch: PyTree) -> int:
 
 
 def clipped_gradient_sum(per_example_loss: PerExampleLoss, params: PyTree, batch: PyTree,
-                         rng: jax.Array, *, clip_norm: float) -> tuple[PyTree, dict[str, Any]]:
+                         rng: jax.Array, *, clip_norm: float, clipping: str = "auto"
+                         ) -> tuple[PyTree, dict[str, Any]]:
   """Sum over the batch of per-example gradients, each clipped to global L2 norm ``clip_norm``.
 
   ``per_example_loss(params, example, rng) -> (loss, aux)`` sees one example (every leaf of
@@ -44,12 +56,23 @@ def clipped_gradient_sum(per_example_loss: PerExampleLoss, params: PyTree, batch
   norms before clipping, 'num_clipped': scalar}``. Padding examples should have zero loss so
   that they contribute zero gradient.
 
-  Two passes (see the module docstring): the per-example gradient norms ``n_i``, then the
-  gradient of ``sum_i c_i loss_i`` with ``c_i = min(1, clip_norm / n_i)`` held constant, which is
-  ``sum_i c_i grad_i``. Each example sees the same key in both passes (same dropout mask).
+  ``clipping='vmap'`` takes two passes (see the module docstring): the per-example gradient norms
+  ``n_i``, then the gradient of ``sum_i c_i loss_i`` with ``c_i = min(1, clip_norm / n_i)`` held
+  constant, which is ``sum_i c_i grad_i``; each example sees the same key in both passes (same
+  dropout mask). ``'ghost'`` and ``'auto'`` are described in the module docstring.
   """
+  if clipping not in CLIPPINGS:
+    raise ConfigError(f"unknown clipping {clipping!r}; known: {', '.join(CLIPPINGS)}")
   size = _batch_size(batch)
   keys = jax.random.split(rng, size)
+  if clipping != "vmap":
+    the_plan = ghost.plan(per_example_loss, params, jax.tree.map(lambda x: x[0], batch), keys[0])
+    if clipping == "ghost" or the_plan.complete:
+      if the_plan.uncovered:
+        log.info("privacy: ghost clipping, per-example gradients materialized for %s",
+                 ", ".join("/".join(path) for path in the_plan.uncovered))
+      return ghost.clipped_sum(per_example_loss, params, batch, keys, clip_norm=clip_norm,
+                               the_plan=the_plan)
   example_grad = jax.grad(lambda p, example, key: per_example_loss(p, example, key)[0])
   norms = jax.vmap(lambda example, key: optax.tree.norm(example_grad(params, example, key)))(
       batch, keys)
@@ -79,10 +102,11 @@ def add_noise(grad_sum: PyTree, rng: jax.Array, *, clip_norm: float, noise_multi
 
 def private_gradients(per_example_loss: PerExampleLoss, params: PyTree, batch: PyTree,
                       rng: jax.Array, *, clip_norm: float, noise_multiplier: float,
-                      denominator: float | None = None) -> tuple[PyTree, dict[str, Any]]:
+                      denominator: float | None = None, clipping: str = "auto"
+                      ) -> tuple[PyTree, dict[str, Any]]:
   """DP-SGD gradients of one batch: clip per example, sum, add noise, divide by the batch size.
 
-  ``denominator`` defaults to the batch's leading size; with Poisson sampling pass the expected
+  ``clipping`` is ``clipped_gradient_sum``'s. ``denominator`` defaults to the batch's leading size; with Poisson sampling pass the expected
   batch size instead. Returns ``(grads, aux)`` as ``clipped_gradient_sum`` does. With
   ``noise_multiplier = 0`` and a clip norm above every gradient norm this is ``jax.grad`` of the
   mean loss.
@@ -99,7 +123,7 @@ def private_gradients(per_example_loss: PerExampleLoss, params: PyTree, batch: P
   """
   loss_rng, noise_rng = jax.random.split(rng)
   grad_sum, aux = clipped_gradient_sum(per_example_loss, params, batch, loss_rng,
-                                       clip_norm=clip_norm)
+                                       clip_norm=clip_norm, clipping=clipping)
   if denominator is None:
     denominator = _batch_size(batch)
   grads = add_noise(grad_sum, noise_rng, clip_norm=clip_norm,

@@ -1,0 +1,188 @@
+"""Per-example clipping in one forward and one backward pass, without per-example gradients of
+the layers that ``ghost_layers`` covers (Dense, Conv, Embed): ghost clipping with book-keeping.
+
+For a per-example loss over a Flax model, ``plan`` finds, at trace time, the covered layers'
+calls (through ``nn.intercept_methods``) and which parameters they alone read; ``clipped_sum``
+then runs the loss once per example (vmapped) with a zero offset added to every covered call's
+output, takes one backward pass w.r.t. those offsets (each call's output gradient, per example)
+and w.r.t. the remaining parameters (their per-example gradients, materialized as the vmapped
+path does), and builds each example's gradient norm and the clipped sum from them. No second
+backward pass is needed: the clipped sum of a covered layer comes straight from its inputs and
+output gradients weighted by each example's clip factor.
+
+A parameter counts as covered only when nothing but covered calls reads it, which is checked on
+the loss's jaxpr: with every covered call replaced by a constant, the loss must not depend on
+it. A call inside a nested JAX transformation (``nn.scan``, ``nn.remat``, ``nn.RNN``'s scan) is
+not covered, since its values cannot be brought out of that trace; such a layer's parameters are
+handled like any other uncovered ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+from flax.core.tracers import current_trace
+from jax.extend import core as jax_core
+
+from deepflow.privacy import ghost_layers
+
+PyTree = Any
+Path = tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+  """One call of a covered layer: its module's path (its parameters are ``params[path]``), its
+  spec and its output's per-example shape and dtype."""
+  path: Path
+  spec: Any
+  out: jax.ShapeDtypeStruct
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Which calls are captured and which parameters get materialized per-example gradients."""
+  calls: tuple[Call, ...]
+  uncovered: tuple[Path, ...]  # parameter leaf paths outside every covered module
+
+  @property
+  def complete(self) -> bool:
+    return not self.uncovered
+
+
+def _intercepting(select: Callable[[Any, Path], bool], on_call: Callable):
+  """An interceptor that hands ``on_call(next_fun, args, kwargs, path, spec)`` the calls of
+  covered layers made in the trace where it was entered and that ``select(spec, path)`` keeps."""
+  base = current_trace()
+
+  def interceptor(next_fun, args, kwargs, context):
+    spec = ghost_layers.layer_spec(context.module, context.method_name)
+    if spec is None or current_trace() != base:
+      return next_fun(*args, **kwargs)
+    path = tuple(context.module.scope.path)
+    if not select(spec, path):
+      return next_fun(*args, **kwargs)
+    return on_call(next_fun, args, kwargs, path, spec)
+  return interceptor
+
+
+def _live_inputs(closed: jax_core.ClosedJaxpr) -> list[bool]:
+  """Which inputs of a jaxpr its outputs depend on, conservatively: an equation that produces a
+  live value (or has effects) reads all its inputs, nested jaxprs included."""
+  jaxpr = closed.jaxpr
+  live = {v for v in jaxpr.outvars if not isinstance(v, jax_core.Literal)}
+  for eqn in reversed(jaxpr.eqns):
+    if eqn.effects or any(v in live for v in eqn.outvars):
+      live.update(v for v in eqn.invars if not isinstance(v, jax_core.Literal))
+  return [v in live for v in jaxpr.invars]
+
+
+def _leaf_paths(params: PyTree) -> list[Path]:
+  """Every parameter's path of dict keys, in the order of ``jax.tree.leaves``."""
+  return [tuple(k.key for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+
+
+def plan(per_example_loss: Callable, params: PyTree, example: PyTree, key: jax.Array) -> Plan:
+  """The covered calls of ``per_example_loss(params, example, key)`` (traced twice, abstractly)
+  and the parameters left uncovered."""
+  found: list[Call] = []
+
+  def record(next_fun, args, kwargs, path, spec):
+    out = next_fun(*args, **kwargs)
+    found.append(Call(path, spec, jax.ShapeDtypeStruct(out.shape, out.dtype)))
+    return out
+
+  def traced(p):
+    with nn.intercept_methods(_intercepting(lambda spec, path: True, record)):
+      return per_example_loss(p, example, key)[0]
+  jax.eval_shape(traced, params)
+
+  # The same loss with every covered call's output replaced by zeros, and the calls' inputs as
+  # outputs too (what reaches a layer's input reaches the loss): any parameter these still
+  # depend on is read by something other than its own layer's call.
+  replaced, inputs = iter(found), []
+
+  def constant(next_fun, args, kwargs, path, spec):
+    call = next(replaced)
+    assert call.path == path, "the model called its layers in a different order when retraced"
+    inputs.append(args[0])
+    return jnp.zeros(call.out.shape, call.out.dtype)
+
+  def without_covered(p):
+    with nn.intercept_methods(_intercepting(lambda spec, path: True, constant)):
+      return per_example_loss(p, example, key)[0], inputs
+  leaves = _leaf_paths(params)
+  live = _live_inputs(jax.make_jaxpr(without_covered)(params))
+  live_paths = {path for path, used in zip(leaves, live) if used}
+
+  covered_modules = set()
+  for path in {call.path for call in found}:
+    spec = next(call.spec for call in found if call.path == path)
+    names = {leaf[-1] for leaf in leaves if leaf[:-1] == path}
+    consistent = all(call.spec == spec for call in found if call.path == path)
+    if consistent and names == set(spec.param_names) and not any(
+        path + (name,) in live_paths for name in names):
+      covered_modules.add(path)
+  calls = tuple(call for call in found if call.path in covered_modules)
+  uncovered = tuple(leaf for leaf in leaves if leaf[:-1] not in covered_modules)
+  return Plan(calls, uncovered)
+
+
+def clipped_sum(per_example_loss: Callable, params: PyTree, batch: PyTree, keys: jax.Array, *,
+                clip_norm: float, the_plan: Plan) -> tuple[PyTree, dict[str, Any]]:
+  """``clipped_gradient_sum``'s result (same ``aux``) by ghost clipping with book-keeping."""
+  leaves = traverse_util.flatten_dict(params)
+  covered_paths = {call.path for call in the_plan.calls}
+  fixed = {k: v for k, v in leaves.items() if k[:-1] in covered_paths}
+  free = {k: v for k, v in leaves.items() if k[:-1] not in covered_paths}
+  offsets = [jnp.zeros(call.out.shape, call.out.dtype) for call in the_plan.calls]
+
+  def example_loss(free_leaves, offsets, example, key):
+    inputs, pending = [], iter(zip(the_plan.calls, offsets))
+
+    def capture(next_fun, args, kwargs, path, spec):
+      call, offset = next(pending)
+      assert call.path == path, "the model called its layers in a different order when retraced"
+      inputs.append(args[0])
+      return next_fun(*args, **kwargs) + offset
+
+    merged = traverse_util.unflatten_dict({**fixed, **free_leaves})
+    with nn.intercept_methods(_intercepting(lambda spec, path: path in covered_paths, capture)):
+      loss, aux = per_example_loss(merged, example, key)
+    return loss, (aux, inputs)
+
+  def one_example(example, key):
+    loss, pullback, (aux, inputs) = jax.vjp(
+        lambda f, o: example_loss(f, o, example, key), free, offsets, has_aux=True)
+    free_grads, out_grads = pullback(jnp.ones_like(loss))
+    return loss, aux, inputs, free_grads, out_grads
+
+  losses, example_aux, inputs, free_grads, out_grads = jax.vmap(one_example)(batch, keys)
+
+  by_module: dict[Path, list[int]] = {}
+  for i, call in enumerate(the_plan.calls):
+    by_module.setdefault(call.path, []).append(i)
+  specs = {call.path: call.spec for call in the_plan.calls}
+  sq = sum((jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(g.shape[0], -1), axis=1)
+            for g in free_grads.values()), jnp.zeros(losses.shape, jnp.float32))
+  for path, calls in by_module.items():
+    sq = sq + ghost_layers.sq_norms(specs[path], [inputs[i] for i in calls],
+                                    [out_grads[i] for i in calls])
+  norms = jnp.sqrt(sq)
+  # A zero gradient has norm 0: factor 1 (nothing to clip), not clip_norm / 0.
+  factors = jnp.where(norms > clip_norm, clip_norm / norms, 1.0)
+
+  summed = {k: jnp.tensordot(factors, g.astype(jnp.float32), axes=1).astype(g.dtype)
+            for k, g in free_grads.items()}
+  for path, calls in by_module.items():
+    module_params = {k[-1]: v for k, v in fixed.items() if k[:-1] == path}
+    sums = ghost_layers.clipped_sum(specs[path], [inputs[i] for i in calls],
+                                    [out_grads[i] for i in calls], factors, module_params)
+    summed.update({path + (name,): value for name, value in sums.items()})
+  return traverse_util.unflatten_dict(summed), {
+      "loss": losses, "aux": example_aux, "grad_norms": norms,
+      "num_clipped": jnp.sum(norms > clip_norm)}

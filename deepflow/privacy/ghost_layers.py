@@ -1,0 +1,206 @@
+"""Per-example gradient norms and clipped gradient sums of Dense, Conv and Embed layers from
+what the layer saw (its input ``x``) and what came back (the gradient ``g`` of the loss w.r.t.
+its output), without forming a per-example gradient where that is cheaper ("ghost clipping",
+Li et al., 2022; the clipped sum straight from ``x`` and ``g`` is Bu et al.'s 2023
+"book-keeping").
+
+A layer's spec is read off the Flax module when it is called (``layer_spec``), or is None for a
+module or a configuration this file does not cover. Every function here takes the inputs and
+output gradients of all of a module's calls in one forward pass, each with a leading example axis
+``N`` (a module applied twice, e.g. shared weights, contributes the sum of both calls'
+gradients).
+
+For Dense and Conv the per-example kernel gradient is ``A_i^T G_i`` with ``A_i`` (T x D) the
+example's input rows (the input vectors of a Dense layer at every position, the patches of a
+convolution) and ``G_i`` (T x C) the output gradients at the same T positions. Its squared
+norm is either ``<A_i A_i^T, G_i G_i^T>`` (two T x T Gram matrices: T^2 (D + C) work) or the
+materialized ``A_i^T G_i`` (T D C work), whichever costs less; the bias gradient is ``sum_t G_i``.
+The clipped sum ``sum_i c_i A_i^T G_i`` is one matmul for Dense, and for Conv the kernel gradient
+of the convolution itself with output gradients ``c_i G_i``.
+An embedding's per-example gradient adds ``g_t`` to row ``id_t``, so its squared norm is the sum of
+``<g_t, g_s>`` over position pairs with the same token.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense:
+  """``nn.Dense``: kernel (D, C), optional bias (C,)."""
+  use_bias: bool
+
+  @property
+  def param_names(self) -> tuple[str, ...]:
+    return ("kernel", "bias") if self.use_bias else ("kernel",)
+
+  def rows(self, x: Array) -> Array:
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv:
+  """``nn.Conv`` without groups, masks, input dilation or a custom convolution: kernel
+  (*window, D_in, C), optional bias (C,). Rows are the input's patches, features ordered
+  (*window, D_in) like the kernel's leading axes."""
+  use_bias: bool
+  window: tuple[int, ...]
+  strides: tuple[int, ...]
+  padding: Any  # 'SAME', 'VALID' or explicit (low, high) pairs, as lax takes them
+  dilation: tuple[int, ...]
+
+  @property
+  def param_names(self) -> tuple[str, ...]:
+    return ("kernel", "bias") if self.use_bias else ("kernel",)
+
+  def _images(self, x: Array) -> Array:
+    return x.reshape(-1, *x.shape[-(len(self.window) + 1):])  # every example's, one batch
+
+  def rows(self, x: Array) -> Array:
+    """Patches by padding and one strided slice per window offset: memory moves only (XLA's
+    ``conv_general_dilated_patches`` is a convolution with an identity kernel, D_in * prod(window)
+    times the work of the layer itself)."""
+    images = self._images(x)
+    reach = [(k - 1) * d + 1 for k, d in zip(self.window, self.dilation)]
+    pads = (lax.padtype_to_pads(images.shape[1:-1], reach, self.strides, self.padding)
+            if isinstance(self.padding, str) else self.padding)
+    images = jnp.pad(images, [(0, 0), *pads, (0, 0)])
+    out = [(n - r) // s + 1 for n, r, s in zip(images.shape[1:-1], reach, self.strides)]
+    slices = []
+    for offset in itertools.product(*map(range, self.window)):
+      start = [o * d for o, d in zip(offset, self.dilation)]
+      slices.append(lax.slice(
+          images, (0, *start, 0),
+          (images.shape[0], *[b + (n - 1) * s + 1 for b, n, s in zip(start, out, self.strides)],
+           images.shape[-1]),
+          (1, *self.strides, 1)))
+    patches = jnp.concatenate(slices, axis=-1)  # features (*window, D_in)
+    return patches.reshape(x.shape[0], -1, patches.shape[-1])
+
+  def kernel_sum(self, x: Array, g: Array, kernel: Array) -> Array:
+    """``sum_i x_i^T g_i`` as the kernel gradient of the convolution itself (XLA's
+    backward-filter convolution: several times faster on CPU than a matmul of the patches)."""
+    spatial = len(self.window)
+    dims = "DHW"[-spatial:]
+
+    def conv(w):
+      return lax.conv_general_dilated(
+          self._images(x), w, self.strides, self.padding, rhs_dilation=self.dilation,
+          dimension_numbers=(f"N{dims}C", f"{dims}IO", f"N{dims}C"),
+          precision=lax.Precision.HIGHEST)
+    out, pullback = jax.vjp(conv, kernel)
+    return pullback(g.reshape(out.shape))[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Embed:
+  """``nn.Embed`` (``__call__`` only: ``attend`` reads the table another way): embedding (V, C)."""
+  param_names = ("embedding",)
+
+
+def _tuple(value: Any, n: int) -> tuple[int, ...]:
+  value = 1 if value is None else value
+  return (value,) * n if isinstance(value, int) else tuple(value)
+
+
+def _conv_spec(module: nn.Conv) -> Conv | None:
+  window = _tuple(module.kernel_size, 1)
+  n = len(window)
+  padding = nn.linear.canonicalize_padding(module.padding, n)
+  if (module.feature_group_count != 1 or module.mask is not None or n > 3
+      or module.conv_general_dilated is not None or module.conv_general_dilated_cls is not None
+      or set(_tuple(module.input_dilation, n)) != {1}
+      or (isinstance(padding, str) and padding not in ("SAME", "VALID"))):
+    return None
+  padding = padding if isinstance(padding, str) else tuple(map(tuple, padding))
+  return Conv(module.use_bias, window, _tuple(module.strides, n), padding,
+              _tuple(module.kernel_dilation, n))
+
+
+def layer_spec(module: nn.Module, method: str) -> Dense | Conv | Embed | None:
+  """The spec of a covered layer's call (exact classes: a subclass may compute otherwise), else
+  None."""
+  if method != "__call__":
+    return None
+  kind = type(module)
+  if kind is nn.Dense and module.dot_general is None and module.dot_general_cls is None:
+    return Dense(module.use_bias)
+  if kind is nn.Conv:
+    return _conv_spec(module)
+  if kind is nn.Embed and module.num_embeddings > 1:
+    return Embed()
+  return None
+
+
+# -- norms and sums over a module's calls ----------------------------------------------------------
+
+def _f32(arrays: Sequence[Array]) -> list[Array]:
+  return [a.astype(jnp.float32) for a in arrays]
+
+
+def _matrices(spec: Dense | Conv, inputs, grads) -> tuple[Array, Array]:
+  """(A, G): every call's input rows and output gradients, positions of all calls stacked."""
+  a = jnp.concatenate([spec.rows(x) for x in _f32(inputs)], axis=1)
+  g = jnp.concatenate([gi.reshape(gi.shape[0], -1, gi.shape[-1]) for gi in _f32(grads)], axis=1)
+  return a, g
+
+
+def _kernel_sq_norms(a: Array, g: Array) -> Array:
+  _, t, d = a.shape
+  c = g.shape[-1]
+  if t * (d + c) < d * c:  # two T x T Gram matrices cost less than the per-example gradient
+    return jnp.einsum("nts,nts->n", a @ jnp.swapaxes(a, 1, 2), g @ jnp.swapaxes(g, 1, 2))
+  return jnp.sum(jnp.square(jnp.einsum("ntd,ntc->ndc", a, g)), axis=(1, 2))
+
+
+def _tokens(inputs, grads) -> tuple[Array, Array]:
+  ids = jnp.concatenate([x.reshape(x.shape[0], -1) for x in inputs], axis=1)
+  g = jnp.concatenate([gi.reshape(gi.shape[0], -1, gi.shape[-1]) for gi in _f32(grads)], axis=1)
+  return ids, g
+
+
+def sq_norms(spec, inputs: Sequence[Array], grads: Sequence[Array]) -> Array:
+  """(N,) squared norms of each example's gradient w.r.t. all of the module's parameters."""
+  if isinstance(spec, Embed):
+    ids, g = _tokens(inputs, grads)
+    same = (ids[:, :, None] == ids[:, None, :]).astype(g.dtype)
+    return jnp.einsum("nts,nts->n", same, g @ jnp.swapaxes(g, 1, 2))
+  a, g = _matrices(spec, inputs, grads)
+  total = _kernel_sq_norms(a, g)
+  if spec.use_bias:
+    total = total + jnp.sum(jnp.square(jnp.sum(g, axis=1)), axis=1)
+  return total
+
+
+def clipped_sum(spec, inputs: Sequence[Array], grads: Sequence[Array], factors: Array,
+                params: dict[str, Array]) -> dict[str, Array]:
+  """``sum_i factors_i * grad_i`` w.r.t. the module's ``params`` (shapes and dtypes from them)."""
+  if isinstance(spec, Embed):
+    ids, g = _tokens(inputs, grads)
+    table = params["embedding"]
+    weighted = (factors[:, None, None] * g).reshape(-1, g.shape[-1])
+    summed = jnp.zeros(table.shape, jnp.float32).at[ids.reshape(-1)].add(weighted)
+    return {"embedding": summed.astype(table.dtype)}
+  kernel = params["kernel"].astype(jnp.float32)
+  if isinstance(spec, Conv):
+    inputs, grads = _f32(inputs), _f32(grads)
+    summed = sum(spec.kernel_sum(x, factors.reshape(-1, *(1,) * (g.ndim - 1)) * g, kernel)
+                 for x, g in zip(inputs, grads))
+    g = jnp.concatenate([gi.reshape(gi.shape[0], -1, gi.shape[-1]) for gi in grads], axis=1)
+  else:
+    a, g = _matrices(spec, inputs, grads)
+    weighted = factors[:, None, None] * g
+    summed = a.reshape(-1, a.shape[-1]).T @ weighted.reshape(-1, g.shape[-1])  # one matmul
+  out = {"kernel": summed.reshape(kernel.shape).astype(params["kernel"].dtype)}
+  if spec.use_bias:
+    out["bias"] = jnp.einsum("n,ntc->c", factors, g).astype(params["bias"].dtype)
+  return out

@@ -1,0 +1,160 @@
+"""Ghost clipping (per-example norms from layer inputs and output gradients) against the vmapped
+per-example gradients it replaces: the same norms and clipped sums, model by model."""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from deepflow import privacy
+from deepflow.data.pipeline import MASK, Pipeline
+from deepflow.models.cnn import CNN
+from deepflow.models.mlp import MLP
+from deepflow.privacy import ghost
+from deepflow.registry import ConfigError, TASKS
+from deepflow.train.state import create_state
+from tests.helpers import tiny_config
+from tests.tasks.test_language import lm_config
+
+B = 12
+
+
+class ConvVariants(nn.Module):
+  """Convolutions off the beaten path: strided, dilated, explicit padding, no bias, 1-D."""
+  num_outputs: int
+
+  @nn.compact
+  def __call__(self, x, *, train=False):
+    x = nn.relu(nn.Conv(3, (3, 2), strides=(2, 1), padding="VALID", use_bias=False)(x))
+    x = nn.relu(nn.Conv(4, (2, 2), kernel_dilation=2, padding=((1, 2), (0, 1)))(x))
+    x = x.reshape(x.shape[0], -1, x.shape[-1])
+    x = nn.Conv(5, (3,), padding="SAME")(x)  # 1-D over the flattened positions
+    return nn.Dense(self.num_outputs)(x.reshape(x.shape[0], -1))
+
+
+class BagOfTokens(nn.Module):
+  """An embedding, a Dense applied at every position and a Dense called twice (shared)."""
+  num_outputs: int
+
+  @nn.compact
+  def __call__(self, ids, *, train=False):
+    h = jnp.tanh(nn.Dense(6)(nn.Embed(20, 8)(ids)))
+    shared = nn.Dense(6)
+    h = shared(jnp.tanh(shared(h)))
+    return nn.Dense(self.num_outputs)(h.mean(-2))
+
+
+class Uncovered(nn.Module):
+  """Layers ghost clipping leaves to per-example gradients: a layer norm, a tied output
+  embedding (``attend``), a scanned LSTM and a rematerialized Dense; plus covered ones."""
+  num_outputs: int
+
+  @nn.compact
+  def __call__(self, ids, *, train=False):
+    embed = nn.Embed(20, 6)
+    h = nn.LayerNorm()(embed(ids))
+    h = nn.RNN(nn.OptimizedLSTMCell(6))(h)
+    h = nn.remat(nn.Dense)(6)(h) + nn.Dense(6)(h)
+    return nn.Dense(self.num_outputs)(embed.attend(h).mean(-2))
+
+
+def _problem(model, inputs):
+  """Parameters, a batch with two padding rows, and a per-example loss with dropout keys."""
+  params = model.init(jax.random.key(0), inputs[:1])["params"]
+  batch = {"x": inputs, "y": jnp.arange(len(inputs)) % 3, MASK: jnp.ones(len(inputs)).at[-2:].set(0)}
+
+  def loss(p, example, key):
+    logits = model.apply({"params": p}, example["x"][None], train=True, rngs={"dropout": key})
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, example["y"][None])[0]
+    return example[MASK] * nll, {"logit_max": jnp.max(logits)}
+  return params, batch, loss
+
+
+def _assert_ghost_equals_vmap(loss, params, batch):
+  """Equal norms, losses, aux and clipped sums, at a clip norm that clips about half."""
+  run = jax.jit(lambda clipping, clip: privacy.clipped_gradient_sum(
+      loss, params, batch, jax.random.key(1), clip_norm=clip, clipping=clipping),
+      static_argnums=0)
+  clip = float(np.median(run("vmap", np.inf)[1]["grad_norms"][:-2]))
+  (g_ref, aux_ref), (g_ghost, aux_ghost) = run("vmap", clip), run("ghost", clip)
+  close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)
+  close(aux_ghost["grad_norms"], aux_ref["grad_norms"])
+  norms = np.asarray(aux_ref["grad_norms"])
+  assert (norms[-2:] == 0).all() and (norms[:-2] > clip).any() and (norms[:-2] < clip).any()
+  assert int(aux_ghost["num_clipped"]) == int(aux_ref["num_clipped"])
+  close(aux_ghost["loss"], aux_ref["loss"])
+  jax.tree.map(close, aux_ghost["aux"], aux_ref["aux"])
+  assert jax.tree.structure(g_ghost) == jax.tree.structure(g_ref)
+  jax.tree.map(close, g_ghost, g_ref)
+
+
+MODELS = {
+    "mlp_dropout": (MLP(3, hidden=(16, 8), dropout=0.3), jax.random.normal(jax.random.key(2),
+                                                                          (B, 4, 3))),
+    "cnn": (CNN(3, features=(4, 6), dense=(8,)), jax.random.normal(jax.random.key(2),
+                                                                   (B, 8, 8, 1))),
+    "conv_variants": (ConvVariants(3), jax.random.normal(jax.random.key(2), (B, 9, 6, 2))),
+    "embedding": (BagOfTokens(3), jax.random.randint(jax.random.key(2), (B, 7), 0, 20)),
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_ghost_equals_per_example_gradients_on_covered_layers(name):
+  params, batch, loss = _problem(*MODELS[name])
+  the_plan = ghost.plan(loss, params, jax.tree.map(lambda x: x[0], batch), jax.random.key(0))
+  assert the_plan.complete  # every parameter is in a covered layer: 'auto' picks ghost
+  _assert_ghost_equals_vmap(loss, params, batch)
+
+
+def test_uncovered_layers_get_per_example_gradients_and_auto_keeps_vmap():
+  params, batch, loss = _problem(Uncovered(3),
+                                 jax.random.randint(jax.random.key(2), (B, 5), 0, 20))
+  the_plan = ghost.plan(loss, params, jax.tree.map(lambda x: x[0], batch), jax.random.key(0))
+  uncovered = {"/".join(path) for path in the_plan.uncovered}
+  lstm = {path for path in uncovered if path.startswith("OptimizedLSTMCell_0/")}
+  assert len(lstm) == 12  # 4 gates x (input kernel, hidden kernel, bias): all inside the scan
+  assert uncovered - lstm == {"Embed_0/embedding", "LayerNorm_0/scale", "LayerNorm_0/bias",
+                              "CheckpointDense_0/kernel", "CheckpointDense_0/bias"}
+  assert {call.path for call in the_plan.calls} == {("Dense_0",), ("Dense_1",)}
+  _assert_ghost_equals_vmap(loss, params, batch)
+
+
+def _task_grads(config, clipping):
+  config.unlock()
+  config.privacy.clipping = clipping
+  config.lock()
+  task = TASKS.get(config.task.name)(config, Pipeline(config).spec)
+  params = create_state(task, task.optimizer(config.train.steps), seed=0).params
+  batch = next(Pipeline(config).train_iterator())
+  return jax.jit(task.grads)(params, {}, batch, jax.random.key(4)), batch
+
+
+PRIVATE = ("privacy.enabled=True", "privacy.noise_multiplier=1.0", "privacy.clip_norm=0.1")
+TASK_CONFIGS = {
+    "mlp": lambda data_dir: tiny_config(*PRIVATE, "model.dropout=0.1"),
+    "digits_cnn": lambda data_dir: tiny_config(
+        *PRIVATE, model=dict(name="cnn", features=(4, 8), dense=(16,), dropout=0.1)),
+    "lstm_lm": lambda data_dir: lm_config(data_dir, *PRIVATE, "data.batch_size=8", model=dict(
+        name="rnn", cell="lstm", hidden_size=8, num_layers=1, embed_dim=8, per_step=True)),
+    "transformer_lm": lambda data_dir: lm_config(data_dir, *PRIVATE, "data.batch_size=8"),
+}
+
+
+@pytest.mark.parametrize("name", TASK_CONFIGS)
+def test_the_private_train_step_is_the_same_with_ghost_clipping(name, data_dir):
+  """Through ``Task.grads`` on Poisson-sampled, padded batches, noise included (same key)."""
+  (ref, _, ref_metrics), batch = _task_grads(TASK_CONFIGS[name](data_dir), "vmap")
+  (got, _, metrics), _ = _task_grads(TASK_CONFIGS[name](data_dir), "ghost")
+  assert 0 < float(np.sum(batch[MASK])) < len(batch[MASK])  # padding rows are present
+  assert float(ref_metrics["privacy/clipped_fraction"]) > 0  # factors depend on the norms
+  close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)
+  jax.tree.map(close, got, ref)
+  jax.tree.map(close, metrics, ref_metrics)
+
+
+def test_an_unknown_clipping_is_a_config_error():
+  with pytest.raises(ConfigError, match="privacy.clipping"):
+    tiny_config("privacy.enabled=True", "privacy.clipping='fast'")
