@@ -171,6 +171,13 @@ def _not_prepared(rest: str, data_dir: str) -> str:
           f"--data_dir {data_dir} --file_format=array_record`, then set data.data_dir")
 
 
+def open_tfds_splits(rest: str, data_dir: str) -> tuple[Any, Mapping[str, Sequence]]:
+  """A prepared TFDS builder and its splits (each opened on first use), for readers of
+  features other than the supervised keys (text corpora, ``deepflow.data.text``)."""
+  builder = _tfds_builder(rest, data_dir)
+  return builder, _TfdsSplits(builder, f"tfds:{rest}")
+
+
 def _from_builder(builder, spec: str) -> Dataset:
   import tensorflow_datasets as tfds
   info = builder.info
