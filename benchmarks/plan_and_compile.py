@@ -9,13 +9,16 @@ run (one JAX CPU device, XLA's default optimizations):
 3. ``deepflow plan --measure 5`` on the CPU: the predicted peak memory of the train step against
    what 5 real steps add to the process's resident memory, for an MLP with 100 MB of state.
 
-    python benchmarks/plan_and_compile.py
+    python benchmarks/plan_and_compile.py [compile] [cache] [measure]   # default: all three
 
-Measured (x86_64, 2 CPU cores shared with other jobs, load average 5-7, jax 0.10.2; the parts
-run separately, so their loads differ): compile, depth 4 unscanned 38.8 s, depth 4 scanned
-65.0 s, depth 32 scanned 34.9 s; depth 32 unscanned did not finish within 20 minutes at that
-load. digits_cnn time to first step: cold cache 51.0 s, warm 11.9 s (23%); text_transformer not
-measured. plan --measure: predicted 398.2 MiB, measured 425.9 MiB (+7.0%).
+Compile times, measured in one run, interleaved (x86_64, 2 CPU cores shared with other jobs,
+jax 0.10.2; the load average when each finished in brackets): scanned depth 4 14.05 s (5.0),
+scanned depth 32 10.08 s (5.0), unscanned depth 4 10.27 s (5.0), unscanned depth 32 stopped
+after 600 s without finishing (12.8), scanned depth 4 again 33.77 s (12.2), scanned depth 32
+again 42.06 s (13.7): scanned depth 32 / depth 4 = 0.72 and 1.25 in the two rounds (target
+<= 1.5). Earlier, separate runs (load 5-7): digits_cnn time to first step cold cache 51.0 s,
+warm 11.9 s (23%); text_transformer not measured. plan --measure: predicted 398.2 MiB,
+measured 425.9 MiB (+7.0%).
 """
 from __future__ import annotations
 
