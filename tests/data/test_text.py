@@ -12,14 +12,12 @@ import pytest
 import tensorflow_datasets as tfds
 
 import deepflow
-from deepflow import config as config_lib
+from deepflow import config as config_lib, export, sample
 from deepflow.data import packing, tokenizers
 from deepflow.models import transformer
 from deepflow.registry import ConfigError
 from deepflow.train.experiment import Experiment
 from tests.helpers import deepflow_cli, write_experiment
-
-NAME = "pydoc_paragraphs"
 
 
 def paragraphs() -> list[tuple[str, str]]:
@@ -55,13 +53,15 @@ def text_dir(tmp_path_factory):
   return data_dir
 
 
-def text_config(data_dir, *overrides):
-  c = config_lib.base_config()
+EXPERIMENT = """
+from deepflow.config import base_config
+
+def get_config():
+  c = base_config()
   c.task.name = "language_model"
   c.model = dict(name="transformer_lm", d_model=16, num_heads=2, num_layers=1, mlp_dim=32,
                  max_len=64)
-  c.data.source = f"tfds:{NAME}"
-  c.data.data_dir = data_dir
+  c.data.source = "tfds:pydoc_paragraphs"
   c.data.text_feature = "text"
   c.data.tokenizer = "sentencepiece:bpe:1000"
   c.data.seq_len = 64
@@ -69,9 +69,20 @@ def text_config(data_dir, *overrides):
   c.data.batch_size = 8
   c.data.eval_batch_size = 16
   c.train.steps = 2
+  c.train.log_every = 2
+  c.train.eval_every = 0
+  c.train.checkpoint_every = 2
   c.train.progress = False
   c.train.compilation_cache = ""
-  return config_lib.finalize(c, overrides)
+  return c
+"""
+
+
+def text_config(data_dir, *overrides):
+  namespace = {}
+  exec(EXPERIMENT, namespace)
+  return config_lib.finalize(namespace["get_config"](), [f"data.data_dir={data_dir}",
+                                                         *overrides])
 
 
 # -- packing against a hand reference ---------------------------------------------------------
@@ -202,41 +213,22 @@ def test_bad_text_settings_fail_in_one_line(text_dir, tmp_path, override, messag
 
 # -- through the CLI, resumption included ------------------------------------------------------
 
-EXPERIMENT = """
-from deepflow.config import base_config
-
-def get_config():
-  c = base_config()
-  c.task.name = "language_model"
-  c.model = dict(name="transformer_lm", d_model=16, num_heads=2, num_layers=1, mlp_dim=32,
-                 max_len=64)
-  c.data.source = "tfds:pydoc_paragraphs"
-  c.data.text_feature = "text"
-  c.data.tokenizer = "sentencepiece:unigram:600"
-  c.data.seq_len = 64
-  c.data.transforms = []
-  c.data.batch_size = 8
-  c.data.eval_batch_size = 32
-  c.train.log_every = 2
-  c.train.eval_every = 0
-  c.train.checkpoint_every = 2
-  c.train.progress = False
-  c.train.compilation_cache = ""
-  return c
-"""
-
 
 def test_train_resume_and_sample_through_the_cli(text_dir, tmp_path):
-  """Two CLI runs of 2 steps (the second resumes) log what one uninterrupted run of 4 logs;
-  `deepflow sample` then reads the run's own tokenizer back."""
+  """2 steps, then `deepflow train` resuming to 4 in a fresh process (tokenizer and document
+  lengths read back from the workdir), log what one uninterrupted run of 4 logs; sampling
+  then tokenizes its prompt with the run's own tokenizer."""
   path = write_experiment(tmp_path / "text.py", EXPERIMENT)
-  common = ["--config", path, f"--config.data.data_dir={text_dir}"]
+  # One compilation cache for the three runs: the steps compile once.
+  settings = ["data.tokenizer=sentencepiece:unigram:600",
+              f"train.compilation_cache={tmp_path / 'cache'}"]
   whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
-  deepflow.train_and_evaluate(deepflow.load_config(path, [f"data.data_dir={text_dir}",
-                                                          "train.steps=4"]), whole)
-  for steps in (2, 4):
-    out = deepflow_cli("train", *common, "--workdir", parts, f"--config.train.steps={steps}")
-    assert out.returncode == 0, out.stderr
+  deepflow.train_and_evaluate(text_config(text_dir, *settings, "train.steps=4"), whole)
+  deepflow.train_and_evaluate(text_config(text_dir, *settings, "train.steps=2"), parts)
+  out = deepflow_cli("train", "--config", path, "--workdir", parts,
+                     *[f"--config.{s}" for s in settings],
+                     f"--config.data.data_dir={text_dir}", "--config.train.steps=4")
+  assert out.returncode == 0, out.stderr
 
   def train_losses(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -244,7 +236,7 @@ def test_train_resume_and_sample_through_the_cli(text_dir, tmp_path):
     return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
   assert train_losses(parts) == train_losses(whole)  # resumed on the same batches
   assert os.path.exists(os.path.join(parts, tokenizers.TOKENIZER_FILE))
-  sampled = deepflow_cli("sample", "--workdir", parts, "--num", "1", "--prompt", "The ",
-                         "--num_tokens", "5")
-  assert sampled.returncode == 0, sampled.stderr
-  assert "\nThe " in sampled.stdout
+  samples, _, _ = sample.sample_run(parts, 1, prompt="The ", num_tokens=5)
+  assert samples["text"][0].startswith("The ") and samples["tokens"].shape[1] >= 6
+  with pytest.raises(ConfigError, match="reads text through data.tokenizer"):
+    export.export(parts, str(tmp_path / "artifact"))
