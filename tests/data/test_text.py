@@ -118,10 +118,12 @@ def test_training_rows_cover_each_epoch_once_in_a_seeded_order():
   assert stream.spans(6) != stream.spans(0)    # a new order in the next epoch
 
 
-def test_packed_document_equals_the_document_alone():
-  """The LM's output on document 2 packed after document 1 equals its output run alone."""
-  model = transformer.TransformerLM(50, vocab_size=50, d_model=16, num_heads=2, num_layers=1,
-                                    mlp_dim=32, max_len=16)
+@pytest.mark.parametrize("scan", [False, True])
+def test_packed_document_equals_the_document_alone(scan):
+  """The LM's output on document 2 packed after document 1 equals its output run alone
+  (segments reach every block, scanned or not)."""
+  model = transformer.TransformerLM(50, vocab_size=50, d_model=16, num_heads=2, num_layers=2,
+                                    mlp_dim=32, max_len=16, scan_layers=scan)
   first, second = [5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15]
   packed = jnp.array([first + second + [0] * 5])
   segments = jnp.array([[1] * 5 + [2] * 6 + [0] * 5])
