@@ -184,9 +184,14 @@ def remat_table(config, devices, compiler_options=None) -> list[dict[str, Any]]:
     variant = copy.deepcopy(config)
     variant.model.remat_policy = policy
     exp = Experiment(variant, None, devices=devices)
-    cost = compile_cost(exp.train_step, _abstract_args(exp),
-                        exp.pipeline.abstract_batch(config.data.batch_size, train=True),
-                        compiler_options=compiler_options)
+    try:
+      cost = compile_cost(exp.train_step, _abstract_args(exp),
+                          exp.pipeline.abstract_batch(config.data.batch_size, train=True),
+                          compiler_options=compiler_options)
+    except jax.errors.JaxRuntimeError as e:  # e.g. the TPU compiler refusing a program far
+      rows.append({"policy": policy, "temporaries": None, "peak": None,  # larger than HBM
+                   "error": str(e).splitlines()[0]})
+      continue
     rows.append({"policy": policy, "temporaries": cost.temporaries, "peak": cost.peak})
   return rows
 
@@ -196,9 +201,13 @@ def format_remat(rows: list[dict[str, Any]], current: str | None) -> list[str]:
   it saves against 'none'."""
   base = next(r for r in rows if r["policy"] == "none")["peak"]
   lines = ["train step per remat policy (model.remat_policy)   temporaries          peak"]
-  lines += [f"  {r['policy'] + (' (this config)' if r['policy'] == current else ''):<48}"
-            f"{_gib(r['temporaries']):>13}{_gib(r['peak']):>14}  saves {_gib(base - r['peak'])}"
-            for r in rows]
+  for r in rows:
+    name = f"  {r['policy'] + (' (this config)' if r['policy'] == current else ''):<48}"
+    if r["peak"] is None:
+      lines.append(f"{name}does not compile: {r['error']}")
+    else:
+      saves = "" if base is None else f"  saves {_gib(base - r['peak'])}"
+      lines.append(f"{name}{_gib(r['temporaries']):>13}{_gib(r['peak']):>14}{saves}")
   return lines
 
 
