@@ -23,6 +23,10 @@ a 2-core CPU machine with libtpu 0.0.42, jax 0.10.2): 86,567,656 parameters; dat
 free. XLA counts 1.36e13 FLOPs per chip per step (6 x parameters x tokens would be 1.31e13) and
 1.6e11 bytes accessed: a roofline step of 195 ms, memory-bound by that byte count (compute alone
 69 ms), an MFU bound of 35%; an epoch (1251 steps) at that bound is about 4 minutes.
+``plan --remat_policies`` (train step, per chip): no rematerialization ('none') does not compile
+(the TPU compiler refuses a program far beyond 16 GiB); 'dots_saveable' 9.69 GiB temporaries,
+10.68 GiB peak; 'full' and 'nothing_saveable' 1.98 GiB temporaries, 2.97 GiB peak, which would
+leave room for a larger batch at the cost of recomputing each block's forward pass.
 """
 from deepflow.config import base_config
 
