@@ -12,11 +12,13 @@ run (one JAX CPU device, XLA's default optimizations):
     python benchmarks/plan_and_compile.py [compile] [cache] [measure]   # default: all three
 
 Compile times, measured in one run, interleaved (x86_64, 2 CPU cores shared with other jobs,
-jax 0.10.2; the load average when each finished in brackets): scanned depth 4 14.05 s (5.0),
-scanned depth 32 10.08 s (5.0), unscanned depth 4 10.27 s (5.0), unscanned depth 32 stopped
-after 600 s without finishing (12.8), scanned depth 4 again 33.77 s (12.2), scanned depth 32
-again 42.06 s (13.7): scanned depth 32 / depth 4 = 0.72 and 1.25 in the two rounds (target
-<= 1.5). Earlier, separate runs (load 5-7): digits_cnn time to first step cold cache 51.0 s,
+jax 0.10.2, XLA's default optimizations; the load average when each finished in brackets):
+scanned depth 4 8.88 s (1.9), scanned depth 32 7.91 s (2.1), unscanned depth 4 10.04 s (2.1),
+unscanned depth 32 229.09 s (5.9), scanned depth 4 again 7.33 s (5.5), scanned depth 32 again
+6.99 s (5.2): scanned depth 32 / depth 4 = 0.95 (best of each; target <= 1.5), unscanned 22.8.
+A run under a load of 12-14 gave scanned 0.72 and 1.25 in its two rounds, and its unscanned
+depth-32 compile did not finish within the 600 s cap.
+Earlier, separate runs (load 5-7): digits_cnn time to first step cold cache 51.0 s,
 warm 11.9 s (23%); text_transformer not measured. plan --measure: predicted 398.2 MiB,
 measured 425.9 MiB (+7.0%).
 """
