@@ -9,13 +9,18 @@ run (one JAX CPU device, XLA's default optimizations):
 3. ``deepflow plan --measure 5`` on the CPU: the predicted peak memory of the train step against
    what 5 real steps add to the process's resident memory, for an MLP with 100 MB of state.
 
-    python benchmarks/plan_and_compile.py
+    python benchmarks/plan_and_compile.py [compile] [cache] [measure]   # default: all three
 
-Measured (x86_64, 2 CPU cores shared with other jobs, load average 5-7, jax 0.10.2; the parts
-run separately, so their loads differ): compile, depth 4 unscanned 38.8 s, depth 4 scanned
-65.0 s, depth 32 scanned 34.9 s; depth 32 unscanned did not finish within 20 minutes at that
-load. digits_cnn time to first step: cold cache 51.0 s, warm 11.9 s (23%); text_transformer not
-measured. plan --measure: predicted 398.2 MiB, measured 425.9 MiB (+7.0%).
+Compile times, measured in one run, interleaved (x86_64, 2 CPU cores shared with other jobs,
+jax 0.10.2, XLA's default optimizations; the load average when each finished in brackets):
+scanned depth 4 8.88 s (1.9), scanned depth 32 7.91 s (2.1), unscanned depth 4 10.04 s (2.1),
+unscanned depth 32 229.09 s (5.9), scanned depth 4 again 7.33 s (5.5), scanned depth 32 again
+6.99 s (5.2): scanned depth 32 / depth 4 = 0.95 (best of each; target <= 1.5), unscanned 22.8.
+A run under a load of 12-14 gave scanned 0.72 and 1.25 in its two rounds, and its unscanned
+depth-32 compile did not finish within the 600 s cap.
+Earlier, separate runs (load 5-7): digits_cnn time to first step cold cache 51.0 s,
+warm 11.9 s (23%); text_transformer not measured. plan --measure: predicted 398.2 MiB,
+measured 425.9 MiB (+7.0%).
 """
 from __future__ import annotations
 
@@ -30,9 +35,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
        "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 ENV.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
+# An unscanned depth-32 compile is stopped after this long and reported as such.
+UNSCANNED_CAP = 600.0
 
 
-def compile_seconds(depth: int, scan: bool) -> float:
+def compile_seconds(depth: int, scan: bool, timeout: float | None = None) -> float | None:
+  """Seconds to lower and compile the train step in a fresh process; None past ``timeout``."""
   code = f"""
 import time, jax, deepflow
 from deepflow.plan import compile_cost
@@ -46,9 +54,34 @@ start = time.perf_counter()
 compile_cost(exp.train_step, args, exp.pipeline.abstract_batch(config.data.batch_size, train=True))
 print(time.perf_counter() - start)
 """
-  out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True,
-                       check=True)
+  try:
+    out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True,
+                         check=True, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return None
   return float(out.stdout.split()[-1])
+
+
+def compare_compile_times(unscanned_cap: float) -> None:
+  """Depth 4 vs 32, scanned and unscanned, interleaved so that the machine's load falls on both
+  sides alike; the scanned pair is measured twice (before and after the unscanned one). An
+  unscanned depth-32 compile longer than ``unscanned_cap`` seconds is stopped and reported."""
+  times: dict[tuple[int, bool], list[float]] = {}
+  for depth, scan in ((4, True), (32, True), (4, False), (32, False), (4, True), (32, True)):
+    seconds = compile_seconds(depth, scan, timeout=unscanned_cap if not scan else None)
+    load = os.getloadavg()[0]
+    name = f"depth {depth:2d} {'scanned' if scan else 'unscanned'}"
+    if seconds is None:
+      print(f"compile transformer_lm {name}: did not finish in {unscanned_cap:.0f} s "
+            f"(load {load:.1f})", flush=True)
+      continue
+    times.setdefault((depth, scan), []).append(seconds)
+    print(f"compile transformer_lm {name}: {seconds:.2f} s (load {load:.1f})", flush=True)
+  for scan in (True, False):
+    four, deep = times.get((4, scan)), times.get((32, scan))
+    if four and deep:
+      print(f"{'scanned' if scan else 'unscanned'}: depth 32 / depth 4 = "
+            f"{min(deep) / min(four):.2f} (best of each)")
 
 
 def first_step_seconds(experiment: str, cache: str, workdir: str) -> float:
@@ -75,30 +108,40 @@ def get_config():
 """
 
 
+def compare_cache(tmp: str) -> None:
+  for experiment in ("digits_cnn.py", "text_transformer.py"):
+    cache = os.path.join(tmp, f"cache-{experiment}")
+    cold = first_step_seconds(experiment, cache, os.path.join(tmp, f"cold-{experiment}"))
+    warm = first_step_seconds(experiment, cache, os.path.join(tmp, f"warm-{experiment}"))
+    print(f"time to first step {experiment}: cold cache {cold:.1f} s, warm {warm:.1f} s "
+          f"({warm / cold:.0%})", flush=True)
+
+
+def compare_measured(tmp: str) -> None:
+  path = os.path.join(tmp, "mlp.py")
+  with open(path, "w") as f:
+    f.write(MLP)
+  out = subprocess.run([sys.executable, "-m", "deepflow", "plan", "--config", path,
+                        "--measure", "5", "--json"], env=ENV, capture_output=True, text=True,
+                       check=True)
+  plan = json.loads(out.stdout)
+  predicted, measured = plan["train_step"]["peak"], plan["measured"]["peak_bytes"]
+  print(f"plan --measure 5 (MLP 64-4096-4096-10, batch 256): predicted peak "
+        f"{predicted / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB "
+        f"({measured / predicted - 1:+.1%})")
+
+
 def main() -> None:
+  """``python benchmarks/plan_and_compile.py [compile] [cache] [measure]`` (default: all)."""
+  parts = sys.argv[1:] or ["compile", "cache", "measure"]
   print(f"load average before: {os.getloadavg()}")
-  for depth in (4, 32):
-    for scan in (False, True):
-      print(f"compile transformer_lm depth {depth:2d} {'scanned' if scan else 'unscanned'}: "
-            f"{compile_seconds(depth, scan):.2f} s", flush=True)
+  if "compile" in parts:
+    compare_compile_times(unscanned_cap=UNSCANNED_CAP)
   with tempfile.TemporaryDirectory() as tmp:
-    for experiment in ("digits_cnn.py", "text_transformer.py"):
-      cache = os.path.join(tmp, f"cache-{experiment}")
-      cold = first_step_seconds(experiment, cache, os.path.join(tmp, f"cold-{experiment}"))
-      warm = first_step_seconds(experiment, cache, os.path.join(tmp, f"warm-{experiment}"))
-      print(f"time to first step {experiment}: cold cache {cold:.1f} s, warm {warm:.1f} s "
-            f"({warm / cold:.0%})", flush=True)
-    path = os.path.join(tmp, "mlp.py")
-    with open(path, "w") as f:
-      f.write(MLP)
-    out = subprocess.run([sys.executable, "-m", "deepflow", "plan", "--config", path,
-                          "--measure", "5", "--json"], env=ENV, capture_output=True, text=True,
-                         check=True)
-    plan = json.loads(out.stdout)
-    predicted, measured = plan["train_step"]["peak"], plan["measured"]["peak_bytes"]
-    print(f"plan --measure 5 (MLP 64-4096-4096-10, batch 256): predicted peak "
-          f"{predicted / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB "
-          f"({measured / predicted - 1:+.1%})")
+    if "cache" in parts:
+      compare_cache(tmp)
+    if "measure" in parts:
+      compare_measured(tmp)
   print(f"load average after: {os.getloadavg()}")
 
 

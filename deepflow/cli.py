@@ -287,9 +287,12 @@ flags.DEFINE_integer("measure", 0, "plan: also run this many real train steps on
                      "devices and report their measured peak memory.")
 flags.DEFINE_bool("search_batch", True, "plan: find the largest global batch that fits by "
                   "compiling (a few more compiles).")
+flags.DEFINE_bool("remat_policies", False, "plan: also compile the train step under each remat "
+                  "policy (none, full, dots_saveable, nothing_saveable) and show the memory "
+                  "each saves.")
 
 
-@command("config", "topology", "json", "measure", "search_batch",
+@command("config", "topology", "json", "measure", "search_batch", "remat_policies",
          example="deepflow plan --config experiments/gpt2_small.py --topology v5e:2x4")
 def _plan(overrides: list[str]) -> None:
   """Plan a run: memory per device, FLOPs, step time and sharding on a TPU slice or here.
@@ -304,7 +307,8 @@ def _plan(overrides: list[str]) -> None:
     _fail("--measure runs steps on the local devices; it cannot be combined with --topology", 2)
   devices = plan_lib.target_devices(FLAGS.topology)
   config = deepflow.load_config(_require("config"), overrides, num_devices=len(devices))
-  plan = plan_lib.make_plan(config, FLAGS.topology, search_batch=FLAGS.search_batch)
+  plan = plan_lib.make_plan(config, FLAGS.topology, search_batch=FLAGS.search_batch,
+                            remat_policies=FLAGS.remat_policies)
   if FLAGS.measure:
     plan["measured"] = {"steps": FLAGS.measure, **plan_lib.measure(config, FLAGS.measure)}
   print(json.dumps(plan, indent=1) if FLAGS.json else plan_lib.format_plan(plan))

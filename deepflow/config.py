@@ -53,6 +53,13 @@ def base_config() -> ConfigDict:
       "transforms": [{"name": "standardize"}],  # preprocessing and augmentation, in order
       "cache": True,                # hold a split in host memory after the first read
       "num_threads": 2,             # Grain reader threads (prefetching into the train step)
+      "tokenizer": "",              # '' = the dataset's examples as stored (bundled:text: character
+                                    # ids); else a TFDS text dataset, tokenized and packed (see
+                                    # deepflow.data.text): 'byte', 'sentencepiece:PATH' or
+                                    # 'sentencepiece:{bpe,unigram}:VOCAB_SIZE' (trained on train)
+      "text_feature": "",           # with a tokenizer: the feature holding the text ('' = the only
+                                    # Text feature)
+      "seq_len": 256,               # with a tokenizer: tokens per packed row (<= model.max_len)
   })
   c.optimizer = ConfigDict({
       "name": "adam",               # see the optimizer registry
@@ -334,6 +341,8 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
     raise ConfigError(f"data.batch_size={config.data.batch_size} is not divisible by "
                       f"train.microbatches={config.train.microbatches}")
 
+  if config.data.tokenizer:
+    _validate_text(config)
   if config.privacy.enabled:
     from deepflow import privacy  # dp-accounting loads only for private runs
     privacy.validate_config(config)
@@ -345,6 +354,22 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
     if per_step % data_size:
       raise ConfigError(f"{key}={_get(config, key)} (per micro-batch {per_step}) is not divisible "
                         f"by the {data_size} devices on the mesh's data axis")
+
+
+def _validate_text(config: ConfigDict) -> None:
+  """A tokenized, packed text dataset (``data.tokenizer``): what it needs from the rest."""
+  from deepflow.data import tokenizers
+  tokenizers.parse(config.data.tokenizer)
+  if not config.data.source.startswith("tfds:"):
+    raise ConfigError(f"data.tokenizer={config.data.tokenizer!r} reads a TFDS text dataset "
+                      f"(data.source='tfds:NAME'), got {config.data.source!r}")
+  if config.task.name != "language_model":
+    raise ConfigError(f"data.tokenizer gives packed token rows for task 'language_model', not "
+                      f"{config.task.name!r}")
+  _positive_int(config, "data.seq_len")
+  if config.privacy.enabled:  # a packed row mixes documents: no per-example unit to clip
+    raise ConfigError("privacy.enabled is not supported with data.tokenizer: a packed row "
+                      "mixes several documents, so DP-SGD's unit of privacy would be wrong")
 
 
 def _entry_name(entry: Any, where: str) -> str:

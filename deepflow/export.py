@@ -93,6 +93,9 @@ def export(workdir: str, out: str, *, overrides: Iterable[str] = (),
   """Writes the inference artifact of a checkpoint of a run ('best', the default: the run's
   result; 'latest'; or a step: ``Experiment.from_workdir``) to ``out``; returns its signature."""
   exp, state, step, which = Experiment.from_workdir(workdir, overrides, checkpoint=checkpoint)
+  if exp.config.data.tokenizer:  # its inputs are text, tokenized and packed on the host
+    raise ConfigError("deepflow export takes a run on stored examples; this one reads text "
+                      "through data.tokenizer, which an exported model cannot take")
   fn, weights = inference_function(exp, state.params, state.model_state)
   example = raw_example(exp)
   if example.dtype.kind not in "biuf":

@@ -168,9 +168,53 @@ def _unrolled(config):
   return config
 
 
-def make_plan(config, topology: str | None = None, *, search_batch: bool = True
-              ) -> dict[str, Any]:
-  """Compiles the config's train and eval steps for the target devices; returns the plan."""
+# The policies ``plan --remat_policies`` compares: nothing recomputed, everything recomputed,
+# and the two jax.checkpoint_policies in between that models at scale use most.
+REMAT_COMPARED = ("none", "full", "dots_saveable", "nothing_saveable")
+
+
+def remat_table(config, devices, compiler_options=None) -> list[dict[str, Any]]:
+  """The train step compiled once per remat policy (``model.remat_policy``): per-device
+  temporaries (activations kept for the backward pass and scratch) and peak bytes of each."""
+  from deepflow.train.experiment import Experiment
+  if "remat_policy" not in config.model:
+    raise ConfigError(f"model {config.model.name!r} has no remat_policy to compare")
+  rows = []
+  for policy in REMAT_COMPARED:
+    variant = copy.deepcopy(config)
+    variant.model.remat_policy = policy
+    exp = Experiment(variant, None, devices=devices)
+    try:
+      cost = compile_cost(exp.train_step, _abstract_args(exp),
+                          exp.pipeline.abstract_batch(config.data.batch_size, train=True),
+                          compiler_options=compiler_options)
+    except jax.errors.JaxRuntimeError as e:  # e.g. the TPU compiler refusing a program far
+      rows.append({"policy": policy, "temporaries": None, "peak": None,  # larger than HBM
+                   "error": str(e).splitlines()[0]})
+      continue
+    rows.append({"policy": policy, "temporaries": cost.temporaries, "peak": cost.peak})
+  return rows
+
+
+def format_remat(rows: list[dict[str, Any]], current: str | None) -> list[str]:
+  """``remat_table``'s rows as lines: each policy's temporaries and peak per device, and what
+  it saves against 'none'."""
+  base = next(r for r in rows if r["policy"] == "none")["peak"]
+  lines = ["train step per remat policy (model.remat_policy)   temporaries          peak"]
+  for r in rows:
+    name = f"  {r['policy'] + (' (this config)' if r['policy'] == current else ''):<48}"
+    if r["peak"] is None:
+      lines.append(f"{name}does not compile: {r['error']}")
+    else:
+      saves = "" if base is None else f"  saves {_gib(base - r['peak'])}"
+      lines.append(f"{name}{_gib(r['temporaries']):>13}{_gib(r['peak']):>14}{saves}")
+  return lines
+
+
+def make_plan(config, topology: str | None = None, *, search_batch: bool = True,
+              remat_policies: bool = False) -> dict[str, Any]:
+  """Compiles the config's train and eval steps for the target devices; returns the plan
+  (with ``remat_policies``, also the train step's memory under each ``REMAT_COMPARED``)."""
   from deepflow.train.experiment import Experiment
   devices = target_devices(topology)
   exp = Experiment(config, None, devices=devices)
@@ -202,6 +246,7 @@ def make_plan(config, topology: str | None = None, *, search_batch: bool = True
       "config": {"model": config.model.name, "task": config.task.name,
                  "batch_size": config.data.batch_size, "strategy": config.parallel.strategy,
                  "compute_dtype": config.train.compute_dtype},
+      "remat_policy": config.model.get("remat_policy"),
       "devices": {"count": len(devices), "kind": devices[0].device_kind,
                   "platform": devices[0].platform, "topology": topology, "mesh": mesh_axes,
                   "hbm_bytes": hbm, "peak_flops": chip.peak_flops if chip else None,
@@ -230,6 +275,8 @@ def make_plan(config, topology: str | None = None, *, search_batch: bool = True
     largest = largest_fitting(lambda b: train_cost(b).peak <= hbm, unit, limit)
     plan["largest_batch"] = largest
     plan["largest_batch_is_limit"] = largest == limit
+  if remat_policies:
+    plan["remat"] = remat_table(config, devices, options)
   return plan
 
 
@@ -328,6 +375,8 @@ def format_plan(plan: dict[str, Any]) -> str:
     at_least = "at least " if plan["largest_batch_is_limit"] else ""
     lines.append(f"largest global batch that fits (by compiling): {at_least}"
                  f"{plan['largest_batch']}")
+  if "remat" in plan:
+    lines += ["", *format_remat(plan["remat"], plan.get("remat_policy"))]
   if "measured" in plan:
     m = plan["measured"]
     ratio = m["peak_bytes"] / train["peak"] - 1

@@ -19,3 +19,16 @@ def test_gpt2_small_file_validates_and_trains_at_a_tiny_size(data_dir, tmp_path)
       "train.checkpoint_every=0", "train.progress=False", "train.compilation_cache=''"])
   metrics = deepflow.train_and_evaluate(config, str(tmp_path))
   assert np.isfinite(metrics["perplexity"])
+
+
+def test_imagenet_vit_b16_file_validates_and_trains_at_a_tiny_size(tmp_path):
+  path = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "imagenet_vit_b16.py")
+  full = deepflow.load_config(path, num_devices=8)
+  assert (full.model.patch_size, full.model.d_model, full.model.num_layers) == (16, 768, 12)
+  config = deepflow.load_config(path, [
+      "model.d_model=16", "model.num_heads=2", "model.num_layers=1", "model.mlp_dim=32",
+      "data.batch_size=8", "data.eval_batch_size=128", "train.steps=2", "train.eval_every=0",
+      "train.checkpoint_every=0", "train.progress=False", "train.compilation_cache=''",
+      "train.compute_dtype=float32"])  # bfloat16 convolutions are emulated, slowly, on a CPU
+  metrics = deepflow.train_and_evaluate(config, str(tmp_path))
+  assert np.isfinite(metrics["loss"]) and 0.0 <= metrics["accuracy"] <= 1.0

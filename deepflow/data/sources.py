@@ -171,6 +171,13 @@ def _not_prepared(rest: str, data_dir: str) -> str:
           f"--data_dir {data_dir} --file_format=array_record`, then set data.data_dir")
 
 
+def open_tfds_splits(rest: str, data_dir: str) -> tuple[Any, Mapping[str, Sequence]]:
+  """A prepared TFDS builder and its splits (each opened on first use), for readers of
+  features other than the supervised keys (text corpora, ``deepflow.data.text``)."""
+  builder = _tfds_builder(rest, data_dir)
+  return builder, _TfdsSplits(builder, f"tfds:{rest}")
+
+
 def _from_builder(builder, spec: str) -> Dataset:
   import tensorflow_datasets as tfds
   info = builder.info
@@ -237,6 +244,26 @@ def synthetic_images(seed: int = 0, train_size: int = 2048, test_size: int = 512
     return ArraySource({"image": images.astype(np.float32), "label": labels.astype(np.int64)})
   return Dataset("synthetic:digits_like", {"train": split(train_size), "test": split(test_size)},
                  "image", "label", num_classes)
+
+
+@_synthetic("imagenet_like")
+def synthetic_imagenet(seed: int = 0, train_size: int = 1024, test_size: int = 256,
+                       size: int = 224, num_classes: int = 1000) -> Dataset:
+  """ImageNet-shaped uint8 images (224x224x3, 1000 classes): each class a random 14x14 colour
+  pattern scaled up, the same for all its images. Not a benchmark: it gives an ImageNet
+  experiment its shapes (``deepflow plan``) and a smoke test where ImageNet is not prepared,
+  in 193 MB of memory."""
+  rng = np.random.default_rng(seed)
+  cell = max(size // 14, 1)
+  patterns = rng.integers(0, 256, (num_classes, -(-size // cell), -(-size // cell), 3), np.uint8)
+
+  def split(n):
+    labels = rng.integers(0, num_classes, n)
+    images = patterns[labels].repeat(cell, axis=1).repeat(cell, axis=2)[:, :size, :size]
+    return ArraySource({"image": images, "label": labels.astype(np.int64)})
+  return Dataset("synthetic:imagenet_like", {"train": split(train_size),
+                                             "test": split(test_size)}, "image", "label",
+                 num_classes)
 
 
 @_synthetic("regression")

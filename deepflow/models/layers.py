@@ -58,15 +58,21 @@ class PositionalEmbedding(nn.Module):
   max_len: int = 512
 
   @nn.compact
-  def __call__(self, x: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
+  def __call__(self, x: jax.Array, offset: jax.Array | int = 0,
+               positions: jax.Array | None = None) -> jax.Array:
+    """``positions`` (B, T), optional: each token's own position (packed documents restart
+    at 0), instead of ``offset + 0, 1, ...``."""
     length, dim = x.shape[-2], x.shape[-1]
     if length > self.max_len:
       raise ConfigError(f"sequence length {length} exceeds max_len {self.max_len}")
     if self.kind == "learned":
       table = self.param("embedding", nn.initializers.normal(0.02), (self.max_len, dim))
-      return x + lax.dynamic_slice_in_dim(table, offset, length, axis=0).astype(x.dtype)
+      rows = (lax.dynamic_slice_in_dim(table, offset, length, axis=0) if positions is None
+              else jnp.take(table, positions, axis=0))
+      return x + rows.astype(x.dtype)
     if self.kind == "sinusoidal":
-      return x + sinusoidal_positions(offset + jnp.arange(length), dim).astype(x.dtype)
+      where = offset + jnp.arange(length) if positions is None else positions
+      return x + sinusoidal_positions(where, dim).astype(x.dtype)
     raise ConfigError(f"unknown positions {self.kind!r}; known: learned, sinusoidal")
 
 
@@ -96,8 +102,9 @@ class SelfAttention(nn.Module):
   cache_len: int = 0
 
   @nn.compact
-  def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
-    """``key_mask`` (B, T), optional: which positions hold real tokens (padding is ignored)."""
+  def __call__(self, x: jax.Array, segments: jax.Array | None = None) -> jax.Array:
+    """``segments`` (B, T) int, optional: a token attends only to tokens of its own segment
+    (packed documents 1, 2, ...; padding is 0, so a real token never attends to padding)."""
     batch, length, dim = x.shape
     if dim % self.num_heads:
       raise ConfigError(f"d_model {dim} is not divisible by num_heads {self.num_heads}")
@@ -122,9 +129,9 @@ class SelfAttention(nn.Module):
         q_pos, k_pos = start + jnp.arange(length), jnp.arange(self.cache_len)
     # Unwritten cache slots lie after every query, so the causal mask hides them too.
     mask = (k_pos[None, :] <= q_pos[:, None])[None, None] if causal else None
-    if key_mask is not None:  # (B, keys): False for padding tokens
-      padding = key_mask.astype(bool)[:, None, None, :]
-      mask = padding if mask is None else mask & padding
+    if segments is not None:  # (B, 1, queries, keys): same segment only
+      same = (segments[:, :, None] == segments[:, None, :])[:, None]
+      mask = same if mask is None else mask & same
     # XLA's fused attention everywhere, cuDNN's flash attention on a GPU when it applies.
     out = jax.nn.dot_product_attention(q, k, v, mask=mask)
     return nn.DenseGeneral(dim, axis=(-2, -1), name="out")(out)
@@ -133,7 +140,8 @@ class SelfAttention(nn.Module):
 class TransformerBlock(nn.Module):
   """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x)), dropout on both branches.
 
-  ``train`` is positional so the block can be wrapped in ``nn.remat(..., static_argnums=(2,))``."""
+  ``train`` is positional so the block can be wrapped in ``nn.remat(..., static_argnums=(2,))``;
+  ``segments`` (optional) restrict attention to each token's own segment (``SelfAttention``)."""
   num_heads: int
   mlp_dim: int
   dropout: float = 0.0
@@ -143,9 +151,11 @@ class TransformerBlock(nn.Module):
   cache_len: int = 0
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False,
+               segments: jax.Array | None = None) -> jax.Array:
     drop = nn.Dropout(self.dropout, deterministic=not train)
-    y = SelfAttention(self.num_heads, self.causal, self.decode, self.cache_len)(nn.LayerNorm()(x))
+    y = SelfAttention(self.num_heads, self.causal, self.decode, self.cache_len)(
+        nn.LayerNorm()(x), segments)
     x = x + drop(y)
     y = MlpBlock(self.mlp_dim, self.activation, self.dropout)(nn.LayerNorm()(x), train)
     return x + drop(y)
@@ -168,30 +178,32 @@ def transformer_block(remat_policy: str = "none") -> type[TransformerBlock]:
 
 
 class _ScannedBlock(nn.Module):
-  """One block as a ``nn.scan`` body: (carry) -> (carry, no output)."""
+  """One block as a ``nn.scan`` body: (carry, segments) -> (carry, no output)."""
   block: dict
   remat_policy: str
   train: bool
 
   @nn.compact
-  def __call__(self, x: jax.Array, _) -> tuple[jax.Array, None]:
-    return transformer_block(self.remat_policy)(**self.block, name="block")(x, self.train), None
+  def __call__(self, x: jax.Array, segments: jax.Array | None) -> tuple[jax.Array, None]:
+    block = transformer_block(self.remat_policy)(**self.block, name="block")
+    return block(x, self.train, segments), None
 
 
 def block_stack(x: jax.Array, train: bool, *, num_layers: int, scan: bool, remat_policy: str,
-                **block) -> jax.Array:
+                segments: jax.Array | None = None, **block) -> jax.Array:
   """``num_layers`` transformer blocks (fields ``block``) applied in turn; call inside a compact
   method. With ``scan`` one block is traced and ``nn.scan`` repeats it over parameters stacked
   on a leading layer axis (``blocks/block/...``): compile time stays flat with depth. Otherwise
-  each block is its own submodule ``block{i}``."""
+  each block is its own submodule ``block{i}``. ``segments``: see ``SelfAttention``."""
   if not scan:
     cls = transformer_block(remat_policy)
     for i in range(num_layers):
-      x = cls(**block, name=f"block{i}")(x, train)
+      x = cls(**block, name=f"block{i}")(x, train, segments)
     return x
   stack = nn.scan(_ScannedBlock, variable_axes={"params": 0, "cache": 0},
-                  split_rngs={"params": True, "dropout": True}, length=num_layers)
-  x, _ = stack(block, remat_policy, train, name="blocks")(x, None)
+                  split_rngs={"params": True, "dropout": True}, in_axes=nn.broadcast,
+                  length=num_layers)
+  x, _ = stack(block, remat_policy, train, name="blocks")(x, segments)
   return x
 
 

@@ -74,7 +74,11 @@ class TransformerLM(nn.Module):
   With ``decode=True`` each call appends its tokens to a key/value cache in the ``'cache'``
   collection and positions continue from the tokens already cached; initialise that cache
   with ``init`` on the decode-mode module (``decoding.sample`` does this). ``max_len`` bounds
-  both the positions and the cache."""
+  both the positions and the cache.
+
+  Packed rows (``deepflow.data.packing``) pass ``segments`` (B, T): a token attends only to
+  earlier tokens of its own segment (document; 0 is padding), and ``positions`` (B, T): its
+  position inside that segment, so each document is computed as if it were alone."""
   num_outputs: int
   vocab_size: int = 0
   d_model: int = 64
@@ -90,8 +94,11 @@ class TransformerLM(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, segments: jax.Array | None = None,
+               positions: jax.Array | None = None, *, train: bool = False) -> jax.Array:
     offset = 0
+    if self.decode and segments is not None:
+      raise ConfigError("transformer_lm decodes one sequence per row: no segments")
     if self.decode:
       ready = self.has_variable("cache", "position")
       position = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
@@ -99,10 +106,10 @@ class TransformerLM(nn.Module):
         offset = position.value
         position.value = offset + x.shape[1]
     x = embed_inputs(x, self.vocab_size, self.d_model)
-    x = PositionalEmbedding(self.positions, self.max_len, name="positions")(x, offset)
+    x = PositionalEmbedding(self.positions, self.max_len, name="positions")(x, offset, positions)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = block_stack(x, train, num_layers=self.num_layers, scan=self.scan_layers,
-                    remat_policy="none" if self.decode else self.remat_policy,
+                    remat_policy="none" if self.decode else self.remat_policy, segments=segments,
                     num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout,
                     activation=self.activation, causal=True, decode=self.decode,
                     cache_len=self.max_len)

@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from deepflow.data.packing import POSITIONS, SEGMENTS
 from deepflow.data.pipeline import INPUTS, TARGETS
 from deepflow.models import decoding, model_options
 from deepflow.registry import ConfigError, MODELS, TASKS
@@ -36,8 +37,13 @@ class LanguageModel(Task):
   next-token ``accuracy`` are exact averages over its tokens, whatever the batching.
   ``ignore_id``: a target id (padding) neither scored nor counted; None scores every position.
 
+  Packed text (``data.tokenizer``, ``deepflow.data.text``) adds ``segments`` and ``positions``
+  to each batch: the model attends within documents only, and only positions of a document
+  (segment > 0, not padding) are scored and counted.
+
   ``sample`` continues a prompt (text over ``metadata['vocab']``: a string of characters, or a
-  list of tokens joined by spaces) with the model's sampler and its key/value cache.
+  list of tokens joined by spaces; with a tokenizer, any text, after BOS) with the model's
+  sampler and its key/value cache.
 
   Not supported: ``tfds:tiny_shakespeare``, whose splits are one string each (one example, no
   supervised keys), which per-example transforms cannot cut into training chunks; the
@@ -83,34 +89,39 @@ class LanguageModel(Task):
 
   # -- training and evaluation -------------------------------------------------------------------
 
-  def logits(self, params, model_state, tokens, rng, *, train: bool):
+  def logits(self, params, model_state, batch, rng, *, train: bool):
     """(logits (B, T, vocab), model state); a sequence-to-one model is refused at trace time."""
-    logits, model_state = self.apply(params, model_state, tokens, rng, train=train)
+    packed = (batch[SEGMENTS], batch[POSITIONS]) if SEGMENTS in batch else ()
+    logits, model_state = self.apply(params, model_state, batch[INPUTS], rng, train=train,
+                                     extra=packed)
     if logits.ndim != 3:
       raise ConfigError(f"task 'language_model' needs one prediction per position (batch, time, "
                         f"vocab), but model {self.config.model.name!r} gives shape "
                         f"{logits.shape}; use transformer_lm, or rnn with per_step=True")
     return logits, model_state
 
-  def token_terms(self, logits: jax.Array, targets: jax.Array):
-    """Per token: negative log-likelihood, weight (0 at ``ignore_id``), argmax correct."""
-    targets = targets.astype(jnp.int32)
+  def token_terms(self, logits: jax.Array, batch):
+    """Per token: negative log-likelihood, weight (0 at ``ignore_id`` and at packed rows'
+    padding), argmax correct."""
+    targets = batch[TARGETS].astype(jnp.int32)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     ignore = self.options["ignore_id"]
     weights = (jnp.ones_like(nll) if ignore is None
                else (targets != ignore).astype(jnp.float32))
+    if SEGMENTS in batch:
+      weights = weights * (batch[SEGMENTS] > 0)
     correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
     return nll * weights, weights, correct * weights
 
   def loss(self, params, model_state, batch, rng):
-    logits, model_state = self.logits(params, model_state, batch[INPUTS], rng, train=True)
-    nll, weights, correct = self.token_terms(logits, batch[TARGETS])
+    logits, model_state = self.logits(params, model_state, batch, rng, train=True)
+    nll, weights, correct = self.token_terms(logits, batch)
     count = jnp.maximum(weights.sum(), 1.0)
     return nll.sum() / count, ({"accuracy": correct.sum() / count}, model_state)
 
   def eval_outputs(self, params, model_state, batch):
-    logits, _ = self.logits(params, model_state, batch[INPUTS], None, train=False)
-    nll, weights, correct = self.token_terms(logits, batch[TARGETS])
+    logits, _ = self.logits(params, model_state, batch, None, train=False)
+    nll, weights, correct = self.token_terms(logits, batch)
     return {"nll": nll.sum(-1), "tokens": weights.sum(-1), "correct": correct.sum(-1)}
 
   def summarize(self, outputs):
@@ -128,9 +139,17 @@ class LanguageModel(Task):
     vocab = self.spec.metadata.get("vocab")
     return vocab if vocab else None
 
+  @property
+  def tokenizer(self):
+    """The run's tokenizer (``data.tokenizer``), or None for a dataset stored as ids."""
+    load = self.spec.metadata.get("load_tokenizer")
+    return load() if load else None
+
   def encode(self, text: str) -> np.ndarray:
-    """Prompt text -> ids: characters of a string vocabulary, else whitespace-separated tokens
-    (ids themselves when the dataset has no vocabulary)."""
+    """Prompt text -> ids: BOS and the tokenizer's ids; else characters of a string vocabulary,
+    or whitespace-separated tokens (ids themselves when the dataset has no vocabulary)."""
+    if self.tokenizer is not None:
+      return np.asarray([self.tokenizer.bos, *self.tokenizer.encode([text])[0]], np.int32)
     vocab = self.vocab
     pieces = list(text) if isinstance(vocab, str) else text.split()
     if vocab is None:
@@ -148,6 +167,8 @@ class LanguageModel(Task):
     return np.asarray([table[p] for p in pieces], np.int32)
 
   def decode(self, ids: Sequence[int]) -> str:
+    if self.tokenizer is not None:
+      return self.tokenizer.decode(ids)
     vocab = self.vocab
     if vocab is None:
       return " ".join(str(int(i)) for i in ids)
@@ -155,8 +176,8 @@ class LanguageModel(Task):
     return "".join(tokens) if isinstance(vocab, str) else " ".join(tokens)
 
   def sample(self, params, model_state, rng, num: int, **options: Any) -> dict[str, np.ndarray]:
-    """``num`` continuations of ``prompt`` (default: the vocabulary's first token, a newline
-    for bundled:text) by ``num_tokens`` tokens (default 200, or what the model's ``max_len``
+    """``num`` continuations of ``prompt`` (default: BOS with a tokenizer, else the vocabulary's
+    first token, a newline for bundled:text) by ``num_tokens`` tokens (default 200, or what the model's ``max_len``
     leaves), at ``temperature`` (0 = greedy; default 1) among the ``top_k`` most likely (0 =
     all). Returns ``tokens`` (num, T) and their ``text`` (num,)."""
     unknown = sorted(set(options) - set(SAMPLE_OPTIONS))
@@ -166,7 +187,10 @@ class LanguageModel(Task):
     if not isinstance(num, int) or num < 1:
       raise ConfigError(f"the number of samples must be a positive integer, got {num!r}")
     prompt = options.get("prompt")
-    prompt = self.encode(prompt) if prompt is not None else np.zeros((1,), np.int32)
+    if prompt is not None or self.tokenizer is not None:  # a tokenizer's default: BOS alone
+      prompt = self.encode(prompt or "")
+    else:
+      prompt = np.zeros((1,), np.int32)
     num_tokens = options.get("num_tokens")
     if num_tokens is None:
       room = getattr(self.model, "max_len", None)

@@ -149,14 +149,15 @@ def reference_attention(q, k, v, mask):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_attention_equals_the_formula_with_causal_and_padding_masks(causal):
+def test_attention_equals_the_formula_with_causal_segment_and_padding_masks(causal):
   attention = layers.SelfAttention(num_heads=2, causal=causal)
   x = jax.random.normal(jax.random.key(1), (2, 6, 8))
-  key_mask = jnp.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], bool)
+  segments = jnp.array([[1, 1, 1, 1, 1, 1], [1, 1, 2, 2, 0, 0]])  # two documents, padding
   params = attention.init(KEY, x)["params"]
-  out = attention.apply({"params": params}, x, key_mask)
+  out = attention.apply({"params": params}, x, segments)
   qkv = jnp.einsum("btd,dshe->btshe", x, params["qkv"]["kernel"]) + params["qkv"]["bias"]
-  mask = key_mask[:, None, None, :]
+  mask = np.array([[a == b for b in row] for row in segments.tolist() for a in row]).reshape(
+      2, 1, 6, 6)
   if causal:
     mask = mask & jnp.tril(jnp.ones((6, 6), bool))[None, None]
   expected = reference_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask)

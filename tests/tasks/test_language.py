@@ -66,7 +66,7 @@ def test_ignored_targets_are_neither_scored_nor_counted(data_dir, tmp_path):
   exp = Experiment(lm_config(data_dir, "task.ignore_id=1"), str(tmp_path))
   logits = jnp.zeros((2, 3, 103)).at[:, :, 5].set(4.0)
   targets = jnp.array([[5, 1, 7], [1, 1, 5]])
-  nll, weights, correct = exp.task.token_terms(logits, targets)
+  nll, weights, correct = exp.task.token_terms(logits, {"targets": targets})
   np.testing.assert_array_equal(weights, [[1, 0, 1], [0, 0, 1]])
   np.testing.assert_array_equal(correct, [[1, 0, 0], [0, 0, 1]])
   assert float(nll[0, 1]) == 0.0 and float(nll[0, 2]) > float(nll[0, 0]) > 0.0
