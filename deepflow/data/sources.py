@@ -58,21 +58,40 @@ class ArraySource:
     return {k: v[indices] for k, v in self.arrays.items()}
 
 
+def stack(examples: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+  """Equally shaped examples as one batch."""
+  return {k: np.stack([np.asarray(e[k]) for e in examples]) for k in examples[0]}
+
+
 def take(source: Sequence, indices: np.ndarray) -> dict[str, np.ndarray]:
   """A batch of examples by index from any random-access source."""
   if isinstance(source, ArraySource):
     return source.take(indices)
-  examples = [source[int(i)] for i in indices]
-  return {k: np.stack([np.asarray(e[k]) for e in examples]) for k in examples[0]}
+  return stack([source[int(i)] for i in indices])
 
 
-def to_memory(source: Sequence, chunk: int = 4096) -> ArraySource:
+def to_memory(source: Sequence, chunk: int = 4096, progress: bool = False) -> ArraySource:
   """Reads a whole split into host memory (small and medium datasets: much faster batches)."""
   if isinstance(source, ArraySource):
     return source
-  parts = [take(source, np.arange(i, min(i + chunk, len(source))))
-           for i in range(0, len(source), chunk)]
+  import tqdm
+  starts = tqdm.tqdm(range(0, len(source), chunk), desc="caching", unit="chunk",
+                     disable=not progress, dynamic_ncols=True)
+  parts = [take(source, np.arange(i, min(i + chunk, len(source)))) for i in starts]
   return ArraySource({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+
+
+def decoded_size(source: Sequence, seed: int, sample: int = 16) -> tuple[float, bool]:
+  """(estimated bytes of the whole split decoded, whether its examples all have one shape),
+  from a seeded sample of ``sample`` examples: a split is never read whole to learn this."""
+  if isinstance(source, ArraySource):
+    return float(sum(v.nbytes for v in source.arrays.values())), True
+  n = len(source)
+  indices = np.random.default_rng([seed, 5]).choice(n, min(n, sample), replace=False)
+  examples = [source[int(i)] for i in indices]
+  nbytes = np.mean([sum(np.asarray(v).nbytes for v in e.values()) for e in examples])
+  shapes = {tuple((k, np.shape(v)) for k, v in sorted(e.items())) for e in examples}
+  return float(nbytes * n), len(shapes) == 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,6 +203,20 @@ def _from_builder(builder, spec: str) -> Dataset:
                  num_classes=num_classes, metadata=dict(info.metadata or {}))
 
 
+def _image_decoding(builder, split: str):
+  """The split's data source with its ``Image`` features read as bytes and decoded by
+  ``deepflow.data.images`` (faster than TFDS's own PIL decoding)."""
+  import tensorflow_datasets as tfds
+  from deepflow.data import images
+  features = builder.info.features
+  channels = {key: feature.shape[-1] for key, feature in features.items()
+              if isinstance(feature, tfds.features.Image)}
+  if not channels:
+    return builder.as_data_source(split=split)
+  skip = {key: tfds.decode.SkipDecoding() for key in channels}
+  return images.DecodedSource(builder.as_data_source(split=split, decoders=skip), channels)
+
+
 class _TfdsSplits(Mapping):
   """A builder's splits, each opened (``as_data_source``) on first use."""
 
@@ -193,7 +226,7 @@ class _TfdsSplits(Mapping):
   def __getitem__(self, name: str):
     if name not in self._open:
       try:
-        self._open[name] = self.builder.as_data_source(split=name)
+        self._open[name] = _image_decoding(self.builder, name)
       except (KeyError, ValueError) as e:
         raise KeyError(name) from e
       except Exception as e:  # e.g. prepared as TFRecord, which needs TensorFlow to read
