@@ -48,6 +48,7 @@ def base_config() -> ConfigDict:
       "cache_budget_gb": 4.0,       # 'auto' caches a split whose estimated decoded size fits this
       "stats_examples": 10000,      # statistics and the NaN check use a seeded sample of this many
       "num_threads": 2,             # Grain reader threads (prefetching into the train step)
+      "workers": 0,                 # worker processes reading and preprocessing train batches
   })
   c.optimizer = ConfigDict({
       "name": "adam",               # see the optimizer registry
@@ -308,6 +309,8 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
   if not config.data.cache_budget_gb >= 0:
     raise ConfigError(f"data.cache_budget_gb must be >= 0, got {config.data.cache_budget_gb}")
   _positive_int(config, "data.stats_examples")
+  if not (isinstance(config.data.workers, int) and config.data.workers >= 0):
+    raise ConfigError(f"data.workers must be an int >= 0, got {config.data.workers!r}")
   if config.train.nonfinite not in ("stop", "skip"):
     raise ConfigError(f"train.nonfinite must be 'stop' or 'skip', got {config.train.nonfinite!r}")
   if config.data.batch_size % config.train.microbatches:

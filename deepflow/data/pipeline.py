@@ -12,6 +12,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
+import threading
+import time
 from typing import Any, Iterator, Mapping
 
 import grain
@@ -25,6 +28,7 @@ from deepflow.registry import ConfigError
 
 INPUTS, TARGETS, MASK = "inputs", "targets", "mask"
 STATS_FILE = "preprocessing.npz"
+PARENT_POLL_S = 0.5  # how often a worker process checks that its parent is alive
 STATS_CHUNK = 512  # examples read at a time while fitting statistics
 log = logging.getLogger("deepflow")
 
@@ -55,6 +59,49 @@ def _jax_dtype(array: np.ndarray) -> np.ndarray:
   return array
 
 
+def _grain_flags_parsed() -> None:
+  """Grain's worker processes read its absl flags; a program that never parsed flags (a script,
+  a notebook, a test) takes their defaults."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def _exit_with_parent(worker_index: int, worker_count: int) -> None:
+  """Runs in each worker process: it exits within a second of its parent's death (a SIGKILLed
+  run, which cannot stop its workers), instead of lingering and holding the run's pipes."""
+  parent = os.getppid()
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(PARENT_POLL_S)
+    os._exit(1)
+  threading.Thread(target=watch, daemon=True, name="deepflow-parent-watch").start()
+
+
+class TrainIterator:
+  """Training batches from step ``start`` on. Its state is the next step, so a checkpoint
+  resumes with any number of workers (the batches are a function of (seed, step) alone)."""
+
+  def __init__(self, iterator: Iterator[dict[str, np.ndarray]], start: int):
+    self._iterator, self.step = iterator, start
+
+  def __iter__(self) -> "TrainIterator":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._iterator)
+    self.step += 1
+    return batch
+
+  def get_state(self) -> dict[str, int]:
+    return {"next_index": self.step}
+
+  def close(self) -> None:
+    """Stops the worker processes (if any) and frees their shared memory."""
+    self._iterator.close()
+
+
 class Pipeline:
   """Train iterator and eval batches for one config (``config.data`` + ``seed``)."""
 
@@ -67,7 +114,7 @@ class Pipeline:
     self.progress = bool(config.train.progress) and jax.process_index() == 0
     self.train_source = self._split(data.train_split)
     self.eval_sources: dict[str, Any] = {}
-    self.num_threads = data.num_threads
+    self.num_threads, self.workers = data.num_threads, data.workers
     self.process_count, self.process_index = jax.process_count(), jax.process_index()
     self.sampler = sampler_lib.train_sampler(config, len(self.train_source))
     self.batch_size = self._per_host(self.sampler.batch_size, "data.batch_size")
@@ -203,15 +250,22 @@ class Pipeline:
 
   # -- training ----------------------------------------------------------------------------------
 
-  def train_dataset(self) -> grain.IterDataset:
-    """Infinite, reshuffled every epoch; element ``s`` is the host's part of global batch ``s``."""
-    ds = grain.MapDataset.source(self.sampler)
-    ds = ds.map_with_index(lambda step, indices_and_mask: self._train_batch(step,
-                                                                            *indices_and_mask))
-    return ds.to_iter_dataset(grain.ReadOptions(num_threads=self.num_threads,
-                                                prefetch_buffer_size=max(2, 2 * self.num_threads)))
+  def train_dataset(self, start: int = 0) -> grain.IterDataset:
+    """Infinite, reshuffled every epoch; element ``s`` is the host's part of global batch
+    ``start + s``. With ``data.workers`` > 0, worker processes each compute every n-th batch
+    (Grain's ``mp_prefetch``) and the batches come back in step order."""
+    ds = grain.MapDataset.range(start, sys.maxsize).map(self._train_batch)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.num_threads,
+                                              prefetch_buffer_size=max(2, 2 * self.num_threads)))
+    if self.workers:
+      _grain_flags_parsed()
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers,
+                                                       per_worker_buffer_size=2),
+                          worker_init_fn=_exit_with_parent)
+    return ds
 
-  def _train_batch(self, step: int, indices: np.ndarray, mask: np.ndarray | None):
+  def _train_batch(self, step: int):
+    indices, mask = self.sampler[step]
     batch = self._finish(self._examples(self.train_source,
                                         self._host_slice(indices, self.batch_size),
                                         train=True, step=step),
@@ -220,12 +274,10 @@ class Pipeline:
       batch[MASK] = self._host_slice(mask, self.batch_size)
     return batch
 
-  def train_iterator(self, state: Mapping[str, Any] | None = None) -> grain.DatasetIterator:
+  def train_iterator(self, state: Mapping[str, Any] | None = None) -> "TrainIterator":
     """A train iterator, positioned by a saved ``get_state()`` when resuming."""
-    iterator = iter(self.train_dataset())
-    if state is not None:
-      iterator.set_state(dict(state))
-    return iterator
+    start = int(state["next_index"]) if state else 0
+    return TrainIterator(iter(self.train_dataset(start)), start)
 
   # -- evaluation --------------------------------------------------------------------------------
 

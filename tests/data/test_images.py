@@ -51,10 +51,11 @@ def test_statistics_read_a_bounded_sample_not_the_split(image_data_dir, monkeypa
   reads = []
   original = images.DecodedSource.__getitem__
   monkeypatch.setattr(images.DecodedSource, "__getitem__",
-                      lambda self, i: reads.append(i) or original(self, i))
+                      lambda self, i: reads.append(self) or original(self, i))
   p = Pipeline(image_config(image_data_dir, "gen_jpeg", "data.cache=False",
                             "data.stats_examples=50"))
-  assert len(reads) <= 50 + 16 + 1  # the sample, the size estimate, one example for shapes
+  ours = sum(source is p.train_source for source in reads)  # not other tests' prefetching
+  assert ours <= 50 + 16 + 1  # the sample, the size estimate, one example for shapes
   # The sample is a fair one: its per-channel mean is near the whole split's.
   full = np.stack([original(p.train_source, i)["image"] for i in range(320)]).astype(np.float32)
   np.testing.assert_allclose(p.stats[0]["mean"].ravel(), full.mean((0, 1, 2)), rtol=0.05)
@@ -131,3 +132,23 @@ def test_bad_image_transform_configs_are_one_line_errors(image_data_dir):
     images.center_crop(size=[3])
   with pytest.raises(ConfigError, match="smaller than"):
     images.center_crop(size=40).apply({}, np.zeros((20, 20, 3), np.uint8), None)
+
+
+def test_worker_processes_give_the_same_batches_and_resume_anywhere(image_data_dir):
+  """Two worker processes: the batches of a single-process run, in order; a state saved with
+  workers resumes without them (and vice versa), since it is only the next step."""
+  config = image_config(image_data_dir, "gen_png", f"data.transforms=[{CROP}]")
+  want = [b[INPUTS] for b, _ in zip(Pipeline(config).train_iterator(), range(6))]
+  workers = Pipeline(image_config(image_data_dir, "gen_png", f"data.transforms=[{CROP}]",
+                                  "data.workers=2"))
+  it = workers.train_iterator()
+  try:
+    got = [next(it)[INPUTS] for _ in range(4)]
+    state = it.get_state()
+  finally:
+    it.close()
+  assert state == {"next_index": 4}
+  resumed = Pipeline(config).train_iterator(state)
+  got += [next(resumed)[INPUTS] for _ in range(2)]
+  for x, y in zip(got, want):
+    np.testing.assert_array_equal(x, y)
