@@ -45,7 +45,7 @@ def base_config() -> ConfigDict:
       "transforms": [{"name": "standardize"}],  # preprocessing and augmentation, in order
       "cache": _any_type("auto"),   # hold splits in host memory: True, False, or 'auto' (if
                                     # the split's decoded size fits cache_budget_gb)
-      "cache_budget_gb": 4.0,       # 'auto' caches a split whose estimated decoded size fits this
+      "cache_budget_gb": 1.0,       # 'auto' caches a split whose estimated decoded size fits this
       "stats_examples": 10000,      # statistics and the NaN check use a seeded sample of this many
       "num_threads": 2,             # Grain reader threads (prefetching into the train step)
       "workers": 0,                 # worker processes reading and preprocessing train batches

@@ -53,7 +53,13 @@ class DecodedSource:
     return len(self.source)
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    example = dict(self.source[index])
+    return self._decoded(self.source[index])
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:
+    return [self._decoded(e) for e in self.source.__getitems__(indices)]
+
+  def _decoded(self, example) -> dict[str, np.ndarray]:
+    example = dict(example)
     for key, channels in self.channels.items():
       example[key] = decode(example[key], channels)
     return example

@@ -215,8 +215,8 @@ class Pipeline:
     keys = [[transforms_lib.resolve_key(k, self.dataset.input_key, self.dataset.target_key)
              for k in t.keys] for t in self.per_example]
     examples = []
-    for index in indices:
-      example = dict(source[int(index)])
+    for index, example in zip(indices, sources.read(source, indices)):
+      example = dict(example)
       rng = np.random.default_rng([self.seed, step, 3, int(index)]) if train else None
       for t, t_keys in zip(self.per_example, keys):
         for key in t_keys:

@@ -63,11 +63,19 @@ def stack(examples: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
   return {k: np.stack([np.asarray(e[k]) for e in examples]) for k in examples[0]}
 
 
+def read(source: Sequence, indices: np.ndarray) -> list[Mapping[str, Any]]:
+  """The examples at ``indices``, in one batched read where the source has one (TFDS's
+  ``__getitems__`` reads ArrayRecord records in bulk)."""
+  indices = [int(i) for i in indices]
+  getitems = getattr(source, "__getitems__", None)
+  return list(getitems(indices)) if getitems else [source[i] for i in indices]
+
+
 def take(source: Sequence, indices: np.ndarray) -> dict[str, np.ndarray]:
   """A batch of examples by index from any random-access source."""
   if isinstance(source, ArraySource):
     return source.take(indices)
-  return stack([source[int(i)] for i in indices])
+  return stack(read(source, indices))
 
 
 def to_memory(source: Sequence, chunk: int = 4096, progress: bool = False) -> ArraySource:

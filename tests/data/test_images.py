@@ -49,15 +49,16 @@ def test_small_split_is_cached_large_one_streamed_same_batches(image_data_dir, c
 
 def test_statistics_read_a_bounded_sample_not_the_split(image_data_dir, monkeypatch):
   reads = []
-  original = images.DecodedSource.__getitem__
-  monkeypatch.setattr(images.DecodedSource, "__getitem__",
-                      lambda self, i: reads.append(self) or original(self, i))
+  original = images.DecodedSource._decoded  # every decoded example passes here
+  monkeypatch.setattr(images.DecodedSource, "_decoded",
+                      lambda self, e: reads.append(self) or original(self, e))
   p = Pipeline(image_config(image_data_dir, "gen_jpeg", "data.cache=False",
                             "data.stats_examples=50"))
   ours = sum(source is p.train_source for source in reads)  # not other tests' prefetching
   assert ours <= 50 + 16 + 1  # the sample, the size estimate, one example for shapes
   # The sample is a fair one: its per-channel mean is near the whole split's.
-  full = np.stack([original(p.train_source, i)["image"] for i in range(320)]).astype(np.float32)
+  split = tfds.builder("gen_jpeg", data_dir=image_data_dir).as_data_source(split="train")
+  full = np.stack([split[i]["image"] for i in range(320)]).astype(np.float32)
   np.testing.assert_allclose(p.stats[0]["mean"].ravel(), full.mean((0, 1, 2)), rtol=0.05)
 
 
