@@ -129,6 +129,10 @@ def test_bad_image_transform_configs_are_one_line_errors(image_data_dir):
   with pytest.raises(ConfigError, match="differ in shape"):
     Pipeline(image_config(image_data_dir, "gen_png", "data.cache=True",
                           f"data.transforms=[{CROP}]"))
+  with pytest.raises(ConfigError, match="data.cache must be True, False or 'auto'"):
+    tiny_config("data.cache=sometimes")
+  with pytest.raises(ConfigError, match="data.workers must be an int >= 0"):
+    tiny_config("data.workers=-1")
   with pytest.raises(ConfigError, match="size must be"):
     images.center_crop(size=[3])
   with pytest.raises(ConfigError, match="smaller than"):
