@@ -115,6 +115,12 @@ class Pipeline:
     self.train_source = self._split(data.train_split)
     self.eval_sources: dict[str, Any] = {}
     self.num_threads, self.workers = data.num_threads, data.workers
+    if self.workers and isinstance(self.train_source, sources.ArraySource):
+      # Every worker would hold its own copy of the split (measured: 4.3 GB instead of 1.5 GB
+      # for 50,000 64x64 images and 2 workers); batches of an in-memory split are cheap slices.
+      log.info("data.workers=%d not used: the train split is held in memory (data.cache)",
+               self.workers)
+      self.workers = 0
     self.process_count, self.process_index = jax.process_count(), jax.process_index()
     self.sampler = sampler_lib.train_sampler(config, len(self.train_source))
     self.batch_size = self._per_host(self.sampler.batch_size, "data.batch_size")
@@ -252,8 +258,8 @@ class Pipeline:
 
   def train_dataset(self, start: int = 0) -> grain.IterDataset:
     """Infinite, reshuffled every epoch; element ``s`` is the host's part of global batch
-    ``start + s``. With ``data.workers`` > 0, worker processes each compute every n-th batch
-    (Grain's ``mp_prefetch``) and the batches come back in step order."""
+    ``start + s``. With ``data.workers`` > 0 and a streamed split, worker processes each compute
+    every n-th batch (Grain's ``mp_prefetch``) and the batches come back in step order."""
     ds = grain.MapDataset.range(start, sys.maxsize).map(self._train_batch)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.num_threads,
                                               prefetch_buffer_size=max(2, 2 * self.num_threads)))

@@ -157,3 +157,10 @@ def test_worker_processes_give_the_same_batches_and_resume_anywhere(image_data_d
   got += [next(resumed)[INPUTS] for _ in range(2)]
   for x, y in zip(got, want):
     np.testing.assert_array_equal(x, y)
+
+
+def test_no_workers_for_a_split_held_in_memory(image_data_dir, caplog):
+  caplog.set_level("INFO", logger="deepflow")
+  p = Pipeline(image_config(image_data_dir, "gen_jpeg", "data.workers=2"))
+  assert isinstance(p.train_source, sources.ArraySource) and p.workers == 0
+  assert "data.workers=2 not used" in caplog.text

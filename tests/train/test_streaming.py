@@ -17,6 +17,7 @@ def get_config():
   c = base_config()
   c.model = dict(name="mlp", hidden=(16,))
   c.data.source = "tfds:gen_jpeg"
+  c.data.cache = False  # streamed, as a large dataset is: workers are used only then
   c.data.batch_size = 32
   c.data.eval_batch_size = 64
   c.data.transforms = [dict(name="random_resized_crop", size=12, scale=(0.5, 1.0)),
