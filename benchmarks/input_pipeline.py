@@ -210,6 +210,7 @@ def main():
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--batches", type=int, default=40)
   parser.add_argument("--data_dir", default="")
+  parser.add_argument("--caches", default="False,'auto'", help="data.cache values to run")
   parser.add_argument("--skip", default="", help="comma-separated: throughput,memory,first")
   args = parser.parse_args()
   skip = set(args.skip.split(","))
@@ -227,7 +228,7 @@ def main():
   with tempfile.TemporaryDirectory() as tmp:
     experiment = os.path.join(tmp, "mlp.py")
     if "memory" not in skip:
-      for cache in ("False", "'auto'"):
+      for cache in args.caches.split(","):
         with open(experiment, "w") as f:
           f.write(EXPERIMENT.format(name=name, batch=BATCH))
         run = train_run(experiment, data_dir, os.path.join(tmp, f"mem{cache}"), args.steps,
@@ -237,11 +238,12 @@ def main():
               f"{run['peak_rss_gb']:.2f} GB, at 10% {run['rss_at_10pct_gb']:.2f} GB, at end "
               f"{run['rss_at_end_gb']:.2f} GB, {run['total_s']:.0f} s", flush=True)
     if "first" not in skip:
+      data_first_batch(name, data_dir, "False")  # untimed: imports, TFDS's first builder
       for size in map(int, args.sizes.split(",")):
         sized = prepare(data_dir, size) if size != args.size else name
         with open(experiment, "w") as f:
           f.write(EXPERIMENT.format(name=sized, batch=BATCH))
-        for cache in ("False", "'auto'"):
+        for cache in args.caches.split(","):
           run = train_run(experiment, data_dir, os.path.join(tmp, f"first{size}{cache}"), 1,
                           [f"data.cache={cache}", "train.log_every=1"])
           data_s = data_first_batch(sized, data_dir, cache)

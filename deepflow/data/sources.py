@@ -83,10 +83,16 @@ def to_memory(source: Sequence, chunk: int = 4096, progress: bool = False) -> Ar
   if isinstance(source, ArraySource):
     return source
   import tqdm
-  starts = tqdm.tqdm(range(0, len(source), chunk), desc="caching", unit="chunk",
-                     disable=not progress, dynamic_ncols=True)
-  parts = [take(source, np.arange(i, min(i + chunk, len(source)))) for i in starts]
-  return ArraySource({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+  n = len(source)
+  arrays: dict[str, np.ndarray] = {}
+  for i in tqdm.tqdm(range(0, n, chunk), desc="caching", unit="chunk", disable=not progress,
+                     dynamic_ncols=True):
+    part = take(source, np.arange(i, min(i + chunk, n)))
+    if not arrays:  # filled in place: the split is held once, never twice while concatenating
+      arrays = {k: np.empty((n, *v.shape[1:]), v.dtype) for k, v in part.items()}
+    for k, v in part.items():
+      arrays[k][i:i + len(v)] = v
+  return ArraySource(arrays)
 
 
 def decoded_size(source: Sequence, seed: int, sample: int = 16) -> tuple[float, bool]:
