@@ -21,6 +21,14 @@ from deepflow.registry import ConfigError
 ConfigDict = ml_collections.ConfigDict
 
 
+# Keys whose value may be of several types (made with ``_any_type``); validate() checks each.
+ANY_TYPE_KEYS = ("data.cache",)
+
+
+def _any_type(default: Any) -> ml_collections.FieldReference:
+  return ml_collections.FieldReference(default, field_type=object)
+
+
 def base_config() -> ConfigDict:
   """Every key deepflow knows, with its default. Experiment files start from this."""
   c = ConfigDict()
@@ -51,7 +59,10 @@ def base_config() -> ConfigDict:
       "batch_size": 128,            # global batch, over all hosts and devices
       "eval_batch_size": 512,       # the last eval batch is padded and masked
       "transforms": [{"name": "standardize"}],  # preprocessing and augmentation, in order
-      "cache": True,                # hold a split in host memory after the first read
+      "cache": _any_type("auto"),   # hold splits in host memory: True, False, or 'auto' (if
+                                    # the split's decoded size fits cache_budget_gb)
+      "cache_budget_gb": 1.0,       # 'auto' caches a split whose estimated decoded size fits this
+      "stats_examples": 10000,      # statistics and the NaN check use a seeded sample of this many
       "num_threads": 2,             # Grain reader threads (prefetching into the train step)
       "tokenizer": "",              # '' = the dataset's examples as stored (bundled:text: character
                                     # ids); else a TFDS text dataset, tokenized and packed (see
@@ -60,6 +71,7 @@ def base_config() -> ConfigDict:
       "text_feature": "",           # with a tokenizer: the feature holding the text ('' = the only
                                     # Text feature)
       "seq_len": 256,               # with a tokenizer: tokens per packed row (<= model.max_len)
+      "workers": 0,                 # worker processes reading and preprocessing train batches
   })
   c.optimizer = ConfigDict({
       "name": "adam",               # see the optimizer registry
@@ -335,6 +347,13 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
   if profile and (len(profile) != 2 or not 0 <= profile[0] < profile[1]):
     raise ConfigError(f"train.profile_steps must be (first, last) with 0 <= first < last, "
                       f"got {profile}")
+  if config.data.cache not in (True, False, "auto"):
+    raise ConfigError(f"data.cache must be True, False or 'auto', got {config.data.cache!r}")
+  if not config.data.cache_budget_gb >= 0:
+    raise ConfigError(f"data.cache_budget_gb must be >= 0, got {config.data.cache_budget_gb}")
+  _positive_int(config, "data.stats_examples")
+  if not (isinstance(config.data.workers, int) and config.data.workers >= 0):
+    raise ConfigError(f"data.workers must be an int >= 0, got {config.data.workers!r}")
   if config.train.nonfinite not in ("stop", "skip"):
     raise ConfigError(f"train.nonfinite must be 'stop' or 'skip', got {config.train.nonfinite!r}")
   if config.data.batch_size % config.train.microbatches:
@@ -387,7 +406,7 @@ def _check_keys(config: ConfigDict, base: ConfigDict, prefix: str) -> None:
       if not isinstance(value, ConfigDict):
         raise ConfigError(f"config key {path!r} must be a section, got {value!r}")
       _check_keys(value, base[key], path + ".")
-    elif not isinstance(base[key], ConfigDict):
+    elif not isinstance(base[key], ConfigDict) and path not in ANY_TYPE_KEYS:
       _check_type(path, value, base[key])
 
 

@@ -4,7 +4,8 @@ Like an optax transformation, each regularizer is one small record of optional h
 them combines into one record (``build_regularizers``), so they compose in any number:
 
 - ``batch(batch, rng, num_classes) -> batch``: train step only, before the loss (label smoothing,
-  mixup, cutmix). Classification targets become soft (B, C) class probabilities.
+  mixup, cutmix; crops and flips on the device). Classification targets become soft (B, C) class
+  probabilities.
 - ``penalty(params) -> scalar``: added to the training loss (l1, l2 on parameters chosen by regex).
 - ``gradient``: an optax transformation on the raw gradients, first in the optimizer chain after
   clipping (gradient noise).
@@ -223,6 +224,43 @@ def cutmix(alpha: float = 1.0) -> Regularizer:
     kept = 1.0 - (bottom - top) * (right - left) / (height * width)
     y = soft_targets(b[TARGETS], num_classes)
     return {**b, INPUTS: mixed, TARGETS: kept * y + (1 - kept) * y[perm]}
+  return Regularizer(batch=batch)
+
+
+def _device_images(name: str, x: jax.Array) -> None:
+  if x.ndim != 4:
+    raise ConfigError(f"regularizer {name!r} needs (B, H, W, C) images, got shape {x.shape}")
+
+
+@_register("device_crop")
+def device_crop(padding: int = 4) -> Regularizer:
+  """Random crops inside the jitted train step (the host does no augmentation work): each image
+  is zero-padded by ``padding`` pixels and cropped back at a uniformly random offset drawn from
+  the step's RNG. ``data.transforms``' ``random_crop`` does the same on the host."""
+  _non_negative("device_crop", padding=padding)
+
+  def batch(b, rng, num_classes):
+    x = b[INPUTS]
+    _device_images("device_crop", x)
+    n, h, w, c = x.shape
+    padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    offsets = jax.random.randint(rng, (n, 2), 0, 2 * padding + 1)
+    crop = jax.vmap(lambda image, o: jax.lax.dynamic_slice(image, (o[0], o[1], 0), (h, w, c)))
+    return {**b, INPUTS: crop(padded, offsets)}
+  return Regularizer(batch=batch)
+
+
+@_register("device_flip")
+def device_flip(probability: float = 0.5) -> Regularizer:
+  """Horizontal flips inside the jitted train step: each image mirrored left-right with
+  ``probability``, drawn from the step's RNG (``data.transforms``' ``flip`` on the host)."""
+  _non_negative("device_flip", probability=probability)
+
+  def batch(b, rng, num_classes):
+    x = b[INPUTS]
+    _device_images("device_flip", x)
+    chosen = jax.random.bernoulli(rng, probability, (x.shape[0], 1, 1, 1))
+    return {**b, INPUTS: jnp.where(chosen, x[:, :, ::-1], x)}
   return Regularizer(batch=batch)
 
 

@@ -25,3 +25,15 @@ import pytest  # noqa: E402
 def data_dir(tmp_path_factory):
   """One TFDS data dir per test session: bundled datasets are prepared into it once."""
   return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="session")
+def image_data_dir(tmp_path_factory):
+  """Real encoded image datasets written once per session as TFDS ArrayRecord: 'gen_jpeg'
+  (16x16 JPEG, 320 train / 64 test) and 'gen_png' (PNG of 16 to 24 pixels a side, variable)."""
+  from deepflow.data import generated
+  root = str(tmp_path_factory.mktemp("images"))
+  generated.prepare("gen_jpeg", root, splits={"train": 320, "test": 64}, image_size=(16, 16))
+  generated.prepare("gen_png", root, splits={"train": 96, "test": 32}, image_size=(16, 16),
+                    size_jitter=8, image_format="png", seed=1)
+  return root

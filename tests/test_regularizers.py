@@ -242,3 +242,29 @@ def test_early_stopping_stops_and_returns_the_best_checkpoint(tmp_path):
   assert again["loss"] == pytest.approx(final["loss"], rel=1e-5)
   assert max(r["step"] for r in read_metrics(workdir)) == record["last_step"]
   assert len(read_metrics(workdir)) == lines + 1
+
+
+def test_device_crop_takes_a_window_of_the_zero_padded_image_per_example():
+  x = jax.random.normal(jax.random.key(0), (16, 6, 5, 2))
+  out = jax.jit(lambda b, r: build(dict(name="device_crop", padding=2)).batch(b, r, 10))(
+      {INPUTS: x, TARGETS: jnp.zeros(16, jnp.int32)}, jax.random.key(1))[INPUTS]
+  padded = np.pad(np.asarray(x), ((0, 0), (2, 2), (2, 2), (0, 0)))
+  offsets = set()
+  for i in range(16):
+    found = [(dy, dx) for dy in range(5) for dx in range(5)
+             if np.array_equal(padded[i, dy:dy + 6, dx:dx + 5], np.asarray(out[i]))]
+    assert found, f"example {i} is no window of its padded image"
+    offsets.add(found[0])
+  assert len(offsets) > 4  # offsets differ between examples
+
+
+def test_device_flip_mirrors_about_half_the_images():
+  x = jax.random.normal(jax.random.key(0), (200, 4, 5, 1))
+  out = build(dict(name="device_flip")).batch({INPUTS: x, TARGETS: jnp.zeros(200)},
+                                              jax.random.key(2), 10)[INPUTS]
+  mirrored = np.array([np.array_equal(o, np.asarray(v)[:, ::-1]) for o, v in zip(out, x)])
+  same = np.array([np.array_equal(o, v) for o, v in zip(out, x)])
+  assert np.all(mirrored | same) and 70 < mirrored.sum() < 130
+  with pytest.raises(ConfigError, match="needs \\(B, H, W, C\\) images"):
+    build(dict(name="device_flip")).batch({INPUTS: x[:, 0], TARGETS: jnp.zeros(200)},
+                                          jax.random.key(2), 10)

@@ -58,21 +58,59 @@ class ArraySource:
     return {k: v[indices] for k, v in self.arrays.items()}
 
 
+def stack(examples: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+  """Equally shaped examples as one batch."""
+  return {k: np.stack([np.asarray(e[k]) for e in examples]) for k in examples[0]}
+
+
+def read(source: Sequence, indices: np.ndarray) -> list[Mapping[str, Any]]:
+  """The examples at ``indices``, in one batched read where the source has one (TFDS's
+  ``__getitems__`` reads ArrayRecord records in bulk)."""
+  indices = [int(i) for i in indices]
+  getitems = getattr(source, "__getitems__", None)
+  if getitems is not None:
+    try:
+      return list(getitems(indices))
+    except TypeError:  # tfds.testing.mock_data's __getitems__ cannot be called; a real error
+      pass             # raises again from the one-by-one reads below
+  return [source[i] for i in indices]
+
+
 def take(source: Sequence, indices: np.ndarray) -> dict[str, np.ndarray]:
   """A batch of examples by index from any random-access source."""
   if isinstance(source, ArraySource):
     return source.take(indices)
-  examples = [source[int(i)] for i in indices]
-  return {k: np.stack([np.asarray(e[k]) for e in examples]) for k in examples[0]}
+  return stack(read(source, indices))
 
 
-def to_memory(source: Sequence, chunk: int = 4096) -> ArraySource:
+def to_memory(source: Sequence, chunk: int = 4096, progress: bool = False) -> ArraySource:
   """Reads a whole split into host memory (small and medium datasets: much faster batches)."""
   if isinstance(source, ArraySource):
     return source
-  parts = [take(source, np.arange(i, min(i + chunk, len(source))))
-           for i in range(0, len(source), chunk)]
-  return ArraySource({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+  import tqdm
+  n = len(source)
+  arrays: dict[str, np.ndarray] = {}
+  for i in tqdm.tqdm(range(0, n, chunk), desc="caching", unit="chunk", disable=not progress,
+                     dynamic_ncols=True):
+    part = take(source, np.arange(i, min(i + chunk, n)))
+    if not arrays:  # filled in place: the split is held once, never twice while concatenating
+      arrays = {k: np.empty((n, *v.shape[1:]), v.dtype) for k, v in part.items()}
+    for k, v in part.items():
+      arrays[k][i:i + len(v)] = v
+  return ArraySource(arrays)
+
+
+def decoded_size(source: Sequence, seed: int, sample: int = 16) -> tuple[float, bool]:
+  """(estimated bytes of the whole split decoded, whether its examples all have one shape),
+  from a seeded sample of ``sample`` examples: a split is never read whole to learn this."""
+  if isinstance(source, ArraySource):
+    return float(sum(v.nbytes for v in source.arrays.values())), True
+  n = len(source)
+  indices = np.random.default_rng([seed, 5]).choice(n, min(n, sample), replace=False)
+  examples = [source[int(i)] for i in indices]
+  nbytes = np.mean([sum(np.asarray(v).nbytes for v in e.values()) for e in examples])
+  shapes = {tuple((k, np.shape(v)) for k, v in sorted(e.items())) for e in examples}
+  return float(nbytes * n), len(shapes) == 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -191,6 +229,20 @@ def _from_builder(builder, spec: str) -> Dataset:
                  num_classes=num_classes, metadata=dict(info.metadata or {}))
 
 
+def _image_decoding(builder, split: str):
+  """The split's data source with its ``Image`` features read as bytes and decoded by
+  ``deepflow.data.images`` (faster than TFDS's own PIL decoding)."""
+  import tensorflow_datasets as tfds
+  from deepflow.data import images
+  features = builder.info.features
+  channels = {key: feature.shape[-1] for key, feature in features.items()
+              if isinstance(feature, tfds.features.Image)}
+  if not channels:
+    return builder.as_data_source(split=split)
+  skip = {key: tfds.decode.SkipDecoding() for key in channels}
+  return images.DecodedSource(builder.as_data_source(split=split, decoders=skip), channels)
+
+
 class _TfdsSplits(Mapping):
   """A builder's splits, each opened (``as_data_source``) on first use."""
 
@@ -200,7 +252,7 @@ class _TfdsSplits(Mapping):
   def __getitem__(self, name: str):
     if name not in self._open:
       try:
-        self._open[name] = self.builder.as_data_source(split=name)
+        self._open[name] = _image_decoding(self.builder, name)
       except (KeyError, ValueError) as e:
         raise KeyError(name) from e
       except Exception as e:  # e.g. prepared as TFRecord, which needs TensorFlow to read

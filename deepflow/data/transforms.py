@@ -33,6 +33,9 @@ class Transform:
   handles_missing: bool = False       # imputation: NaN in, no NaN out
   invert: Callable[[Stats, Any], Any] | None = None  # back to the data's units (see ``inverse``)
   numeric: bool = True                # False: gets the feature as stored (text), not as float32
+  # True: applied to each example before batching (``deepflow.data.images``: variable-size
+  # images), ``apply(stats, example, rng)`` with rng None at eval; nothing to fit.
+  per_example: bool = False
 
 
 def build_transforms(entries: Sequence[Mapping[str, Any]]) -> list[Transform]:
@@ -150,6 +153,17 @@ def impute(strategy: str = "mean", fill_value: float = 0.0, indicator: bool = Fa
 # Fitting a chain and applying it to batches.
 # ------------------------------------------------------------------------------------------------
 
+def check_order(transforms: Sequence[Transform], names: Sequence[str]) -> None:
+  """Per-example transforms run before batching, so they must lead the list."""
+  first_batch = None
+  for t, name in zip(transforms, names):
+    if not t.per_example:
+      first_batch = first_batch or name
+    elif first_batch:
+      raise ConfigError(f"transform {name!r} works on single examples and must come before "
+                        f"{first_batch!r} in data.transforms")
+
+
 def resolve_key(key: str, input_key: str, target_key: str) -> str:
   return {"input": input_key, "target": target_key}.get(key, key)
 
@@ -161,7 +175,7 @@ def fit_chain(transforms: Sequence[Transform], train: Mapping[str, np.ndarray],
   values = {k: np.asarray(v) for k, v in train.items()}
   all_stats = []
   for t in transforms:
-    if not t.train_only:
+    if not (t.train_only or t.per_example):
       keys = [resolve_key(k, input_key, target_key) for k in t.keys]
       stats = t.fit(_as_input(t, values[keys[0]]))
       for k in keys:
@@ -184,7 +198,7 @@ def apply_chain(transforms: Sequence[Transform], stats: Sequence[Stats],
   still holding NaN inputs is refused (``fit_chain`` checked only the train split)."""
   batch = dict(batch)
   for t, s in zip(transforms, stats):
-    if t.train_only and not train:
+    if (t.train_only and not train) or t.per_example:  # per-example ones ran before batching
       continue
     for key in t.keys:
       key = resolve_key(key, input_key, target_key)

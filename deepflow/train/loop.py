@@ -196,7 +196,8 @@ def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpoin
                        disable=not (cfg.progress and jax.process_index() == 0),
                        file=sys.stderr, desc="train")
   profiler = runtime.StepProfiler(cfg.profile_steps, exp.workdir)
-  with _Preemption() as preemption, progress, contextlib.closing(profiler):
+  with (_Preemption() as preemption, progress, contextlib.closing(profiler),
+        contextlib.closing(iterator)):
     step = start
     while step < cfg.steps:
       # -- One jitted step; its metrics stay on the device until the window is flushed.

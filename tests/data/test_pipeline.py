@@ -4,7 +4,6 @@ import time
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from deepflow.data import sources
 from deepflow.data.pipeline import INPUTS, MASK, TARGETS, Pipeline
@@ -91,14 +90,3 @@ def test_unprepared_tfds_dataset_fails_fast(tmp_path):
     Pipeline(tiny_config("data.source=tfds:mnist", f"data.data_dir={tmp_path}"))
   assert time.time() - started < 10
 
-
-def test_tfds_registry_dataset_through_mock_data(tmp_path, monkeypatch):
-  """A prepared TFDS registry dataset, simulated: mock_data serves the examples, and the
-  builder reports itself prepared (mock_data alone leaves it unprepared)."""
-  monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
-  with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):
-    p = Pipeline(tiny_config("data.source=tfds:mnist", f"data.data_dir={tmp_path}",
-                             "data.eval_split=test"))
-    batch = next(p.train_iterator())
-  assert p.dataset.input_key == "image" and p.spec.num_classes == 10
-  assert batch[INPUTS].shape == (32, 28, 28, 1) and batch[TARGETS].shape == (32,)

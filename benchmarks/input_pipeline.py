@@ -1,0 +1,260 @@
+"""deepflow's input pipeline on real JPEGs, in one run: loader throughput against PyTorch's
+DataLoader, host memory while training, and time to the first step against dataset size.
+
+The dataset is generated here, offline: ``--size`` 64x64x3 JPEG images (quality 90) written as
+a TFDS ArrayRecord dataset (``deepflow.data.generated``), read through ``tfds:NAME`` exactly as
+a prepared ImageNet is.
+
+1. Images/s delivered with 0, 1 and 2 worker processes by deepflow's train iterator
+   (``data.cache=False``: every image is read and decoded each time) and by a PyTorch
+   ``DataLoader`` over the same ArrayRecord records, decoding the same bytes with the same
+   decoder (``deepflow.data.images.decode``: simplejpeg), batch 128. One contender runs at a
+   time, in turn, for ``--rounds`` rounds of ``--batches`` batches, so a noisy neighbour slows
+   all alike; the median round counts. Start-up is excluded (3 batches are taken first). With 0
+   workers deepflow still reads on its ``data.num_threads`` (2) Grain threads; PyTorch reads in
+   the main thread.
+2. Peak resident memory (the run and its workers, sampled every 0.2 s) while `deepflow train`
+   trains a 64-unit MLP for ``--steps`` steps with 2 workers, streamed (cache=False) and with the
+   default data.cache='auto'; the memory at 10% of the steps against the end shows growth.
+3. Time from starting `deepflow train` to the end of its first step (1-step runs, streaming
+   and 'auto') for each of ``--sizes``, and the data's share of it measured alone: building
+   the pipeline (cache decision, statistics) and taking the first batch, in this process.
+
+    python benchmarks/input_pipeline.py [--size 50000] [--sizes 10000,50000] [--steps 2000]
+
+PyTorch is a benchmark-only dependency (``pip install torch --index-url
+https://download.pytorch.org/whl/cpu``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import psutil  # noqa: E402
+
+from deepflow.data import generated, images  # noqa: E402
+from dp_step import cpu_name  # noqa: E402  (benchmarks/ is the script's directory)
+
+BATCH = 128
+EXPERIMENT = """
+from deepflow.config import base_config
+
+def get_config():
+  c = base_config()
+  c.model = dict(name="mlp", hidden=(64,))
+  c.data.source = "tfds:{name}"
+  c.data.batch_size = {batch}
+  c.data.eval_batch_size = 500
+  c.train.log_every = 10
+  c.train.eval_every = 0
+  c.train.checkpoint_every = 0
+  c.train.progress = False
+  return c
+"""
+
+
+def prepare(data_dir: str, size: int) -> str:
+  name = f"jpeg64_{size}"
+  started = time.perf_counter()
+  generated.prepare(name, data_dir, splits={"train": size, "test": 1000}, image_size=(64, 64))
+  print(f"# {name}: prepared in {time.perf_counter() - started:.0f} s", flush=True)
+  return name
+
+
+# -- 1. Throughput ---------------------------------------------------------------------------
+
+def deepflow_pipeline(name: str, data_dir: str, *overrides: str):
+  from deepflow import config as config_lib
+  from deepflow.data.pipeline import Pipeline
+  config = config_lib.finalize(config_lib.base_config(), [
+      f"data.source=tfds:{name}", f"data.data_dir={data_dir}", f"data.batch_size={BATCH}",
+      "train.progress=False", *overrides])
+  return Pipeline(config)
+
+
+def deepflow_batches(name: str, data_dir: str, workers: int):
+  return deepflow_pipeline(name, data_dir, "data.transforms=[]", "data.cache=False",
+                           f"data.workers={workers}").train_iterator()
+
+
+def data_first_batch(name: str, data_dir: str, cache: str) -> float:
+  """Seconds to build the pipeline (cache decision, statistics of ``standardize``) and take the
+  first batch: the data's share of the time to the first step."""
+  started = time.perf_counter()
+  next(deepflow_pipeline(name, data_dir, f"data.cache={cache}").train_iterator())
+  return time.perf_counter() - started
+
+
+class TorchImages:
+  """The same records and decoder as deepflow's loader, as a map-style torch dataset."""
+
+  def __init__(self, name: str, data_dir: str):
+    import tensorflow_datasets as tfds
+    self.source = tfds.builder(name, data_dir=data_dir).as_data_source(
+        split="train", decoders={"image": tfds.decode.SkipDecoding()})
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    return self._decoded(self.source[index])
+
+  def __getitems__(self, indices):
+    """Bulk reads, as deepflow's loader does (DataLoader uses them when a dataset has them)."""
+    return [self._decoded(e) for e in self.source.__getitems__(indices)]
+
+  @staticmethod
+  def _decoded(example):
+    return images.decode(example["image"]), example["label"]
+
+
+def torch_batches(name: str, data_dir: str, workers: int):
+  import torch
+  loader = torch.utils.data.DataLoader(
+      TorchImages(name, data_dir), batch_size=BATCH, shuffle=True, drop_last=True,
+      num_workers=workers, persistent_workers=workers > 0,
+      # JAX is loaded and multithreaded in this process: forking it may deadlock.
+      multiprocessing_context="spawn" if workers else None,
+      generator=torch.Generator().manual_seed(0))
+  while True:
+    yield from loader
+
+
+def throughput(args, name: str, data_dir: str) -> dict[str, float]:
+  """Median images/s per contender. One contender runs at a time (nothing else prefetching in
+  the background), warmed up first: worker start-up is not timed."""
+  makers = {}
+  for workers in (0, 1, 2):
+    makers[f"deepflow workers={workers}"] = lambda w=workers: deepflow_batches(name, data_dir, w)
+    makers[f"torch workers={workers}"] = lambda w=workers: torch_batches(name, data_dir, w)
+  rounds: dict[str, list[float]] = {k: [] for k in makers}
+  for _ in range(args.rounds):
+    for key, make in makers.items():
+      it = make()
+      for _ in range(3):
+        next(it)
+      started = time.perf_counter()
+      for _ in range(args.batches):
+        next(it)
+      rounds[key].append(args.batches * BATCH / (time.perf_counter() - started))
+      getattr(it, "close", lambda: None)()
+  return {k: statistics.median(v) for k, v in rounds.items()}
+
+
+# -- 2 and 3. Real runs ----------------------------------------------------------------------
+
+def train_run(experiment: str, data_dir: str, workdir: str, steps: int, overrides: list[str]
+              ) -> dict[str, float]:
+  """Runs `deepflow train`; returns the time to its first logged step, the total time, the peak
+  RSS (the run and its workers), and the RSS around 10% of the steps and at the end."""
+  command = [sys.executable, "-m", "deepflow", "train", "--config", experiment, "--workdir",
+             workdir, f"--config.data.data_dir={data_dir}", f"--config.train.steps={steps}",
+             *(f"--config.{o}" for o in overrides)]
+  started = time.perf_counter()
+  process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+  samples: list[tuple[int, float]] = []   # (logged step, rss)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+
+  def rss() -> float:
+    try:
+      root = psutil.Process(process.pid)
+      return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+    except psutil.Error:
+      return 0.0
+
+  def logged() -> int:
+    if not os.path.exists(metrics):
+      return 0
+    lines = [json.loads(x) for x in open(metrics).read().splitlines() if x.strip().endswith("}")]
+    return max([r["step"] for r in lines], default=0)
+
+  first_step = None
+
+  def watch():
+    nonlocal first_step
+    while process.poll() is None:
+      step = logged()
+      if step and first_step is None:
+        first_step = time.perf_counter() - started
+      samples.append((step, rss()))
+      time.sleep(0.2)
+  watcher = threading.Thread(target=watch)
+  watcher.start()
+  _, stderr = process.communicate()
+  watcher.join()
+  if process.returncode:
+    raise RuntimeError(stderr[-3000:])
+  total = time.perf_counter() - started
+  early = [r for s, r in samples if 0 < s <= max(steps // 10, 1)] or [samples[0][1]]
+  late = [r for s, r in samples if s >= steps * 9 // 10] or [samples[-1][1]]
+  return {"first_step_s": first_step or total, "total_s": total,
+          "peak_rss_gb": max(r for _, r in samples) / 2**30,
+          "rss_at_10pct_gb": max(early) / 2**30, "rss_at_end_gb": max(late) / 2**30}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--size", type=int, default=50000)
+  parser.add_argument("--sizes", default="10000,50000")
+  parser.add_argument("--steps", type=int, default=2000)
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--batches", type=int, default=40)
+  parser.add_argument("--data_dir", default="")
+  parser.add_argument("--caches", default="False,'auto'", help="data.cache values to run")
+  parser.add_argument("--skip", default="", help="comma-separated: throughput,memory,first")
+  args = parser.parse_args()
+  skip = set(args.skip.split(","))
+  data_dir = args.data_dir or tempfile.mkdtemp(prefix="deepflow_jpeg64_")
+  print(f"# {cpu_name()}, {os.cpu_count()} cores; load before: {os.getloadavg()}", flush=True)
+  name = prepare(data_dir, args.size)
+  results: dict = {"size": args.size}
+  if "throughput" not in skip:
+    results["images_per_s"] = throughput(args, name, data_dir)
+    for workers in (0, 1, 2):
+      ours = results["images_per_s"][f"deepflow workers={workers}"]
+      theirs = results["images_per_s"][f"torch workers={workers}"]
+      print(f"workers={workers}: deepflow {ours:8.0f} img/s  torch {theirs:8.0f} img/s  "
+            f"ratio {ours / theirs:.2f}", flush=True)
+  with tempfile.TemporaryDirectory() as tmp:
+    experiment = os.path.join(tmp, "mlp.py")
+    if "memory" not in skip:
+      for cache in args.caches.split(","):
+        with open(experiment, "w") as f:
+          f.write(EXPERIMENT.format(name=name, batch=BATCH))
+        run = train_run(experiment, data_dir, os.path.join(tmp, f"mem{cache}"), args.steps,
+                        [f"data.cache={cache}", "data.workers=2"])
+        results[f"memory cache={cache}"] = run
+        print(f"train {args.steps} steps, cache={cache}, 2 workers: peak RSS "
+              f"{run['peak_rss_gb']:.2f} GB, at 10% {run['rss_at_10pct_gb']:.2f} GB, at end "
+              f"{run['rss_at_end_gb']:.2f} GB, {run['total_s']:.0f} s", flush=True)
+    if "first" not in skip:
+      data_first_batch(name, data_dir, "False")  # untimed: imports, TFDS's first builder
+      for size in map(int, args.sizes.split(",")):
+        sized = prepare(data_dir, size) if size != args.size else name
+        with open(experiment, "w") as f:
+          f.write(EXPERIMENT.format(name=sized, batch=BATCH))
+        for cache in args.caches.split(","):
+          run = train_run(experiment, data_dir, os.path.join(tmp, f"first{size}{cache}"), 1,
+                          [f"data.cache={cache}", "train.log_every=1"])
+          data_s = data_first_batch(sized, data_dir, cache)
+          results[f"first step size={size} cache={cache}"] = run["first_step_s"]
+          results[f"first batch size={size} cache={cache}"] = data_s
+          print(f"size {size:7d}, cache={cache}: first step after {run['first_step_s']:.1f} s "
+                f"(`deepflow train`), first batch after {data_s:.1f} s (the pipeline alone)",
+                flush=True)
+  print(f"# load after: {os.getloadavg()}")
+  print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,85 @@
+"""Generated image datasets written as real TFDS datasets (ArrayRecord, JPEG or PNG encoded),
+offline and without TensorFlow: what the tests and ``benchmarks/input_pipeline.py`` train on to
+exercise the ``tfds:NAME`` path exactly as a prepared CIFAR-10 or ImageNet is read.
+
+Each image is a smooth class-dependent colour gradient plus noise, so a model can learn the
+labels and JPEG compresses it like a photograph rather than like noise.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+
+def _image(rng: np.random.Generator, label: int, num_classes: int, height: int, width: int
+           ) -> np.ndarray:
+  """A (height, width, 3) uint8 image: a gradient whose direction and colour depend on
+  ``label``, plus noise."""
+  angle = 2 * np.pi * label / num_classes
+  ys, xs = np.meshgrid(np.linspace(-1, 1, height), np.linspace(-1, 1, width), indexing="ij")
+  ramp = np.cos(angle) * xs + np.sin(angle) * ys                        # (H, W) in [-1.4, 1.4]
+  colour = 0.5 + 0.5 * np.array([np.cos(angle), np.sin(angle), np.cos(2 * angle)])
+  image = 128 + 80 * ramp[..., None] * colour + rng.normal(0, 20, (height, width, 3))
+  return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def encode(image: np.ndarray, image_format: str) -> bytes:
+  """PIL-encoded bytes of a uint8 image ('jpeg' at quality 90, or 'png')."""
+  from PIL import Image
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format=image_format.upper(), quality=90)
+  return buffer.getvalue()
+
+
+def builder_class(name: str, *, splits: dict[str, int], image_size: tuple[int, int] = (32, 32),
+                  size_jitter: int = 0, image_format: str = "jpeg", num_classes: int = 10,
+                  seed: int = 0):
+  """A TFDS builder class named ``name`` whose splits hold ``splits[split]`` generated images of
+  ``image_size`` (each side independently up to ``size_jitter`` pixels larger: variable-size
+  images), encoded as ``image_format``; supervised keys (image, label)."""
+  import tensorflow_datasets as tfds
+  height, width = image_size
+  shape = (None, None, 3) if size_jitter else (height, width, 3)
+
+  class Generated(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def __init__(self, **kwargs):
+      kwargs.setdefault("file_format", "array_record")
+      super().__init__(**kwargs)
+
+    def _info(self):
+      return self.dataset_info_from_configs(
+          features=tfds.features.FeaturesDict({
+              "image": tfds.features.Image(shape=shape, encoding_format=image_format),
+              "label": tfds.features.ClassLabel(num_classes=num_classes)}),
+          supervised_keys=("image", "label"))
+
+    def _split_generators(self, dl_manager):
+      return {split: self._generate_examples(i, count)
+              for i, (split, count) in enumerate(splits.items())}
+
+    def _generate_examples(self, split_seed: int, count: int):
+      rng = np.random.default_rng([seed, split_seed])
+      for i in range(count):
+        label = int(rng.integers(num_classes))
+        h, w = np.array([height, width]) + (rng.integers(0, size_jitter + 1, 2) if size_jitter
+                                            else 0)
+        yield i, {"image": encode(_image(rng, label, num_classes, int(h), int(w)), image_format),
+                  "label": label}
+
+
+  Generated.name = name
+  return Generated
+
+
+def prepare(name: str, data_dir: str, **options) -> str:
+  """Writes the generated dataset ``name`` into ``data_dir`` (once; ``builder_class`` options),
+  quietly; returns ``data_dir``, ready for ``data.source='tfds:NAME'``."""
+  import tensorflow_datasets as tfds
+  builder = builder_class(name, **options)(data_dir=data_dir)
+  if not builder.is_prepared():
+    tfds.display_progress_bar(False)
+    builder.download_and_prepare()
+  return data_dir
