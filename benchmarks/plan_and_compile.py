@@ -19,7 +19,8 @@ unscanned depth 32 229.09 s (5.9), scanned depth 4 again 7.33 s (5.5), scanned d
 A run under a load of 12-14 gave scanned 0.72 and 1.25 in its two rounds, and its unscanned
 depth-32 compile did not finish within the 600 s cap.
 Earlier, separate runs (load 5-7): digits_cnn time to first step cold cache 51.0 s,
-warm 11.9 s (23%); text_transformer not measured. plan --measure: predicted 398.2 MiB,
+warm 11.9 s (23%). On the idle machine (load 0.2-0.9), one run: digits_cnn cold 8.8 s, warm
+5.4 s (61%); text_transformer cold 12.7 s, warm 8.0 s (63%). plan --measure: predicted 398.2 MiB,
 measured 425.9 MiB (+7.0%).
 """
 from __future__ import annotations
