@@ -8,8 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deepflow.models.layers import activation
-from deepflow.registry import ConfigError, MODELS
+from deepflow.models.layers import activation, require_images
+from deepflow.registry import MODELS
 
 
 class ConvBackbone(nn.Module):
@@ -51,8 +51,7 @@ class ContrastiveCNN(nn.Module):
 
   def features(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     """Representations (B, widths[-1]) for linear probes and downstream tasks."""
-    if x.ndim != 4:
-      raise ConfigError(f"contrastive_cnn expects NHWC images, got inputs of shape {x.shape}")
+    require_images(x, "contrastive_cnn")
     return self.backbone(x, train)
 
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -79,8 +78,7 @@ class EncoderCNN(nn.Module):
     self.head = nn.Dense(self.num_outputs)
 
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    if x.ndim != 4:
-      raise ConfigError(f"encoder_cnn expects NHWC images, got inputs of shape {x.shape}")
+    require_images(x, "encoder_cnn")
     return self.head(self.drop(self.backbone(x, train), deterministic=not train))
 
 

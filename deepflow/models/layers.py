@@ -32,6 +32,12 @@ for _name, _fn in {
   ACTIVATIONS.register(_name)(_fn)
 
 
+def require_images(x: jax.Array, model: str) -> None:
+  """A model that takes NHWC images, fed anything else, stops with one line naming it."""
+  if x.ndim != 4:
+    raise ConfigError(f"{model} expects NHWC images, got inputs of shape {x.shape}")
+
+
 def activation(name: str) -> Activation:
   """The activation function registered under ``name`` (a ConfigError lists the known ones)."""
   return ACTIVATIONS.get(name)

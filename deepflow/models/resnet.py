@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from deepflow.models import pooling
-from deepflow.models.layers import activation
+from deepflow.models.layers import activation, require_images
 from deepflow.registry import ConfigError, MODELS
 
 STEMS = ("small", "imagenet")
@@ -81,8 +81,7 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    if x.ndim != 4:
-      raise ConfigError(f"resnet expects NHWC images, got inputs of shape {x.shape}")
+    require_images(x, "resnet")
     if self.stem not in STEMS:
       raise ConfigError(f"unknown stem {self.stem!r}; known: {', '.join(STEMS)}")
     if self.pooling not in GLOBAL_POOLS:

@@ -5,7 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deepflow.models.layers import block_stack
+from deepflow.models.layers import block_stack, require_images
 from deepflow.registry import ConfigError, MODELS
 
 POOLINGS = ("cls", "mean")
@@ -31,8 +31,7 @@ class ViT(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    if x.ndim != 4:
-      raise ConfigError(f"vit expects NHWC images, got inputs of shape {x.shape}")
+    require_images(x, "vit")
     if self.pooling not in POOLINGS:
       raise ConfigError(f"unknown pooling {self.pooling!r}; known: {', '.join(POOLINGS)}")
     height, width, p = x.shape[1], x.shape[2], self.patch_size
