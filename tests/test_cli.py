@@ -1,11 +1,14 @@
 """The `deepflow` command end to end, in subprocesses, as a user runs it."""
 import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
 
-from tests.helpers import deepflow_cli as deepflow, one_line_error, write_experiment
+from tests.helpers import (deepflow_cli as deepflow, one_line_error, subprocess_environment,
+                           write_experiment)
 
 
 @pytest.fixture
@@ -62,6 +65,37 @@ def test_an_unknown_split_lists_the_datasets_splits(tmp_path, experiment, data_d
   assert out.returncode == 0, out.stderr
   assert ("dataset 'bundled:digits' has no split 'nope'; splits: test, train" in
           one_line_error(deepflow("eval", "--workdir", workdir, "--split", "nope")))
+
+
+# Libraries that only some paths of `deepflow train` need; each would add from a few tenths of a
+# second (pandas, for the co2 and sunspots builders) to seconds (PyTorch, which tensorboardX
+# imports when it is installed) to the start of every run.
+NOT_FOR_TRAINING = ("torch", "tensorboardX", "pandas", "statsmodels", "sklearn", "tensorflow")
+TRAIN_IN_A_FRESH_PROCESS = """
+import json, runpy, sys
+sys.argv = ["deepflow", "train", *sys.argv[1:]]
+try:
+  runpy.run_module("deepflow", run_name="__main__")
+except SystemExit as e:
+  assert not e.code, e.code
+print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
+"""
+
+
+def test_train_loads_no_library_it_does_not_use(tmp_path, experiment, data_dir):
+  from deepflow.data.pipeline import Pipeline
+  from tests.helpers import tiny_config
+  Pipeline(tiny_config("data.source=bundled:digits", f"data.data_dir={data_dir}"))  # prepared
+  done = subprocess.run(
+      [sys.executable, "-c", TRAIN_IN_A_FRESH_PROCESS, "--config", experiment, "--workdir",
+       str(tmp_path / "run"), "--config.train.steps=2", "--config.data.source=bundled:digits",
+       f"--config.data.data_dir={data_dir}"], capture_output=True, text=True, timeout=240,
+      env=subprocess_environment())
+  assert done.returncode == 0, done.stderr
+  loaded = set(json.loads(done.stdout.splitlines()[-1]))
+  assert {"jax", "deepflow", "orbax", "tensorflow_datasets"} <= loaded  # this process's modules
+  assert not loaded & set(NOT_FOR_TRAINING), sorted(loaded & set(NOT_FOR_TRAINING))
+  assert os.listdir(tmp_path / "run" / "tensorboard")
 
 
 def test_an_error_inside_get_config_names_the_file_and_line(tmp_path):

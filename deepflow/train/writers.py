@@ -12,6 +12,8 @@ from typing import Mapping
 import jax
 from etils import epath
 
+from deepflow.train.events import EventFileWriter
+
 
 class MetricWriter:
   """Appends ``{"step": s, "split": name, metric: value, ...}`` lines and TensorBoard scalars."""
@@ -24,8 +26,7 @@ class MetricWriter:
         self.enabled and self.remote and self.path.exists()) else []
     self._tb = None
     if self.enabled and tensorboard:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+      self._tb = EventFileWriter(os.path.join(workdir, "tensorboard"), remote=self.remote)
 
   def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -38,8 +39,7 @@ class MetricWriter:
       with open(self.path, "a") as f:
         f.write(line)
     if self._tb is not None:
-      for name, value in metrics.items():
-        self._tb.add_scalar(f"{split}/{name}", float(value), int(step))
+      self._tb.add_scalars(int(step), {f"{split}/{k}": float(v) for k, v in metrics.items()})
 
   def flush(self) -> None:
     if self.enabled and self.remote:
@@ -49,8 +49,6 @@ class MetricWriter:
 
   def close(self) -> None:
     self.flush()
-    if self._tb is not None:
-      self._tb.close()
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -9,11 +9,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import tensorflow_datasets as tfds
+
+if TYPE_CHECKING:  # pandas (about 0.4 s to import) loads only where a series is built
+  import pandas as pd
 
 
 class BundledBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -126,6 +128,7 @@ def window_times(length: int, window: int, horizon: int, cut: int) -> dict[str, 
 
 def _time_label(value: Any) -> str:
   """A series' index value as text for metadata: ISO date for timestamps, else ``str``."""
+  import pandas as pd
   return value.date().isoformat() if isinstance(value, pd.Timestamp) else str(value)
 
 

@@ -4,11 +4,12 @@ preparing it needs no network."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from deepflow.data.bundled.base import WindowConfig, WindowedSeriesBuilder, time_split_indices
+
+if TYPE_CHECKING:
+  import pandas as pd
 
 FREQUENCIES = {"monthly": "MS", "weekly": "W-SAT"}
 
@@ -40,6 +41,7 @@ def fill_gaps(series: pd.Series, cut: int) -> pd.Series:
   the time split at ``cut``, so that no value before the cut is computed from one after it (a
   gap at the end of the train period repeats its last observation). Test-period gaps may use
   the (already filled) past."""
+  import pandas as pd
   head = series.iloc[:cut].interpolate(method="time").ffill()
   filled = pd.concat([head, series.iloc[cut:]]).interpolate(method="time").ffill()
   if filled.isna().any():

@@ -2,15 +2,17 @@
 ships inside statsmodels (``statsmodels.datasets.sunspots``), so preparing it needs no network."""
 from __future__ import annotations
 
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from deepflow.data.bundled.base import WindowConfig, WindowedSeriesBuilder
+
+if TYPE_CHECKING:
+  import pandas as pd
 
 
 def raw_sunspots() -> pd.Series:
   """Yearly mean sunspot activity indexed by year (int), 309 values, none missing."""
+  import pandas as pd
   import statsmodels.api as sm
   data = sm.datasets.sunspots.load_pandas().data
   return pd.Series(data["SUNACTIVITY"].to_numpy(), index=data["YEAR"].astype(int).to_numpy(),
