@@ -167,7 +167,9 @@ def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpoin
            writer: MetricWriter, best: _BestKeeper | None = None) -> TrainState:
   config, cfg = exp.config, exp.config.train
   iterator = exp.pipeline.train_iterator(data_state)
-  schedule = build_schedule(config.optimizer, cfg.steps)
+  # The logged learning rate as one compiled program, not a dozen op-by-op ones (each compiled,
+  # or looked up in the compilation cache, before the first step's metrics are written).
+  schedule = jax.jit(build_schedule(config.optimizer, cfg.steps))
   pending: list[dict] = []
   in_flight = parallel.DispatchWindow()
   window_start = time.perf_counter()
