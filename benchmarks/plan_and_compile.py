@@ -3,9 +3,10 @@ run (one JAX CPU device, XLA's default optimizations):
 
 1. compile time of the ``transformer_lm`` train step (``Experiment``'s jitted step, lowered and
    compiled from abstract shapes) at depth 4 and 32, with and without ``model.scan_layers``;
-2. time to the first train step of experiments/digits_cnn.py and text_transformer.py (wall time
-   of ``deepflow train --config.train.steps=1``, a fresh process each), with a cold persistent
-   compilation cache (an empty directory) and then warm (the same directory again);
+2. time to the first train step of experiments/digits_cnn.py and text_transformer.py (a fresh
+   ``deepflow train --config.train.steps=1`` process each, until its first step's metrics are
+   on disk; also the whole run's wall and CPU time), with a cold persistent compilation cache
+   (an empty directory) and then warm (the same directory again);
 3. ``deepflow plan --measure 5`` on the CPU: the predicted peak memory of the train step against
    what 5 real steps add to the process's resident memory, for an MLP with 100 MB of state.
 
@@ -18,10 +19,13 @@ unscanned depth 32 229.09 s (5.9), scanned depth 4 again 7.33 s (5.5), scanned d
 6.99 s (5.2): scanned depth 32 / depth 4 = 0.95 (best of each; target <= 1.5), unscanned 22.8.
 A run under a load of 12-14 gave scanned 0.72 and 1.25 in its two rounds, and its unscanned
 depth-32 compile did not finish within the 600 s cap.
-Earlier, separate runs (load 5-7): digits_cnn time to first step cold cache 51.0 s,
-warm 11.9 s (23%). On the idle machine (load 0.2-0.9), one run: digits_cnn cold 8.8 s, warm
-5.4 s (61%); text_transformer cold 12.7 s, warm 8.0 s (63%). plan --measure: predicted 398.2 MiB,
-measured 425.9 MiB (+7.0%).
+Time to first step, one run at load 5-7: digits_cnn cold cache 12.6 s, warm 4.6 s (37%);
+text_transformer cold 21.3 s, warm 8.1 s (38%). CPU time of the whole run (less sensitive to
+the load): digits_cnn 10.6 s vs 4.0 s (37%), text_transformer 17.1 s vs 6.7 s (39%). Before
+the warm start was trimmed (tensorboardX imported PyTorch, the bundled builders pandas), on the
+idle machine (load 0.2-0.9), whole run: digits_cnn cold 8.8 s, warm 5.4 s (61%);
+text_transformer cold 12.7 s, warm 8.0 s (63%). plan --measure: predicted 398.2 MiB, measured
+425.9 MiB (+7.0%).
 """
 from __future__ import annotations
 
