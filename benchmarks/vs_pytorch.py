@@ -13,7 +13,10 @@ non-finite guard, metrics). PyTorch's is zero_grad, forward, cross-entropy, back
 setup). Every contender trains on the same fixed device-resident batches, is warmed up
 (compiled) first, then timed in ``--rounds`` interleaved rounds, so a noisy neighbour slows all
 alike; the median round counts. PyTorch is limited to ``--threads`` threads and XLA runs on a
-CPU of that many cores. PyTorch is a benchmark-only dependency (``pip install torch``).
+CPU of that many cores. ``XLA_FLAGS`` from the environment apply to deepflow's side and are
+printed (e.g. ``--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce``, which moves
+XLA:CPU's convolutions from YNNPACK to Eigen: see the README's benchmarks). PyTorch is a
+benchmark-only dependency (``pip install torch``).
 
     python benchmarks/vs_pytorch.py [--cases cnn:128,cnn:1024,resnet:128] [--rounds 5]
                                     [--seconds 1.0] [--no-compile]
@@ -146,8 +149,8 @@ def main(argv=None):
   torch.set_num_threads(args.threads)
   print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs; jax {jax.__version__}, torch "
         f"{torch.__version__} ({torch.get_num_threads()} threads, OMP_WAIT_POLICY "
-        f"{os.environ['OMP_WAIT_POLICY']}); load average "
-        f"{os.getloadavg()[0]:.2f}")
+        f"{os.environ['OMP_WAIT_POLICY']}); XLA_FLAGS {os.environ.get('XLA_FLAGS', '')!r}; "
+        f"load average {os.getloadavg()[0]:.2f}")
   results = {}
   with tempfile.TemporaryDirectory() as tmp:
     for case in args.cases.split(","):

@@ -12,8 +12,12 @@ these. The two formulations:
 
 The max pool's gradient goes, like ``select_and_scatter``'s, to the first maximum of each window
 in row-major window order (``jnp.max``'s own gradient would split it between tied maxima, e.g.
-the zeros a ReLU leaves), so gradients match flax exactly, ties included. Average pooling counts
-padded positions in the divisor, as flax's default ``count_include_pad=True`` does.
+the zeros a ReLU leaves), so gradients match flax exactly, ties included. For window == stride
+it takes one pass: a min over the reshaped window axes gives each window's first maximal
+position, and each input element takes the output gradient or 0 (measured 1.3x faster for the
+whole digits CNN train step than one masked scatter per window offset, which the general case
+still uses). Average pooling counts padded positions in the divisor, as flax's default
+``count_include_pad=True`` does.
 
 Inputs are ``(batch, *spatial, features)`` like flax's; ``padding`` is ``'VALID'``, ``'SAME'`` or
 one ``(low, high)`` pair per spatial axis.
@@ -94,20 +98,44 @@ def _max_pool_fwd(x, window, strides, pads, out):
   return y, (x, y)
 
 
-def _max_pool_bwd(window, strides, pads, out, residuals, g):
-  x, y = residuals
-  xp = _pad(x, pads, -jnp.inf)
+def _first_max_blocks(xp, y, g, window, out):
+  """window == stride: the gradient in one pass over the input. Each window's first maximum
+  (its row-major position) is found by a min over the window axes of the reshaped input, then
+  every input element takes ``g`` if it is that position, else 0: no per-offset scatter."""
+  xb = _blocks(xp, window, out)  # (B, n1, k1, n2, k2, ..., C)
+  axes = tuple(range(2, 2 * len(window) + 1, 2))
+  spread = lambda a: jnp.expand_dims(a, axes)  # noqa: E731  (B, n1, 1, n2, 1, ..., C)
+  position = sum(lax.broadcasted_iota(jnp.int32, xb.shape, axis) * math.prod(window[i + 1:])
+                 for i, axis in enumerate(axes))
+  first = jnp.min(jnp.where(xb == spread(y), position, math.prod(window)), axis=axes)
+  dxb = jnp.where(position == spread(first), spread(g), jnp.zeros((), g.dtype))
+  dxp = dxb.reshape(xb.shape[0], *(n * k for n, k in zip(out, window)), xb.shape[-1])
+  return _pad(dxp, [(0, p - n * k) for p, n, k in zip(xp.shape[1:-1], out, window)], 0.0)
+
+
+def _first_max_slices(xp, y, g, window, strides, out):
+  """The general case: per window offset, the strided slice's elements that are the first
+  maximum so far take ``g``, scattered back by a pad with interior (stride - 1) zeros."""
   taken = jnp.zeros(y.shape, bool)
   dxp = jnp.zeros(xp.shape, g.dtype)
   for offset, candidate in _window_slices(xp, window, strides, out):
-    chosen = (candidate == y) & ~taken  # the first maximum in window order takes the gradient
+    chosen = (candidate == y) & ~taken
     taken = taken | chosen
-    # Scatter back to the strided positions this slice was read from: a pad with interior
-    # (stride - 1) zeros, which XLA fuses into the sum.
     config = [(0, 0, 0), *((o, p - o - (n - 1) * s - 1, s - 1)
                            for o, p, n, s in zip(offset, xp.shape[1:-1], out, strides)),
               (0, 0, 0)]
     dxp = dxp + lax.pad(jnp.where(chosen, g, 0), jnp.array(0, g.dtype), config)
+  return dxp
+
+
+def _max_pool_bwd(window, strides, pads, out, residuals, g):
+  # The gradient goes to the first maximum of each window in row-major window order.
+  x, y = residuals
+  xp = _pad(x, pads, -jnp.inf)
+  if tuple(window) == tuple(strides):
+    dxp = _first_max_blocks(xp, y, g, window, out)
+  else:
+    dxp = _first_max_slices(xp, y, g, window, strides, out)
   crop = (slice(None), *(slice(lo, lo + n) for (lo, _), n in zip(pads, x.shape[1:-1])))
   return (dxp[crop],)
 

@@ -7,10 +7,12 @@ import pytest
 
 from deepflow.models import pooling
 
-# (input shape, window, strides, padding); the first three are window == stride (the reshape
-# formulation), the rest the general one (strided slices).
+# (input shape, window, strides, padding); NON_OVERLAPPING is window == stride (the reshape
+# formulation, its gradient by the first maximal position per window), OVERLAPPING the general
+# one (strided slices).
 NON_OVERLAPPING = [((2, 8, 8, 3), (2, 2), (2, 2), "SAME"),
                    ((2, 7, 7, 3), (2, 2), (2, 2), "SAME"),     # SAME pads one row and column
+                   ((2, 8, 8, 3), (3, 3), (3, 3), "SAME"),     # 9 positions; pads (0, 1)
                    ((2, 7, 9, 3), (3, 3), (3, 3), "VALID"),    # VALID drops the remainder
                    ((2, 10, 3), (2,), (2,), "VALID")]          # one spatial axis
 OVERLAPPING = [((2, 9, 9, 3), (3, 3), (2, 2), "SAME"),          # the ImageNet ResNet stem's pool
