@@ -184,18 +184,18 @@ class Pipeline:
 
   def _fitted_stats(self, workdir: str | None):
     """Statistics (and the missing-value check) from a bounded sample of the train split, read
-    in one pass, fitted once per run and kept in the workdir."""
+    in chunks (one pass per fitted transform), fitted once per run and kept in the workdir."""
     path = os.path.join(workdir, STATS_FILE) if workdir else None
     if path and epath.Path(path).exists():
       return transforms_lib.load_stats(path)
     indices = self._stats_sample()
-    chunks = tqdm.tqdm(range(0, len(indices), STATS_CHUNK), desc="statistics", unit="chunk",
-                       disable=not self.progress or len(indices) <= STATS_CHUNK,
-                       dynamic_ncols=True)
-    parts = [self._examples(self.train_source, indices[i:i + STATS_CHUNK], train=False, step=0)
-             for i in chunks]
-    sample = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    stats = transforms_lib.fit_chain(self.transforms, sample, self.dataset.input_key,
+    starts = range(0, len(indices), STATS_CHUNK)
+
+    def chunks():  # one pass over the sample (one per fitted transform), a chunk at a time
+      for i in tqdm.tqdm(starts, desc="statistics", unit="chunk", dynamic_ncols=True,
+                         disable=not self.progress or len(starts) <= 1):
+        yield self._examples(self.train_source, indices[i:i + STATS_CHUNK], train=False, step=0)
+    stats = transforms_lib.fit_chain(self.transforms, chunks, self.dataset.input_key,
                                      self.dataset.target_key)
     if path and jax.process_index() == 0:
       epath.Path(workdir).mkdir(parents=True, exist_ok=True)
