@@ -334,15 +334,11 @@ def _data(overrides: list[str], *args: str) -> None:
   step); then train with --config.data.source=tfds:NAME --config.data.data_dir=DIR."""
   from deepflow.data import prepare, sources
   if overrides or len(args) != 2 or args[0] != "prepare":
-    _fail("usage: deepflow data prepare NAME[/CONFIG][:VERSION] [--data_dir DIR] "
-          "[--manual_dir DIR] [--imports MODULE,...]", 2)
+    _fail(f"usage: deepflow data {_data.args} [flags]; see `deepflow data --help`", 2)
   data_dir = FLAGS.data_dir or sources.default_data_dir()
   builder, now = prepare.prepare(args[1], data_dir, manual_dir=FLAGS.manual_dir,
                                  imports=FLAGS.imports)
-  splits = ", ".join(f"{name} {split.num_examples}" for name, split in builder.info.splits.items())
-  print(f"{builder.info.full_name} {'prepared' if now else 'already prepared'} in {data_dir} "
-        f"({splits}); train on it with --config.data.source=tfds:{args[1]} "
-        f"--config.data.data_dir={data_dir}")
+  print(prepare.report(builder, args[1], data_dir, now))
 
 
 # Each command is a function of the ``--config.KEY=VALUE`` overrides (and of the words after its

@@ -51,6 +51,14 @@ def prepare(spec: str, data_dir: str, *, manual_dir: str | None = None,
   return builder, True
 
 
+def report(builder: Any, spec: str, data_dir: str, now: bool) -> str:
+  """One line: what was prepared where, its splits, and how to train on it."""
+  splits = ", ".join(f"{name} {split.num_examples}" for name, split in builder.info.splits.items())
+  return (f"{builder.info.full_name} {'prepared' if now else 'already prepared'} in {data_dir} "
+          f"({splits}); train on it with --config.data.source=tfds:{spec} "
+          f"--config.data.data_dir={data_dir}")
+
+
 def _explain(error: BaseException, name: str, data_dir: str, manual_dir: str | None
              ) -> str | None:
   """What to do about a failed preparation, or None when it is not one a user can fix."""
