@@ -86,10 +86,24 @@ class Moments:
   ``nanmin`` and ``nanmax`` give on the chunks concatenated, in float64, holding one chunk at a
   time. Chunks are merged with Chan, Golub and LeVeque's pairwise update (no cancellation)."""
 
+  BLOCK = 1 << 22  # values reduced at once: float64 temporaries of ~32 MB, whatever the chunk
+
   def __init__(self, per: str):
     self.per, self.count = per, None
 
+  @classmethod
+  def of(cls, chunks: Iterable[np.ndarray], per: str) -> "Moments":
+    moments = cls(per)
+    for values in chunks:
+      moments.add(values)
+    return moments
+
   def add(self, values: np.ndarray) -> None:
+    rows = max(1, self.BLOCK // max(1, int(np.prod(np.shape(values)[1:]))))
+    for start in range(0, len(values), rows):
+      self._merge(values[start:start + rows])
+
+  def _merge(self, values: np.ndarray) -> None:
     axes = _reduce_axes(values, self.per)
     values = np.asarray(values, np.float64)
     present = ~np.isnan(values)
@@ -134,9 +148,7 @@ def standardize(per: str = "auto", keys: tuple[str, ...] = ("input",)) -> Transf
   _reduce_axes(np.zeros((1, 1, 1, 1)), per)  # validate the option at build time
 
   def fit(chunks):
-    moments = Moments(per)
-    for values in chunks:
-      moments.add(values)
+    moments = Moments.of(chunks, per)
     std = moments.std()
     return {"mean": moments.mean.astype(np.float32),
             "std": np.where(std < EPS, 1.0, std).astype(np.float32)}
@@ -157,9 +169,7 @@ def minmax(per: str = "auto", low: float = 0.0, high: float = 1.0,
   _reduce_axes(np.zeros((1, 1, 1, 1)), per)
 
   def fit(chunks):
-    moments = Moments(per)
-    for values in chunks:
-      moments.add(values)
+    moments = Moments.of(chunks, per)
     return {"min": moments.min.astype(np.float32), "max": moments.max.astype(np.float32)}
 
   def apply(stats, values, rng):
@@ -186,10 +196,7 @@ def impute(strategy: str = "mean", fill_value: float = 0.0, indicator: bool = Fa
     if strategy == "constant":
       fill = np.full(next(iter(chunks)).shape[1:], fill_value, np.float32)
     elif strategy == "mean":
-      moments = Moments("feature")
-      for values in chunks:
-        moments.add(values)
-      fill = moments.mean
+      fill = Moments.of(chunks, "feature").mean
     else:  # a median needs the whole sample (tables: a few MB at data.stats_examples rows)
       fill = np.nanmedian(np.concatenate(list(chunks)), axis=0)
     fill = np.where(np.isnan(fill), fill_value, fill)  # a feature missing everywhere

@@ -118,9 +118,11 @@ def test_chain_fits_each_step_on_the_output_of_the_previous_one():
 
 
 @pytest.mark.parametrize("per", ["auto", "feature", "global"])
-def test_chunked_fit_equals_numpy_on_the_whole_sample(per):
+@pytest.mark.parametrize("block", [T.Moments.BLOCK, 200])  # 200: a chunk reduced in blocks
+def test_chunked_fit_equals_numpy_on_the_whole_sample(per, block, monkeypatch):
   """Moments merged over uneven chunks (one of them all-NaN in places) against numpy's
   nanmean/nanstd/nanmin/nanmax of the concatenated float64 sample."""
+  monkeypatch.setattr(T.Moments, "BLOCK", block)
   images = knock(RNG.normal(100, 40, (103, 6, 5, 3)).astype(np.float32), 0.1)
   images[:7, 0, 0, 0] = np.nan
   axes = {"auto": (0, 1, 2), "feature": (0,), "global": (0, 1, 2, 3)}[per]
