@@ -104,15 +104,34 @@ class Moments:
       self._merge(values[start:start + rows])
 
   def _merge(self, values: np.ndarray) -> None:
-    axes = _reduce_axes(values, self.per)
-    values = np.asarray(values, np.float64)
-    present = ~np.isnan(values)
-    count = present.sum(axis=axes, keepdims=True)[0]
+    # The reduced axes are a prefix (``_reduce_axes``), so the kept ones are trailing: as a
+    # (rows, columns) matrix, column j belongs to statistic j % groups. Reducing over the rows
+    # first (wide, contiguous: matrix-vector products) then over each statistic's columns is
+    # many times faster than numpy's reductions over axes (0, 1, 2) of (B, H, W, 3) images.
+    values = np.asarray(values)
+    k = len(_reduce_axes(values, self.per))
+    shape = tuple(1 if a < k else n for a, n in enumerate(values.shape))[1:]
+    groups = int(np.prod(values.shape[k:]))
+    x = values.astype(np.float64).reshape(len(values), -1)
+
+    def per_statistic(columns, reduce):
+      return reduce(columns.reshape(-1, groups), axis=0).reshape(shape)
+    missing = np.isnan(x)
     with np.errstate(invalid="ignore", divide="ignore"):
-      mean = np.nansum(values, axis=axes, keepdims=True)[0] / count
-      m2 = np.nansum(np.square(values - mean), axis=axes, keepdims=True)[0]
-    low = np.where(present, values, np.inf).min(axis=axes, keepdims=True)[0]
-    high = np.where(present, values, -np.inf).max(axis=axes, keepdims=True)[0]
+      if missing.any():
+        present = ~missing
+        count = per_statistic(present.sum(axis=0), np.sum)
+        mean = per_statistic(np.where(present, x, 0.0).sum(axis=0), np.sum) / count
+        deviations = np.where(present, x - np.tile(mean.ravel(), x.shape[1] // groups), 0.0)
+        low = per_statistic(np.where(present, x, np.inf).min(axis=0), np.min)
+        high = per_statistic(np.where(present, x, -np.inf).max(axis=0), np.max)
+      else:
+        count = np.full(shape, x.size // groups)
+        mean = per_statistic(np.ones(len(x)) @ x, np.sum) / count
+        deviations = x - np.tile(mean.ravel(), x.shape[1] // groups)
+        low = per_statistic(x.min(axis=0), np.min)
+        high = per_statistic(x.max(axis=0), np.max)
+      m2 = per_statistic(np.ones(len(x)) @ np.square(deviations, out=deviations), np.sum)
     if self.count is None:
       self.count, self.mean, self.m2, self._low, self._high = count, mean, m2, low, high
       return
@@ -121,8 +140,7 @@ class Moments:
       delta = np.where(count > 0, mean - self.mean, 0.0)
       share = np.where(total > 0, count / total, 0.0)
       self.mean = np.where(self.count > 0, self.mean + delta * share, mean)
-      self.m2 = np.where(self.count > 0, self.m2 + np.nan_to_num(m2) + delta ** 2 * self.count *
-                         share, m2)
+      self.m2 = np.where(self.count > 0, self.m2 + m2 + delta ** 2 * self.count * share, m2)
     self.count, self._low, self._high = total, np.minimum(self._low, low), np.maximum(
         self._high, high)
 
