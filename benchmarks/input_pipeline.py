@@ -17,6 +17,8 @@ a prepared ImageNet is.
    own high-water mark, which no sampling misses) while `deepflow train` trains a 64-unit MLP
    for ``--steps`` steps with 2 workers, streamed (cache=False) and with the default
    data.cache='auto'; the memory at 10% of the steps against the end shows growth.
+   Statistics: seconds to fit ``standardize`` on a 512-image chunk, deepflow's chunked moments
+   against numpy's nanmean + nanstd (how it was fitted before).
    Text: tokens/s (padding excluded) delivered by the TextPipeline (SentencePiece BPE of 8,000
    pieces trained on the split, rows of 256 packed tokens, batch 64) from ``--text_docs``
    generated documents (TFDS ArrayRecord) with 0, 1 and 2 workers, timed the same way.
@@ -162,6 +164,24 @@ def timed(args, makers: dict, count) -> dict[str, float]:
   return {k: statistics.median(v) for k, v in rounds.items()}
 
 
+def statistics_speed(repeats: int = 5) -> dict[str, float]:
+  """Median seconds to fit ``standardize`` (per channel) on one 512-image chunk of 64x64x3:
+  deepflow's chunked moments against numpy's nanmean + nanstd of the chunk."""
+  import numpy as np
+  from deepflow.data import transforms
+  chunk = np.random.default_rng(0).integers(0, 256, (512, 64, 64, 3)).astype(np.float32)
+  contenders = {
+      "deepflow moments": lambda: transforms.standardize().fit([chunk]),
+      "numpy nanmean+nanstd": lambda: (np.nanmean(chunk, (0, 1, 2)), np.nanstd(chunk, (0, 1, 2)))}
+  times: dict[str, list[float]] = {k: [] for k in contenders}
+  for _ in range(repeats):
+    for key, fit in contenders.items():
+      started = time.perf_counter()
+      fit()
+      times[key].append(time.perf_counter() - started)
+  return {k: statistics.median(v) for k, v in times.items()}
+
+
 # -- Text ------------------------------------------------------------------------------------
 
 def text_pipeline(name: str, data_dir: str, workdir: str, workers: int):
@@ -267,7 +287,7 @@ def main():
   parser.add_argument("--caches", default="False,'auto'", help="data.cache values to run")
   parser.add_argument("--text_docs", type=int, default=20000)
   parser.add_argument("--skip", default="",
-                      help="comma-separated: throughput,text,memory,first")
+                      help="comma-separated: throughput,statistics,text,memory,first")
   args = parser.parse_args()
   skip = set(args.skip.split(","))
   data_dir = args.data_dir or tempfile.mkdtemp(prefix="deepflow_jpeg64_")
@@ -281,6 +301,10 @@ def main():
       theirs = results["images_per_s"][f"torch workers={workers}"]
       print(f"workers={workers}: deepflow {ours:8.0f} img/s  torch {theirs:8.0f} img/s  "
             f"ratio {ours / theirs:.2f}", flush=True)
+  if "statistics" not in skip:
+    results["statistics_s"] = fit = statistics_speed()
+    print(f"standardize on 512 images: deepflow {fit['deepflow moments']:.3f} s, numpy "
+          f"{fit['numpy nanmean+nanstd']:.3f} s", flush=True)
   if "text" not in skip:
     results["text"] = text = text_throughput(args, data_dir)
     print(f"text ({args.text_docs} documents, {text['tokens_per_document']:.0f} tokens each, "
