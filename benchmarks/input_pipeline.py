@@ -13,12 +13,19 @@ a prepared ImageNet is.
    all alike; the median round counts. Start-up is excluded (3 batches are taken first). With 0
    workers deepflow still reads on its ``data.num_threads`` (2) Grain threads; PyTorch reads in
    the main thread.
-2. Peak resident memory (the run and its workers, sampled every 0.2 s) while `deepflow train`
-   trains a 64-unit MLP for ``--steps`` steps with 2 workers, streamed (cache=False) and with the
-   default data.cache='auto'; the memory at 10% of the steps against the end shows growth.
+2. Peak resident memory (the run and its workers, sampled every 0.2 s, and the run process's
+   own high-water mark, which no sampling misses) while `deepflow train` trains a 64-unit MLP
+   for ``--steps`` steps with 2 workers, streamed (cache=False) and with the default
+   data.cache='auto'; the memory at 10% of the steps against the end shows growth.
+   Statistics: seconds to fit ``standardize`` on a 512-image chunk, deepflow's chunked moments
+   against numpy's nanmean + nanstd (how it was fitted before).
+   Text: tokens/s (padding excluded) delivered by the TextPipeline (SentencePiece BPE of 8,000
+   pieces trained on the split, rows of 256 packed tokens, batch 64) from ``--text_docs``
+   generated documents (TFDS ArrayRecord) with 0, 1 and 2 workers, timed the same way.
 3. Time from starting `deepflow train` to the end of its first step (1-step runs, streaming
-   and 'auto') for each of ``--sizes``, and the data's share of it measured alone: building
-   the pipeline (cache decision, statistics) and taking the first batch, in this process.
+   and 'auto') for each of ``--sizes``, after one untimed run that fills the compilation cache
+   they share, and the data's share of it measured alone: building the pipeline (cache
+   decision, statistics) and taking the first batch, in this process.
 
     python benchmarks/input_pipeline.py [--size 50000] [--sizes 10000,50000] [--steps 2000]
 
@@ -45,6 +52,7 @@ from deepflow.data import generated, images  # noqa: E402
 from dp_step import cpu_name  # noqa: E402  (benchmarks/ is the script's directory)
 
 BATCH = 128
+TEXT_BATCH, TEXT_SEQ, TEXT_TOKENIZER = 64, 256, "sentencepiece:bpe:8000"
 EXPERIMENT = """
 from deepflow.config import base_config
 
@@ -130,24 +138,84 @@ def torch_batches(name: str, data_dir: str, workers: int):
 
 
 def throughput(args, name: str, data_dir: str) -> dict[str, float]:
-  """Median images/s per contender. One contender runs at a time (nothing else prefetching in
-  the background), warmed up first: worker start-up is not timed."""
+  """Median images/s per contender (``timed``)."""
   makers = {}
   for workers in (0, 1, 2):
     makers[f"deepflow workers={workers}"] = lambda w=workers: deepflow_batches(name, data_dir, w)
     makers[f"torch workers={workers}"] = lambda w=workers: torch_batches(name, data_dir, w)
+  return timed(args, makers, lambda batch: BATCH)
+
+
+def timed(args, makers: dict, count) -> dict[str, float]:
+  """Median items/s per contender, ``count(batch)`` items a batch. One contender runs at a time
+  (nothing else prefetching in the background), warmed up first: worker start-up is not
+  timed."""
   rounds: dict[str, list[float]] = {k: [] for k in makers}
   for _ in range(args.rounds):
     for key, make in makers.items():
       it = make()
       for _ in range(3):
         next(it)
-      started = time.perf_counter()
+      started, items = time.perf_counter(), 0
       for _ in range(args.batches):
-        next(it)
-      rounds[key].append(args.batches * BATCH / (time.perf_counter() - started))
+        items += count(next(it))
+      rounds[key].append(items / (time.perf_counter() - started))
       getattr(it, "close", lambda: None)()
   return {k: statistics.median(v) for k, v in rounds.items()}
+
+
+def statistics_speed(repeats: int = 5) -> dict[str, float]:
+  """Median seconds to fit ``standardize`` (per channel) on one 512-image chunk of 64x64x3:
+  deepflow's chunked moments against numpy's nanmean + nanstd of the chunk."""
+  import numpy as np
+  from deepflow.data import transforms
+  chunk = np.random.default_rng(0).integers(0, 256, (512, 64, 64, 3)).astype(np.float32)
+  contenders = {
+      "deepflow moments": lambda: transforms.standardize().fit([chunk]),
+      "numpy nanmean+nanstd": lambda: (np.nanmean(chunk, (0, 1, 2)), np.nanstd(chunk, (0, 1, 2)))}
+  times: dict[str, list[float]] = {k: [] for k in contenders}
+  for _ in range(repeats):
+    for key, fit in contenders.items():
+      started = time.perf_counter()
+      fit()
+      times[key].append(time.perf_counter() - started)
+  return {k: statistics.median(v) for k, v in times.items()}
+
+
+# -- Text ------------------------------------------------------------------------------------
+
+def text_pipeline(name: str, data_dir: str, workdir: str, workers: int):
+  from deepflow import config as config_lib
+  from deepflow.data.text import TextPipeline
+  config = config_lib.finalize(config_lib.base_config(), [
+      "task={'name': 'language_model'}", f"model={{'name': 'transformer_lm', 'max_len': {TEXT_SEQ}}}",
+      f"data.source=tfds:{name}", f"data.data_dir={data_dir}", "data.text_feature=text",
+      f"data.tokenizer={TEXT_TOKENIZER}", f"data.seq_len={TEXT_SEQ}",
+      f"data.batch_size={TEXT_BATCH}", "data.transforms=[]", "train.progress=False",
+      f"data.workers={workers}"])
+  return TextPipeline(config, workdir)
+
+
+def text_throughput(args, data_dir: str) -> dict[str, float]:
+  """Tokens/s (real tokens, not padding) delivered by the TextPipeline with 0, 1 and 2 workers;
+  before that, the start-up one run pays once: training the tokenizer on the train split and
+  counting every document's tokens (both then kept in the workdir)."""
+  name = f"text_{args.text_docs}"
+  started = time.perf_counter()
+  generated.prepare(name, data_dir, make=generated.text_builder_class,
+                    splits={"train": args.text_docs})
+  results = {"prepared_s": time.perf_counter() - started}
+  workdir = tempfile.mkdtemp(prefix="deepflow_text_")
+  started = time.perf_counter()
+  first = text_pipeline(name, data_dir, workdir, 0)
+  next(first.train_iterator())
+  results["tokenizer_and_count_s"] = time.perf_counter() - started
+  results["tokens_per_document"] = float(first.lengths("train").mean() - 1)
+  makers = {f"deepflow text workers={w}":
+            lambda w=w: text_pipeline(name, data_dir, workdir, w).train_iterator()
+            for w in (0, 1, 2)}
+  results.update(timed(args, makers, lambda batch: int((batch["segments"] > 0).sum())))
+  return results
 
 
 # -- 2 and 3. Real runs ----------------------------------------------------------------------
@@ -165,11 +233,17 @@ def train_run(experiment: str, data_dir: str, workdir: str, steps: int, override
   samples: list[tuple[int, float]] = []   # (logged step, rss)
   metrics = os.path.join(workdir, "metrics.jsonl")
 
+  high_water = 0.0  # the run's own peak (VmHWM): no peak between two samples is missed
+
   def rss() -> float:
+    nonlocal high_water
     try:
       root = psutil.Process(process.pid)
+      with open(f"/proc/{process.pid}/status") as f:
+        kb = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
+      high_water = max(high_water, int(kb) * 1024.0)
       return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
-    except psutil.Error:
+    except (psutil.Error, OSError, StopIteration):
       return 0.0
 
   def logged() -> int:
@@ -198,7 +272,7 @@ def train_run(experiment: str, data_dir: str, workdir: str, steps: int, override
   early = [r for s, r in samples if 0 < s <= max(steps // 10, 1)] or [samples[0][1]]
   late = [r for s, r in samples if s >= steps * 9 // 10] or [samples[-1][1]]
   return {"first_step_s": first_step or total, "total_s": total,
-          "peak_rss_gb": max(r for _, r in samples) / 2**30,
+          "peak_rss_gb": max(r for _, r in samples) / 2**30, "run_peak_gb": high_water / 2**30,
           "rss_at_10pct_gb": max(early) / 2**30, "rss_at_end_gb": max(late) / 2**30}
 
 
@@ -211,7 +285,9 @@ def main():
   parser.add_argument("--batches", type=int, default=40)
   parser.add_argument("--data_dir", default="")
   parser.add_argument("--caches", default="False,'auto'", help="data.cache values to run")
-  parser.add_argument("--skip", default="", help="comma-separated: throughput,memory,first")
+  parser.add_argument("--text_docs", type=int, default=20000)
+  parser.add_argument("--skip", default="",
+                      help="comma-separated: throughput,statistics,text,memory,first")
   args = parser.parse_args()
   skip = set(args.skip.split(","))
   data_dir = args.data_dir or tempfile.mkdtemp(prefix="deepflow_jpeg64_")
@@ -225,6 +301,17 @@ def main():
       theirs = results["images_per_s"][f"torch workers={workers}"]
       print(f"workers={workers}: deepflow {ours:8.0f} img/s  torch {theirs:8.0f} img/s  "
             f"ratio {ours / theirs:.2f}", flush=True)
+  if "statistics" not in skip:
+    results["statistics_s"] = fit = statistics_speed()
+    print(f"standardize on 512 images: deepflow {fit['deepflow moments']:.3f} s, numpy "
+          f"{fit['numpy nanmean+nanstd']:.3f} s", flush=True)
+  if "text" not in skip:
+    results["text"] = text = text_throughput(args, data_dir)
+    print(f"text ({args.text_docs} documents, {text['tokens_per_document']:.0f} tokens each, "
+          f"{TEXT_TOKENIZER}, rows of {TEXT_SEQ}, batch {TEXT_BATCH}): tokenizer + counting "
+          f"{text['tokenizer_and_count_s']:.1f} s; tokens/s with 0 / 1 / 2 workers: " +
+          " / ".join(f"{text[f'deepflow text workers={w}']:.0f}" for w in (0, 1, 2)),
+          flush=True)
   with tempfile.TemporaryDirectory() as tmp:
     experiment = os.path.join(tmp, "mlp.py")
     if "memory" not in skip:
@@ -235,10 +322,14 @@ def main():
                         [f"data.cache={cache}", "data.workers=2"])
         results[f"memory cache={cache}"] = run
         print(f"train {args.steps} steps, cache={cache}, 2 workers: peak RSS "
-              f"{run['peak_rss_gb']:.2f} GB, at 10% {run['rss_at_10pct_gb']:.2f} GB, at end "
+              f"{run['peak_rss_gb']:.2f} GB sampled ({run['run_peak_gb']:.2f} GB the run's own "
+              f"high-water mark), at 10% {run['rss_at_10pct_gb']:.2f} GB, at end "
               f"{run['rss_at_end_gb']:.2f} GB, {run['total_s']:.0f} s", flush=True)
     if "first" not in skip:
       data_first_batch(name, data_dir, "False")  # untimed: imports, TFDS's first builder
+      with open(experiment, "w") as f:  # untimed: fills the compilation cache all runs share
+        f.write(EXPERIMENT.format(name=name, batch=BATCH))
+      train_run(experiment, data_dir, os.path.join(tmp, "warm"), 1, ["train.log_every=1"])
       for size in map(int, args.sizes.split(",")):
         sized = prepare(data_dir, size) if size != args.size else name
         with open(experiment, "w") as f:

@@ -61,10 +61,11 @@ def _require(name: str) -> str:
   return value
 
 
-def command(*flag_names: str, example: str):
-  """Marks a command function with the flags it reads and a typical call, for its --help."""
+def command(*flag_names: str, example: str, args: str = ""):
+  """Marks a command function with the flags it reads, the words it takes after its name
+  (``args``, e.g. 'prepare NAME'; none by default) and a typical call, for its --help."""
   def mark(fn):
-    fn.flag_names, fn.example = flag_names, example
+    fn.flag_names, fn.example, fn.args = flag_names, example, args
     return fn
   return mark
 
@@ -72,7 +73,7 @@ def command(*flag_names: str, example: str):
 def main(argv: list[str], overrides: list[str]) -> None:
   if len(argv) < 2 or argv[1] not in COMMANDS:
     _fail(f"usage: deepflow {{{','.join(COMMANDS)}}} [flags]; see `deepflow --help`", 2)
-  if len(argv) > 2:
+  if len(argv) > 2 and not COMMANDS[argv[1]].args:
     _fail(f"unexpected arguments: {' '.join(argv[2:])}", 2)
   _setup_logging(FLAGS.debug)
   from deepflow.registry import ConfigError
@@ -82,7 +83,7 @@ def main(argv: list[str], overrides: list[str]) -> None:
       from deepflow import parallel
       parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                       FLAGS.process_id)
-    COMMANDS[argv[1]](overrides)
+    COMMANDS[argv[1]](overrides, *argv[2:])
   except Preempted as e:
     print(f"deepflow: {e}", file=sys.stderr)
     sys.exit(130 if e.interrupted else 0)
@@ -316,8 +317,33 @@ def _plan(overrides: list[str]) -> None:
     sys.exit(1)
 
 
-# Each command is a function of the ``--config.KEY=VALUE`` overrides; its flags are the absl flags
-# defined above, next to it (``--workdir``, ``--split``, ``--checkpoint`` and ``--debug`` shared).
+flags.DEFINE_string("data_dir", None, "data prepare: the TFDS data directory to write (default: "
+                    "$TFDS_DATA_DIR, else ~/tensorflow_datasets); data.data_dir when training.")
+flags.DEFINE_string("manual_dir", None, "data prepare: files downloaded by hand, for datasets "
+                    "that need them (imagenet2012: ILSVRC2012_img_train.tar and _val.tar).")
+flags.DEFINE_list("imports", [], "data prepare: modules to import first, which register TFDS "
+                  "builders of one's own.")
+
+
+@command("data_dir", "manual_dir", "imports", args="prepare NAME[/CONFIG][:VERSION]",
+         example="deepflow data prepare cifar10 --data_dir /data/tfds")
+def _data(overrides: list[str], *args: str) -> None:
+  """Prepare a TFDS dataset as ArrayRecord, where there is network (training never needs it).
+
+  Downloads and writes it once (TFDS builds some datasets with TensorFlow: install it for this
+  step); then train with --config.data.source=tfds:NAME --config.data.data_dir=DIR."""
+  from deepflow.data import prepare, sources
+  if overrides or len(args) != 2 or args[0] != "prepare":
+    _fail(f"usage: deepflow data {_data.args} [flags]; see `deepflow data --help`", 2)
+  data_dir = FLAGS.data_dir or sources.default_data_dir()
+  builder, now = prepare.prepare(args[1], data_dir, manual_dir=FLAGS.manual_dir,
+                                 imports=FLAGS.imports)
+  print(prepare.report(builder, args[1], data_dir, now))
+
+
+# Each command is a function of the ``--config.KEY=VALUE`` overrides (and of the words after its
+# name, if it takes any); its flags are the absl flags defined above, next to it (``--workdir``,
+# ``--split``, ``--checkpoint`` and ``--debug`` shared).
 COMMANDS = {
     "train": _train,
     "eval": _eval,
@@ -327,6 +353,7 @@ COMMANDS = {
     "explain": _explain,
     "sample": _sample,
     "plan": _plan,
+    "data": _data,
 }
 
 
@@ -357,7 +384,9 @@ def usage(name: str | None = None) -> str:
     return "\n".join(lines)
   fn = COMMANDS[name]
   doc = inspect.cleandoc(fn.__doc__ or "").splitlines()
-  lines = [f"usage: deepflow {name} [flags] [--config.KEY=VALUE ...]", ""] + doc + ["", "flags:"]
+  words = f" {fn.args}" if fn.args else ""
+  lines = [f"usage: deepflow {name}{words} [flags] [--config.KEY=VALUE ...]", ""] + doc + [
+      "", "flags:"]
   for flag in (*fn.flag_names, *SHARED_FLAGS):
     f = FLAGS[flag]
     unset = f.default is None or f.default is False or f.default in ([], "")

@@ -110,12 +110,14 @@ def test_help_lists_the_commands_and_each_commands_flags():
   assert top.returncode == 0, top.stderr
   commands = [line.split()[0] for line in top.stdout.split("commands:\n")[1].split("\n\n")[0]
               .splitlines()]
-  assert commands == ["train", "eval", "sweep", "export", "predict", "explain", "sample", "plan"]
+  assert commands == ["train", "eval", "sweep", "export", "predict", "explain", "sample", "plan",
+                      "data"]
   for name in commands:
     out = deepflow(name, "--help")
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"usage: deepflow {name} ")
-    assert any(f"  --{flag}: " in out.stdout for flag in ("workdir", "model", "config"))
+    assert any(f"  --{flag}: " in out.stdout for flag in ("workdir", "model", "config",
+                                                            "data_dir"))
     assert f"example:\n  deepflow {name} " in out.stdout
   train = deepflow("train", "-h").stdout
   assert "--config: Experiment file" in train and "--sweep" not in train

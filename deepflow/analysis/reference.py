@@ -130,7 +130,8 @@ def _train_split(data_config: Any, seed: int) -> tuple[np.ndarray, np.ndarray, i
   dataset = sources.open_dataset(data_config, seed=seed)
   train = sources.to_memory(dataset.split(data_config.train_split)).arrays
   chain = transforms_lib.build_transforms(data_config.transforms)
-  stats = transforms_lib.fit_chain(chain, train, dataset.input_key, dataset.target_key)
+  stats = transforms_lib.fit_chain(chain, lambda: [train], dataset.input_key,
+                                   dataset.target_key)
   batch = transforms_lib.apply_chain(chain, stats, train, dataset.input_key, dataset.target_key,
                                      train=False)
   return (np.asarray(batch[dataset.input_key], np.float32),

@@ -55,6 +55,14 @@ class PackedStream:
     if self.rows_per_epoch == 0:
       raise ValueError(f"the split holds {total} tokens, fewer than one row of {seq_len}")
 
+  def __getstate__(self) -> dict:
+    """Pickled (to ``data.workers`` processes) without the per-epoch cache, rebuilt there."""
+    return {k: v for k, v in self.__dict__.items() if k != "_epoch"}
+
+  def __setstate__(self, state: dict) -> None:
+    self.__dict__.update(state)
+    self._epoch = functools.lru_cache(maxsize=2)(self._stream)
+
   def _stream(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
     """(documents in stream order, stream position where each one ends)."""
     order = (np.arange(len(self.lengths)) if self._order is None

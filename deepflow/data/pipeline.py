@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import grain
 import jax
@@ -77,6 +77,22 @@ def _exit_with_parent(worker_index: int, worker_count: int) -> None:
       time.sleep(PARENT_POLL_S)
     os._exit(1)
   threading.Thread(target=watch, daemon=True, name="deepflow-parent-watch").start()
+
+
+def step_batches(batch: Callable[[int], Any], start: int, num_threads: int, workers: int
+                 ) -> grain.IterDataset:
+  """``batch(start)``, ``batch(start + 1)``, ... computed ahead on ``num_threads`` Grain threads;
+  with ``workers`` > 0 in worker processes, each computing every n-th step (Grain's
+  ``mp_prefetch``), returned in step order."""
+  ds = grain.MapDataset.range(start, sys.maxsize).map(batch)
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                            prefetch_buffer_size=max(2, 2 * num_threads)))
+  if workers:
+    _grain_flags_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                     per_worker_buffer_size=2),
+                        worker_init_fn=_exit_with_parent)
+  return ds
 
 
 class TrainIterator:
@@ -184,18 +200,18 @@ class Pipeline:
 
   def _fitted_stats(self, workdir: str | None):
     """Statistics (and the missing-value check) from a bounded sample of the train split, read
-    in one pass, fitted once per run and kept in the workdir."""
+    in chunks (one pass per fitted transform), fitted once per run and kept in the workdir."""
     path = os.path.join(workdir, STATS_FILE) if workdir else None
     if path and epath.Path(path).exists():
       return transforms_lib.load_stats(path)
     indices = self._stats_sample()
-    chunks = tqdm.tqdm(range(0, len(indices), STATS_CHUNK), desc="statistics", unit="chunk",
-                       disable=not self.progress or len(indices) <= STATS_CHUNK,
-                       dynamic_ncols=True)
-    parts = [self._examples(self.train_source, indices[i:i + STATS_CHUNK], train=False, step=0)
-             for i in chunks]
-    sample = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    stats = transforms_lib.fit_chain(self.transforms, sample, self.dataset.input_key,
+    starts = range(0, len(indices), STATS_CHUNK)
+
+    def chunks():  # one pass over the sample (one per fitted transform), a chunk at a time
+      for i in tqdm.tqdm(starts, desc="statistics", unit="chunk", dynamic_ncols=True,
+                         disable=not self.progress or len(starts) <= 1):
+        yield self._examples(self.train_source, indices[i:i + STATS_CHUNK], train=False, step=0)
+    stats = transforms_lib.fit_chain(self.transforms, chunks, self.dataset.input_key,
                                      self.dataset.target_key)
     if path and jax.process_index() == 0:
       epath.Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -258,17 +274,8 @@ class Pipeline:
 
   def train_dataset(self, start: int = 0) -> grain.IterDataset:
     """Infinite, reshuffled every epoch; element ``s`` is the host's part of global batch
-    ``start + s``. With ``data.workers`` > 0 and a streamed split, worker processes each compute
-    every n-th batch (Grain's ``mp_prefetch``) and the batches come back in step order."""
-    ds = grain.MapDataset.range(start, sys.maxsize).map(self._train_batch)
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.num_threads,
-                                              prefetch_buffer_size=max(2, 2 * self.num_threads)))
-    if self.workers:
-      _grain_flags_parsed()
-      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers,
-                                                       per_worker_buffer_size=2),
-                          worker_init_fn=_exit_with_parent)
-    return ds
+    ``start + s`` (``step_batches``)."""
+    return step_batches(self._train_batch, start, self.num_threads, self.workers)
 
   def _train_batch(self, step: int):
     indices, mask = self.sampler[step]

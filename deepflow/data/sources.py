@@ -205,8 +205,8 @@ def _tfds_builder(rest: str, data_dir: str):
 
 def _not_prepared(rest: str, data_dir: str) -> str:
   return (f"TFDS dataset {rest!r} is not prepared in {data_dir} and deepflow does not download "
-          f"at run time; prepare it where there is network: `tfds build {rest.split(':')[0]} "
-          f"--data_dir {data_dir} --file_format=array_record`, then set data.data_dir")
+          f"at run time; prepare it where there is network: `deepflow data prepare {rest} "
+          f"--data_dir {data_dir}`, then set data.data_dir")
 
 
 def open_tfds_splits(rest: str, data_dir: str) -> tuple[Any, Mapping[str, Sequence]]:

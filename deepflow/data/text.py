@@ -18,14 +18,13 @@ from __future__ import annotations
 import functools
 from typing import Any, Iterator, Mapping, Sequence
 
-import grain
 import jax
 import numpy as np
 import tqdm
 from etils import epath
 
 from deepflow.data import packing, sources, tokenizers
-from deepflow.data.pipeline import MASK, DataSpec
+from deepflow.data.pipeline import MASK, DataSpec, TrainIterator, step_batches
 from deepflow.registry import ConfigError
 
 READ_CHUNK = 1024   # documents read and tokenized together in the counting pass
@@ -60,7 +59,7 @@ class TextPipeline:
     self.builder, self.splits = sources.open_tfds_splits(rest, data.data_dir or
                                                          sources.default_data_dir())
     self.feature = text_feature(self.builder.info.features, data.text_feature, data.source)
-    self.seq_len, self.num_threads = data.seq_len, data.num_threads
+    self.seq_len, self.num_threads, self.workers = data.seq_len, data.num_threads, data.workers
     self.process_count, self.process_index = jax.process_count(), jax.process_index()
     self.global_batch_size, self.global_eval_batch_size = data.batch_size, data.eval_batch_size
     self.batch_size = self._per_host(data.batch_size, "data.batch_size")
@@ -163,15 +162,13 @@ class TextPipeline:
     first = step * self.global_batch_size + self.process_index * self.batch_size
     return self._rows(self.train_split, np.arange(first, first + self.batch_size), train=True)
 
-  def train_iterator(self, state: Mapping[str, Any] | None = None) -> grain.DatasetIterator:
-    """Batch ``s`` of training (this host's rows), positioned by a saved state when resuming."""
-    self.stream(self.train_split, train=True)  # count before the threads start
-    ds = grain.MapDataset.range(np.iinfo(np.int64).max).map(self._train_batch)
-    iterator = iter(ds.to_iter_dataset(grain.ReadOptions(
-        num_threads=self.num_threads, prefetch_buffer_size=max(2, 2 * self.num_threads))))
-    if state is not None:
-      iterator.set_state(dict(state))
-    return iterator
+  def train_iterator(self, state: Mapping[str, Any] | None = None) -> TrainIterator:
+    """Batch ``s`` of training (this host's rows), positioned by a saved state when resuming;
+    computed in ``data.workers`` processes when > 0, with the same batches."""
+    self.stream(self.train_split, train=True)  # count before the threads and workers start
+    start = int(state["next_index"]) if state else 0
+    return TrainIterator(iter(step_batches(self._train_batch, start, self.num_threads,
+                                           self.workers)), start)
 
   def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
     """Every row of ``split`` once, in order; the last batch padded with ``mask`` = 0 rows."""

@@ -52,10 +52,11 @@ def tokenize(level: str = "word", length: int = 256, vocab_size: int = 10000,
                       f"unknown and one word), got {vocab_size!r}")
   lookup: dict[int, dict[str, int]] = {}  # fitted vocabulary -> word ids, built once per stats
 
-  def fit(values) -> Stats:
+  def fit(chunks) -> Stats:
     if level == "byte":
       return {}
-    counts = collections.Counter(w for text in _texts(values) for w in words(text, lowercase))
+    counts = collections.Counter(w for values in chunks for text in _texts(values)
+                                 for w in words(text, lowercase))
     ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:vocab_size - 2]
     return {"vocab": np.array([w for w, _ in ranked], dtype=str)}
 

@@ -3,14 +3,16 @@ every batch (train and eval alike) on the host.
 
 A config lists them in order, e.g. ``data.transforms = [dict(name='impute', strategy='median'),
 dict(name='standardize')]``. Like an optax chain, each transform is a small pair of functions:
-``fit(train_values) -> stats`` and ``apply(stats, values, rng) -> values``. Fitted statistics are
-saved in the workdir (``preprocessing.npz``) so eval, resumption and export reuse exactly them.
+``fit(train_chunks) -> stats`` and ``apply(stats, values, rng) -> values``. ``fit`` reads the
+train sample once, chunk by chunk (moments are accumulated, so host memory holds one chunk, not
+the sample). Fitted statistics are saved in the workdir (``preprocessing.npz``) so eval,
+resumption and export reuse exactly them.
 """
 from __future__ import annotations
 
 import dataclasses
 import io
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from etils import epath
@@ -26,7 +28,7 @@ class Transform:
   """One preprocessing step. ``keys`` name the features it touches ('input' and 'target' mean
   the dataset's supervised keys); statistics are fitted on the first key and shared by the rest
   (e.g. the same scaling for a series' past values and its future targets)."""
-  fit: Callable[[np.ndarray], Stats]
+  fit: Callable[[Iterable[np.ndarray]], Stats]   # one pass over the train sample's chunks
   apply: Callable[[Stats, np.ndarray, np.random.Generator], np.ndarray]
   keys: tuple[str, ...] = ("input",)
   train_only: bool = False            # augmentations: training batches only
@@ -78,6 +80,84 @@ def _reduce_axes(values: np.ndarray, per: str) -> tuple[int, ...]:
   raise ConfigError(f"unknown normalization axis {per!r}; known: auto, feature, channel, global")
 
 
+class Moments:
+  """Count, mean, sum of squared deviations, min and max of values added chunk by chunk, reduced
+  over the axes ``per`` names (``_reduce_axes``), NaN ignored: what ``np.nanmean``, ``nanstd``,
+  ``nanmin`` and ``nanmax`` give on the chunks concatenated, in float64, holding one chunk at a
+  time. Chunks are merged with Chan, Golub and LeVeque's pairwise update (no cancellation)."""
+
+  BLOCK = 1 << 22  # values reduced at once: float64 temporaries of ~32 MB, whatever the chunk
+
+  def __init__(self, per: str):
+    self.per, self.count = per, None
+
+  @classmethod
+  def of(cls, chunks: Iterable[np.ndarray], per: str) -> "Moments":
+    moments = cls(per)
+    for values in chunks:
+      moments.add(values)
+    return moments
+
+  def add(self, values: np.ndarray) -> None:
+    rows = max(1, self.BLOCK // max(1, int(np.prod(np.shape(values)[1:]))))
+    for start in range(0, len(values), rows):
+      self._merge(values[start:start + rows])
+
+  def _merge(self, values: np.ndarray) -> None:
+    # The reduced axes are a prefix (``_reduce_axes``), so the kept ones are trailing: as a
+    # (rows, columns) matrix, column j belongs to statistic j % groups. Reducing over the rows
+    # first (wide, contiguous: matrix-vector products) then over each statistic's columns is
+    # many times faster than numpy's reductions over axes (0, 1, 2) of (B, H, W, 3) images.
+    values = np.asarray(values)
+    k = len(_reduce_axes(values, self.per))
+    shape = tuple(1 if a < k else n for a, n in enumerate(values.shape))[1:]
+    groups = int(np.prod(values.shape[k:]))
+    x = values.astype(np.float64).reshape(len(values), -1)
+
+    def per_statistic(columns, reduce):
+      return reduce(columns.reshape(-1, groups), axis=0).reshape(shape)
+    missing = np.isnan(x)
+    with np.errstate(invalid="ignore", divide="ignore"):
+      if missing.any():
+        present = ~missing
+        count = per_statistic(present.sum(axis=0), np.sum)
+        mean = per_statistic(np.where(present, x, 0.0).sum(axis=0), np.sum) / count
+        deviations = np.where(present, x - np.tile(mean.ravel(), x.shape[1] // groups), 0.0)
+        low = per_statistic(np.where(present, x, np.inf).min(axis=0), np.min)
+        high = per_statistic(np.where(present, x, -np.inf).max(axis=0), np.max)
+      else:
+        count = np.full(shape, x.size // groups)
+        mean = per_statistic(np.ones(len(x)) @ x, np.sum) / count
+        deviations = x - np.tile(mean.ravel(), x.shape[1] // groups)
+        low = per_statistic(x.min(axis=0), np.min)
+        high = per_statistic(x.max(axis=0), np.max)
+      m2 = per_statistic(np.ones(len(x)) @ np.square(deviations, out=deviations), np.sum)
+    if self.count is None:
+      self.count, self.mean, self.m2, self._low, self._high = count, mean, m2, low, high
+      return
+    total = self.count + count
+    with np.errstate(invalid="ignore", divide="ignore"):
+      delta = np.where(count > 0, mean - self.mean, 0.0)
+      share = np.where(total > 0, count / total, 0.0)
+      self.mean = np.where(self.count > 0, self.mean + delta * share, mean)
+      self.m2 = np.where(self.count > 0, self.m2 + m2 + delta ** 2 * self.count * share, m2)
+    self.count, self._low, self._high = total, np.minimum(self._low, low), np.maximum(
+        self._high, high)
+
+  def std(self) -> np.ndarray:
+    """The population standard deviation (``np.std``'s default, ddof 0)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+      return np.sqrt(self.m2 / self.count)
+
+  @property
+  def min(self) -> np.ndarray:
+    return np.where(self.count > 0, self._low, np.nan)
+
+  @property
+  def max(self) -> np.ndarray:
+    return np.where(self.count > 0, self._high, np.nan)
+
+
 @TRANSFORMS.register("standardize")
 def standardize(per: str = "auto", keys: tuple[str, ...] = ("input",)) -> Transform:
   """(x - mean) / std, statistics from the train split. A feature constant in train is only
@@ -85,10 +165,10 @@ def standardize(per: str = "auto", keys: tuple[str, ...] = ("input",)) -> Transf
   instead of being divided by ~0."""
   _reduce_axes(np.zeros((1, 1, 1, 1)), per)  # validate the option at build time
 
-  def fit(values):
-    axes = _reduce_axes(values, per)
-    std = np.nanstd(values, axis=axes, keepdims=True)[0]
-    return {"mean": np.nanmean(values, axis=axes, keepdims=True)[0],
+  def fit(chunks):
+    moments = Moments.of(chunks, per)
+    std = moments.std()
+    return {"mean": moments.mean.astype(np.float32),
             "std": np.where(std < EPS, 1.0, std).astype(np.float32)}
 
   def apply(stats, values, rng):
@@ -106,10 +186,9 @@ def minmax(per: str = "auto", low: float = 0.0, high: float = 1.0,
   is shifted to ``low``, its range taken as 1, as scikit-learn does)."""
   _reduce_axes(np.zeros((1, 1, 1, 1)), per)
 
-  def fit(values):
-    axes = _reduce_axes(values, per)
-    return {"min": np.nanmin(values, axis=axes, keepdims=True)[0],
-            "max": np.nanmax(values, axis=axes, keepdims=True)[0]}
+  def fit(chunks):
+    moments = Moments.of(chunks, per)
+    return {"min": moments.min.astype(np.float32), "max": moments.max.astype(np.float32)}
 
   def apply(stats, values, rng):
     span = stats["max"] - stats["min"]
@@ -131,12 +210,14 @@ def impute(strategy: str = "mean", fill_value: float = 0.0, indicator: bool = Fa
   if strategy not in ("mean", "median", "constant"):
     raise ConfigError(f"impute strategy {strategy!r}; known: mean, median, constant")
 
-  def fit(values):
+  def fit(chunks):
     if strategy == "constant":
-      fill = np.full(values.shape[1:], fill_value, np.float32)
-    else:
-      fill = (np.nanmean if strategy == "mean" else np.nanmedian)(values, axis=0)
-      fill = np.where(np.isnan(fill), fill_value, fill)  # a feature missing everywhere
+      fill = np.full(next(iter(chunks)).shape[1:], fill_value, np.float32)
+    elif strategy == "mean":
+      fill = Moments.of(chunks, "feature").mean
+    else:  # a median needs the whole sample (tables: a few MB at data.stats_examples rows)
+      fill = np.nanmedian(np.concatenate(list(chunks)), axis=0)
+    fill = np.where(np.isnan(fill), fill_value, fill)  # a feature missing everywhere
     return {"fill": fill.astype(np.float32)}
 
   def apply(stats, values, rng):
@@ -168,27 +249,56 @@ def resolve_key(key: str, input_key: str, target_key: str) -> str:
   return {"input": input_key, "target": target_key}.get(key, key)
 
 
-def fit_chain(transforms: Sequence[Transform], train: Mapping[str, np.ndarray],
+def fit_chain(transforms: Sequence[Transform],
+              chunks: Callable[[], Iterable[Mapping[str, np.ndarray]]],
               input_key: str, target_key: str) -> list[Stats]:
-  """Fits each transform in order on the train split as transformed by the ones before it.
-  Rejects NaN inputs that no imputation handles: silent NaN training is never what one wants."""
-  values = {k: np.asarray(v) for k, v in train.items()}
-  all_stats = []
-  for t in transforms:
-    if not (t.train_only or t.per_example):
-      keys = [resolve_key(k, input_key, target_key) for k in t.keys]
-      stats = t.fit(_as_input(t, values[keys[0]]))
-      for k in keys:
-        values[k] = t.apply(stats, _as_input(t, values[k]), None)
+  """Fits each transform in order on the train sample as transformed by the ones before it:
+  ``chunks()`` yields the sample in batches, read once per fitted transform (once at all when
+  none is), so host memory holds one batch at a time. Rejects NaN inputs that no imputation
+  handles: silent NaN training is never what one wants."""
+  all_stats: list[Stats] = [{} for _ in transforms]
+  fitted = [i for i, t in enumerate(transforms) if not (t.train_only or t.per_example)]
+  missing = {input_key: [0, 0], target_key: [0, 0]}  # NaN entries, entries
+  for n, i in enumerate(fitted or [len(transforms)]):
+    last = n == max(len(fitted) - 1, 0)
+    passed = _through(transforms[:i], all_stats, chunks(), input_key, target_key,
+                      missing if last else None)
+    if i < len(transforms):
+      t = transforms[i]
+      key = resolve_key(t.keys[0], input_key, target_key)
+      all_stats[i] = t.fit(_as_input(t, values[key]) for values in passed)
     else:
-      stats = {}
-    all_stats.append(stats)
-  for key in (input_key, target_key):
-    if np.issubdtype(values[key].dtype, np.floating) and np.isnan(values[key]).any():
-      frac = float(np.isnan(values[key]).mean())
-      raise ConfigError(f"feature {key!r} has missing values (NaN, {frac:.1%} of entries) and no "
-                        f"imputation handles them; add dict(name='impute') to data.transforms")
+      for _ in passed:  # nothing to fit: the pass is the missing-value check alone
+        pass
+  # The check ran on what enters the last fitted transform; after it, values are NaN exactly
+  # where they were before (finite statistics), unless it imputes them.
+  imputed = {resolve_key(k, input_key, target_key) for i in fitted[-1:]
+             if transforms[i].handles_missing for k in transforms[i].keys}
+  for key, (nans, total) in missing.items():
+    if nans and key not in imputed:
+      raise ConfigError(f"feature {key!r} has missing values (NaN, {nans / total:.1%} of "
+                        f"entries) and no imputation handles them; add dict(name='impute') to "
+                        f"data.transforms")
   return all_stats
+
+
+def _through(transforms: Sequence[Transform], stats: Sequence[Stats],
+             chunks: Iterable[Mapping[str, np.ndarray]], input_key: str, target_key: str,
+             missing: dict[str, list[int]] | None) -> Iterator[dict[str, np.ndarray]]:
+  """The chunks through the fitted ``transforms`` (augmentations skipped), counting the NaN
+  entries of the input and target features in ``missing`` when given."""
+  for chunk in chunks:
+    values = {k: np.asarray(v) for k, v in chunk.items()}
+    for t, s in zip(transforms, stats):
+      if not (t.train_only or t.per_example):
+        for k in t.keys:
+          k = resolve_key(k, input_key, target_key)
+          values[k] = t.apply(s, _as_input(t, values[k]), None)
+    for key, counts in (missing or {}).items():
+      if np.issubdtype(values[key].dtype, np.floating):
+        counts[0] += int(np.isnan(values[key]).sum())
+        counts[1] += values[key].size
+    yield values
 
 
 def apply_chain(transforms: Sequence[Transform], stats: Sequence[Stats],

@@ -86,7 +86,7 @@ def test_bundled_digits_is_prepared_offline(data_dir):
 
 def test_unprepared_tfds_dataset_fails_fast(tmp_path):
   started = time.time()
-  with pytest.raises(sources.DatasetNotFoundError, match="tfds build mnist"):
+  with pytest.raises(sources.DatasetNotFoundError, match="deepflow data prepare mnist --data_dir"):
     Pipeline(tiny_config("data.source=tfds:mnist", f"data.data_dir={tmp_path}"))
   assert time.time() - started < 10
 

@@ -16,7 +16,7 @@ EVAL = RNG.normal(0.0, 5.0, (10, 4)).astype(np.float32)
 
 
 def fit_apply(transform, train, other):
-  stats = transform.fit(train)
+  stats = transform.fit([train])
   return transform.apply(stats, other, None)
 
 
@@ -39,7 +39,7 @@ def test_standardize_axes_on_images(per, axes):
 
 def test_auto_is_per_channel_for_sequences_so_targets_can_share_statistics():
   series = RNG.normal(10, 3, (30, 12, 1)).astype(np.float32)
-  stats = T.standardize().fit(series)
+  stats = T.standardize().fit([series])
   assert stats["mean"].shape == (1, 1)
   targets = RNG.normal(10, 3, (30, 1)).astype(np.float32)
   out = T.standardize().apply(stats, targets, None)
@@ -65,6 +65,15 @@ def test_minmax_formula():
   assert out.min() == pytest.approx(0) and out.max() == pytest.approx(1)
 
 
+def one_chunk(sample):
+  return lambda: [sample]
+
+
+def in_chunks(sample, size):
+  n = len(next(iter(sample.values())))
+  return lambda: ({k: v[i:i + size] for k, v in sample.items()} for i in range(0, n, size))
+
+
 def knock(x, fraction=0.2, seed=1):
   x = x.copy()
   x[np.random.default_rng(seed).random(x.shape) < fraction] = np.nan
@@ -87,12 +96,13 @@ def test_impute_fills_with_train_statistics(strategy):
 def test_nan_without_imputation_is_refused_in_train_and_eval():
   chain = [T.standardize()]
   with pytest.raises(ConfigError, match=r"missing values \(NaN, .*add dict\(name='impute'\)"):
-    T.fit_chain(chain, {"x": knock(TRAIN), "y": np.zeros(50)}, "x", "y")
-  stats = T.fit_chain(chain, {"x": TRAIN, "y": np.zeros(50)}, "x", "y")
+    T.fit_chain(chain, one_chunk({"x": knock(TRAIN), "y": np.zeros(50)}), "x", "y")
+  stats = T.fit_chain(chain, one_chunk({"x": TRAIN, "y": np.zeros(50)}), "x", "y")
   with pytest.raises(ConfigError, match="eval batch has missing values"):
     T.apply_chain(chain, stats, {"x": knock(EVAL), "y": np.zeros(10)}, "x", "y", train=False)
   imputed = [T.impute(), T.standardize()]
-  stats = T.fit_chain(imputed, {"x": knock(TRAIN), "y": np.zeros(50)}, "x", "y")
+  stats = T.fit_chain(imputed, one_chunk({"x": knock(TRAIN), "y": np.zeros(50)}), "x",
+                       "y")
   out = T.apply_chain(imputed, stats, {"x": knock(EVAL), "y": np.zeros(10)}, "x", "y",
                       train=False)
   assert not np.isnan(out["x"]).any()
@@ -101,10 +111,51 @@ def test_nan_without_imputation_is_refused_in_train_and_eval():
 def test_chain_fits_each_step_on_the_output_of_the_previous_one():
   chain = [T.impute(strategy="median"), T.standardize()]
   train = knock(TRAIN)
-  stats = T.fit_chain(chain, {"x": train, "y": np.zeros(50)}, "x", "y")
+  stats = T.fit_chain(chain, one_chunk({"x": train, "y": np.zeros(50)}), "x", "y")
   filled = np.where(np.isnan(train), np.nanmedian(train, 0), train)
   np.testing.assert_allclose(stats[1]["mean"], filled.mean(0), rtol=1e-5)
   np.testing.assert_allclose(stats[1]["std"], filled.std(0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("per", ["auto", "feature", "global"])
+@pytest.mark.parametrize("block", [T.Moments.BLOCK, 200])  # 200: a chunk reduced in blocks
+def test_chunked_fit_equals_numpy_on_the_whole_sample(per, block, monkeypatch):
+  """Moments merged over uneven chunks (one of them all-NaN in places) against numpy's
+  nanmean/nanstd/nanmin/nanmax of the concatenated float64 sample."""
+  monkeypatch.setattr(T.Moments, "BLOCK", block)
+  images = knock(RNG.normal(100, 40, (103, 6, 5, 3)).astype(np.float32), 0.1)
+  images[:7, 0, 0, 0] = np.nan
+  axes = {"auto": (0, 1, 2), "feature": (0,), "global": (0, 1, 2, 3)}[per]
+  reference = images.astype(np.float64)
+  for size in (1, 7, 50, 103):
+    chunks = [images[i:i + size] for i in range(0, 103, size)]
+    stats = T.standardize(per=per).fit(chunks)
+    np.testing.assert_allclose(stats["mean"], np.nanmean(reference, axes, keepdims=True)[0],
+                               rtol=1e-6)
+    np.testing.assert_allclose(stats["std"], np.nanstd(reference, axes, keepdims=True)[0],
+                               rtol=1e-5)
+    stats = T.minmax(per=per).fit(chunks)
+    np.testing.assert_array_equal(stats["min"], np.nanmin(reference, axes, keepdims=True)[0])
+    np.testing.assert_array_equal(stats["max"], np.nanmax(reference, axes, keepdims=True)[0])
+  table = knock(TRAIN)
+  for strategy, reference in (("mean", np.nanmean), ("median", np.nanmedian)):
+    stats = T.impute(strategy=strategy).fit([table[:13], table[13:14], table[14:]])
+    np.testing.assert_allclose(stats["fill"], reference(table, 0), rtol=1e-6)
+
+
+def test_chain_fits_in_chunks_and_checks_nan_in_the_same_passes():
+  chain = [T.impute(strategy="mean"), T.standardize()]
+  train = knock(TRAIN)
+  stats = T.fit_chain(chain, in_chunks({"x": train, "y": np.zeros(50)}, 8), "x", "y")
+  filled = np.where(np.isnan(train), np.nanmean(train, 0), train).astype(np.float64)
+  np.testing.assert_allclose(stats[1]["mean"], filled.mean(0), rtol=1e-6)
+  np.testing.assert_allclose(stats[1]["std"], filled.std(0), rtol=1e-5)
+  late_nan = TRAIN.copy()
+  late_nan[-1, 2] = np.nan  # in the last chunk only
+  with pytest.raises(ConfigError, match=r"'x' has missing values \(NaN, 0.5% of entries\)"):
+    T.fit_chain([T.standardize()], in_chunks({"x": late_nan, "y": np.zeros(50)}, 8), "x", "y")
+  with pytest.raises(ConfigError, match="'y' has missing values"):
+    T.fit_chain([], in_chunks({"x": TRAIN, "y": np.full(50, np.nan)}, 8), "x", "y")
 
 
 def missing_config(data_dir, transforms):
