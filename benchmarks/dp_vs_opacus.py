@@ -12,7 +12,11 @@ then timed in ``--rounds`` interleaved rounds; the median counts. deepflow's non
 batches of ``--batch`` is timed beside them, and at the padded batch's size (the rows the DP step
 computes). Opacus and PyTorch are benchmark-only dependencies.
 
-    python benchmarks/dp_vs_opacus.py [--batches 128,1024] [--rounds 5] [--seconds 1.0]
+On a shared machine the load changes within a run: the ratios are taken within each round (the
+contenders of one round ran back to back) and their median is reported with the range over the
+rounds, beside the median step times and the load average before and after each batch size.
+
+    python benchmarks/dp_vs_opacus.py [--batches 128,1024] [--rounds 11] [--seconds 0.5]
 """
 from __future__ import annotations
 
@@ -81,8 +85,8 @@ def opacus_step(host_batches, expected_batch: int):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batches", default="128,1024")
-  parser.add_argument("--rounds", type=int, default=5)
-  parser.add_argument("--seconds", type=float, default=1.0)
+  parser.add_argument("--rounds", type=int, default=11)
+  parser.add_argument("--seconds", type=float, default=0.5)
   parser.add_argument("--threads", type=int, default=2)
   args = parser.parse_args(argv)
   torch.set_num_threads(args.threads)
@@ -108,24 +112,28 @@ def main(argv=None):
               digits_cnn_config(host[0][MASK].shape[0], None), os.path.join(tmp, f"pad{batch}"),
               8)[:2]}
       steps = max(2, int(args.seconds / time_round(ghost_step, ghost_sync, 3)))
+      load = os.getloadavg()[0]
       times = {name: [] for name in contenders}
       for _ in range(args.rounds):
         for name, (step, sync) in contenders.items():
           times[name].append(time_round(step, sync, steps))
-      med = {name: float(np.median(t)) for name, t in times.items()}
+      times = {name: np.array(t) for name, t in times.items()}
       sizes = [int(b[MASK].sum()) for b in host]
-      plain = med["deepflow non-private"]
+      plain, ghost = times["deepflow non-private"], times["deepflow DP ghost"]
       print(f"batch {batch} (Poisson: padded to {host[0][MASK].shape[0]} rows, sampled "
-            f"{min(sizes)}-{max(sizes)}; median of {args.rounds} rounds x {steps} steps, load "
-            f"{os.getloadavg()[0]:.2f}): "
-            + ", ".join(f"{name} {1e3 * t:.1f} ms" for name, t in med.items())
-            + "; Opacus / deepflow DP: "
-            + ", ".join(f"{med['Opacus'] / med[k]:.2f}x ({k[12:]})" for k in DP_CONTENDERS)
-            + "; deepflow DP / non-private: "
-            + ", ".join(f"{med[k] / plain:.2f}x ({k[12:]})" for k in DP_CONTENDERS)
-            + f"; ghost / non-private at the padded size "
-            f"{med['deepflow DP ghost'] / med['deepflow non-private, padded size']:.2f}x",
-            flush=True)
+            f"{min(sizes)}-{max(sizes)}; {args.rounds} rounds x {steps} steps; load "
+            f"{load:.2f} -> {os.getloadavg()[0]:.2f})", flush=True)
+      for name, t in times.items():
+        print(f"  {name}: {1e3 * np.median(t):.2f} ms (median; rounds "
+              f"{1e3 * t.min():.2f}-{1e3 * t.max():.2f})")
+      ratios = {f"Opacus / {k}": times["Opacus"] / times[k] for k in DP_CONTENDERS}
+      ratios.update({f"{k} / non-private": times[k] / plain
+                     for k in DP_CONTENDERS})
+      ratios["deepflow DP ghost / non-private at the padded size"] = (
+          ghost / times["deepflow non-private, padded size"])
+      for name, r in ratios.items():
+        print(f"  {name}: {np.median(r):.2f}x (median of per-round ratios; range "
+              f"{r.min():.2f}-{r.max():.2f})", flush=True)
   print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 

@@ -13,7 +13,7 @@ from deepflow import privacy
 from deepflow.data.pipeline import MASK, Pipeline
 from deepflow.models.cnn import CNN
 from deepflow.models.mlp import MLP
-from deepflow.privacy import ghost
+from deepflow.privacy import ghost, ghost_layers
 from deepflow.registry import ConfigError, TASKS
 from deepflow.train.state import create_state
 from tests.helpers import tiny_config
@@ -94,8 +94,9 @@ def _assert_ghost_equals_vmap(loss, params, batch):
 MODELS = {
     "mlp_dropout": (MLP(3, hidden=(16, 8), dropout=0.3), jax.random.normal(jax.random.key(2),
                                                                           (B, 4, 3))),
-    "cnn": (CNN(3, features=(4, 6), dense=(8,)), jax.random.normal(jax.random.key(2),
-                                                                   (B, 8, 8, 1))),
+    # The second convolution's norms take the Gram form, the first's the direct one.
+    "cnn": (CNN(3, features=(8, 32), dense=(8,)), jax.random.normal(jax.random.key(2),
+                                                                    (B, 8, 8, 1))),
     "conv_variants": (ConvVariants(3), jax.random.normal(jax.random.key(2), (B, 9, 6, 2))),
     "embedding": (BagOfTokens(3), jax.random.randint(jax.random.key(2), (B, 7), 0, 20)),
 }
@@ -107,6 +108,52 @@ def test_ghost_equals_per_example_gradients_on_covered_layers(name):
   the_plan = ghost.plan(loss, params, jax.tree.map(lambda x: x[0], batch), jax.random.key(0))
   assert the_plan.complete  # every parameter is in a covered layer: 'auto' picks ghost
   _assert_ghost_equals_vmap(loss, params, batch)
+
+
+def test_both_forms_of_a_convolutions_norms_equal_its_per_example_gradients():
+  """Strided, dilated, explicitly padded, 1-D, and two images per example."""
+  cases = [(nn.Conv(4, (3, 2), strides=(2, 1), padding="VALID", use_bias=False), (1, 9, 6, 2)),
+           (nn.Conv(4, (2, 2), kernel_dilation=2, padding=((1, 2), (0, 1))), (1, 5, 6, 3)),
+           (nn.Conv(5, (3,), padding="SAME"), (1, 7, 3)),
+           (nn.Conv(4, (3, 3), strides=2), (2, 7, 7, 2))]
+  for layer, shape in cases:
+    x = jax.random.normal(jax.random.key(0), (B, *shape))
+    params = layer.init(jax.random.key(1), x[0])["params"]
+    g = jax.random.normal(jax.random.key(2), (B, *layer.apply({"params": params}, x[0]).shape))
+    spec = ghost_layers.layer_spec(layer, "__call__")
+
+    @jax.jit
+    def norms(x, g):
+      grad = jax.vmap(lambda xi, gi: jax.vjp(
+          lambda p: layer.apply({"params": p}, xi), params)[1](gi)[0]["kernel"])(x, g)
+      return (jnp.sum(jnp.square(grad), axis=tuple(range(1, grad.ndim))),
+              spec.kernel_sq_norms(x, g, "direct"), spec.kernel_sq_norms(x, g, "gram"))
+    reference, direct, gram = norms(x, g)
+    np.testing.assert_allclose(direct, reference, rtol=1e-5)
+    np.testing.assert_allclose(gram, reference, rtol=1e-5)
+
+
+@pytest.mark.parametrize("clipping", ["ghost", "vmap"])
+def test_skipping_a_poisson_batchs_padding_rows_changes_nothing(clipping):
+  """Rows from ``head`` on, computed only when the mask says one is real: the same sums, losses,
+  norms and real rows' aux as the whole batch at once, whether they are computed (head 6) or
+  skipped (head 10; the two padding rows' aux are then zeros)."""
+  params, batch, loss = _problem(*MODELS["mlp_dropout"])
+
+  def run(head):
+    return jax.jit(lambda: privacy.clipped_gradient_sum(
+        loss, params, batch, jax.random.key(1), clip_norm=0.5, clipping=clipping,
+        mask=batch[MASK], head=head))()
+  whole = run(0)
+  close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)
+  for head in (6, 10):
+    grads, aux = run(head)
+    jax.tree.map(close, grads, whole[0])
+    for key in ("loss", "grad_norms", "num_clipped"):
+      close(aux[key], whole[1][key])
+    close(aux["aux"]["logit_max"][:-2], whole[1]["aux"]["logit_max"][:-2])
+  assert "cond" in str(jax.make_jaxpr(lambda: privacy.clipped_gradient_sum(
+      loss, params, batch, jax.random.key(1), clip_norm=0.5, mask=batch[MASK], head=10))())
 
 
 def test_uncovered_layers_get_per_example_gradients_and_auto_keeps_vmap():

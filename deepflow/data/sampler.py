@@ -95,10 +95,16 @@ def poisson_batch_cap(num_examples: int, sample_rate: float, steps: int, delta: 
                       multiple: int = 1) -> int:
   """The smallest multiple of ``multiple`` whose ``overflow_probability`` over ``steps`` steps
   is at most ``OVERFLOW_FRACTION_OF_DELTA * delta``."""
-  from scipy import stats
-  budget = OVERFLOW_FRACTION_OF_DELTA * delta / max(steps, 1)
-  cap = int(stats.binom.isf(budget, num_examples, sample_rate))
-  while cap < num_examples and stats.binom.sf(cap, num_examples, sample_rate) > budget:
+  return binomial_bound(num_examples, sample_rate,
+                        OVERFLOW_FRACTION_OF_DELTA * delta / max(steps, 1), multiple)
+
+
+def binomial_bound(num_examples: int, sample_rate: float, tail: float, multiple: int = 1) -> int:
+  """The smallest multiple of ``multiple`` that a Binomial(num_examples, sample_rate) batch
+  exceeds with probability at most ``tail``."""
+  from scipy import stats  # only Poisson-sampled (private) runs need it
+  cap = int(stats.binom.isf(tail, num_examples, sample_rate))
+  while cap < num_examples and stats.binom.sf(cap, num_examples, sample_rate) > tail:
     cap += 1  # isf is computed in floating point; settle the boundary exactly
   cap = max(1, min(cap, num_examples))
   return -(-cap // multiple) * multiple

@@ -14,7 +14,11 @@ What is and is not accounted, stated honestly:
   one exceeded with probability below ``1e-6 * delta`` over the run) with masked rows that
   contribute nothing; the rare larger batch is truncated, and the guarantee becomes (epsilon,
   delta + ``privacy/truncation_delta``), logged with every epsilon. The noised sum is divided by
-  the expected batch size ``batch_size``. ``privacy.sampling='shuffle'`` trains on fixed-size
+  the expected batch size ``batch_size``. On one device (no micro-batches, one process) the rows
+  past the size that 99% of batches stay within are computed only in the steps that sample into
+  them (``DpSgd.head``), so a step's time says whether its batch was that large: a timing
+  channel on the batch size, outside the accounted mechanism as with any variable-size batch
+  (Opacus's included). ``privacy.sampling='shuffle'`` trains on fixed-size
   batches cut from a fresh shuffle every epoch instead; the epsilon reported is then the Poisson
   one, an approximation (TF Privacy, Opacus and many papers report it) that shuffled batches may
   not meet (Chua et al., 2024, "How Private are DP-SGD Implementations?"), and the logs say so
@@ -56,6 +60,9 @@ log = logging.getLogger("deepflow")
 # changes two clipped gradients, which doubles the sensitivity the accountant assumes.
 MIXING_REGULARIZERS = ("mixup", "cutmix")
 SAMPLINGS = ("poisson", "shuffle")
+# A Poisson batch's rows past the size that all but this fraction of batches stay within are
+# computed only in the steps that sample into them (``DpSgd.head``).
+HEAD_TAIL = 0.01
 
 
 def validate_config(config: Any) -> None:
@@ -118,6 +125,7 @@ class DpSgd:
   batch_size: int = 1  # the expected (Poisson) or exact (shuffle) examples per step
   overflow: float = 0.0
   clipping: str = "auto"  # how per-example norms are computed (``mechanism.clipped_gradient_sum``)
+  head: int = 0  # a Poisson batch's rows always computed; the rest only when sampled into
 
   @classmethod
   def from_config(cls, config: Any, train_size: int) -> "DpSgd":
@@ -136,16 +144,20 @@ class DpSgd:
                                            p.accountant)
       log.info("privacy: noise_multiplier %.4f reaches epsilon %g (delta %g) in %d steps at "
                "sample rate %.4g", noise, p.target_epsilon, p.delta, steps, sample_rate)
-    overflow = 0.0
+    overflow, head = 0.0, 0
     if sampler.poisson_sampled(config):
       overflow = sampler.overflow_probability(train_size, sample_rate,
                                               sampler.poisson_cap(config, train_size), steps)
+      # Rows past those that 99% of batches fill are padding in 99% of steps: computed only when
+      # needed. Not where the batch is split (micro-batches, data-parallel devices, processes).
+      if sampler.batch_multiple(config) == 1:
+        head = sampler.binomial_bound(train_size, sample_rate, HEAD_TAIL)
     else:
       log.warning("privacy: sampling='shuffle': the epsilon reported is that of Poisson "
                   "sampling, an approximation for shuffled fixed-size batches")
     dp = cls(float(p.clip_norm), noise, sample_rate, float(p.delta), p.accountant,
              config.train.microbatches, p.sampling, int(config.data.batch_size), overflow,
-             p.clipping)
+             p.clipping, head)
     spent = dp.epsilon(steps)
     if p.target_epsilon and spent > p.target_epsilon:
       fit = max_steps_for_epsilon(p.target_epsilon, noise, sample_rate, p.delta, p.accountant)
@@ -178,7 +190,7 @@ class DpSgd:
                                    clip_norm=self.clip_norm,
                                    noise_multiplier=self.noise_multiplier /
                                    math.sqrt(self.microbatches), denominator=denominator,
-                                   clipping=self.clipping)
+                                   clipping=self.clipping, mask=mask, head=self.head)
     weights = jnp.ones_like(aux["loss"]) if mask is None else mask
     count = jnp.maximum(jnp.sum(weights), 1.0)
 

@@ -14,7 +14,10 @@ For Dense and Conv the per-example kernel gradient is ``A_i^T G_i`` with ``A_i``
 example's input rows (the input vectors of a Dense layer at every position, the patches of a
 convolution) and ``G_i`` (T x C) the output gradients at the same T positions. Its squared
 norm is either ``<A_i A_i^T, G_i G_i^T>`` (two T x T Gram matrices: T^2 (D + C) work) or the
-materialized ``A_i^T G_i`` (T D C work), whichever costs less; the bias gradient is ``sum_t G_i``.
+materialized ``A_i^T G_i`` (T D C work), whichever costs less; for a convolution called once
+both avoid the patch matrix (``Conv.kernel_sq_norms``: the Gram of the patches summed from the
+padded input's own Gram, or the product taken one window offset at a time). The bias gradient is
+``sum_t G_i``.
 The clipped sum ``sum_i c_i A_i^T G_i`` is one matmul for Dense, and for Conv the kernel gradient
 of the convolution itself with output gradients ``c_i G_i``.
 An embedding's per-example gradient adds ``g_t`` to row ``id_t``, so its squared norm is the sum of
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -65,10 +69,10 @@ class Conv:
   def _images(self, x: Array) -> Array:
     return x.reshape(-1, *x.shape[-(len(self.window) + 1):])  # every example's, one batch
 
-  def rows(self, x: Array) -> Array:
-    """Patches by padding and one strided slice per window offset: memory moves only (XLA's
-    ``conv_general_dilated_patches`` is a convolution with an identity kernel, D_in * prod(window)
-    times the work of the layer itself)."""
+  def _windows(self, x: Array) -> tuple[list[Array], Array]:
+    """(one strided slice of the padded images per window offset, in the kernel's order; the
+    padded images): memory moves only (XLA's ``conv_general_dilated_patches`` is a convolution
+    with an identity kernel, D_in * prod(window) times the work of the layer itself)."""
     images = self._images(x)
     reach = [(k - 1) * d + 1 for k, d in zip(self.window, self.dilation)]
     pads = (lax.padtype_to_pads(images.shape[1:-1], reach, self.strides, self.padding)
@@ -76,15 +80,56 @@ class Conv:
     images = jnp.pad(images, [(0, 0), *pads, (0, 0)])
     out = [(n - r) // s + 1 for n, r, s in zip(images.shape[1:-1], reach, self.strides)]
     slices = []
-    for offset in itertools.product(*map(range, self.window)):
-      start = [o * d for o, d in zip(offset, self.dilation)]
-      slices.append(lax.slice(
-          images, (0, *start, 0),
-          (images.shape[0], *[b + (n - 1) * s + 1 for b, n, s in zip(start, out, self.strides)],
-           images.shape[-1]),
-          (1, *self.strides, 1)))
-    patches = jnp.concatenate(slices, axis=-1)  # features (*window, D_in)
+    for start in self._starts():
+      slices.append(lax.slice(images, (0, *start, 0),
+                              (images.shape[0], *self._ends(start, out), images.shape[-1]),
+                              (1, *self.strides, 1)))
+    return slices, images
+
+  def _starts(self) -> list[list[int]]:
+    return [[o * d for o, d in zip(offset, self.dilation)]
+            for offset in itertools.product(*map(range, self.window))]
+
+  def _ends(self, start: list[int], out: list[int]) -> list[int]:
+    """Where a strided slice from ``start`` that yields ``out`` positions ends."""
+    return [b + (m - 1) * s + 1 for b, m, s in zip(start, out, self.strides)]
+
+  def rows(self, x: Array) -> Array:
+    """Patches, features (*window, D_in)."""
+    patches = jnp.concatenate(self._windows(x)[0], axis=-1)
     return patches.reshape(x.shape[0], -1, patches.shape[-1])
+
+  def kernel_sq_norms(self, x: Array, g: Array, form: str | None = None) -> Array:
+    """(N,) squared norms of each example's kernel gradient for one call (input ``x``, output
+    gradient ``g``), in the cheaper ``form`` by multiply-adds unless one is named:
+
+    * ``'direct'``: the per-example gradient, one (D_in x T) @ (T x C) product per window
+      offset, T * prod(window) * D_in * C; the offsets stacked on their own axis (an
+      interleaved patch matrix costs XLA more to build than the product itself).
+    * ``'gram'``: ``<A A^T, G G^T>`` with the patches' Gram ``A A^T`` summed from the padded
+      input's own Gram, ``(A A^T)[t, s] = sum_o K[t + o, s + o]``: P^2 * D_in + T^2 * C for P
+      padded input positions, against T^2 * prod(window) * D_in from the patches.
+    """
+    slices, padded = self._windows(x)
+    n, c, d_in = x.shape[0], g.shape[-1], x.shape[-1]
+    images, out = padded.shape[0] // n, slices[0].shape[1:-1]  # images per example
+    g = g.reshape(n, images, math.prod(out), c).astype(jnp.float32)
+    t, p = images * math.prod(out), padded.size // (n * d_in)
+    if form is None:
+      form = "gram" if p * p * d_in + t * t * c < t * len(slices) * d_in * c else "direct"
+    if form == "direct":
+      windows = jnp.stack(slices, axis=1).reshape(n, images, len(slices), -1, d_in)
+      per_example = jnp.einsum("nmotd,nmtc->nodc", windows.astype(jnp.float32), g)
+      return jnp.sum(jnp.square(per_example), axis=(1, 2, 3))
+    flat = padded.reshape(n, p, d_in).astype(jnp.float32)
+    spatial = padded.shape[1:-1]
+    gram = jnp.einsum("npd,nqd->npq", flat, flat).reshape(n, images, *spatial, images, *spatial)
+    ends = lambda start: (images, *self._ends(start, out))  # noqa: E731
+    patches_gram = sum(lax.slice(gram, (0, 0, *start, 0, *start), (n, *ends(start), *ends(start)),
+                                 (1, 1, *self.strides, 1, *self.strides))
+                       for start in self._starts())
+    g = g.reshape(n, t, c)
+    return jnp.einsum("nts,nts->n", patches_gram.reshape(n, t, t), g @ jnp.swapaxes(g, 1, 2))
 
   def kernel_sum(self, x: Array, g: Array, kernel: Array) -> Array:
     """``sum_i x_i^T g_i`` as the kernel gradient of the convolution itself (XLA's
@@ -174,8 +219,13 @@ def sq_norms(spec, inputs: Sequence[Array], grads: Sequence[Array]) -> Array:
     ids, g = _tokens(inputs, grads)
     same = (ids[:, :, None] == ids[:, None, :]).astype(g.dtype)
     return jnp.einsum("nts,nts->n", same, g @ jnp.swapaxes(g, 1, 2))
-  a, g = _matrices(spec, inputs, grads)
-  total = _kernel_sq_norms(a, g)
+  if isinstance(spec, Conv) and len(inputs) == 1:  # a shared kernel needs the calls' cross terms
+    g = grads[0].astype(jnp.float32)
+    total = spec.kernel_sq_norms(inputs[0], g)
+    g = g.reshape(g.shape[0], -1, g.shape[-1])
+  else:
+    a, g = _matrices(spec, inputs, grads)
+    total = _kernel_sq_norms(a, g)
   if spec.use_bias:
     total = total + jnp.sum(jnp.square(jnp.sum(g, axis=1)), axis=1)
   return total

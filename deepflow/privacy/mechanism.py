@@ -21,6 +21,7 @@ layer and ``'vmap'`` otherwise. All three give the same result up to float round
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Callable
 
@@ -46,7 +47,8 @@ def _batch_size(batch: PyTree) -> int:
 
 
 def clipped_gradient_sum(per_example_loss: PerExampleLoss, params: PyTree, batch: PyTree,
-                         rng: jax.Array, *, clip_norm: float, clipping: str = "auto"
+                         rng: jax.Array, *, clip_norm: float, clipping: str = "auto",
+                         mask: jax.Array | None = None, head: int = 0
                          ) -> tuple[PyTree, dict[str, Any]]:
   """Sum over the batch of per-example gradients, each clipped to global L2 norm ``clip_norm``.
 
@@ -55,6 +57,11 @@ def clipped_gradient_sum(per_example_loss: PerExampleLoss, params: PyTree, batch
   ``(clipped_sum, aux)`` with ``aux = {'loss': (B,), 'aux': per-example aux, 'grad_norms': (B,)
   norms before clipping, 'num_clipped': scalar}``. Padding examples should have zero loss so
   that they contribute zero gradient.
+
+  A Poisson batch's real rows come first (``mask`` is 1 on a prefix): with ``0 < head < B``,
+  the rows from ``head`` on are computed only when ``mask[head]`` is set (a ``lax.cond``), and
+  otherwise stand as padding rows would, with zero loss, aux, norm and gradient. The result is
+  the whole batch's either way; a step skips the work on the padding it would mostly be.
 
   ``clipping='vmap'`` takes two passes (see the module docstring): the per-example gradient norms
   ``n_i``, then the gradient of ``sum_i c_i loss_i`` with ``c_i = min(1, clip_norm / n_i)`` held
@@ -65,6 +72,23 @@ def clipped_gradient_sum(per_example_loss: PerExampleLoss, params: PyTree, batch
     raise ConfigError(f"unknown clipping {clipping!r}; known: {', '.join(CLIPPINGS)}")
   size = _batch_size(batch)
   keys = jax.random.split(rng, size)
+  clipped = functools.partial(_clipped_sum, per_example_loss, params, clip_norm=clip_norm,
+                              clipping=clipping)
+  if mask is None or not 0 < head < size:
+    return clipped(batch, keys)
+  rows = lambda lo, hi: jax.tree.map(lambda x: x[lo:hi], (batch, keys))  # noqa: E731
+  first, first_aux = clipped(*rows(0, head))
+  rest = functools.partial(clipped, *rows(head, size))
+  padding = lambda: jax.tree.map(jnp.zeros_like, jax.eval_shape(rest))  # noqa: E731
+  last, last_aux = jax.lax.cond(mask[head] > 0, rest, padding)
+  both = lambda a, b: jnp.concatenate([a, b]) if jnp.ndim(a) else a + b  # noqa: E731
+  return jax.tree.map(jnp.add, first, last), jax.tree.map(both, first_aux, last_aux)
+
+
+def _clipped_sum(per_example_loss: PerExampleLoss, params: PyTree, batch: PyTree,
+                 keys: jax.Array, *, clip_norm: float, clipping: str
+                 ) -> tuple[PyTree, dict[str, Any]]:
+  """``clipped_gradient_sum`` of a batch whose examples get ``keys``."""
   if clipping != "vmap":
     the_plan = ghost.plan(per_example_loss, params, jax.tree.map(lambda x: x[0], batch), keys[0])
     if clipping == "ghost" or the_plan.complete:
@@ -102,14 +126,15 @@ def add_noise(grad_sum: PyTree, rng: jax.Array, *, clip_norm: float, noise_multi
 
 def private_gradients(per_example_loss: PerExampleLoss, params: PyTree, batch: PyTree,
                       rng: jax.Array, *, clip_norm: float, noise_multiplier: float,
-                      denominator: float | None = None, clipping: str = "auto"
+                      denominator: float | None = None, clipping: str = "auto",
+                      mask: jax.Array | None = None, head: int = 0
                       ) -> tuple[PyTree, dict[str, Any]]:
   """DP-SGD gradients of one batch: clip per example, sum, add noise, divide by the batch size.
 
-  ``clipping`` is ``clipped_gradient_sum``'s. ``denominator`` defaults to the batch's leading size; with Poisson sampling pass the expected
-  batch size instead. Returns ``(grads, aux)`` as ``clipped_gradient_sum`` does. With
-  ``noise_multiplier = 0`` and a clip norm above every gradient norm this is ``jax.grad`` of the
-  mean loss.
+  ``clipping``, ``mask`` and ``head`` are ``clipped_gradient_sum``'s. ``denominator`` defaults
+  to the batch's leading size; with Poisson sampling pass the expected batch size instead.
+  Returns ``(grads, aux)`` as ``clipped_gradient_sum`` does. With ``noise_multiplier = 0`` and a
+  clip norm above every gradient norm this is ``jax.grad`` of the mean loss.
 
   Under ``jax.jit`` with the batch sharded over devices the sum is global (XLA inserts the
   all-reduce) and the noise is drawn once from a replicated key, so every device applies the same
@@ -123,7 +148,8 @@ def private_gradients(per_example_loss: PerExampleLoss, params: PyTree, batch: P
   """
   loss_rng, noise_rng = jax.random.split(rng)
   grad_sum, aux = clipped_gradient_sum(per_example_loss, params, batch, loss_rng,
-                                       clip_norm=clip_norm, clipping=clipping)
+                                       clip_norm=clip_norm, clipping=clipping, mask=mask,
+                                       head=head)
   if denominator is None:
     denominator = _batch_size(batch)
   grads = add_noise(grad_sum, noise_rng, clip_norm=clip_norm,
