@@ -6,7 +6,11 @@ batches from an in-memory array, one jitted step, no logging, no checkpoints. de
 real loop (Grain pipeline, sharded global batches, metrics, progress bar off, one checkpoint at
 the end). Both are timed over the same steady-state windows (compilation excluded).
 
-    python benchmarks/overhead.py [--steps 600] [--window 100] [--repeats 3]
+The machine is shared, so its load drifts within a run: each repeat times both, in alternating
+order, and the ratio reported is the median of the repeats' own ratios (with their range and
+the load average before and after), beside the ratio of the medians.
+
+    python benchmarks/overhead.py [--steps 600] [--window 100] [--repeats 5]
 """
 from __future__ import annotations
 
@@ -73,24 +77,34 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--steps", type=int, default=600)
   parser.add_argument("--window", type=int, default=100)
-  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()
   overrides = [f"train.steps={args.steps}", f"train.log_every={args.window}",
                "train.eval_every=0", "train.checkpoint_every=0", "train.progress=False",
                "data.eval_batch_size=1440"]
   config = deepflow.load_config("experiments/digits_cnn.py", overrides)
   ours, base = [], []
-  for r in range(args.repeats):
+  load = os.getloadavg()[0]
+
+  def run_deepflow():
     with tempfile.TemporaryDirectory() as workdir:
       ours.append(deepflow_steps_per_sec(config, workdir))
+
+  def run_baseline():
     base.append(baseline_steps_per_sec(config, args.steps, args.window))
-    print(f"repeat {r}: deepflow {ours[-1]:.1f} steps/s, baseline {base[-1]:.1f} steps/s")
-  ratio = np.median(ours) / np.median(base)
+  for r in range(args.repeats):
+    for run in ((run_deepflow, run_baseline) if r % 2 == 0 else (run_baseline, run_deepflow)):
+      run()
+    print(f"repeat {r}: deepflow {ours[-1]:.1f} steps/s, baseline {base[-1]:.1f} steps/s "
+          f"({ours[-1] / base[-1]:.3f})", flush=True)
+  ratios = np.array(ours) / np.array(base)
   print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"devices: {jax.devices()[0].platform} x{jax.device_count()}")
-  print(f"deepflow / hand-written steps/s: {ratio:.3f} "
-        f"(deepflow {np.median(ours):.1f}, baseline {np.median(base):.1f}; batch "
-        f"{config.data.batch_size}, digits CNN)")
+        f"devices: {jax.devices()[0].platform} x{jax.device_count()}; load average {load:.2f} "
+        f"-> {os.getloadavg()[0]:.2f}")
+  print(f"deepflow / hand-written steps/s: {np.median(ratios):.3f} (median of {args.repeats} "
+        f"repeats' ratios, range {ratios.min():.3f}-{ratios.max():.3f}); ratio of the medians "
+        f"{np.median(ours) / np.median(base):.3f} (deepflow {np.median(ours):.1f}, baseline "
+        f"{np.median(base):.1f} steps/s; batch {config.data.batch_size}, digits CNN)")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import re
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -126,6 +127,22 @@ def to_host(tree: Any) -> Any:
     return jax.device_get(tree)
   from jax.experimental import multihost_utils
   return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def window_to_host(window: list[Any]) -> list[Any]:
+  """A list of same-structured trees of device arrays (a log window's per-step metrics) on the
+  host, as a list of trees of numpy values: stacked on the devices first by one jitted call, so
+  each leaf crosses once for the whole window instead of once per step (measured on CPU: 100
+  steps of 8 scalar metrics, 33 ms fetched one by one)."""
+  if not window:
+    return []
+  stacked = to_host(_stack(window))
+  return [jax.tree.map(lambda leaf: leaf[i], stacked) for i in range(len(window))]
+
+
+@jax.jit
+def _stack(trees: list[Any]) -> Any:
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
 
 
 class DispatchWindow:

@@ -177,7 +177,7 @@ def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpoin
   def flush(step: int) -> dict[str, float]:
     """Fetches the window's metrics, enforces the non-finite policy, writes the means."""
     nonlocal window_start
-    host = parallel.to_host(pending)
+    host = parallel.window_to_host(pending)
     pending.clear()
     means, broken = window_means(host, step, cfg)
     if broken:

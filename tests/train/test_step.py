@@ -154,3 +154,15 @@ def test_bfloat16_compute_keeps_float32_master_params_and_converges():
   accuracy = np.mean([eval_step(state, b)["accuracy"][b["mask"] > 0].mean()
                       for b in pipeline.eval_batches("test")])
   assert accuracy > 0.9
+
+
+def test_a_metric_window_fetched_at_once_equals_each_step_fetched_alone():
+  window = [{"loss": jnp.float32(i) / 3, "nonfinite": jnp.float32(i % 2),
+             "hist": jnp.arange(3) * i} for i in range(5)]
+  host = parallel.window_to_host(window)
+  assert len(host) == 5 and parallel.window_to_host([]) == []
+  for got, want in zip(host, parallel.to_host(window)):
+    assert got.keys() == want.keys()
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+      assert np.asarray(got[key]).dtype == np.asarray(want[key]).dtype
