@@ -61,7 +61,7 @@ def clipped_gradient_sum(per_example_loss: PerExampleLoss, params: PyTree, batch
   A Poisson batch's real rows come first (``mask`` is 1 on a prefix): with ``0 < head < B``,
   the rows from ``head`` on are computed only when ``mask[head]`` is set (a ``lax.cond``), and
   otherwise stand as padding rows would, with zero loss, aux, norm and gradient. The result is
-  the whole batch's either way; a step skips the work on the padding it would mostly be.
+  the whole batch's either way; most steps skip rows that are almost always padding.
 
   ``clipping='vmap'`` takes two passes (see the module docstring): the per-example gradient norms
   ``n_i``, then the gradient of ``sum_i c_i loss_i`` with ``c_i = min(1, clip_norm / n_i)`` held
