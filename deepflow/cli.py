@@ -61,11 +61,12 @@ def _require(name: str) -> str:
   return value
 
 
-def command(*flag_names: str, example: str, args: str = ""):
+def command(*flag_names: str, example: str, args: str = "", config: bool = True):
   """Marks a command function with the flags it reads, the words it takes after its name
-  (``args``, e.g. 'prepare NAME'; none by default) and a typical call, for its --help."""
+  (``args``, e.g. 'prepare NAME'; none by default), whether it takes ``--config`` overrides and
+  a typical call, for its --help."""
   def mark(fn):
-    fn.flag_names, fn.example, fn.args = flag_names, example, args
+    fn.flag_names, fn.example, fn.args, fn.config = flag_names, example, args, config
     return fn
   return mark
 
@@ -75,6 +76,8 @@ def main(argv: list[str], overrides: list[str]) -> None:
     _fail(f"usage: deepflow {{{','.join(COMMANDS)}}} [flags]; see `deepflow --help`", 2)
   if len(argv) > 2 and not COMMANDS[argv[1]].args:
     _fail(f"unexpected arguments: {' '.join(argv[2:])}", 2)
+  if overrides and not COMMANDS[argv[1]].config:
+    _fail(f"deepflow {argv[1]} takes no --config overrides", 2)
   _setup_logging(FLAGS.debug)
   from deepflow.registry import ConfigError
   from deepflow.train.errors import NonFiniteLossError, Preempted, WorkdirLockedError
@@ -325,7 +328,7 @@ flags.DEFINE_list("imports", [], "data prepare: modules to import first, which r
                   "builders of one's own.")
 
 
-@command("data_dir", "manual_dir", "imports", args="prepare NAME[/CONFIG][:VERSION]",
+@command("data_dir", "manual_dir", "imports", args="prepare NAME[/CONFIG][:VERSION]", config=False,
          example="deepflow data prepare cifar10 --data_dir /data/tfds")
 def _data(overrides: list[str], *args: str) -> None:
   """Prepare a TFDS dataset as ArrayRecord, where there is network (training never needs it).
@@ -333,7 +336,7 @@ def _data(overrides: list[str], *args: str) -> None:
   Downloads and writes it once (TFDS builds some datasets with TensorFlow: install it for this
   step); then train with --config.data.source=tfds:NAME --config.data.data_dir=DIR."""
   from deepflow.data import prepare, sources
-  if overrides or len(args) != 2 or args[0] != "prepare":
+  if len(args) != 2 or args[0] != "prepare":
     _fail(f"usage: deepflow data {_data.args} [flags]; see `deepflow data --help`", 2)
   data_dir = FLAGS.data_dir or sources.default_data_dir()
   builder, now = prepare.prepare(args[1], data_dir, manual_dir=FLAGS.manual_dir,
@@ -385,7 +388,8 @@ def usage(name: str | None = None) -> str:
   fn = COMMANDS[name]
   doc = inspect.cleandoc(fn.__doc__ or "").splitlines()
   words = f" {fn.args}" if fn.args else ""
-  lines = [f"usage: deepflow {name}{words} [flags] [--config.KEY=VALUE ...]", ""] + doc + [
+  config = " [--config.KEY=VALUE ...]" if fn.config else ""
+  lines = [f"usage: deepflow {name}{words} [flags]{config}", ""] + doc + [
       "", "flags:"]
   for flag in (*fn.flag_names, *SHARED_FLAGS):
     f = FLAGS[flag]

@@ -121,3 +121,4 @@ def test_help_lists_the_commands_and_each_commands_flags():
     assert f"example:\n  deepflow {name} " in out.stdout
   train = deepflow("train", "-h").stdout
   assert "--config: Experiment file" in train and "--sweep" not in train
+  assert "--config.KEY=VALUE" in train and "--config.KEY" not in deepflow("data", "-h").stdout

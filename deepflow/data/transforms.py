@@ -10,6 +10,7 @@ resumption and export reuse exactly them.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import io
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -96,6 +97,9 @@ class Moments:
     moments = cls(per)
     for values in chunks:
       moments.add(values)
+    if moments.count is None:
+      raise ConfigError("transform statistics need at least one train example; the sample is "
+                        "empty")
     return moments
 
   def add(self, values: np.ndarray) -> None:
@@ -267,9 +271,8 @@ def fit_chain(transforms: Sequence[Transform],
       t = transforms[i]
       key = resolve_key(t.keys[0], input_key, target_key)
       all_stats[i] = t.fit(_as_input(t, values[key]) for values in passed)
-    else:
-      for _ in passed:  # nothing to fit: the pass is the missing-value check alone
-        pass
+    if last:  # a fit may stop early (a constant reads one chunk); the NaN count needs them all
+      collections.deque(passed, maxlen=0)
   # The check ran on what enters the last fitted transform; after it, values are NaN exactly
   # where they were before (finite statistics), unless it imputes them.
   imputed = {resolve_key(k, input_key, target_key) for i in fitted[-1:]

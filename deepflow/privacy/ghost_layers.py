@@ -15,8 +15,8 @@ example's input rows (the input vectors of a Dense layer at every position, the 
 convolution) and ``G_i`` (T x C) the output gradients at the same T positions. Its squared
 norm is either ``<A_i A_i^T, G_i G_i^T>`` (two T x T Gram matrices: T^2 (D + C) work) or the
 materialized ``A_i^T G_i`` (T D C work), whichever costs less; for a convolution called once
-both avoid the patch matrix (``Conv.kernel_sq_norms``: the Gram of the patches summed from the
-padded input's own Gram, or the product taken one window offset at a time). The bias gradient is
+neither takes the Gram of the patches (``Conv.kernel_sq_norms``: it is summed from the padded
+input's own Gram, or the product is taken over the strided slices stacked offset-major). The bias gradient is
 ``sum_t G_i``.
 The clipped sum ``sum_i c_i A_i^T G_i`` is one matmul for Dense, and for Conv the kernel gradient
 of the convolution itself with output gradients ``c_i G_i``.

@@ -12,9 +12,11 @@ Field numbers are those of tensorboard/compat/proto/event.proto and summary.prot
 """
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import time
+import uuid
 from typing import Mapping
 
 import numpy as np
@@ -103,7 +105,10 @@ class EventFileWriter:
     directory = epath.Path(logdir)
     directory.mkdir(parents=True, exist_ok=True)
     now = time.time()
-    self.path = directory / f"events.out.tfevents.{int(now)}.{socket.gethostname()}"
+    # Two writers opened within a second (a quick restart, two processes) must not share a
+    # file: the process id and a random tag make each name unique, as TensorFlow's writer does.
+    self.path = directory / (f"events.out.tfevents.{int(now)}.{socket.gethostname()}."
+                             f"{os.getpid()}.{uuid.uuid4().hex[:8]}")
     self.remote = remote
     self._records: list[bytes] = []
     self._append(tfrecord(event(now, 0, file_version=FILE_VERSION)))

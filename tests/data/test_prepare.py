@@ -8,7 +8,7 @@ import tensorflow_datasets as tfds
 
 from deepflow.data import prepare
 from deepflow.registry import ConfigError
-from tests.helpers import deepflow_cli as deepflow, write_experiment
+from tests.helpers import deepflow_cli as deepflow, one_line_error, write_experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 IMPORTS = ["tests.data.builders"]
@@ -65,3 +65,8 @@ def test_an_empty_manual_dir_is_named(tmp_path):
   builder, _ = prepare.prepare("deepflow_test_needs_manual_files", str(tmp_path),
                                manual_dir=str(tmp_path / "manual"), imports=IMPORTS)
   assert builder.info.splits["train"].num_examples == 1
+
+
+def test_data_takes_no_config_overrides():
+  out = deepflow("data", "prepare", "mnist", "--config.data.batch_size=8")
+  assert one_line_error(out) == "deepflow: error: deepflow data takes no --config overrides"

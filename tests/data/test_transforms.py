@@ -143,6 +143,11 @@ def test_chunked_fit_equals_numpy_on_the_whole_sample(per, block, monkeypatch):
     np.testing.assert_allclose(stats["fill"], reference(table, 0), rtol=1e-6)
 
 
+def test_statistics_of_an_empty_sample_are_one_error():
+  with pytest.raises(ConfigError, match="at least one train example"):
+    T.standardize().fit([])
+
+
 def test_chain_fits_in_chunks_and_checks_nan_in_the_same_passes():
   chain = [T.impute(strategy="mean"), T.standardize()]
   train = knock(TRAIN)
@@ -156,6 +161,12 @@ def test_chain_fits_in_chunks_and_checks_nan_in_the_same_passes():
     T.fit_chain([T.standardize()], in_chunks({"x": late_nan, "y": np.zeros(50)}, 8), "x", "y")
   with pytest.raises(ConfigError, match="'y' has missing values"):
     T.fit_chain([], in_chunks({"x": TRAIN, "y": np.full(50, np.nan)}, 8), "x", "y")
+  # A fit that reads only its first chunk still leaves the check every chunk.
+  late_target = np.zeros(50)
+  late_target[-1] = np.nan
+  for chain in ([T.impute(strategy="constant")], [T.standardize(), T.impute(strategy="constant")]):
+    with pytest.raises(ConfigError, match=r"'y' has missing values \(NaN, 2.0% of entries\)"):
+      T.fit_chain(chain, in_chunks({"x": TRAIN, "y": late_target}, 8), "x", "y")
 
 
 def missing_config(data_dir, transforms):

@@ -48,3 +48,20 @@ def test_a_runs_tensorboard_scalars_are_its_metrics(tmp_path):
   assert read_scalars(tmp_path / "tensorboard") == [
       (3, "train/loss", 0.75), (3, "train/learning_rate", np.float32(1e-3)),
       (3, "test/accuracy", 0.5)]
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_writers_opened_together_keep_their_own_files(tmp_path, remote):
+  first = events.EventFileWriter(str(tmp_path), remote=remote)
+  second = events.EventFileWriter(str(tmp_path), remote=remote)  # within the same second
+  first.add_scalars(1, {"train/loss": 1.0})
+  second.add_scalars(2, {"train/loss": 2.0})
+  first.flush()
+  second.flush()
+  from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+  scalars = {}
+  for writer in (first, second):
+    loaded = list(LegacyEventFileLoader(str(writer.path)).Load())
+    assert loaded[0].file_version == events.FILE_VERSION and len(loaded) == 2
+    scalars[writer.path] = [(e.step, v.simple_value) for e in loaded[1:] for v in e.summary.value]
+  assert sorted(scalars.values()) == [[(1, 1.0)], [(2, 2.0)]]
