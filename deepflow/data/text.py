@@ -24,7 +24,7 @@ import tqdm
 from etils import epath
 
 from deepflow.data import packing, sources, tokenizers
-from deepflow.data.pipeline import MASK, DataSpec, TrainIterator, step_batches
+from deepflow.data.pipeline import MASK, DataSpec, Pipeline, TrainIterator, step_batches
 from deepflow.registry import ConfigError
 
 READ_CHUNK = 1024   # documents read and tokenized together in the counting pass
@@ -191,3 +191,8 @@ class TextPipeline:
       batch[MASK] = jax.ShapeDtypeStruct((global_size,), np.float32)
     return batch
 
+
+def make_pipeline(config: Any, workdir: str | None = None) -> Pipeline | TextPipeline:
+  """The pipeline a config asks for: examples as stored, or (``data.tokenizer``) a text corpus
+  tokenized and packed into rows."""
+  return (TextPipeline if config.data.tokenizer else Pipeline)(config, workdir)

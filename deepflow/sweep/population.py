@@ -62,7 +62,7 @@ class Population:
   ``eval_step(state, batch)`` are jitted over the whole population."""
 
   def __init__(self, configs: Sequence[ConfigDict]):
-    from deepflow.data.pipeline import Pipeline
+    from deepflow.data.text import make_pipeline
     from deepflow.registry import TASKS
     from deepflow.tasks.base import Task
     from deepflow.train.step import make_eval_step, make_train_step
@@ -88,7 +88,7 @@ class Population:
 
     # Data: one pipeline per distinct seed (the seed orders the batches, and may make the data).
     self.seeds = [int(c.seed) for c in self.configs]
-    self.pipelines = {s: Pipeline(trial_config(base, [f"seed={s}"]))
+    self.pipelines = {s: make_pipeline(trial_config(base, [f"seed={s}"]))
                       for s in dict.fromkeys(self.seeds)}
     self.per_member_data = len(self.pipelines) > 1
     spec = self.pipelines[self.seeds[0]].spec

@@ -20,8 +20,8 @@ import numpy as np
 from etils import epath
 
 from deepflow import config as config_lib, parallel, tasks  # noqa: F401  (tasks fills TASKS)
-from deepflow.data.pipeline import MASK, Pipeline
-from deepflow.data.text import TextPipeline
+from deepflow.data.pipeline import MASK
+from deepflow.data.text import make_pipeline
 from deepflow.optim.partition import Partition
 from deepflow.registry import ConfigError, TASKS
 from deepflow.train import checkpoint as checkpoint_lib
@@ -38,8 +38,7 @@ class Experiment:
 
   def __init__(self, config: Any, workdir: str | None, *, debug: bool = False, devices=None):
     self.config, self.workdir = config, workdir
-    # Examples as stored, or (data.tokenizer) a text corpus tokenized and packed into rows.
-    self.pipeline = (TextPipeline if config.data.tokenizer else Pipeline)(config, workdir)
+    self.pipeline = make_pipeline(config, workdir)
     self.task = TASKS.get(config.task.name)(config, self.pipeline.spec)
     self.mesh = parallel.make_mesh(config.mesh, devices)
     self.partition = Partition(config.optimizer, self.task.lora is not None)

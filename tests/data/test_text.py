@@ -262,3 +262,18 @@ def test_train_resume_and_sample_through_the_cli(text_dir, tmp_path):
   assert samples["text"][0].startswith("The ") and samples["tokens"].shape[1] >= 6
   with pytest.raises(ConfigError, match="reads text through data.tokenizer"):
     export.export(parts, str(tmp_path / "artifact"))
+
+
+def test_a_vectorized_sweep_trains_on_the_packed_text(text_dir, tmp_path):
+  """Each member of a vectorized learning-rate sweep over a tokenized corpus ends where its
+  trial trained alone ends."""
+  from deepflow import sweep
+  configs = [text_config(text_dir, "data.tokenizer=byte", "train.steps=3",
+                         f"optimizer.learning_rate={lr}") for lr in (1e-3, 3e-2)]
+  dirs = [str(tmp_path / f"member_{i}") for i in range(2)]
+  for d in dirs:
+    os.makedirs(d)
+  _, results = sweep.train_population(configs, dirs)
+  alone = deepflow.train_and_evaluate(configs[1], str(tmp_path / "alone"))
+  assert results[1]["metrics"] == pytest.approx(alone, rel=1e-4, abs=1e-5)
+  assert results[0]["metrics"]["loss"] != pytest.approx(alone["loss"], rel=1e-3)
