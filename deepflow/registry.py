@@ -76,6 +76,12 @@ ACTIVATIONS: Registry = Registry("activation")
 REGULARIZERS: Registry = Registry("regularizer")
 
 
+def some_names(names: list[str], limit: int = 8) -> str:
+  """The first ``limit`` of ``names`` for a one-line error, with how many there are in all."""
+  shown = ", ".join(names[:limit])
+  return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "") or "none"
+
+
 def compile_regex(pattern: str, key: str) -> re.Pattern:
   """A config value that must be a regex (``key`` names it in the one-line error)."""
   try:

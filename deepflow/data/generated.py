@@ -101,7 +101,7 @@ def builder_class(name: str, *, splits: dict[str, int], image_size: tuple[int, i
 def text_builder_class(name: str, *, splits: dict[str, int], seed: int = 0):
   """A TFDS builder class named ``name`` whose splits hold ``splits[split]`` documents (a Text
   feature ``text``), each 1 to 4 paragraphs of Python's help topics (``pydoc_data``: real
-  English and code, 2,608 paragraphs) drawn with ``seed``: a text corpus of any size, offline."""
+  English and code) drawn with ``seed``: a text corpus of any size, offline."""
   import tensorflow_datasets as tfds
   from pydoc_data.topics import topics
   paragraphs = [p for key in sorted(topics) for p in topics[key].split("\n\n") if p.strip()]

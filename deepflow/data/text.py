@@ -87,7 +87,7 @@ class TextPipeline:
 
   def _texts(self, split: str, documents: Sequence[int]) -> list[str]:
     source = self._source(split)
-    examples = source.__getitems__([int(d) for d in documents])
+    examples = sources.read(source, np.asarray(documents))
     return [tokenizers.as_text(e[self.feature]) for e in examples]
 
   # -- tokenizer and document lengths (built once per run, kept in the workdir) ------------------

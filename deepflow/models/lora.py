@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from deepflow.registry import ConfigError, compile_regex
+from deepflow.registry import ConfigError, compile_regex, some_names
 
 ADAPTERS = ("lora_a", "lora_b")
 ADAPTER_PATTERN = re.compile(r"(^|/)lora_[ab]$")
@@ -77,7 +77,7 @@ def add_adapters(params: Any, lora: LoraConfig, rng: jax.Array) -> Any:
   if not targets:
     kernels = [p for p, v in flat.items() if jnp.ndim(v) >= 2]
     raise ConfigError(f"model.lora.targets {lora.targets!r} matches no kernel; the model's are: "
-                      f"{_some(kernels)}")
+                      f"{some_names(kernels)}")
   for i, path in enumerate(sorted(targets)):
     kernel = flat[path]
     k = split_axis(kernel.shape)
@@ -111,7 +111,3 @@ def merge(params: Any, lora: LoraConfig) -> Any:
 def _join(parent: str, name: str) -> str:
   return f"{parent}/{name}" if parent else name
 
-
-def _some(names: list[str], limit: int = 8) -> str:
-  shown = ", ".join(names[:limit])
-  return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "") or "none"

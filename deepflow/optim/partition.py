@@ -19,7 +19,7 @@ import optax
 
 from deepflow.models.lora import is_adapter
 from deepflow.pytree import path_name
-from deepflow.registry import ConfigError, compile_regex
+from deepflow.registry import ConfigError, compile_regex, some_names
 
 FROZEN, TRAINED = "frozen", "trained"
 
@@ -75,7 +75,7 @@ class Partition:
     paths = [path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
     if self.freeze and not any(self.freeze.search(p) for p in paths):
       raise ConfigError(f"optimizer.freeze {self.freeze.pattern!r} matches no parameter; "
-                        f"the model's are: {', '.join(paths[:8])}{' ...' * (len(paths) > 8)}")
+                        f"the model's are: {some_names(paths)}")
     if self.active and all(self.frozen(p) for p in paths):
       raise ConfigError("every parameter is frozen (optimizer.freeze, model.lora): nothing "
                         "would train")

@@ -14,9 +14,9 @@ What is and is not accounted, stated honestly:
   one exceeded with probability below ``1e-6 * delta`` over the run) with masked rows that
   contribute nothing; the rare larger batch is truncated, and the guarantee becomes (epsilon,
   delta + ``privacy/truncation_delta``), logged with every epsilon. The noised sum is divided by
-  the expected batch size ``batch_size``. Where the batch is not split (one process, a data axis of
-  1, no micro-batches) the rows past the size that 99% of batches stay within are computed only in the steps that sample into
-  them (``DpSgd.head``), so a step's time says whether its batch was that large: a timing
+  the expected batch size ``batch_size``. Where the batch is not split (one process, a data axis
+  of 1, no micro-batches) the rows past the size that 99% of batches stay within are computed
+  only in the steps that sample into them (``DpSgd.head``), so a step's time says whether its batch was that large: a timing
   channel on the batch size, outside the accounted mechanism as with any variable-size batch
   (Opacus's included). ``privacy.sampling='shuffle'`` trains on fixed-size
   batches cut from a fresh shuffle every epoch instead; the epsilon reported is then the Poisson

@@ -177,8 +177,8 @@ class LanguageModel(Task):
 
   def sample(self, params, model_state, rng, num: int, **options: Any) -> dict[str, np.ndarray]:
     """``num`` continuations of ``prompt`` (default: BOS with a tokenizer, else the vocabulary's
-    first token, a newline for bundled:text) by ``num_tokens`` tokens (default 200, or what the model's ``max_len``
-    leaves), at ``temperature`` (0 = greedy; default 1) among the ``top_k`` most likely (0 =
+    first token, a newline for bundled:text) by ``num_tokens`` tokens (default 200, or what
+    the model's ``max_len`` leaves), at ``temperature`` (0 = greedy; default 1) among the ``top_k`` most likely (0 =
     all). Returns ``tokens`` (num, T) and their ``text`` (num,)."""
     unknown = sorted(set(options) - set(SAMPLE_OPTIONS))
     if unknown:
@@ -198,8 +198,9 @@ class LanguageModel(Task):
           0, min(DEFAULT_NUM_TOKENS, room - len(prompt)))
     prompts = np.tile(prompt, (num, 1))
     decoding.check_lm(self.model, jnp.asarray(prompts), num_tokens)  # one-line errors first
-    tokens = _SAMPLE(self.model, {"params": self.model_params(params), **model_state}, prompts, num_tokens,
-                     rng, temperature=float(options.get("temperature", 1.0)),
+    variables = {"params": self.model_params(params), **model_state}
+    tokens = _SAMPLE(self.model, variables, prompts, num_tokens, rng,
+                     temperature=float(options.get("temperature", 1.0)),
                      top_k=int(options.get("top_k", 0)))
     tokens = np.asarray(tokens)
     return {"tokens": tokens, "text": np.array([self.decode(row) for row in tokens])}

@@ -42,10 +42,10 @@ class Experiment:
     self.task = TASKS.get(config.task.name)(config, self.pipeline.spec)
     self.mesh = parallel.make_mesh(config.mesh, devices)
     self.partition = Partition(config.optimizer, self.task.lora is not None)
-    self.partition.check(jax.eval_shape(self.task.init, jax.random.PRNGKey(0))[0])
     self.tx = self.partition.wrap(self.task.optimizer(config.train.steps))
     self.abstract_state = jax.eval_shape(
         functools.partial(create_state, self.task, self.tx, config.seed))
+    self.partition.check(self.abstract_state.params)
     self.shardings = parallel.state_shardings(self.abstract_state, self.mesh, config.parallel)
     self.train_step, eval_step = compile_steps(self.task, self.tx, self.mesh, self.shardings,
                                                config.train.microbatches, debug=debug)

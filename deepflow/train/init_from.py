@@ -56,11 +56,12 @@ def initial_state(exp: Experiment) -> TrainState:
   tensors = matching.rename(tensors, model.init_map)
   target = files.flatten(jax.device_get({"params": state.params, **state.model_state}))
   fresh = lora_lib.is_adapter if exp.task.lora else (lambda name: False)
-  loaded = files.unflatten(matching.fit(tensors, target, skip=model.init_skip, fresh=fresh,
-                                        source=f"model.init_from {model.init_from!r}"))
+  fitted = matching.fit(tensors, target, skip=model.init_skip, fresh=fresh,
+                        source=f"model.init_from {model.init_from!r}")
+  kept = [k for k, v in fitted.items() if v is target[k]]  # fit passes fresh ones through
+  loaded = files.unflatten(fitted)
   params = loaded.pop("params")
   state = state.replace(params=params, model_state=loaded, opt_state=exp.tx.init(params))
-  kept = [k for k in target if k not in tensors]
   log.info("initialised from %s: %d tensors loaded, %d left fresh", model.init_from,
            len(target) - len(kept), len(kept))
   return jax.device_put(state, exp.shardings)

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from deepflow.registry import ConfigError, compile_regex
+from deepflow.registry import ConfigError, compile_regex, some_names
 
 SHOWN = 6  # names listed per kind of mismatch in the one-line error
 
@@ -58,7 +58,7 @@ def fit(tensors: dict[str, np.ndarray], target: dict[str, Any], *, skip: str = "
   shapes = sorted(f"{k} {tuple(np.shape(given[k]))} vs {tuple(wanted[k].shape)}"
                   for k in set(wanted) & set(given)
                   if tuple(np.shape(given[k])) != tuple(wanted[k].shape))
-  problems = [f"{label} {len(names)}: {_some(names)}"
+  problems = [f"{label} {len(names)}: {some_names(names, SHOWN)}"
               for label, names in (("missing", missing), ("unexpected", unexpected),
                                    ("wrong shape (source vs model)", shapes)) if names]
   if problems:
@@ -68,7 +68,3 @@ def fit(tensors: dict[str, np.ndarray], target: dict[str, Any], *, skip: str = "
   return {k: np.asarray(given[k]).astype(wanted[k].dtype, copy=False) if k in wanted else v
           for k, v in target.items()}
 
-
-
-def _some(names: list[str]) -> str:
-  return ", ".join(names[:SHOWN]) + (", ..." if len(names) > SHOWN else "")
