@@ -21,7 +21,9 @@ Measured (x86_64, 2 CPU cores, one JAX CPU device, jax 0.10.2; three runs, load 
 other jobs): peak 287-300 GFLOP/s; text_transformer step 3.56 GFLOP, 11.7-12.3 steps/s =
 14.0-14.9% of peak; digits_vit step 0.98 GFLOP, 30.5-31.7 steps/s = 10.1-10.8% of peak;
 sampler (batch 8, 127 new tokens) 36.6k-38.5k tokens/s with the KV cache, 1.72k-1.74k without
-(21-22x). Small models on a CPU: much of a step is memory-bound elementwise work (layer norm,
+(21-22x). A later session on the same machine (load 2.4-2.9): peak 190 GFLOP/s, text_transformer
+10.0 steps/s = 18.8%, digits_vit 33.0 steps/s = 17.1%, sampler 50.7k vs 2.2k tokens/s (23.4x):
+the matmul peak moves between sessions more than the steps do. Small models on a CPU: much of a step is memory-bound elementwise work (layer norm,
 softmax, the optimizer) that the matmul peak does not measure.
 """
 from __future__ import annotations

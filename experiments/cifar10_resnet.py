@@ -1,10 +1,12 @@
 """ResNet-20 on CIFAR-10 (``tfds:cifar10``), the recipe of He et al. (2016, section 4.2): SGD
 with momentum 0.9, learning rate 0.1 at batch 128 divided by 10 at 32k and 48k steps, weight
-decay 1e-4, 64k steps; 4-pixel random crops and horizontal flips. CIFAR-10 decodes to 150 MB, so
+decay 1e-4 (deepflow's is decoupled, added after momentum: about a tenth of the paper's L2
+term at momentum 0.9; `regularizers=[dict(name="l2", amount=5e-5)]` with weight_decay 0 is the
+paper's), 64k steps; 4-pixel random crops and horizontal flips. CIFAR-10 decodes to 150 MB, so
 ``data.cache='auto'`` holds it in memory.
 
 Prepare (once, where there is network; see README "Preparing a real dataset"):
-        tfds build cifar10 --data_dir ~/tensorflow_datasets --file_format=array_record
+        deepflow data prepare cifar10 --data_dir ~/tensorflow_datasets
 Run:    deepflow train --config experiments/cifar10_resnet.py --workdir runs/cifar10_resnet
 
 Expected from the literature, NOT measured here: about 91.3% test accuracy (He et al., 2016,

@@ -2,14 +2,15 @@
 random-resized 224x224 crops and horizontal flips for training, resize 256 / centre crop 224
 for evaluation (``random_resized_crop``'s eval mode); SGD with momentum 0.9, learning rate
 0.1 x batch / 256 with 5 epochs of linear warmup then cosine decay (Goyal et al., 2017;
-He et al., 2019), weight decay 1e-4 on kernels only, label smoothing 0.1, 90 epochs, bf16.
+He et al., 2019), weight decay 1e-4 on kernels only (decoupled here, added after
+momentum: about a tenth of the papers' L2 term at momentum 0.9), label smoothing 0.1, 90 epochs, bf16.
 
 ImageNet decodes to ~140 GB: ``data.cache='auto'`` streams it, decoding JPEGs in
 ``data.workers`` processes; the per-channel statistics come from a 2,000-image sample.
 
 Prepare (once, where there is network and the manually downloaded archives; see README
 "Preparing a real dataset"):
-        tfds build imagenet2012 --data_dir ~/tensorflow_datasets --file_format=array_record \\
+        deepflow data prepare imagenet2012 --data_dir ~/tensorflow_datasets \\
             --manual_dir ~/imagenet_tars
 Run:    deepflow train --config experiments/imagenet_resnet50.py --workdir runs/resnet50
 
