@@ -118,6 +118,13 @@ class TrainIterator:
     self._iterator.close()
 
 
+def per_host(size: int, processes: int, key: str) -> int:
+  """One process's share of a global batch of ``size`` rows (``key`` names it in the error)."""
+  if size % processes:
+    raise ConfigError(f"{key}={size} is not divisible by the {processes} processes")
+  return size // processes
+
+
 class Pipeline:
   """Train iterator and eval batches for one config (``config.data`` + ``seed``)."""
 
@@ -139,16 +146,19 @@ class Pipeline:
       self.workers = 0
     self.process_count, self.process_index = jax.process_count(), jax.process_index()
     self.sampler = sampler_lib.train_sampler(config, len(self.train_source))
-    self.batch_size = self._per_host(self.sampler.batch_size, "data.batch_size")
-    self.eval_batch_size = self._per_host(data.eval_batch_size, "data.eval_batch_size")
+    self.batch_size = per_host(self.sampler.batch_size, self.process_count, "data.batch_size")
+    self.eval_batch_size = per_host(data.eval_batch_size, self.process_count,
+                                    "data.eval_batch_size")
     self.global_batch_size = self.sampler.batch_size  # rows per step (a Poisson batch's cap)
     self.global_eval_batch_size = data.eval_batch_size
     self.transforms = transforms_lib.build_transforms(data.transforms)
     transforms_lib.check_order(self.transforms, [entry["name"] for entry in data.transforms])
-    self.per_example = [t for t in self.transforms if t.per_example]
+    # Per-example transforms with the feature keys each applies to, resolved once.
+    self.per_example = [(t, [transforms_lib.resolve_key(k, self.dataset.input_key,
+                                                        self.dataset.target_key) for k in t.keys])
+                        for t in self.transforms if t.per_example]
     self.stats = self._fitted_stats(workdir)
-    example = self._finish(self._examples(self.train_source, np.arange(1), train=False, step=0),
-                           train=False, step=0)
+    example = self._batch(self.train_source, np.arange(1), train=False, step=0)
     self.spec = DataSpec(
         input_shape=example[INPUTS].shape[1:], input_dtype=example[INPUTS].dtype,
         target_shape=example[TARGETS].shape[1:], num_classes=self.dataset.num_classes,
@@ -169,6 +179,8 @@ class Pipeline:
       raise ConfigError(f"split {name!r} of {self.dataset.name!r} is empty")
     if isinstance(source, sources.ArraySource):
       return source  # generated in memory
+    if not self.cache:
+      return source
     nbytes, uniform = sources.decoded_size(source, self.seed)
     if self.cache == "auto":
       cache = uniform and nbytes <= self.cache_budget_gb * 2**30
@@ -178,17 +190,12 @@ class Pipeline:
       log.info("data.cache='auto': %s split %r (%d examples, %s)",
                "caching" if cache else "streaming", name, len(source), why)
     else:
-      cache = bool(self.cache)
-      if cache and not uniform:
+      cache = True
+      if not uniform:
         raise ConfigError(f"data.cache=True cannot hold split {name!r} of {self.dataset.name!r} "
                           f"in memory: its examples differ in shape (variable-size images); "
                           f"use data.cache='auto' or False")
     return sources.to_memory(source, progress=self.progress) if cache else source
-
-  def _per_host(self, size: int, key: str) -> int:
-    if size % self.process_count:
-      raise ConfigError(f"{key}={size} is not divisible by the {self.process_count} processes")
-    return size // self.process_count
 
   def _stats_sample(self) -> np.ndarray:
     """Indices of the train examples statistics are fitted on: all of them when there are at
@@ -234,17 +241,20 @@ class Pipeline:
     same whichever host or worker reads it."""
     if not self.per_example:
       return sources.take(source, indices)
-    keys = [[transforms_lib.resolve_key(k, self.dataset.input_key, self.dataset.target_key)
-             for k in t.keys] for t in self.per_example]
     examples = []
     for index, example in zip(indices, sources.read(source, indices)):
       example = dict(example)
       rng = np.random.default_rng([self.seed, step, 3, int(index)]) if train else None
-      for t, t_keys in zip(self.per_example, keys):
-        for key in t_keys:
+      for t, keys in self.per_example:
+        for key in keys:
           example[key] = t.apply({}, example[key], rng)
       examples.append(example)
     return sources.stack(examples)
+
+  def _batch(self, source, indices: np.ndarray, *, train: bool, step: int):
+    """The examples at ``indices`` as a preprocessed batch."""
+    return self._finish(self._examples(source, indices, train=train, step=step), train=train,
+                        step=step)
 
   def _finish(self, batch: Mapping[str, np.ndarray], *, train: bool, step: int):
     """Preprocesses a fetched batch and renames the supervised keys to inputs/targets."""
@@ -260,8 +270,7 @@ class Pipeline:
   def abstract_batch(self, global_size: int, *, train: bool) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes and dtypes of a global batch of ``global_size`` rows, from one preprocessed
     example (eval batches carry ``mask``): what compiling a step needs, without the data."""
-    example = self._finish(self._examples(self.train_source, np.arange(1), train=train, step=0),
-                           train=train, step=0)
+    example = self._batch(self.train_source, np.arange(1), train=train, step=0)
     if not train:
       example[MASK] = np.ones(1, np.float32)
     return {k: jax.ShapeDtypeStruct((global_size, *v.shape[1:]), v.dtype)
@@ -279,10 +288,8 @@ class Pipeline:
 
   def _train_batch(self, step: int):
     indices, mask = self.sampler[step]
-    batch = self._finish(self._examples(self.train_source,
-                                        self._host_slice(indices, self.batch_size),
-                                        train=True, step=step),
-                         train=True, step=step)
+    batch = self._batch(self.train_source, self._host_slice(indices, self.batch_size),
+                        train=True, step=step)
     if mask is not None:  # Poisson batches: padding rows (mask 0) must contribute nothing
       batch[MASK] = self._host_slice(mask, self.batch_size)
     return batch
@@ -306,7 +313,6 @@ class Pipeline:
     for start in range(0, padded, size):
       idx = self._host_slice(np.arange(start, start + size), self.eval_batch_size)
       valid = idx < n
-      batch = self._finish(self._examples(source, np.where(valid, idx, 0), train=False, step=0),
-                           train=False, step=0)
+      batch = self._batch(source, np.where(valid, idx, 0), train=False, step=0)
       batch[MASK] = valid.astype(np.float32)
       yield batch

@@ -103,11 +103,9 @@ def to_memory(source: Sequence, chunk: int = 4096, progress: bool = False) -> Ar
 def decoded_size(source: Sequence, seed: int, sample: int = 16) -> tuple[float, bool]:
   """(estimated bytes of the whole split decoded, whether its examples all have one shape),
   from a seeded sample of ``sample`` examples: a split is never read whole to learn this."""
-  if isinstance(source, ArraySource):
-    return float(sum(v.nbytes for v in source.arrays.values())), True
   n = len(source)
   indices = np.random.default_rng([seed, 5]).choice(n, min(n, sample), replace=False)
-  examples = [source[int(i)] for i in indices]
+  examples = read(source, indices)
   nbytes = np.mean([sum(np.asarray(v).nbytes for v in e.values()) for e in examples])
   shapes = {tuple((k, np.shape(v)) for k, v in sorted(e.items())) for e in examples}
   return float(nbytes * n), len(shapes) == 1

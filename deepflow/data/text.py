@@ -24,7 +24,8 @@ import tqdm
 from etils import epath
 
 from deepflow.data import packing, sources, tokenizers
-from deepflow.data.pipeline import MASK, DataSpec, Pipeline, TrainIterator, step_batches
+from deepflow.data.pipeline import (MASK, DataSpec, Pipeline, TrainIterator, per_host,
+                                    step_batches)
 from deepflow.registry import ConfigError
 
 READ_CHUNK = 1024   # documents read and tokenized together in the counting pass
@@ -62,8 +63,9 @@ class TextPipeline:
     self.seq_len, self.num_threads, self.workers = data.seq_len, data.num_threads, data.workers
     self.process_count, self.process_index = jax.process_count(), jax.process_index()
     self.global_batch_size, self.global_eval_batch_size = data.batch_size, data.eval_batch_size
-    self.batch_size = self._per_host(data.batch_size, "data.batch_size")
-    self.eval_batch_size = self._per_host(data.eval_batch_size, "data.eval_batch_size")
+    self.batch_size = per_host(data.batch_size, self.process_count, "data.batch_size")
+    self.eval_batch_size = per_host(data.eval_batch_size, self.process_count,
+                                    "data.eval_batch_size")
     self.train_split = data.train_split
     self._lengths: dict[str, np.ndarray] = {}
     self._streams: dict[tuple[str, bool], packing.PackedStream] = {}
@@ -73,11 +75,6 @@ class TextPipeline:
         train_size=len(self._source(data.train_split)),  # documents
         metadata={"vocab_size": tokenizers.vocab_size(data.tokenizer),
                   "load_tokenizer": lambda: self.tokenizer, "text_feature": self.feature})
-
-  def _per_host(self, size: int, key: str) -> int:
-    if size % self.process_count:
-      raise ConfigError(f"{key}={size} is not divisible by the {self.process_count} processes")
-    return size // self.process_count
 
   def _source(self, split: str) -> Sequence:
     if split not in self.splits:

@@ -78,6 +78,11 @@ def add_adapters(params: Any, lora: LoraConfig, rng: jax.Array) -> Any:
     kernels = [p for p, v in flat.items() if jnp.ndim(v) >= 2]
     raise ConfigError(f"model.lora.targets {lora.targets!r} matches no kernel; the model's are: "
                       f"{some_names(kernels)}")
+  parents = [p.rpartition("/")[0] for p in targets]
+  shared = sorted(p for p in targets if parents.count(p.rpartition("/")[0]) > 1)
+  if shared:  # adapters are named by their module: one adapted kernel per module
+    raise ConfigError(f"model.lora.targets {lora.targets!r} matches several kernels of one "
+                      f"module ({some_names(shared)}); narrow it to one per module")
   for i, path in enumerate(sorted(targets)):
     kernel = flat[path]
     k = split_axis(kernel.shape)

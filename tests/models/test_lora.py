@@ -81,3 +81,16 @@ def test_a_target_regex_that_matches_nothing_is_one_line():
   assert "model.lora.targets 'attention' matches no kernel; the model's are: Dense_0/kernel" in (
       str(error.value))
   assert "\n" not in str(error.value)
+
+
+def test_two_adapted_kernels_in_one_module_are_refused():
+  """Adapters are named by their module, so a second kernel there would overwrite the first's."""
+  params = {"block": {"query": jnp.zeros((4, 4)), "value": jnp.zeros((4, 4))},
+            "head": {"kernel": jnp.zeros((4, 2))}}
+  with pytest.raises(ConfigError, match=r"matches several kernels of one module \(block/query, "
+                                        r"block/value\)"):
+    lora.add_adapters(params, lora.LoraConfig(rank=2, alpha=2.0, targets="block"),
+                      jax.random.PRNGKey(0))
+  adapted = lora.add_adapters(params, lora.LoraConfig(rank=2, alpha=2.0, targets="query|head"),
+                              jax.random.PRNGKey(0))
+  assert adapted["block"]["lora_a"].shape == (4, 2) and adapted["head"]["lora_b"].shape == (2, 2)
