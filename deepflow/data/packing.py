@@ -86,6 +86,9 @@ class PackedStream:
 def pack_row(pieces: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int
              ) -> dict[str, np.ndarray]:
   """One row from pieces of documents' (inputs, targets), in order, padded to ``seq_len``."""
+  total = sum(len(inputs) for inputs, _ in pieces)
+  if total > seq_len:  # checked first: numpy would fail mid-row with a broadcast error
+    raise ValueError(f"pieces of {total} pairs do not fit a row of {seq_len}")
   row = {key: np.zeros(seq_len, np.int32) for key in ROW_KEYS}
   at = 0
   for segment, (inputs, targets) in enumerate(pieces, start=1):
@@ -94,8 +97,6 @@ def pack_row(pieces: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int
     row[SEGMENTS][at:at + n] = segment
     row[POSITIONS][at:at + n] = np.arange(n)
     at += n
-  if at > seq_len:
-    raise ValueError(f"pieces of {at} pairs do not fit a row of {seq_len}")
   return row
 
 

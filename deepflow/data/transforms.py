@@ -37,7 +37,8 @@ class Transform:
   invert: Callable[[Stats, Any], Any] | None = None  # back to the data's units (see ``inverse``)
   numeric: bool = True                # False: gets the feature as stored (text), not as float32
   # True: applied to each example before batching (``deepflow.data.images``: variable-size
-  # images), ``apply(stats, example, rng)`` with rng None at eval; nothing to fit.
+  # images), ``apply(stats, value, rng)`` on one example's feature value (e.g. an image), with
+  # stats ``{}`` and rng None at eval; nothing to fit.
   per_example: bool = False
 
 

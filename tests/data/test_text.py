@@ -101,6 +101,8 @@ def test_rows_follow_the_hand_packed_reference():
                                                    [31, 2, 0, 0]])
   np.testing.assert_array_equal(batch["segments"], [[1, 1, 1, 2], [1, 1, 1, 1], [1, 1, 0, 0]])
   np.testing.assert_array_equal(batch["positions"], [[0, 1, 2, 0], [0, 1, 2, 3], [0, 1, 0, 0]])
+  with pytest.raises(ValueError, match="pieces of 5 pairs do not fit a row of 4"):
+    packing.pack_row([(np.arange(3), np.arange(3)), (np.arange(2), np.arange(2))], 4)
 
 
 def test_training_rows_cover_each_epoch_once_in_a_seeded_order():
