@@ -73,6 +73,9 @@ class Experiment:
         raise FileNotFoundError(f"no checkpoint of step {which} in {checkpointer.directory} "
                                 f"(kept: {kept})")
       exp = cls(config, workdir, debug=debug)
+      record = tuning.recorded(workdir)
+      if record:  # the steps the run was trained and evaluated with
+        exp.use_compiler_options(record["options"])
       state, _, step = exp.restore(checkpointer, which if isinstance(which, int) else None)
     finally:
       checkpointer.close()

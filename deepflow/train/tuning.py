@@ -74,8 +74,8 @@ def autotune(exp, state, batch) -> dict[str, Any]:
   base = dict(exp.compiler_options)
   path = epath.Path(exp.workdir) / RECORD
   platform = jax.default_backend()
-  record = json.loads(path.read_text()) if path.exists() else None
-  if record and record["platform"] == platform:
+  record = recorded(exp.workdir)
+  if record:
     log.info("autotune: %s, as recorded in %s", record["choice"], path)
     return exp.use_compiler_options(record["options"])
   if exp.debug:
@@ -97,6 +97,21 @@ def autotune(exp, state, batch) -> dict[str, Any]:
         "platform": platform, "choice": choice, "options": candidates[choice],
         "ms_per_step": {name: round(seconds[name] * 1e3, 3) for name in names}}, indent=2))
   return exp.use_compiler_options(candidates[choice])
+
+
+def recorded(workdir: str | None) -> dict | None:
+  """The choice ``autotune`` recorded in ``workdir`` for this platform, if any: the options a
+  resumed run, and every command that reopens the run, compile its steps with."""
+  path = epath.Path(workdir) / RECORD if workdir else None
+  if path is None or not path.exists():
+    return None
+  try:
+    record = json.loads(path.read_text())
+    options, platform = dict(record["options"]), record["platform"]
+  except (ValueError, KeyError, TypeError) as e:
+    raise ConfigError(f"{path} is not an autotune record ({type(e).__name__}: {e}); delete it "
+                      f"to tune again") from e
+  return record if platform == jax.default_backend() else None
 
 
 def measure(steps: Mapping[str, Step], fresh_state: Callable[[], Any], batch,

@@ -141,6 +141,8 @@ def test_resumed_run_reuses_the_recorded_choice_bit_identically(tmp_path, monkey
   deepflow.train_and_evaluate(config, b)
   assert not calls  # the record was read, nothing timed
   assert json.loads(open(os.path.join(b, tuning.RECORD)).read())["choice"] == "eigen_convolutions"
+  reopened = Experiment.from_workdir(b).experiment  # eval, export, ...: the same programs
+  assert reopened.compiler_options == tuning.CPU_CANDIDATES["eigen_convolutions"]
   pa, _, _ = final_params(config, a)
   pb, _, step = final_params(config, b)
   assert step == 8
@@ -154,3 +156,12 @@ def test_autotune_on_another_platform_tunes_nothing(tmp_path, monkeypatch):
   exp = Experiment(tiny_config("train.autotune=True", model=CNN), str(tmp_path))
   assert tuning.autotune(exp, None, None) == {}
   assert not os.path.exists(tmp_path / tuning.RECORD)
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"choice": "eigen_convolutions"}', "[1, 2]"])
+def test_a_broken_record_is_a_one_line_error(tmp_path, text):
+  (tmp_path / tuning.RECORD).write_text(text)
+  exp = Experiment(tiny_config("train.autotune=True"), str(tmp_path))
+  with pytest.raises(ConfigError, match="is not an autotune record.*delete it") as error:
+    tuning.autotune(exp, None, None)
+  assert "\n" not in str(error.value)
