@@ -13,18 +13,19 @@ non-finite guard, metrics). PyTorch's is zero_grad, forward, cross-entropy, back
 setup). Every contender trains on the same fixed device-resident batches, is warmed up
 (compiled) first, then timed in ``--rounds`` interleaved rounds, so a noisy neighbour slows all
 alike; the median round counts. PyTorch is limited to ``--threads`` threads and XLA runs on a
-CPU of that many cores. ``XLA_FLAGS`` from the environment apply to deepflow's side and are
-printed (e.g. ``--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce``, which moves
-XLA:CPU's convolutions from YNNPACK to Eigen: see the README's benchmarks). PyTorch is a
-benchmark-only dependency (``pip install torch``).
+CPU of that many cores. With ``--autotune`` deepflow is also timed as ``train.autotune`` sets
+it up (XLA:CPU's convolutions in YNNPACK or in Eigen, whichever its own timing finds faster:
+``deepflow.train.tuning``). ``XLA_FLAGS`` from the environment apply to deepflow's side and are
+printed. PyTorch is a benchmark-only dependency (``pip install torch``).
 
     python benchmarks/vs_pytorch.py [--cases cnn:128,cnn:1024,resnet:128] [--rounds 5]
-                                    [--seconds 1.0] [--no-compile]
+                                    [--seconds 1.0] [--no-compile] [--autotune]
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import tempfile
 
@@ -40,6 +41,7 @@ from torch import nn
 
 import deepflow
 from deepflow.data import sources
+from deepflow.train import tuning
 from dp_step import cpu_name  # noqa: E402  (benchmarks/ is the script's directory)
 from resident import deepflow_step, time_round  # noqa: E402
 
@@ -52,18 +54,19 @@ sources.DATASETS.register(CIFAR_SHAPED)(
 
 # -- deepflow ------------------------------------------------------------------------------------
 
-def deepflow_config(model: str, batch: int):
+def deepflow_config(model: str, batch: int, *overrides: str):
   if model == "cnn":
     return deepflow.load_config(os.path.join(ROOT, "experiments", "digits_cnn.py"),
-                                ["model.dropout=0.0", f"data.batch_size={batch}"])
+                                ["model.dropout=0.0", f"data.batch_size={batch}", *overrides])
   return deepflow.load_config(os.path.join(ROOT, "experiments", "digits_resnet.py"),
                               [f"data.source={CIFAR_SHAPED}", "data.transforms=[]",
-                               "model.stage_sizes=(3,3,3)", f"data.batch_size={batch}"])
+                               "model.stage_sizes=(3,3,3)", f"data.batch_size={batch}",
+                               *overrides])
 
 
-def deepflow_model_step(model: str, batch: int, workdir: str):
+def deepflow_model_step(model: str, batch: int, workdir: str, *overrides: str):
   """A zero-argument step over fixed batches, compiled, and the example batch (numpy)."""
-  step, sync, host = deepflow_step(deepflow_config(model, batch), workdir)
+  step, sync, host = deepflow_step(deepflow_config(model, batch, *overrides), workdir)
   return step, sync, host[0]
 
 
@@ -122,10 +125,16 @@ def torch_step(model: str, example, compiled: bool):
 
 # -- timing --------------------------------------------------------------------------------------
 
-def run_case(model: str, batch: int, rounds: int, seconds: float, compiled: bool, tmp: str):
+def run_case(model: str, batch: int, rounds: int, seconds: float, compiled: bool, autotune: bool,
+             tmp: str):
   contenders = {}
   df_step, df_sync, example = deepflow_model_step(model, batch, os.path.join(tmp, f"{model}{batch}"))
   contenders["deepflow"] = (df_step, df_sync)
+  if autotune:  # train.autotune's choice of XLA:CPU convolutions, recorded in its workdir
+    workdir = os.path.join(tmp, f"{model}{batch}-autotune")
+    step, sync, _ = deepflow_model_step(model, batch, workdir, "train.autotune=True")
+    choice = json.loads(open(os.path.join(workdir, tuning.RECORD)).read())["choice"]
+    contenders[f"deepflow autotune ({choice})"] = (step, sync)
   contenders["torch eager"] = torch_step(model, example, compiled=False)
   if compiled:
     contenders["torch.compile"] = torch_step(model, example, compiled=True)
@@ -145,6 +154,8 @@ def main(argv=None):
   parser.add_argument("--seconds", type=float, default=1.0, help="length of one timed round")
   parser.add_argument("--threads", type=int, default=2)
   parser.add_argument("--no-compile", dest="compiled", action="store_false")
+  parser.add_argument("--autotune", action="store_true",
+                      help="also time deepflow with train.autotune's choice of XLA options")
   args = parser.parse_args(argv)
   torch.set_num_threads(args.threads)
   print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs; jax {jax.__version__}, torch "
@@ -155,13 +166,16 @@ def main(argv=None):
   with tempfile.TemporaryDirectory() as tmp:
     for case in args.cases.split(","):
       model, batch = case.split(":")
-      medians, steps = run_case(model, int(batch), args.rounds, args.seconds, args.compiled, tmp)
+      medians, steps = run_case(model, int(batch), args.rounds, args.seconds, args.compiled,
+                                args.autotune, tmp)
       results[case] = medians
       cells = ", ".join(f"{name} {1e3 * t:.1f} ms" for name, t in medians.items())
-      ratios = ", ".join(f"{medians[name] / medians['deepflow']:.2f}x vs {name}"
-                         for name in medians if name != "deepflow")
+      ours = [name for name in medians if name.startswith("deepflow")]
+      ratios = "; ".join(f"{mine} " + ", ".join(
+          f"{medians[name] / medians[mine]:.2f}x vs {name}" for name in medians
+          if name not in ours) for mine in ours)
       print(f"{model} batch {batch} (median of {args.rounds} rounds x {steps} steps): {cells}; "
-            f"deepflow {ratios}", flush=True)
+            f"{ratios}", flush=True)
   print(f"load average after: {os.getloadavg()[0]:.2f}")
   return results
 

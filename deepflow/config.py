@@ -23,6 +23,7 @@ ConfigDict = ml_collections.ConfigDict
 
 # Keys whose value may be of several types (made with ``_any_type``); validate() checks each.
 ANY_TYPE_KEYS = ("data.cache",)
+FREE_FORM_SECTIONS = ("model", "task", "train.xla_options")  # their keys are not the base's
 
 
 def _any_type(default: Any) -> ml_collections.FieldReference:
@@ -111,6 +112,10 @@ def base_config() -> ConfigDict:
       "profile_steps": (),          # (first, last): a jax.profiler trace of them in workdir/profile
       "compilation_cache": "~/.cache/deepflow/jax",  # JAX's persistent compilation cache
                                     # (a rerun loads its compiled steps); '' = off
+      "xla_options": {},            # XLA compiler options of the train and eval steps, e.g.
+                                    # {'xla_cpu_experimental_ynn_fusion_type': '...'}
+      "autotune": False,            # CPU: time the train step under each XLA:CPU convolution
+                                    # backend, keep the fastest (deepflow.train.tuning)
   })
   c.parallel = ConfigDict({
       "strategy": "data",           # 'data' (replicated params) or 'fsdp' (sharded over data)
@@ -402,7 +407,7 @@ def _check_keys(config: ConfigDict, base: ConfigDict, prefix: str) -> None:
     path = f"{prefix}{key}"
     if key not in base:
       raise ConfigError(f"unknown config key {path!r}; known: {', '.join(sorted(base.keys()))}")
-    if isinstance(base[key], ConfigDict) and key not in ("model", "task"):
+    if isinstance(base[key], ConfigDict) and path not in FREE_FORM_SECTIONS:
       if not isinstance(value, ConfigDict):
         raise ConfigError(f"config key {path!r} must be a section, got {value!r}")
       _check_keys(value, base[key], path + ".")

@@ -73,12 +73,13 @@ def key_comments(function: Any = config_lib.base_config) -> dict[str, str]:
 
 
 def leaves(config: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
-  """('data.batch_size', 128), ... in definition order."""
+  """('data.batch_size', 128), ... in definition order; an empty section (a free-form one such
+  as train.xla_options) is a leaf."""
   for key, value in config.items():
-    if isinstance(value, config_lib.ConfigDict):
+    if isinstance(value, config_lib.ConfigDict) and value:
       yield from leaves(value, f"{prefix}{key}.")
     else:
-      yield f"{prefix}{key}", value
+      yield f"{prefix}{key}", value.to_dict() if isinstance(value, config_lib.ConfigDict) else value
 
 
 def meanings() -> dict[str, str]:

@@ -24,7 +24,7 @@ from deepflow.data.pipeline import MASK
 from deepflow.data.text import make_pipeline
 from deepflow.optim.partition import Partition
 from deepflow.registry import ConfigError, TASKS
-from deepflow.train import checkpoint as checkpoint_lib
+from deepflow.train import checkpoint as checkpoint_lib, tuning
 from deepflow.train.state import TrainState, create_state
 from deepflow.train.step import compile_steps
 
@@ -47,9 +47,8 @@ class Experiment:
         functools.partial(create_state, self.task, self.tx, config.seed))
     self.partition.check(self.abstract_state.params)
     self.shardings = parallel.state_shardings(self.abstract_state, self.mesh, config.parallel)
-    self.train_step, eval_step = compile_steps(self.task, self.tx, self.mesh, self.shardings,
-                                               config.train.microbatches, debug=debug)
-    self._eval_step = eval_step
+    self.debug = debug
+    self.use_compiler_options(tuning.check_options(config.train.xla_options))
 
   @classmethod
   def from_workdir(cls, workdir: str, overrides: Iterable[str] = (), *,
@@ -74,10 +73,29 @@ class Experiment:
         raise FileNotFoundError(f"no checkpoint of step {which} in {checkpointer.directory} "
                                 f"(kept: {kept})")
       exp = cls(config, workdir, debug=debug)
+      record = tuning.recorded(workdir)
+      if record:  # the steps the run was trained and evaluated with
+        exp.use_compiler_options(record["options"])
       state, _, step = exp.restore(checkpointer, which if isinstance(which, int) else None)
     finally:
       checkpointer.close()
     return Restored(exp, state, int(step), which if isinstance(which, str) else "step")
+
+  def use_compiler_options(self, options: dict) -> dict:
+    """Rebuilds the train and eval steps with XLA ``options`` (``deepflow.train.tuning``)."""
+    self.compiler_options = dict(options)
+    self.train_step, self._eval_step = self._compile(self.compiler_options)
+    return self.compiler_options
+
+  def compiled_train_step(self, options: dict):
+    """A train step like ``train_step`` but compiled with XLA ``options``; the experiment's own
+    steps are left as they are."""
+    return self._compile(options)[0]
+
+  def _compile(self, options: dict):
+    return compile_steps(self.task, self.tx, self.mesh, self.shardings,
+                         self.config.train.microbatches, debug=self.debug,
+                         compiler_options=options)
 
   def init_state(self) -> TrainState:
     init = functools.partial(create_state, self.task, self.tx, self.config.seed)

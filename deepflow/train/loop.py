@@ -24,7 +24,7 @@ from deepflow import config as config_lib, parallel
 from deepflow.optim import build_schedule
 from deepflow.registry import ConfigError
 from deepflow.regularizers import StoppingRecord
-from deepflow.train import checkpoint as checkpoint_lib, init_from, runtime, workdir_lock
+from deepflow.train import checkpoint as checkpoint_lib, init_from, runtime, tuning, workdir_lock
 from deepflow.train.errors import NonFiniteLossError, Preempted
 from deepflow.train.experiment import BEST_DIR, Experiment
 from deepflow.train.state import TrainState
@@ -204,6 +204,8 @@ def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpoin
     while step < cfg.steps:
       # -- One jitted step; its metrics stay on the device until the window is flushed.
       batch = parallel.global_batch(next(iterator), exp.mesh)
+      if step == start and cfg.autotune:  # on the run's first batch; the state is only read
+        tuning.autotune(exp, state, batch)
       profiler.before(step)
       state, metrics = exp.train_step(state, batch)
       pending.append(metrics)

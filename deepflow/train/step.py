@@ -89,13 +89,18 @@ def make_eval_step(task) -> Callable[[TrainState, Batch], dict]:
   return eval_step
 
 
-def compile_steps(task, tx, mesh, state_sharding, microbatches: int = 1, *, debug: bool = False):
-  """The jitted train step (state donated) and eval step, with explicit shardings. With
-  ``debug`` the plain Python functions are returned, to step through them eagerly."""
+def compile_steps(task, tx, mesh, state_sharding, microbatches: int = 1, *, debug: bool = False,
+                  compiler_options: dict | None = None):
+  """The jitted train step (state donated) and eval step, with explicit shardings and XLA's
+  ``compiler_options`` (``deepflow.train.tuning``). With ``debug`` the plain Python functions
+  are returned, to step through them eagerly."""
   train_step, eval_step = make_train_step(task, tx, microbatches), make_eval_step(task)
   if debug:
     return train_step, eval_step
   batch = parallel.batch_sharding(mesh)
+  options = dict(compiler_options or {}) or None
   return (jax.jit(train_step, in_shardings=(state_sharding, batch),
-                  out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0),
-          jax.jit(eval_step, in_shardings=(state_sharding, batch), out_shardings=batch))
+                  out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0,
+                  compiler_options=options),
+          jax.jit(eval_step, in_shardings=(state_sharding, batch), out_shardings=batch,
+                  compiler_options=options))

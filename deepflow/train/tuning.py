@@ -1,0 +1,147 @@
+"""XLA compiler options for a run's train and eval steps (``train.xla_options``), and their
+choice by measurement on CPU (``train.autotune``).
+
+The options are set per compiled program (``jax.jit(..., compiler_options=...)``), so they reach
+deepflow's steps and nothing else in the process, unlike ``XLA_FLAGS``.
+
+Why tune on CPU: XLA:CPU runs convolutions either in YNNPACK (its default) or in Eigen, and
+neither wins everywhere. Measured on a 2-core x86_64 CPU (``benchmarks/vs_pytorch.py``, README):
+Eigen makes the ResNet-20 step ~1.3-1.5x faster (YNNPACK's kernel gradients of 32x32 and 16x16
+images run at ~12 GFLOP/s), while the digits CNN's step is as fast or faster on YNNPACK. So
+``train.autotune`` compiles the train step once per candidate of ``CPU_CANDIDATES``, times each
+on copies of the run's first state and batch (the run's own state is untouched, so tuning does
+not change what is trained), keeps the fastest and records it in ``workdir/autotune.json``.
+
+A resumed run reads that record instead of timing again: the candidates' kernels sum in
+different orders, so the same choice is what keeps a resumed run bit-identical to an
+uninterrupted one. GPU and TPU compilers autotune their own kernels; there ``train.autotune``
+only logs that it has nothing to do.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
+
+from deepflow.registry import ConfigError
+
+log = logging.getLogger("deepflow")
+
+RECORD = "autotune.json"
+YNN_FUSIONS = "xla_cpu_experimental_ynn_fusion_type"
+# XLA:CPU's default YNNPACK fusion list (jaxlib 0.10) less INDIVIDUAL_CONVOLUTION. A per-program
+# option replaces the list (the '-name' form of XLA_FLAGS is not accepted here), so it is spelled
+# out; tests/train/test_tuning.py checks it against the compiled default.
+EIGEN_CONVOLUTIONS = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+CPU_CANDIDATES: dict[str, dict[str, Any]] = {
+    "ynnpack_convolutions": {},  # XLA:CPU's default
+    "eigen_convolutions": {YNN_FUSIONS: EIGEN_CONVOLUTIONS},
+}
+ROUND_SECONDS = 0.2  # each candidate's timed round runs at least this long
+ROUNDS = 3  # interleaved, so a noisy neighbour slows every candidate alike; the median counts
+
+Step = Callable[[Any, Any], tuple[Any, Any]]
+
+
+def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
+  """``options`` as a plain dict, each name and value checked by compiling a trivial program
+  with them: an unknown name or a bad value is a one-line ``ConfigError``."""
+  options = dict(options)
+  for name, value in options.items():
+    if not isinstance(value, (str, bool, int, float)):
+      raise ConfigError(f"train.xla_options[{name!r}] must be a string, bool or number, got "
+                        f"{type(value).__name__}")
+  if options:
+    try:
+      jax.jit(lambda: jnp.zeros(()), compiler_options=options).lower().compile()
+    except Exception as e:  # XLA's own message names the option and what is wrong with it
+      message = str(e).strip().splitlines()[0]
+      raise ConfigError(f"train.xla_options: {message}") from e
+  return options
+
+
+def autotune(exp, state, batch) -> dict[str, Any]:
+  """Sets ``exp``'s steps to the fastest candidate's options (see the module docstring) and
+  returns them; ``state`` and ``batch`` are the run's first, only read."""
+  base = dict(exp.compiler_options)
+  path = epath.Path(exp.workdir) / RECORD
+  platform = jax.default_backend()
+  record = recorded(exp.workdir)
+  if record:
+    log.info("autotune: %s, as recorded in %s", record["choice"], path)
+    return exp.use_compiler_options(record["options"])
+  if exp.debug:
+    log.info("autotune: nothing to tune in debug mode (the steps run eagerly)")
+    return base
+  if platform != "cpu":
+    log.info("autotune: nothing to tune on %s (its compiler tunes its own kernels)", platform)
+    return base
+  candidates = {name: {**base, **options} for name, options in CPU_CANDIDATES.items()}
+  steps = {name: exp.compiled_train_step(options) for name, options in candidates.items()}
+  copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=exp.shardings)
+  seconds = measure(steps, lambda: copy(state), batch)
+  names = list(candidates)
+  choice = names[_agreed(int(np.argmin([seconds[n] for n in names])))]
+  log.info("autotune: %s (%s)", choice, ", ".join(
+      f"{name} {seconds[name] * 1e3:.1f} ms/step" for name in names))
+  if jax.process_index() == 0:
+    path.write_text(json.dumps({
+        "platform": platform, "choice": choice, "options": candidates[choice],
+        "ms_per_step": {name: round(seconds[name] * 1e3, 3) for name in names}}, indent=2))
+  return exp.use_compiler_options(candidates[choice])
+
+
+def recorded(workdir: str | None) -> dict | None:
+  """The choice ``autotune`` recorded in ``workdir`` for this platform, if any: the options a
+  resumed run, and every command that reopens the run, compile its steps with."""
+  path = epath.Path(workdir) / RECORD if workdir else None
+  if path is None or not path.exists():
+    return None
+  try:
+    record = json.loads(path.read_text())
+    options, platform = dict(record["options"]), record["platform"]
+  except (ValueError, KeyError, TypeError) as e:
+    raise ConfigError(f"{path} is not an autotune record ({type(e).__name__}: {e}); delete it "
+                      f"to tune again") from e
+  return record if platform == jax.default_backend() else None
+
+
+def measure(steps: Mapping[str, Step], fresh_state: Callable[[], Any], batch,
+            rounds: int = ROUNDS, round_seconds: float = ROUND_SECONDS) -> dict[str, float]:
+  """Median seconds per call of each step over ``rounds`` interleaved rounds, each starting
+  from ``fresh_state()`` (the steps may donate it) and long enough to last ``round_seconds``."""
+  calls = {}
+  for name, step in steps.items():  # compiles, then sizes the rounds by one timed call
+    jax.block_until_ready(step(fresh_state(), batch))
+    state = fresh_state()
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    jax.block_until_ready(step(state, batch))
+    calls[name] = max(1, int(round_seconds / max(time.perf_counter() - start, 1e-6)))
+  samples: dict[str, list[float]] = {name: [] for name in steps}
+  for _ in range(rounds):
+    for name, step in steps.items():
+      state = fresh_state()
+      jax.block_until_ready(state)
+      start = time.perf_counter()
+      for _ in range(calls[name]):
+        state, metrics = step(state, batch)
+      jax.block_until_ready(metrics)
+      samples[name].append((time.perf_counter() - start) / calls[name])
+  return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def _agreed(index: int) -> int:
+  """Process 0's ``index`` on every process: each times its own share, but all must compile the
+  same program for their collectives to match."""
+  if jax.process_count() == 1:
+    return index
+  return int(multihost_utils.broadcast_one_to_all(np.int32(index)))

@@ -1,0 +1,167 @@
+"""train.xla_options and train.autotune: the options reach the compiled steps, the candidates are
+what they say, the fastest is kept and recorded, tuning does not change what is trained, and a
+resumed run reuses the recorded choice."""
+import json
+import os
+import re
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import deepflow
+from deepflow.registry import ConfigError
+from deepflow.train import tuning
+from deepflow.train.experiment import Experiment
+from tests.helpers import tiny_config
+from tests.train.test_loop import final_params
+
+CNN = dict(name="cnn", features=(8, 16), dense=(16,), dropout=0.0)
+
+
+def ynn_ops(compiled_text: str) -> set[str]:
+  """The kinds of op (convolution, dot, reduce) that XLA:CPU runs in YNNPACK fusions."""
+  bodies = dict(re.findall(r"^(%?fused_computation[.\d]*) [^\n]*\{\n(.*?)^\}", compiled_text,
+                           re.M | re.S))
+  ops = set()
+  for called in re.findall(r"ynn_fusion[.\d]* = .*calls=(%?fused_computation[.\d]*)",
+                           compiled_text):
+    ops.update(re.findall(r"= \S+ (convolution|dot|reduce)\(", bodies[called]))
+  return ops
+
+
+def test_eigen_candidate_is_the_default_less_convolutions():
+  """XLA:CPU's default list is spelled out in the candidate: it must move convolutions (forward,
+  input and kernel gradients) off YNNPACK and keep every other default YNNPACK fusion."""
+  x, w = jnp.ones((256, 8, 8, 32)), jnp.ones((3, 3, 32, 32))  # large enough for YNNPACK
+
+  def program(x, w):
+    conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y, vjp = jax.vjp(conv, x, w)
+    flat = y.reshape(256, -1)
+    return vjp(y), jnp.max(y, axis=(1, 2)), flat @ flat.T
+  lowered = jax.jit(program).lower(x, w)
+  default = ynn_ops(lowered.compile().as_text())
+  eigen = ynn_ops(lowered.compile(
+      compiler_options=tuning.CPU_CANDIDATES["eigen_convolutions"]).as_text())
+  assert "convolution" in default  # else the candidate has nothing left to change
+  assert default - eigen == {"convolution"}
+  assert eigen == default - {"convolution"}
+
+
+def test_xla_options_reach_the_train_step():
+  options = tuning.CPU_CANDIDATES["eigen_convolutions"]
+  config = tiny_config("data.batch_size=256", model=CNN, num_devices=1)  # YNNPACK-sized
+  default, tuned = (Experiment(config, None, devices=jax.devices()[:1]) for _ in range(2))
+  tuned.use_compiler_options(options)
+  state = default.init_state()
+  batch = next(default.pipeline.train_iterator())
+  texts = [exp.train_step.lower(state, batch).compile().as_text() for exp in (default, tuned)]
+  assert "convolution" in ynn_ops(texts[0])
+  assert "convolution" not in ynn_ops(texts[1])
+  assert tuned.compiler_options == options
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"no_such_option": 1}, "No such compile option: 'no_such_option'"),
+    ({tuning.YNN_FUSIONS: "CONVOLUTIONS_PLEASE"}, "not a valid enum value"),
+    ({tuning.YNN_FUSIONS: ["a"]}, "must be a string, bool or number"),
+])
+def test_bad_xla_options_are_one_line_errors(options, message):
+  with pytest.raises(ConfigError, match=re.escape(message)) as error:
+    tuning.check_options(options)
+  assert "\n" not in str(error.value) and str(error.value).startswith("train.xla_options")
+
+
+def test_xla_options_override_from_the_command_line():
+  config = tiny_config(f'train.xla_options={{"{tuning.YNN_FUSIONS}": '
+                       f'"LIBRARY_FUSION_TYPE_REDUCE"}}')
+  assert Experiment(config, None).compiler_options == {
+      tuning.YNN_FUSIONS: "LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+def test_measure_times_each_step_from_a_fresh_state():
+  def sleeper(name, seconds):
+    def step(state, batch):
+      assert state in ("fresh", name)  # a round chains its own states, never another's
+      time.sleep(seconds)
+      return name, jnp.zeros(())
+    return step
+  seconds = tuning.measure({"slow": sleeper("slow", 0.012), "fast": sleeper("fast", 0.003)},
+                           lambda: "fresh", None, rounds=3, round_seconds=0.03)
+  assert 0.003 <= seconds["fast"] < 0.008 < 0.012 <= seconds["slow"] < 0.03
+
+
+def _forced(choice):
+  """A stand-in for ``tuning.measure`` that makes ``choice`` the fastest, and records that it
+  was called."""
+  calls = []
+
+  def measure(steps, fresh_state, batch):
+    calls.append(sorted(steps))
+    return {name: (0.001 if name == choice else 0.002) for name in steps}
+  return measure, calls
+
+
+def test_autotune_keeps_the_fastest_records_it_and_leaves_training_unchanged(tmp_path,
+                                                                              monkeypatch):
+  measure, calls = _forced("ynnpack_convolutions")  # the default: same program as untuned
+  monkeypatch.setattr(tuning, "measure", measure)
+  tuned, plain = str(tmp_path / "tuned"), str(tmp_path / "plain")
+  deepflow.train_and_evaluate(tiny_config("train.autotune=True", model=CNN), tuned)
+  deepflow.train_and_evaluate(tiny_config(model=CNN), plain)
+  assert calls == [sorted(tuning.CPU_CANDIDATES)]
+  record = json.loads(open(os.path.join(tuned, tuning.RECORD)).read())
+  assert record["choice"] == "ynnpack_convolutions" and record["platform"] == "cpu"
+  assert record["options"] == {} and set(record["ms_per_step"]) == set(tuning.CPU_CANDIDATES)
+  assert not os.path.exists(os.path.join(plain, tuning.RECORD))
+  # Timing ran steps on copies of the first state: the run trained exactly as without tuning.
+  for x, y in zip(jax.tree.leaves(final_params(tiny_config(model=CNN), tuned)[0]),
+                  jax.tree.leaves(final_params(tiny_config(model=CNN), plain)[0])):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_resumed_run_reuses_the_recorded_choice_bit_identically(tmp_path, monkeypatch):
+  config = tiny_config("train.autotune=True", "train.steps=8", "train.checkpoint_every=4",
+                       model=CNN)
+  measure, calls = _forced("eigen_convolutions")
+  monkeypatch.setattr(tuning, "measure", measure)
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  deepflow.train_and_evaluate(config, a)
+  shutil.copytree(a, b)
+  shutil.rmtree(os.path.join(b, "checkpoints", "8"))  # as if killed after step 4's save
+  assert calls
+  measure, calls = _forced("ynnpack_convolutions")  # would choose the other one
+  monkeypatch.setattr(tuning, "measure", measure)
+  deepflow.train_and_evaluate(config, b)
+  assert not calls  # the record was read, nothing timed
+  assert json.loads(open(os.path.join(b, tuning.RECORD)).read())["choice"] == "eigen_convolutions"
+  reopened = Experiment.from_workdir(b).experiment  # eval, export, ...: the same programs
+  assert reopened.compiler_options == tuning.CPU_CANDIDATES["eigen_convolutions"]
+  pa, _, _ = final_params(config, a)
+  pb, _, step = final_params(config, b)
+  assert step == 8
+  for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_autotune_on_another_platform_tunes_nothing(tmp_path, monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  monkeypatch.setattr(tuning, "measure", lambda *a: pytest.fail("timed on a TPU"))
+  exp = Experiment(tiny_config("train.autotune=True", model=CNN), str(tmp_path))
+  assert tuning.autotune(exp, None, None) == {}
+  assert not os.path.exists(tmp_path / tuning.RECORD)
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"choice": "eigen_convolutions"}', "[1, 2]"])
+def test_a_broken_record_is_a_one_line_error(tmp_path, text):
+  (tmp_path / tuning.RECORD).write_text(text)
+  exp = Experiment(tiny_config("train.autotune=True"), str(tmp_path))
+  with pytest.raises(ConfigError, match="is not an autotune record.*delete it") as error:
+    tuning.autotune(exp, None, None)
+  assert "\n" not in str(error.value)
