@@ -217,7 +217,7 @@ class Pipeline:
     def chunks():  # one pass over the sample (one per fitted transform), a chunk at a time
       for i in tqdm.tqdm(starts, desc="statistics", unit="chunk", dynamic_ncols=True,
                          disable=not self.progress or len(starts) <= 1):
-        yield self._examples(self.train_source, indices[i:i + STATS_CHUNK], train=False, step=0)
+        yield self.examples(self.train_source, indices[i:i + STATS_CHUNK], train=False, step=0)
     stats = transforms_lib.fit_chain(self.transforms, chunks, self.dataset.input_key,
                                      self.dataset.target_key)
     if path and jax.process_index() == 0:
@@ -234,7 +234,7 @@ class Pipeline:
     labels = self.train_source.arrays[self.dataset.target_key]
     return tuple(int(c) for c in np.bincount(np.asarray(labels).reshape(-1), minlength=n)[:n])
 
-  def _examples(self, source, indices: np.ndarray, *, train: bool, step: int
+  def examples(self, source, indices: np.ndarray, *, train: bool, step: int
                 ) -> dict[str, np.ndarray]:
     """The examples at ``indices``, through the per-example transforms (``data.images``) and
     stacked. Training draws each example's randomness from (seed, step, its index), so it is the
@@ -253,7 +253,7 @@ class Pipeline:
 
   def _batch(self, source, indices: np.ndarray, *, train: bool, step: int):
     """The examples at ``indices`` as a preprocessed batch."""
-    return self._finish(self._examples(source, indices, train=train, step=step), train=train,
+    return self._finish(self.examples(source, indices, train=train, step=step), train=train,
                         step=step)
 
   def _finish(self, batch: Mapping[str, np.ndarray], *, train: bool, step: int):
