@@ -103,26 +103,27 @@ def data_first_batch(name: str, data_dir: str, cache: str) -> float:
 
 
 class TorchImages:
-  """The same records and decoder as deepflow's loader, as a map-style torch dataset."""
+  """The same records and decoder as deepflow's loader (its ``DecodedSource``), as a map-style
+  torch dataset of (image, label)."""
 
   def __init__(self, name: str, data_dir: str):
     import tensorflow_datasets as tfds
-    self.source = tfds.builder(name, data_dir=data_dir).as_data_source(
-        split="train", decoders={"image": tfds.decode.SkipDecoding()})
+    self.source = images.DecodedSource(tfds.builder(name, data_dir=data_dir).as_data_source(
+        split="train", decoders={"image": tfds.decode.SkipDecoding()}), {"image": None})
 
   def __len__(self):
     return len(self.source)
 
   def __getitem__(self, index):
-    return self._decoded(self.source[index])
+    return self._pair(self.source[index])
 
   def __getitems__(self, indices):
     """Bulk reads, as deepflow's loader does (DataLoader uses them when a dataset has them)."""
-    return [self._decoded(e) for e in self.source.__getitems__(indices)]
+    return [self._pair(e) for e in self.source.__getitems__(indices)]
 
   @staticmethod
-  def _decoded(example):
-    return images.decode(example["image"]), example["label"]
+  def _pair(example):
+    return example["image"], example["label"]
 
 
 def torch_batches(name: str, data_dir: str, workers: int):

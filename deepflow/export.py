@@ -34,14 +34,17 @@ PLATFORMS = ("cpu", "cuda", "tpu")
 STATS_PREFIX = "preprocessing/"
 
 
-def _input_chain(exp: Experiment) -> list[tuple[int, transforms_lib.Transform]]:
-  """The transforms (with their index in ``data.transforms``) that eval applies to the inputs:
-  augmentations are training-only and target transforms never see an input."""
+def _input_chain(exp: Experiment, *, per_example: bool = False
+                 ) -> list[tuple[int, transforms_lib.Transform]]:
+  """The batch transforms (with their index in ``data.transforms``) that eval applies to the
+  inputs, which the artifact runs (augmentations are training-only, target transforms never see
+  an input); with ``per_example``, instead, the per-example ones (``deepflow.data.images``:
+  variable-size images to one shape), which run on the host before the artifact."""
   data = exp.pipeline.dataset
   chain = []
   for i, t in enumerate(exp.pipeline.transforms):
     keys = [transforms_lib.resolve_key(k, data.input_key, data.target_key) for k in t.keys]
-    if not t.train_only and data.input_key in keys:
+    if not t.train_only and data.input_key in keys and t.per_example == per_example:
       chain.append((i, t))
   return chain
 
@@ -82,9 +85,10 @@ def inference_function(exp: Experiment, params: Any, model_state: Any
 
 
 def raw_example(exp: Experiment) -> np.ndarray:
-  """One raw (unpreprocessed) training input, shape (1, ...): what the artifact takes."""
-  data = exp.pipeline.dataset
-  return np.asarray(sources.take(exp.pipeline.train_source, np.arange(1))[data.input_key])
+  """One training input as the artifact takes it, shape (1, ...): raw, or, when per-example
+  transforms bring images to one shape, as their eval mode leaves it."""
+  example = exp.pipeline.examples(exp.pipeline.train_source, np.arange(1), train=False, step=0)
+  return np.asarray(example[exp.pipeline.dataset.input_key])
 
 
 def export(workdir: str, out: str, *, overrides: Iterable[str] = (),
@@ -180,6 +184,11 @@ def _signature(exp: Experiment, exported: Any, example: np.ndarray, step: int, w
            "options": {k: v for k, v in dict(entries[i]).items() if k != "name"},
            "statistics": {k: list(np.shape(v)) for k, v in exp.pipeline.stats[i].items()}}
           for i, _ in chain],
+      # Per-example steps (decoded image -> one shape) run before the artifact, in eval mode.
+      "host_preprocessing": [
+          {"name": entries[i]["name"],
+           "options": {k: v for k, v in dict(entries[i]).items() if k != "name"}}
+          for i, _ in _input_chain(exp, per_example=True)],
       "platforms": list(exported.platforms),
       "call": f"jax.export.deserialize(<{MODEL_FILE} bytes>).call(dict(numpy.load("
               f"'{WEIGHTS_FILE}')), inputs)",

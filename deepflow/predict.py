@@ -10,8 +10,9 @@ time JAX takes to import. The files:
   weights.npz     that function's first argument: parameters, model state and preprocessing
                   statistics, keyed by '/'-joined path ('params/Dense_0/kernel',
                   'preprocessing/0/mean', ...)
-  signature.json  input shape and dtype, what the outputs mean (class names), the preprocessing,
-                  where the model came from, and the SHA-256 of both files (a corrupted artifact
+  signature.json  input shape and dtype, what the outputs mean (class names), the preprocessing
+                  (and ``host_preprocessing``: per-example image steps such as ``center_crop``
+                  that run before the artifact), where the model came from, and the SHA-256 of both files (a corrupted artifact
                   is refused with one line instead of computing garbage)
 
 By hand: ``jax.export.deserialize(open('model.bin', 'rb').read()).call(

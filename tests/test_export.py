@@ -11,6 +11,7 @@ import pytest
 import deepflow
 from deepflow import config as config_lib, export, predict
 from deepflow.data import sources, transforms as transforms_lib
+from deepflow.data.pipeline import INPUTS
 from deepflow.train.experiment import Experiment
 from tests.helpers import deepflow_cli, one_line_error
 
@@ -100,6 +101,30 @@ def test_signature_describes_the_artifact(trained):
   with np.load(os.path.join(out, export.WEIGHTS_FILE)) as f:
     assert {"preprocessing/0/mean", "preprocessing/0/std"} <= set(f.files)
     assert any(k.startswith("params/Conv_0/") for k in f.files)
+
+
+def test_variable_size_images_export_behind_their_per_example_steps(image_data_dir, tmp_path):
+  """PNGs of 16-24 pixels a side, brought to 12x12 by random_resized_crop (eval: resize and
+  centre crop, on the host): the artifact takes the cropped images and computes what eval
+  computes from them (standardize, then the model)."""
+  config = run_config("cnn", image_data_dir)
+  with config.unlocked():
+    config.data.source = "tfds:gen_png"
+    config.data.transforms = [dict(name="random_resized_crop", size=12),
+                              dict(name="standardize")]
+  workdir, out = str(tmp_path / "run"), str(tmp_path / "artifact")
+  deepflow.train_and_evaluate(config_lib.finalize(config), workdir)
+  signature = export.export(workdir, out, platforms=("cpu",))
+  assert signature["input"]["shape"] == [None, 12, 12, 3]
+  assert [p["name"] for p in signature["preprocessing"]] == ["standardize"]
+  assert signature["host_preprocessing"] == [
+      {"name": "random_resized_crop", "options": {"size": 12}}]
+  exp, state, _, _ = Experiment.from_workdir(workdir)
+  test = exp.pipeline.dataset.split("test")
+  cropped = exp.pipeline.examples(test, np.arange(5), train=False, step=0)["image"]
+  evaluated = next(exp.pipeline.eval_batches("test"))[INPUTS][:5]  # eval's own preprocessing
+  expected, _ = exp.task.apply(state.params, state.model_state, evaluated, None, train=False)
+  np.testing.assert_allclose(predict.load(out)(cropped), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_predictor_checks_inputs(trained):

@@ -125,6 +125,18 @@ def per_host(size: int, processes: int, key: str) -> int:
   return size // processes
 
 
+def eval_rows(n: int, global_size: int, host_size: int, process_index: int
+              ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """(rows, valid) of this host's part of each evaluation batch over ``n`` rows in order: the
+  last global batch is padded, its padding rows (``valid`` False) pointing at row 0, so every
+  row counts once and the eval step compiles once."""
+  for start in range(0, -(-n // global_size) * global_size, global_size):
+    rows = np.arange(start, start + global_size)[process_index * host_size:
+                                                 (process_index + 1) * host_size]
+    valid = rows < n
+    yield np.where(valid, rows, 0), valid
+
+
 class Pipeline:
   """Train iterator and eval batches for one config (``config.data`` + ``seed``)."""
 
@@ -217,7 +229,7 @@ class Pipeline:
     def chunks():  # one pass over the sample (one per fitted transform), a chunk at a time
       for i in tqdm.tqdm(starts, desc="statistics", unit="chunk", dynamic_ncols=True,
                          disable=not self.progress or len(starts) <= 1):
-        yield self._examples(self.train_source, indices[i:i + STATS_CHUNK], train=False, step=0)
+        yield self.examples(self.train_source, indices[i:i + STATS_CHUNK], train=False, step=0)
     stats = transforms_lib.fit_chain(self.transforms, chunks, self.dataset.input_key,
                                      self.dataset.target_key)
     if path and jax.process_index() == 0:
@@ -234,7 +246,7 @@ class Pipeline:
     labels = self.train_source.arrays[self.dataset.target_key]
     return tuple(int(c) for c in np.bincount(np.asarray(labels).reshape(-1), minlength=n)[:n])
 
-  def _examples(self, source, indices: np.ndarray, *, train: bool, step: int
+  def examples(self, source, indices: np.ndarray, *, train: bool, step: int
                 ) -> dict[str, np.ndarray]:
     """The examples at ``indices``, through the per-example transforms (``data.images``) and
     stacked. Training draws each example's randomness from (seed, step, its index), so it is the
@@ -253,7 +265,7 @@ class Pipeline:
 
   def _batch(self, source, indices: np.ndarray, *, train: bool, step: int):
     """The examples at ``indices`` as a preprocessed batch."""
-    return self._finish(self._examples(source, indices, train=train, step=step), train=train,
+    return self._finish(self.examples(source, indices, train=train, step=step), train=train,
                         step=step)
 
   def _finish(self, batch: Mapping[str, np.ndarray], *, train: bool, step: int):
@@ -307,12 +319,8 @@ class Pipeline:
     if split not in self.eval_sources:
       self.eval_sources[split] = self._split(split)
     source = self.eval_sources[split]
-    size = self.global_eval_batch_size
-    n = len(source)
-    padded = -(-n // size) * size
-    for start in range(0, padded, size):
-      idx = self._host_slice(np.arange(start, start + size), self.eval_batch_size)
-      valid = idx < n
-      batch = self._batch(source, np.where(valid, idx, 0), train=False, step=0)
+    for rows, valid in eval_rows(len(source), self.global_eval_batch_size,
+                                 self.eval_batch_size, self.process_index):
+      batch = self._batch(source, rows, train=False, step=0)
       batch[MASK] = valid.astype(np.float32)
       yield batch

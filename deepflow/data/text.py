@@ -24,7 +24,7 @@ import tqdm
 from etils import epath
 
 from deepflow.data import packing, sources, tokenizers
-from deepflow.data.pipeline import (MASK, DataSpec, Pipeline, TrainIterator, per_host,
+from deepflow.data.pipeline import (MASK, DataSpec, Pipeline, TrainIterator, eval_rows, per_host,
                                     step_batches)
 from deepflow.registry import ConfigError
 
@@ -170,12 +170,9 @@ class TextPipeline:
   def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
     """Every row of ``split`` once, in order; the last batch padded with ``mask`` = 0 rows."""
     stream = self.stream(split, train=False)
-    size, n = self.global_eval_batch_size, stream.rows_per_epoch
-    for start in range(0, -(-n // size) * size, size):
-      rows = np.arange(start, start + size)[self.process_index * self.eval_batch_size:
-                                            (self.process_index + 1) * self.eval_batch_size]
-      valid = rows < n
-      batch = self._rows(split, np.where(valid, rows, 0), train=False)
+    for rows, valid in eval_rows(stream.rows_per_epoch, self.global_eval_batch_size,
+                                 self.eval_batch_size, self.process_index):
+      batch = self._rows(split, rows, train=False)
       batch = {k: np.where(valid[:, None], v, 0) for k, v in batch.items()}
       batch[MASK] = valid.astype(np.float32)
       yield batch
