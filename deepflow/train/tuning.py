@@ -84,14 +84,16 @@ def autotune(exp, state, batch) -> dict[str, Any]:
   if platform != "cpu":
     log.info("autotune: nothing to tune on %s (its compiler tunes its own kernels)", platform)
     return base
+  began = time.perf_counter()
   candidates = {name: {**base, **options} for name, options in CPU_CANDIDATES.items()}
   steps = {name: exp.compiled_train_step(options) for name, options in candidates.items()}
   copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=exp.shardings)
   seconds = measure(steps, lambda: copy(state), batch)
   names = list(candidates)
   choice = names[_agreed(int(np.argmin([seconds[n] for n in names])))]
-  log.info("autotune: %s (%s)", choice, ", ".join(
-      f"{name} {seconds[name] * 1e3:.1f} ms/step" for name in names))
+  log.info("autotune: %s (%s; tuning took %.1f s)", choice, ", ".join(
+      f"{name} {seconds[name] * 1e3:.1f} ms/step" for name in names),
+      time.perf_counter() - began)
   if jax.process_index() == 0:
     path.write_text(json.dumps({
         "platform": platform, "choice": choice, "options": candidates[choice],
