@@ -29,7 +29,7 @@ import deepflow
 from deepflow import parallel
 from deepflow.optim.partition import Partition
 from deepflow.train.experiment import Experiment
-from dp_step import ROOT, cpu_name, time_window  # noqa: E402  (benchmarks/ is the script's directory)
+from dp_step import ROOT, cpu_name, time_window  # noqa: E402  (the script's directory)
 
 SETTINGS = {
     "resnet_head": ("digits_resnet.py", ["optimizer.freeze='^(?!head/)'"]),
