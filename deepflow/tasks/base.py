@@ -164,9 +164,10 @@ class Task:
     if self.regularizer.batch is not None:  # label smoothing, mixup, ...: training batches only
       batch = self.regularizer.batch(batch, jax.random.fold_in(rng, 1), self.spec.num_classes)
 
-    def loss(trained):
+    def trained_loss(trained):
       return self.regularized_loss(self.partition.merge(trained, frozen), model_state, batch, rng)
-    (loss, (metrics, model_state)), grads = jax.value_and_grad(loss, has_aux=True)(trained)
+    (loss, (metrics, model_state)), grads = jax.value_and_grad(trained_loss, has_aux=True)(
+        trained)
     return grads, model_state, {"loss": loss, **metrics}
 
   def private_grads(self, trained: PyTree, frozen: PyTree, model_state: PyTree,
