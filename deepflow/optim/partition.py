@@ -11,10 +11,10 @@ rate times the factor (exactly, unless a projection regularizer such as max_norm
 
 Frozen parameters are not differentiated at all: ``split`` cuts the parameter tree into its
 trained and frozen parts, the task takes gradients w.r.t. the trained part with the frozen one
-closed over as constants (so their weight gradients are never computed: XLA drops the unused
-half of each frozen layer's backward pass), and ``fill`` puts zeros in the frozen places
-afterwards, outside differentiation, because the optimizer (and so its state in checkpoints)
-keeps the whole tree's layout.
+closed over as constants (so JAX never emits their weight gradients, nor input gradients that
+no trained parameter needs), and ``fill`` puts zeros in the frozen places afterwards, outside
+differentiation, because the optimizer (and so its state in checkpoints) keeps the whole tree's
+layout.
 """
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ class Partition:
   @classmethod
   def fill(cls, trained_grads: Any, frozen: Any) -> Any:
     """A gradient of the whole tree from one of the trained part: zeros where parameters are
-    frozen (the optimizer's ``set_to_zero`` ignores them; XLA folds them away)."""
+    frozen (the optimizer's ``set_to_zero`` ignores them)."""
     return cls.merge(trained_grads, jax.tree.map(jnp.zeros_like, frozen))
 
   def factor_mask(self, index: int) -> Callable[[Any], Any]:
