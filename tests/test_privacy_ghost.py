@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from deepflow import privacy
-from deepflow.data.pipeline import MASK, Pipeline
+from deepflow.data.pipeline import INPUTS, MASK, TARGETS, Pipeline
 from deepflow.models.cnn import CNN
 from deepflow.models.mlp import MLP
 from deepflow.privacy import ghost, ghost_layers
@@ -200,6 +200,59 @@ def test_the_private_train_step_is_the_same_with_ghost_clipping(name, data_dir):
   close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)
   jax.tree.map(close, got, ref)
   jax.tree.map(close, metrics, ref_metrics)
+
+
+FROZEN = ("optimizer.freeze=^Dense_0/",)
+FROZEN_MLP = dict(name="mlp", hidden=(16, 8))
+
+
+def _trained_example_grads(model, params, batch, trained):
+  """Plain vmapped per-example gradients of the whole tree (padding rows zero), restricted to
+  the ``trained`` layers, and their global norms: the reference for freezing under DP-SGD."""
+  def example_loss(p, x, y, real):
+    logits = model.apply({"params": p}, x[None], train=False)
+    return real * optax.softmax_cross_entropy_with_integer_labels(logits, y[None])[0]
+  per_example = jax.vmap(jax.grad(example_loss), (None, 0, 0, 0))(
+      params, batch[INPUTS], batch[TARGETS].astype(jnp.int32), batch[MASK])
+  kept = {layer: per_example[layer] for layer in trained}
+  squares = [jnp.sum(jnp.square(g).reshape(g.shape[0], -1), 1) for g in jax.tree.leaves(kept)]
+  return kept, jnp.sqrt(sum(squares))
+
+
+@pytest.mark.parametrize("clipping", ["vmap", "ghost"])
+def test_frozen_parameters_enter_neither_the_clipping_norms_nor_the_noise(clipping):
+  """With ``optimizer.freeze``, each example's norm and the clipped sum are those of its
+  gradient w.r.t. the trained parameters alone; the frozen ones get no gradient and no noise,
+  and the trained ones the configured noise std (sigma C / B)."""
+  spec = Pipeline(tiny_config(*PRIVATE, *FROZEN, model=FROZEN_MLP)).spec
+  config = lambda *more: tiny_config(*PRIVATE, *FROZEN, f"privacy.clipping='{clipping}'",  # noqa
+                                     *more, model=FROZEN_MLP)
+  task = TASKS.get("classification")(config(), spec)
+  params = create_state(task, task.optimizer(8), seed=0).params
+  batch = next(Pipeline(config()).train_iterator())
+  trained = ("Dense_1", "Dense_2")
+  kept, norms = jax.jit(functools.partial(_trained_example_grads, task.model, trained=trained))(
+      params, batch)
+  real = np.asarray(batch[MASK]) > 0
+  clip = float(np.median(norms[real]))
+
+  def private_grads(noise):
+    task = TASKS.get("classification")(
+        config(f"privacy.clip_norm={clip}", f"privacy.noise_multiplier={noise}"), spec)
+    return jax.jit(task.grads)(params, {}, batch, jax.random.key(4))
+  (grads, _, metrics), (noisy, _, _) = private_grads(0.0), private_grads(1.0)
+
+  factors = np.where(norms > clip, clip / np.maximum(norms, 1e-30), 1.0)
+  expected = jax.tree.map(lambda g: np.tensordot(factors, g, 1) / 32, kept)
+  close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7)
+  jax.tree.map(close, {layer: grads[layer] for layer in trained}, expected)
+  close(metrics["privacy/example_grad_norm"], np.mean(norms[real]))
+  close(metrics["privacy/clipped_fraction"], np.mean(norms[real] > clip))
+  for tree in (grads, noisy):
+    assert not any(np.any(leaf) for leaf in jax.tree.leaves(tree["Dense_0"]))
+  noise = np.concatenate([np.ravel(noisy[layer][name] - grads[layer][name])
+                          for layer in trained for name in ("kernel", "bias")])
+  assert np.std(noise) == pytest.approx(clip / 32, rel=0.15)
 
 
 def test_an_unknown_clipping_is_a_config_error():

@@ -8,14 +8,23 @@ optimizer state). ``optimizer.lr_multipliers`` ``[(regex, factor), ...]`` then s
 updates of the parameters the first matching rule names, ``optax.masked(optax.scale(factor))``
 after the chain: since the chain ends in ``-learning_rate * direction``, that is the learning
 rate times the factor (exactly, unless a projection regularizer such as max_norm follows it).
+
+Frozen parameters are not differentiated at all: ``split`` cuts the parameter tree into its
+trained and frozen parts, the task takes gradients w.r.t. the trained part with the frozen one
+closed over as constants (so JAX never emits their weight gradients, nor input gradients that
+no trained parameter needs), and ``fill`` puts zeros in the frozen places afterwards, outside
+differentiation, because the optimizer (and so its state in checkpoints) keeps the whole tree's
+layout.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 
 from deepflow.models.lora import is_adapter
 from deepflow.pytree import path_name
@@ -45,6 +54,10 @@ class Partition:
   def active(self) -> bool:
     return bool(self.freeze or self.lora_on or self.multipliers)
 
+  @property
+  def freezes(self) -> bool:
+    return bool(self.freeze or self.lora_on)
+
   def frozen(self, path: str) -> bool:
     return bool((self.freeze and self.freeze.search(path))
                 or (self.lora_on and not is_adapter(path)))
@@ -52,6 +65,30 @@ class Partition:
   def labels(self, params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(
         lambda p, _: FROZEN if self.frozen(path_name(p)) else TRAINED, params)
+
+  def split(self, params: Any) -> tuple[Any, Any]:
+    """(trained, frozen): the parameter tree (nested dicts) cut into two trees of the same
+    paths, each holding only its own leaves; ``(params, {})`` when nothing is frozen."""
+    if not self.freezes:
+      return params, {}
+    flat = traverse_util.flatten_dict(params)
+    frozen = {k: v for k, v in flat.items() if self.frozen("/".join(map(str, k)))}
+    trained = {k: v for k, v in flat.items() if k not in frozen}
+    return traverse_util.unflatten_dict(trained), traverse_util.unflatten_dict(frozen)
+
+  @staticmethod
+  def merge(trained: Any, frozen: Any) -> Any:
+    """The whole tree again from ``split``'s two parts."""
+    if not frozen:
+      return trained
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(trained),
+                                         **traverse_util.flatten_dict(frozen)})
+
+  @classmethod
+  def fill(cls, trained_grads: Any, frozen: Any) -> Any:
+    """A gradient of the whole tree from one of the trained part: zeros where parameters are
+    frozen (the optimizer's ``set_to_zero`` ignores them)."""
+    return cls.merge(trained_grads, jax.tree.map(jnp.zeros_like, frozen))
 
   def factor_mask(self, index: int) -> Callable[[Any], Any]:
     """True where rule ``index`` is the first rule matching the parameter."""

@@ -90,6 +90,11 @@ def plan(per_example_loss: Callable, params: PyTree, example: PyTree, key: jax.A
   """The covered calls of ``per_example_loss(params, example, key)`` (traced twice, abstractly)
   and the parameters left uncovered."""
   found: list[Call] = []
+  # Only the calls of modules whose parameters are differentiated: a frozen module's (closed
+  # over by the loss, absent from ``params``) runs as it is, its input gradient still flowing.
+  leaves = _leaf_paths(params)
+  owners = {leaf[:-1] for leaf in leaves}
+  owned = lambda spec, path: path in owners  # noqa: E731
 
   def record(next_fun, args, kwargs, path, spec):
     out = next_fun(*args, **kwargs)
@@ -97,7 +102,7 @@ def plan(per_example_loss: Callable, params: PyTree, example: PyTree, key: jax.A
     return out
 
   def traced(p):
-    with nn.intercept_methods(_intercepting(lambda spec, path: True, record)):
+    with nn.intercept_methods(_intercepting(owned, record)):
       return per_example_loss(p, example, key)[0]
   jax.eval_shape(traced, params)
 
@@ -113,9 +118,8 @@ def plan(per_example_loss: Callable, params: PyTree, example: PyTree, key: jax.A
     return jnp.zeros(call.out.shape, call.out.dtype)
 
   def without_covered(p):
-    with nn.intercept_methods(_intercepting(lambda spec, path: True, constant)):
+    with nn.intercept_methods(_intercepting(owned, constant)):
       return per_example_loss(p, example, key)[0], inputs
-  leaves = _leaf_paths(params)
   live = _live_inputs(jax.make_jaxpr(without_covered)(params))
   live_paths = {path for path, used in zip(leaves, live) if used}
 

@@ -1,11 +1,12 @@
 """What a task is: the objective that turns a model and a batch into gradients and metrics.
 
 The loop knows nothing about classification, language modelling or GANs; it calls a task's
-``init``, ``grads`` (inside the jitted train step), ``eval_outputs`` (inside the jitted eval step)
+``init``, ``grads`` (inside the jitted train step; ``trained_grads`` differentiates only the
+parameters that ``partition`` does not freeze), ``eval_outputs`` (inside the jitted eval step)
 and ``summarize`` (on the host, over a whole split), and adds ``extra_metrics(step)`` to its logs.
 A supervised task writes only ``loss`` and the per-example eval outputs; a task with several
-players (GAN) overrides ``grads`` itself. With ``privacy.enabled``, ``grads`` is DP-SGD over the
-same ``loss`` applied to one example at a time (``private_grads``).
+players (GAN) overrides ``trained_grads`` itself. With ``privacy.enabled``, ``grads`` is DP-SGD
+over the same ``loss`` applied to one example at a time (``private_grads``).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from deepflow import models  # noqa: F401  (fills MODELS)
 from deepflow.data.pipeline import MASK, DataSpec
 from deepflow.models import lora as lora_lib, model_fields
 from deepflow.optim import build_optimizer
+from deepflow.optim.partition import Partition
 from deepflow.pytree import cast_floats
 from deepflow.registry import ConfigError, MODELS
 from deepflow.regularizers import build_regularizers
@@ -49,6 +51,7 @@ class Task:
     if self.lora and getattr(self.model, "scan_layers", False):
       raise ConfigError("model.lora adapts each layer's kernels; it does not support "
                         "model.scan_layers=True (kernels stacked over layers)")
+    self.partition = Partition(config.optimizer, self.lora is not None)
     self.regularizer = build_regularizers(config.regularizers)
     self.privacy = self.build_privacy(config, spec)
 
@@ -72,12 +75,12 @@ class Task:
     """DP-SGD from ``config.privacy`` (a ``deepflow.privacy.DpSgd``), or None when it is off.
 
     Refused where examples are not independent (batch statistics, a loss that compares them:
-    ``PER_EXAMPLE_LOSS``) or where a task computes its own gradients (``grads`` overridden),
-    since DP-SGD clips each example's gradient."""
+    ``PER_EXAMPLE_LOSS``) or where a task computes its own gradients (``trained_grads``
+    overridden), since DP-SGD clips each example's gradient."""
     if not config.privacy.enabled:
       return None
     from deepflow import privacy  # dp-accounting loads only for private runs
-    if type(self).grads is not Task.grads or not self.PER_EXAMPLE_LOSS:
+    if type(self).trained_grads is not Task.trained_grads or not self.PER_EXAMPLE_LOSS:
       raise ConfigError(f"task {config.task.name!r} has no per-example loss to clip, so it does "
                         f"not support privacy.enabled")
     _, model_state = jax.eval_shape(self.init, jax.random.PRNGKey(0))
@@ -145,33 +148,50 @@ class Task:
 
   def grads(self, params: PyTree, model_state: PyTree, batch: Mapping[str, jax.Array],
             rng: jax.Array) -> tuple[PyTree, PyTree, Metrics]:
-    """Gradients of ``loss`` w.r.t. params, the new model state and the batch's metrics."""
+    """Gradients of ``loss`` w.r.t. params (zero for frozen ones, which are not
+    differentiated), the new model state and the batch's metrics."""
+    trained, frozen = self.partition.split(params)
+    grads, model_state, metrics = self.trained_grads(trained, frozen, model_state, batch, rng)
+    return self.partition.fill(grads, frozen), model_state, metrics
+
+  def trained_grads(self, trained: PyTree, frozen: PyTree, model_state: PyTree,
+                    batch: Mapping[str, jax.Array], rng: jax.Array
+                    ) -> tuple[PyTree, PyTree, Metrics]:
+    """``grads`` w.r.t. the trained parameters only (``Partition.split``'s parts): the frozen
+    ones are constants, so their weight gradients are never computed."""
     if self.privacy is not None:
-      return self.private_grads(params, model_state, batch, rng)
+      return self.private_grads(trained, frozen, model_state, batch, rng)
     if self.regularizer.batch is not None:  # label smoothing, mixup, ...: training batches only
       batch = self.regularizer.batch(batch, jax.random.fold_in(rng, 1), self.spec.num_classes)
-    (loss, (metrics, model_state)), grads = jax.value_and_grad(
-        self.regularized_loss, has_aux=True)(params, model_state, batch, rng)
+
+    def trained_loss(trained):
+      return self.regularized_loss(self.partition.merge(trained, frozen), model_state, batch, rng)
+    (loss, (metrics, model_state)), grads = jax.value_and_grad(trained_loss, has_aux=True)(
+        trained)
     return grads, model_state, {"loss": loss, **metrics}
 
-  def private_grads(self, params: PyTree, model_state: PyTree, batch: Mapping[str, jax.Array],
-                    rng: jax.Array) -> tuple[PyTree, PyTree, Metrics]:
+  def private_grads(self, trained: PyTree, frozen: PyTree, model_state: PyTree,
+                    batch: Mapping[str, jax.Array], rng: jax.Array
+                    ) -> tuple[PyTree, PyTree, Metrics]:
     """DP-SGD (``privacy.enabled``): ``loss`` of each example on its own (vmapped), each gradient
-    clipped, summed and noised by ``self.privacy``. Parameter penalties depend on no example, so
-    their gradient is added after the noise, unclipped and at no privacy cost."""
+    w.r.t. the trained parameters clipped, summed and noised by ``self.privacy`` (frozen
+    parameters enter neither the clipping norm nor the noise). Parameter penalties depend on no
+    example, so their gradient is added after the noise, unclipped and at no privacy cost."""
     if self.regularizer.batch is not None:  # per-example ones only (validate_config)
       batch = self.regularizer.batch(batch, jax.random.fold_in(rng, 1), self.spec.num_classes)
+    merge = self.partition.merge
 
-    def example_loss(p, example, key):
+    def example_loss(t, example, key):
       example = dict(example)
       real = example.pop(MASK, 1.0)  # a Poisson batch's padding row: zero loss, zero gradient
       one = jax.tree.map(lambda x: x[None], example)  # a batch of one: the task's own loss
-      loss, (metrics, _) = self.loss(p, model_state, one, key)
+      loss, (metrics, _) = self.loss(merge(t, frozen), model_state, one, key)
       return real * loss, metrics
 
-    grads, metrics = self.privacy.gradients(example_loss, params, batch, rng)
+    grads, metrics = self.privacy.gradients(example_loss, trained, batch, rng)
     if self.regularizer.penalty is not None:
-      penalty, penalty_grads = jax.value_and_grad(self.regularizer.penalty)(params)
+      penalty, penalty_grads = jax.value_and_grad(
+          lambda t: self.regularizer.penalty(merge(t, frozen)))(trained)
       grads = jax.tree.map(jnp.add, grads, penalty_grads)
       metrics = {**metrics, "loss": metrics["loss"] + penalty, "penalty": penalty}
     return grads, model_state, metrics

@@ -131,10 +131,12 @@ class GAN(Task):
   def latents(self, rng: jax.Array, num: int) -> jax.Array:
     return jax.random.normal(rng, (num, self.model.latent_dim), jnp.float32)
 
-  def grads(self, params, model_state, batch, rng):
-    """Each player's gradient of its own loss, from one generator and one discriminator pass
-    (real and generated images in one batch): two VJPs of the same forward, so the updates are
-    simultaneous. XLA drops the halves not kept (D's loss w.r.t. G and vice versa)."""
+  def trained_grads(self, trained, frozen, model_state, batch, rng):
+    """Each player's gradient of its own loss w.r.t. its trained parameters, from one generator
+    and one discriminator pass (real and generated images in one batch): one VJP of the same
+    forward per player, so the updates are simultaneous. XLA drops the halves not kept (D's loss
+    w.r.t. G and vice versa); a player whose learning rate is 0 is not differentiated at all,
+    nor is any parameter ``optimizer.freeze`` names (both get zeros)."""
     real, labels = batch[INPUTS].astype(jnp.float32), self._labels(batch)
     z_rng, g_rng, d_rng = jax.random.split(rng, 3)
     z = self.latents(z_rng, real.shape[0])
@@ -143,7 +145,11 @@ class GAN(Task):
     # device keeps its own rows, where stacking would move half of them between devices.
     interleave = lambda a, b: jnp.stack([a, b], axis=1).reshape(-1, *a.shape[1:])  # noqa: E731
 
-    def losses(params):
+    moving = {p: trained[p] for p in PLAYERS if p in trained and self.rates[p]}
+    fixed = self.partition.merge(frozen, {p: v for p, v in trained.items() if p not in moving})
+
+    def losses(moving):
+      params = self.partition.merge(moving, fixed)
       fake, g_state = self.run(params, model_state, "generate", z, labels, g_rng, train=True)
       logits, d_state = self.run(params, model_state, "discriminate", interleave(real, fake),
                                  both_labels, d_rng, train=True)
@@ -155,13 +161,15 @@ class GAN(Task):
                  "d_fake_accuracy": jnp.mean(fake_logits < 0)}
       return (d_loss, g_loss), (metrics, _per_player(g_state, d_state))
 
-    (d_loss, g_loss), vjp, (metrics, new_state) = jax.vjp(losses, params, has_aux=True)
-    (d_grads,) = vjp((jnp.ones_like(d_loss), jnp.zeros_like(g_loss)))
-    (g_grads,) = vjp((jnp.zeros_like(d_loss), jnp.ones_like(g_loss)))
-    grads = {GENERATOR: g_grads[GENERATOR], DISCRIMINATOR: d_grads[DISCRIMINATOR]}
+    (d_loss, g_loss), vjp, (metrics, new_state) = jax.vjp(losses, moving, has_aux=True)
+    own = {DISCRIMINATOR: (jnp.ones_like(d_loss), jnp.zeros_like(g_loss)),
+           GENERATOR: (jnp.zeros_like(d_loss), jnp.ones_like(g_loss))}
+    grads = {p: vjp(own[p])[0][p] if p in moving else jax.tree.map(jnp.zeros_like, trained[p])
+             for p in trained}
     loss = d_loss + g_loss
     if self.regularizer.penalty is not None:  # separable: each player gets its own part
-      penalty, penalty_grads = jax.value_and_grad(self.regularizer.penalty)(params)
+      penalty, penalty_grads = jax.value_and_grad(
+          lambda t: self.regularizer.penalty(self.partition.merge(t, frozen)))(trained)
       grads = jax.tree.map(jnp.add, grads, penalty_grads)
       loss, metrics = loss + penalty, {**metrics, "penalty": penalty}
     return grads, new_state, {"loss": loss, **metrics}

@@ -22,7 +22,6 @@ from etils import epath
 from deepflow import config as config_lib, parallel, tasks  # noqa: F401  (tasks fills TASKS)
 from deepflow.data.pipeline import MASK
 from deepflow.data.text import make_pipeline
-from deepflow.optim.partition import Partition
 from deepflow.registry import ConfigError, TASKS
 from deepflow.train import checkpoint as checkpoint_lib, tuning
 from deepflow.train.state import TrainState, create_state
@@ -41,7 +40,7 @@ class Experiment:
     self.pipeline = make_pipeline(config, workdir)
     self.task = TASKS.get(config.task.name)(config, self.pipeline.spec)
     self.mesh = parallel.make_mesh(config.mesh, devices)
-    self.partition = Partition(config.optimizer, self.task.lora is not None)
+    self.partition = self.task.partition
     self.tx = self.partition.wrap(self.task.optimizer(config.train.steps))
     self.abstract_state = jax.eval_shape(
         functools.partial(create_state, self.task, self.tx, config.seed))

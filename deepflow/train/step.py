@@ -1,10 +1,11 @@
 """The pure train and eval steps, and their jit-compiled, sharded forms.
 
-``train_step(state, batch) -> (state, metrics)``: gradients from the task (averaged over
-micro-batches with ``lax.scan`` when ``train.microbatches > 1``), one optimizer update, and a
-guard: if the loss or any gradient is not finite, the update is not applied (the state stays the
-last good one), ``metrics['nonfinite']`` says so and ``metrics['nonfinite_streak']`` counts such
-steps in a row (``TrainState.nonfinite``); the loop decides whether to stop.
+``train_step(state, batch) -> (state, metrics)``: gradients from the task, of the trained
+parameters only (averaged over micro-batches with ``lax.scan`` when ``train.microbatches > 1``),
+one optimizer update, and a guard: if the loss or any gradient is not finite, the update is not
+applied (the state stays the last good one), ``metrics['nonfinite']`` says so and
+``metrics['nonfinite_streak']`` counts such steps in a row (``TrainState.nonfinite``); the loop
+decides whether to stop.
 """
 from __future__ import annotations
 
@@ -30,23 +31,27 @@ def split_microbatches(batch: Batch, n: int) -> Batch:
 
 
 def accumulate_grads(task, params, model_state, batch: Batch, rng, microbatches: int):
-  """The mean gradient and metrics over ``microbatches`` equal parts of the batch."""
+  """The mean gradient and metrics over ``microbatches`` equal parts of the batch. Only the
+  trained parameters are differentiated and summed (``Task.trained_grads``); the frozen ones'
+  zeros are put in once, after the sum."""
   if microbatches == 1:
     return task.grads(params, model_state, batch, rng)
+  trained, frozen = task.partition.split(params)
 
   def body(carry, xs):
     grad_sum, model_state = carry
     index, micro = xs
-    grads, model_state, metrics = task.grads(params, model_state, micro,
-                                             jax.random.fold_in(rng, index))
+    grads, model_state, metrics = task.trained_grads(trained, frozen, model_state, micro,
+                                                     jax.random.fold_in(rng, index))
     return (jax.tree.map(jnp.add, grad_sum, grads), model_state), metrics
 
-  zeros = jax.tree.map(jnp.zeros_like, params)
+  zeros = jax.tree.map(jnp.zeros_like, trained)
   (grad_sum, model_state), metrics = jax.lax.scan(
       body, (zeros, model_state), (jnp.arange(microbatches), split_microbatches(batch,
                                                                               microbatches)))
-  mean = lambda t: jax.tree.map(lambda x: x / microbatches, t)  # noqa: E731
-  return mean(grad_sum), model_state, jax.tree.map(lambda m: m.mean(0), metrics)
+  mean = jax.tree.map(lambda x: x / microbatches, grad_sum)
+  return (task.partition.fill(mean, frozen), model_state,
+          jax.tree.map(lambda m: m.mean(0), metrics))
 
 
 def all_finite(tree) -> jax.Array:

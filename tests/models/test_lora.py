@@ -41,6 +41,28 @@ def test_adapted_forward_is_the_lora_formula():
   np.testing.assert_allclose(start, exp.task.model.apply({"params": base}, x), atol=1e-6)
 
 
+def test_only_the_adapters_are_differentiated():
+  """The gradient of the adapters is what differentiating every parameter gives them; every
+  other parameter gets zeros, and the head's kernel gradient (the one dot_general giving a
+  16x10 result) is not in the program."""
+  exp = experiment(*LORA, "model.lora.targets=Dense_0/kernel")
+  state = exp.init_state()
+  params = jax.tree.map(lambda x: x + 0.1, state.params)  # lora_b off zero: both adapters move
+  batch = next(exp.pipeline.train_iterator())
+  args = (params, {}, batch, jax.random.PRNGKey(0))
+  grads, _, _ = jax.jit(exp.task.grads)(*args)
+  full = jax.grad(lambda p: exp.task.loss(p, {}, batch, args[-1])[0])(params)
+  for name in lora.ADAPTERS:
+    np.testing.assert_allclose(grads["Dense_0"][name], full["Dense_0"][name], rtol=1e-5,
+                               atol=1e-7)
+    assert np.any(grads["Dense_0"][name])
+  others = [grads["Dense_0"]["kernel"], grads["Dense_0"]["bias"], *grads["Dense_1"].values()]
+  assert not any(np.any(leaf) for leaf in others)
+  text = jax.jit(exp.task.grads).lower(*args).as_text()
+  assert not any("dot_general" in line and line.endswith("-> tensor<16x10xf32>")
+                 for line in text.splitlines())
+
+
 def test_attention_kernels_split_into_inputs_and_outputs():
   assert lora.split_axis((64, 32)) == 1
   assert lora.split_axis((64, 3, 4, 16)) == 1  # qkv: (d | 3, heads, head_dim)

@@ -71,3 +71,47 @@ def test_bad_partitions_are_one_line(override, message):
   with pytest.raises(ConfigError) as error:
     experiment(override)
   assert message in str(error.value) and "\n" not in str(error.value)
+
+
+THREE = dict(name="mlp", hidden=(16, 16))  # Dense_0 (64 -> 16), Dense_1 (16 -> 16), Dense_2
+
+
+def grads_and_program(*overrides):
+  """(task.grads of the first batch, its lowered StableHLO text, its compiled flops)."""
+  exp = experiment(*overrides, model=THREE)
+  state = exp.init_state()
+  batch = next(exp.pipeline.train_iterator())
+  grads = jax.jit(exp.task.grads)
+  args = (state.params, state.model_state, batch, jax.random.key(0))
+  lowered = grads.lower(*args)
+  return grads(*args), lowered.as_text(), lowered.compile().cost_analysis()["flops"]
+
+
+def test_frozen_kernels_are_not_differentiated():
+  """Freezing the middle layer: the trained layers' gradients are those of differentiating
+  everything, the frozen ones are zero, and the frozen kernel's weight gradient (the one
+  dot_general giving a 16x16 result) is gone from the program JAX emits: the compiled flops drop
+by its 2 B 16 16, plus at most the bias gradient's sum over the batch."""
+  (full, _, _), full_text, full_flops = grads_and_program()
+  (part, _, metrics), part_text, part_flops = grads_and_program("optimizer.freeze=^Dense_1/")
+  for layer in ("Dense_0", "Dense_2"):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8),
+                 part[layer], full[layer])
+  assert not any(np.any(leaf) for leaf in jax.tree.leaves(part["Dense_1"]))
+  assert np.any(full["Dense_1"]["kernel"]) and np.isfinite(metrics["loss"])
+  dots = lambda text: [line for line in text.splitlines() if "dot_general" in line]  # noqa
+  weight_grad = lambda line: line.endswith("-> tensor<16x16xf32>")  # noqa: E731
+  assert len(dots(full_text)) - len(dots(part_text)) == 1
+  assert sum(map(weight_grad, dots(full_text))) == 1 and not any(map(weight_grad,
+                                                                     dots(part_text)))
+  assert 2 * 32 * 16 * 16 <= full_flops - part_flops <= 2 * 32 * 16 * 16 + 32 * 16
+
+
+def test_micro_batches_with_frozen_parameters_equal_the_whole_batch():
+  """Accumulating only the trained parameters' gradients over 4 micro-batches gives the update
+  of the whole batch at once; the frozen layer stays as it was."""
+  before, whole = train(experiment("optimizer.freeze=^Dense_0/"), steps=2)
+  _, micro = train(experiment("optimizer.freeze=^Dense_0/", "train.microbatches=4"), steps=2)
+  for name in before:
+    np.testing.assert_allclose(micro[name], whole[name], rtol=1e-5, atol=1e-6)
+    assert (micro[name].tobytes() == before[name].tobytes()) == ("Dense_0" in name), name

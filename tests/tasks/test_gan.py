@@ -104,6 +104,25 @@ def test_each_player_gets_the_gradient_of_its_own_loss(setup, kind, monkeypatch)
   assert set(model_state["batch_stats"]) == set(gan.PLAYERS)
 
 
+def test_a_resting_player_and_frozen_layers_are_not_differentiated(setup):
+  """Generator at learning rate 0 and the discriminator's first convolution frozen: their
+  gradients are zeros, and the rest of the discriminator gets what it gets with nothing frozen
+  (the generator still runs: D's loss sees its samples)."""
+  task, _, state, batch = setup
+  args = (state.params, state.model_state, batch, jax.random.PRNGKey(1))
+  full, _, _ = jax.jit(task.grads)(*args)
+  resting, _ = build("task.generator_learning_rate=0", "optimizer.freeze=^discriminator/Conv_0/")
+  part, _, metrics = jax.jit(resting.grads)(*args)
+  assert jax.tree.structure(part) == jax.tree.structure(full)
+  for tree in (part[gan.GENERATOR], part[gan.DISCRIMINATOR]["Conv_0"]):
+    assert not any(np.any(leaf) for leaf in jax.tree.leaves(tree))
+  for name, grads in part[gan.DISCRIMINATOR].items():
+    if name != "Conv_0":
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                   grads, full[gan.DISCRIMINATOR][name])
+  assert np.any(full[gan.GENERATOR]["Dense_0"]["kernel"]) and np.isfinite(metrics["loss"])
+
+
 def test_players_have_their_own_learning_rates():
   task, _ = build("task.generator_learning_rate=0.5", "task.discriminator_learning_rate=0.25",
                   "optimizer.name='sgd'", "optimizer.momentum=0.0")
