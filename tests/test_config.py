@@ -35,9 +35,9 @@ def test_bad_config_is_one_line_error(override, message):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["model.init_layout=torch"], "model.init_layout must be one of deepflow, pytorch, got 'torch'"),
-    (["model.init_map=[('a', 'b', 'c')]"], "each model.init_map entry must be (regex, replacement)"),
-    (["model.init_map=['a']"], "each model.init_map entry must be (regex, replacement)"),
+    (["model.init_layout=torch"], "init_layout must be one of deepflow, pytorch, got 'torch'"),
+    (["model.init_map=[('a', 'b', 'c')]"], "each model.init_map entry must be (regex, repl"),
+    (["model.init_map=['a']"], "each model.init_map entry must be (regex, replacement), got 'a'"),
     (["model.init_map=[('enc(', 'b')]"], "model.init_map 'enc(' is not a regex"),
     (["model.init_skip=head["], "model.init_skip 'head[' is not a regex"),
     (["model.init_map=[('a', 'b')]", "model.init_from="],

@@ -183,7 +183,6 @@ import deepflow
 from deepflow import parallel
 from deepflow.train import init_from
 from deepflow.train.experiment import Experiment
-from deepflow.registry import ConfigError
 from deepflow.weights import files
 truth = files.read(expected)
 for source in (run, expected, run + "/checkpoints"):
@@ -205,8 +204,9 @@ print("loaded equal on process", process_id)
 
 
 def test_two_processes_load_the_source_into_arrays_they_share(source, tmp_path):
-  """A run of 2 processes starts from a deepflow run and from an .npz: on each process, the
-  gathered parameters equal the source's (the skipped one equals a fresh initialisation)."""
+  """A run of 2 processes starts from a deepflow run, an .npz and an Orbax directory saved on 8
+  devices: on each process, the gathered parameters equal the source's (the skipped one equals
+  a fresh initialisation)."""
   expected = source_variables(source, "latest")
   np.savez(tmp_path / "expected.npz", **expected)
   script = tmp_path / "load.py"
@@ -215,9 +215,10 @@ def test_two_processes_load_the_source_into_arrays_they_share(source, tmp_path):
   env = subprocess_environment({"JAX_PLATFORMS": "cpu", "JAX_CPU_COLLECTIVES_IMPLEMENTATION":
                                 "gloo"}, devices=2)
   port = free_port()
-  processes = [subprocess.Popen([sys.executable, str(script), str(port), str(i),
-                                 experiment_file, source, str(tmp_path / "expected.npz")], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+  args = [experiment_file, source, str(tmp_path / "expected.npz")]
+  processes = [subprocess.Popen([sys.executable, str(script), str(port), str(i), *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+               for i in range(2)]
   try:
     outs = [p.communicate(timeout=150) for p in processes]
   except subprocess.TimeoutExpired:
