@@ -91,6 +91,21 @@ def test_init_map_renames_and_init_skip_leaves_fresh(tmp_path):
   np.testing.assert_array_equal(loaded["params/Dense_1/kernel"], fresh["params/Dense_1/kernel"])
 
 
+def test_lora_adapters_start_fresh_on_the_loaded_kernels(tmp_path):
+  """A LoRA run from plain weights: base variables are the source's, the adapters and the
+  optimizer state what a fresh run of the same config initialises."""
+  source = {k: v + 1.0 for k, v in variables(experiment().init_state()).items()}
+  np.savez(tmp_path / "w.npz", **source)
+  exp = experiment(f"model.init_from={tmp_path / 'w.npz'}", "model.lora.rank=2")
+  state, fresh = init_from.initial_state(exp), exp.init_state()
+  loaded, initialised = variables(state), variables(fresh)
+  assert set(loaded) - set(source) == {"params/Dense_0/lora_a", "params/Dense_0/lora_b",
+                                       "params/Dense_1/lora_a", "params/Dense_1/lora_b"}
+  for name, value in loaded.items():
+    np.testing.assert_array_equal(value, source.get(name, initialised[name]), err_msg=name)
+  jax.tree.map(np.testing.assert_array_equal, state.opt_state, fresh.opt_state)
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda t: {**t, "params/extra/kernel": np.ones(2, np.float32)},
      "unexpected 1: params/extra/kernel"),
