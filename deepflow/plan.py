@@ -198,7 +198,7 @@ def remat_table(exp, compiler_options=None) -> list[dict[str, Any]]:
 
 
 def _train_step_with(exp, remat_policy: str):
-  """``exp``'s jitted train step with the model under ``remat_policy``."""
+  """``exp``'s jitted train step (its XLA options too) with the model under ``remat_policy``."""
   from deepflow.registry import TASKS
   from deepflow.train.step import compile_steps
   if remat_policy == exp.config.model.remat_policy:
@@ -206,7 +206,8 @@ def _train_step_with(exp, remat_policy: str):
   config = copy.deepcopy(exp.config)
   config.model.remat_policy = remat_policy
   task = TASKS.get(config.task.name)(config, exp.pipeline.spec)
-  train_step, _ = compile_steps(task, exp.tx, exp.mesh, exp.shardings, config.train.microbatches)
+  train_step, _ = compile_steps(task, exp.tx, exp.mesh, exp.shardings, config.train.microbatches,
+                                compiler_options=exp.compiler_options)
   return train_step
 
 
