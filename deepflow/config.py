@@ -304,6 +304,7 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
   from deepflow.data import sources
   from deepflow.models import TRANSFER_KEYS, model_options  # fills MODELS
   from deepflow.registry import MODELS, TASKS, OPTIMIZERS, SCHEDULES, TRANSFORMS, REGULARIZERS
+  from deepflow.weights import matching
 
   base = base_config()
   _check_keys(config, base, "")
@@ -322,6 +323,7 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
     if key != "name" and key not in allowed:
       raise ConfigError(f"task {config.task.name!r} has no option {key!r}; "
                         f"options: {', '.join(sorted(allowed)) or 'none'}")
+  matching.check_config(config.model)
   OPTIMIZERS.get(config.optimizer.name)
   SCHEDULES.get(config.optimizer.schedule)
   for entry in config.data.transforms:

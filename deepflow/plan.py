@@ -173,20 +173,21 @@ def _unrolled(config):
 REMAT_COMPARED = ("none", "full", "dots_saveable", "nothing_saveable")
 
 
-def remat_table(config, devices, compiler_options=None) -> list[dict[str, Any]]:
-  """The train step compiled once per remat policy (``model.remat_policy``): per-device
-  temporaries (activations kept for the backward pass and scratch) and peak bytes of each."""
-  from deepflow.train.experiment import Experiment
+def remat_table(exp, compiler_options=None) -> list[dict[str, Any]]:
+  """The train step of ``exp`` compiled once per remat policy (``model.remat_policy``): per-device
+  temporaries (activations kept for the backward pass and scratch) and peak bytes of each.
+
+  A policy changes only what the backward pass recomputes, not the variables, data, optimizer or
+  shardings, so each policy's step is ``exp``'s with its task rebuilt: one experiment for all."""
+  config = exp.config
   if "remat_policy" not in config.model:
     raise ConfigError(f"model {config.model.name!r} has no remat_policy to compare")
+  state_args = _abstract_args(exp)
+  batch = exp.pipeline.abstract_batch(config.data.batch_size, train=True)
   rows = []
   for policy in REMAT_COMPARED:
-    variant = copy.deepcopy(config)
-    variant.model.remat_policy = policy
-    exp = Experiment(variant, None, devices=devices)
     try:
-      cost = compile_cost(exp.train_step, _abstract_args(exp),
-                          exp.pipeline.abstract_batch(config.data.batch_size, train=True),
+      cost = compile_cost(_train_step_with(exp, policy), state_args, batch,
                           compiler_options=compiler_options)
     except jax.errors.JaxRuntimeError as e:  # e.g. the TPU compiler refusing a program far
       rows.append({"policy": policy, "temporaries": None, "peak": None,  # larger than HBM
@@ -194,6 +195,20 @@ def remat_table(config, devices, compiler_options=None) -> list[dict[str, Any]]:
       continue
     rows.append({"policy": policy, "temporaries": cost.temporaries, "peak": cost.peak})
   return rows
+
+
+def _train_step_with(exp, remat_policy: str):
+  """``exp``'s jitted train step (its XLA options too) with the model under ``remat_policy``."""
+  from deepflow.registry import TASKS
+  from deepflow.train.step import compile_steps
+  if remat_policy == exp.config.model.remat_policy:
+    return exp.train_step
+  config = copy.deepcopy(exp.config)
+  config.model.remat_policy = remat_policy
+  task = TASKS.get(config.task.name)(config, exp.pipeline.spec)
+  train_step, _ = compile_steps(task, exp.tx, exp.mesh, exp.shardings, config.train.microbatches,
+                                compiler_options=exp.compiler_options)
+  return train_step
 
 
 def format_remat(rows: list[dict[str, Any]], current: str | None) -> list[str]:
@@ -276,7 +291,7 @@ def make_plan(config, topology: str | None = None, *, search_batch: bool = True,
     plan["largest_batch"] = largest
     plan["largest_batch_is_limit"] = largest == limit
   if remat_policies:
-    plan["remat"] = remat_table(config, devices, options)
+    plan["remat"] = remat_table(exp, options)
   return plan
 
 

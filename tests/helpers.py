@@ -3,6 +3,7 @@ subprocess as a user runs it."""
 import importlib.util
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -57,6 +58,13 @@ def deepflow_cli(*args, env=None, timeout: float = 240, **kwargs) -> subprocess.
     raise AssertionError(f"`deepflow {' '.join(args)}` ran over {timeout:.0f} s; its threads:\n"
                          f"{stderr[-8000:]}") from None
   return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def free_port() -> int:
+  """A TCP port free on this machine now (a multi-process test's coordinator listens on it)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 def one_line_error(out: subprocess.CompletedProcess) -> str:

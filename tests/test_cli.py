@@ -43,6 +43,8 @@ def test_train_then_eval(tmp_path, experiment):
     (["--config.model.name=nope"], "unknown model 'nope'"),
     (["--config.train.steps=abc"], "bad type for train.steps"),
     (["--config.data.source=tfds:mnist"], "is not prepared"),
+    (["--config.model.init_from=w.npz", "--config.model.init_skip=head("],
+     "model.init_skip 'head(' is not a regex"),
 ])
 def test_bad_input_is_one_line(tmp_path, experiment, args, message):
   started = time.time()

@@ -2,7 +2,6 @@
 devices, same experiment: the same final parameters and metrics, one metrics writer."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import numpy as np
 import deepflow
 from deepflow.train.checkpoint import Checkpointer
 from deepflow.train.experiment import Experiment
-from tests.helpers import write_experiment
+from tests.helpers import free_port, write_experiment
 
 EXPERIMENT = """
 from deepflow.config import base_config
@@ -30,12 +29,6 @@ def get_config():
   c.train.progress = False
   return c
 """
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def launch(experiment, workdir, devices, process_id=None, num_processes=None, port=None):

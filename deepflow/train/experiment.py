@@ -13,7 +13,7 @@ the experiment and restores a checkpoint. Every command that reads a run (``eval
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Iterable, Mapping, NamedTuple
 
 import jax
 import numpy as np
@@ -96,9 +96,12 @@ class Experiment:
                          self.config.train.microbatches, debug=self.debug,
                          compiler_options=options)
 
-  def init_state(self) -> TrainState:
+  def init_state(self, loaded: Mapping[str, jax.Array] | None = None) -> TrainState:
+    """A fresh state, built under jit and placed by ``self.shardings``; ``loaded`` (flat
+    variable names -> arrays) replaces those variables (``create_state``), the optimizer state
+    being initialised from the result."""
     init = functools.partial(create_state, self.task, self.tx, self.config.seed)
-    return jax.jit(init, out_shardings=self.shardings)()
+    return jax.jit(init, out_shardings=self.shardings)(dict(loaded or {}))
 
   def restore(self, checkpointer, step: int | None = None):
     return checkpointer.restore(

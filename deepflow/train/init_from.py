@@ -29,7 +29,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import traverse_util
 
+from deepflow import parallel
 from deepflow.models import lora as lora_lib
 from deepflow.registry import ConfigError
 from deepflow.train.experiment import CHECKPOINTS, Experiment
@@ -38,33 +40,43 @@ from deepflow.weights import files, matching, pytorch
 
 log = logging.getLogger("deepflow")
 
-LAYOUTS = ("deepflow", "pytorch")
-
 
 def initial_state(exp: Experiment) -> TrainState:
-  """A fresh state for ``exp``, its variables taken from ``model.init_from`` when set."""
-  state = exp.init_state()
+  """A fresh state for ``exp``, its variables taken from ``model.init_from`` when set.
+
+  The source is fitted to the model's abstract variables (names, shapes, dtypes: nothing is
+  initialised for that); each loaded tensor is placed with its variable's sharding and the
+  state is built under jit from them (``Experiment.init_state``), so the variables the source
+  does not give (``model.init_skip``, LoRA adapters) are initialised on the devices as in a
+  fresh run, and every process of a multi-host run places only its own shards."""
   model = exp.config.model
   if not model.init_from:
-    return state
-  if model.init_layout not in LAYOUTS:
-    raise ConfigError(f"model.init_layout must be one of {', '.join(LAYOUTS)}, got "
-                      f"{model.init_layout!r}")
+    return exp.init_state()
   tensors = read_source(model.init_from)
   if model.init_layout == "pytorch":
     tensors = pytorch.from_state_dict(tensors)
   tensors = matching.rename(tensors, model.init_map)
-  target = files.flatten(jax.device_get({"params": state.params, **state.model_state}))
+  target = variables(exp.abstract_state)
   fresh = lora_lib.is_adapter if exp.task.lora else (lambda name: False)
   fitted = matching.fit(tensors, target, skip=model.init_skip, fresh=fresh,
                         source=f"model.init_from {model.init_from!r}")
-  kept = [k for k, v in fitted.items() if v is target[k]]  # fit passes fresh ones through
-  loaded = files.unflatten(fitted)
-  params = loaded.pop("params")
-  state = state.replace(params=params, model_state=loaded, opt_state=exp.tx.init(params))
+  shardings = variables(exp.shardings)
+  loaded = {k: _place(v, shardings[k]) for k, v in fitted.items()
+            if v is not target[k]}  # fit passes the ones left fresh through
   log.info("initialised from %s: %d tensors loaded, %d left fresh", model.init_from,
-           len(target) - len(kept), len(kept))
-  return jax.device_put(state, exp.shardings)
+           len(loaded), len(target) - len(loaded))
+  return exp.init_state(loaded)
+
+
+def variables(state: TrainState) -> dict[str, Any]:
+  """A state's (or its shardings' or shapes') parameters and model state under flat names."""
+  return traverse_util.flatten_dict({"params": state.params, **state.model_state}, sep="/")
+
+
+def _place(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+  """A host array as a global array with ``sharding``: each process puts its own devices'
+  pieces (``jax.device_put`` of a host array needs every device to be addressable)."""
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
 def read_source(spec: str) -> dict[str, np.ndarray]:
@@ -78,7 +90,7 @@ def read_source(spec: str) -> dict[str, np.ndarray]:
     except FileNotFoundError as e:
       raise FileNotFoundError(f"model.init_from {spec!r}: {e}") from e
     params = restored.experiment.task.model_params(restored.state.params)
-    return files.flatten(jax.device_get({"params": params, **restored.state.model_state}))
+    return files.flatten(parallel.to_host({"params": params, **restored.state.model_state}))
   if which != "best" or path != spec:
     raise FileNotFoundError(f"model.init_from {spec!r}: {path} is not a deepflow run "
                             f"(no config.json), so it takes no :{which}")
@@ -98,14 +110,22 @@ def split_checkpoint(spec: str) -> tuple[str, str | int]:
 
 
 def _read_orbax(path: epath.Path) -> dict[str, np.ndarray]:
-  """The variables in an Orbax directory: a manager's (newest step), a step's or a pytree's."""
+  """The variables in an Orbax directory: a manager's (newest step), a step's or a pytree's.
+
+  Read as host arrays: restored into device arrays, Orbax would need the devices (and
+  processes) the checkpoint was saved from."""
   steps = sorted((int(p.name) for p in path.iterdir() if p.name.isdigit()), reverse=True)
   if steps:
     path = path / str(steps[0])
   if (path / "state").is_dir():
     path = path / "state"
+  checkpointer = ocp.PyTreeCheckpointer()
   try:
-    tree = ocp.StandardCheckpointer().restore(os.fspath(path))
+    saved = checkpointer.metadata(os.fspath(path)).item_metadata
+    if saved is None:
+      raise ValueError("no Orbax metadata (not a checkpoint)")
+    on_host = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved.tree)
+    tree = checkpointer.restore(os.fspath(path), args=ocp.args.PyTreeRestore(restore_args=on_host))
   except Exception as e:  # noqa: BLE001  Orbax raises many types for a directory it cannot read
     raise ConfigError(f"model.init_from: cannot read an Orbax checkpoint in {path}: "
                       f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e

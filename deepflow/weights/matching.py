@@ -9,6 +9,7 @@ listing the missing, unexpected and wrongly shaped names — never a silent part
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -22,19 +23,47 @@ class WeightsMismatchError(ConfigError):
   """The source's tensors do not fit the configured model."""
 
 
-def rename(tensors: dict[str, np.ndarray], init_map: Iterable[Any]) -> dict[str, np.ndarray]:
-  """The tensors under the names ``init_map``'s rules give them (applied in order)."""
-  rules = []
+LAYOUTS = ("deepflow", "pytorch")  # model.init_layout: how the source names and lays out tensors
+
+
+def check_config(model: Any) -> None:
+  """The model section's transfer keys, checked with the rest of the config before anything is
+  built: a known ``init_layout``, ``init_map`` rules and an ``init_skip`` regex that compile, and
+  an ``init_from`` for them to act on."""
+  if model.init_layout not in LAYOUTS:
+    raise ConfigError(f"model.init_layout must be one of {', '.join(LAYOUTS)}, got "
+                      f"{model.init_layout!r}")
+  rules(model.init_map)
+  if model.init_skip:
+    compile_regex(model.init_skip, "model.init_skip")
+  unused = [f"model.{key}" for key, on in (("init_map", bool(model.init_map)),
+                                           ("init_skip", bool(model.init_skip)),
+                                           ("init_layout", model.init_layout != LAYOUTS[0])) if on]
+  if unused and not model.init_from:
+    raise ConfigError(f"{', '.join(unused)}: these rename, skip or convert the weights "
+                      f"model.init_from reads, but model.init_from is not set")
+
+
+def rules(init_map: Iterable[Any]) -> list[tuple[re.Pattern, str]]:
+  """``model.init_map`` as compiled (regex, replacement) pairs; a malformed entry or a regex
+  that does not compile is a ``ConfigError``."""
+  compiled = []
   for rule in init_map:
     if not (isinstance(rule, (list, tuple)) and len(rule) == 2
             and all(isinstance(r, str) for r in rule)):
       raise ConfigError(f"each model.init_map entry must be (regex, replacement), got {rule!r}")
-    rules.append((compile_regex(rule[0], "model.init_map"), rule[1]))
+    compiled.append((compile_regex(rule[0], "model.init_map"), rule[1]))
+  return compiled
+
+
+def rename(tensors: dict[str, np.ndarray], init_map: Iterable[Any]) -> dict[str, np.ndarray]:
+  """The tensors under the names ``init_map``'s rules give them (applied in order)."""
+  compiled = rules(init_map)
   out: dict[str, np.ndarray] = {}
   origin: dict[str, str] = {}
   for name, value in tensors.items():
     new = name
-    for regex, replacement in rules:
+    for regex, replacement in compiled:
       new = regex.sub(replacement, new)
     if new in out:
       raise WeightsMismatchError(f"model.init_map maps both {origin[new]!r} and {name!r} to "

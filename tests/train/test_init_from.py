@@ -2,6 +2,9 @@
 npz, compared with the source's own arrays; renames, skips, one-line mismatches; a resumed run
 never reloads the source."""
 import os
+import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -12,9 +15,11 @@ import deepflow
 from deepflow import export
 from deepflow.train import init_from
 from deepflow.train.experiment import Experiment
+from deepflow.registry import ConfigError
 from deepflow.weights import files
 from deepflow.weights.matching import WeightsMismatchError
-from tests.helpers import deepflow_cli, one_line_error, tiny_config, write_experiment
+from tests.helpers import (deepflow_cli, free_port, one_line_error, subprocess_environment,
+                           tiny_config, write_experiment)
 
 def config(*overrides, hidden=(16,)):
   return tiny_config(*overrides, model=dict(name="mlp", hidden=hidden))
@@ -86,6 +91,21 @@ def test_init_map_renames_and_init_skip_leaves_fresh(tmp_path):
   np.testing.assert_array_equal(loaded["params/Dense_1/kernel"], fresh["params/Dense_1/kernel"])
 
 
+def test_lora_adapters_start_fresh_on_the_loaded_kernels(tmp_path):
+  """A LoRA run from plain weights: base variables are the source's, the adapters and the
+  optimizer state what a fresh run of the same config initialises."""
+  source = {k: v + 1.0 for k, v in variables(experiment().init_state()).items()}
+  np.savez(tmp_path / "w.npz", **source)
+  exp = experiment(f"model.init_from={tmp_path / 'w.npz'}", "model.lora.rank=2")
+  state, fresh = init_from.initial_state(exp), exp.init_state()
+  loaded, initialised = variables(state), variables(fresh)
+  assert set(loaded) - set(source) == {"params/Dense_0/lora_a", "params/Dense_0/lora_b",
+                                       "params/Dense_1/lora_a", "params/Dense_1/lora_b"}
+  for name, value in loaded.items():
+    np.testing.assert_array_equal(value, source.get(name, initialised[name]), err_msg=name)
+  jax.tree.map(np.testing.assert_array_equal, state.opt_state, fresh.opt_state)
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda t: {**t, "params/extra/kernel": np.ones(2, np.float32)},
      "unexpected 1: params/extra/kernel"),
@@ -124,6 +144,12 @@ def test_missing_source_through_the_cli(tmp_path):
   assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
 
 
+def test_a_directory_that_is_not_a_checkpoint(tmp_path):
+  with pytest.raises(ConfigError, match="cannot read an Orbax checkpoint in .*: no Orbax "
+                                        r"metadata \(not a checkpoint\)$"):
+    init_from.read_source(str(tmp_path))
+
+
 def test_every_sweep_trial_starts_from_the_same_weights(source, tmp_path):
   """One plain-SGD step per trial: from one start, trial i's update is -lr_i * (the same
   gradient), so (params_i - start) / lr_i agrees across learning rates."""
@@ -144,7 +170,6 @@ def test_every_sweep_trial_starts_from_the_same_weights(source, tmp_path):
 
 
 def test_a_vectorized_sweep_refuses_init_from():
-  from deepflow.registry import ConfigError
   from deepflow.sweep.population import Population
   configs = [config("model.init_from=runs/x", f"optimizer.learning_rate={lr}") for lr in (.1, .2)]
   with pytest.raises(ConfigError, match="--vectorize does not support model.init_from; sweep"):
@@ -159,3 +184,63 @@ def test_export_safetensors_through_the_cli(source, tmp_path):
   read, expected = load_file(str(tmp_path / "w.safetensors")), source_variables(source, 2)
   assert read.keys() == expected.keys()
   assert all(read[k].tobytes() == expected[k].tobytes() for k in expected)
+
+
+# One process of a 2-process run (2 CPU devices each): the model's variables split over the 4
+# devices (fsdp), so every array spans both processes and none is fully addressable.
+LOAD_ON_EACH_PROCESS = """
+import sys
+import jax
+import numpy as np
+port, process_id, experiment, run, expected = sys.argv[1:]
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=int(process_id))
+import deepflow
+from deepflow import parallel
+from deepflow.train import init_from
+from deepflow.train.experiment import Experiment
+from deepflow.weights import files
+truth = files.read(expected)
+for source in (run, expected, run + "/checkpoints"):
+  config = deepflow.load_config(experiment, [
+      f"model.init_from={source}", "model.init_skip=Dense_1/bias", "parallel.strategy=fsdp",
+      "parallel.fsdp_min_size=1"])
+  exp = Experiment(config, None)
+  state = init_from.initial_state(exp)
+  assert not state.params["Dense_0"]["kernel"].is_fully_addressable
+  assert state.params["Dense_0"]["kernel"].sharding == exp.shardings.params["Dense_0"]["kernel"]
+  loaded = files.flatten(parallel.to_host({"params": state.params}))
+  fresh = files.flatten(parallel.to_host({"params": exp.init_state().params}))
+  for name in truth:
+    want = fresh[name] if name == "params/Dense_1/bias" else truth[name]
+    np.testing.assert_array_equal(loaded[name], want, err_msg=name)
+  assert int(parallel.to_host(state.step)) == 0
+print("loaded equal on process", process_id)
+"""
+
+
+def test_two_processes_load_the_source_into_arrays_they_share(source, tmp_path):
+  """A run of 2 processes starts from a deepflow run, an .npz and an Orbax directory saved on 8
+  devices: on each process, the gathered parameters equal the source's (the skipped one equals
+  a fresh initialisation)."""
+  expected = source_variables(source, "latest")
+  np.savez(tmp_path / "expected.npz", **expected)
+  script = tmp_path / "load.py"
+  script.write_text(LOAD_ON_EACH_PROCESS)
+  experiment_file = write_experiment(tmp_path / "exp.py")  # the source's model and data
+  env = subprocess_environment({"JAX_PLATFORMS": "cpu", "JAX_CPU_COLLECTIVES_IMPLEMENTATION":
+                                "gloo"}, devices=2)
+  port = free_port()
+  args = [experiment_file, source, str(tmp_path / "expected.npz")]
+  processes = [subprocess.Popen([sys.executable, str(script), str(port), str(i), *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+               for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=150) for p in processes]
+  except subprocess.TimeoutExpired:
+    for p in processes:
+      p.send_signal(signal.SIGABRT)  # its threads' stacks (PYTHONFAULTHANDLER), then it ends
+    stacks = [p.communicate()[1][-3000:] for p in processes]
+    raise AssertionError("a process ran over 150 s; threads:\n" + "\n".join(stacks)) from None
+  for i, (p, (out, err)) in enumerate(zip(processes, outs)):
+    assert p.returncode == 0, err[-4000:]
+    assert f"loaded equal on process {i}" in out
