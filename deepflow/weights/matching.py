@@ -28,20 +28,15 @@ LAYOUTS = ("deepflow", "pytorch")  # model.init_layout: how the source names and
 
 def check_config(model: Any) -> None:
   """The model section's transfer keys, checked with the rest of the config before anything is
-  built: a known ``init_layout``, ``init_map`` rules and an ``init_skip`` regex that compile, and
-  an ``init_from`` for them to act on."""
+  built: a known ``init_layout``, and ``init_map`` rules and an ``init_skip`` regex that compile.
+  They may stay set while ``init_from`` is cleared (a from-scratch baseline of a fine-tuning
+  recipe: ``model.init_from=``), and then act on nothing."""
   if model.init_layout not in LAYOUTS:
     raise ConfigError(f"model.init_layout must be one of {', '.join(LAYOUTS)}, got "
                       f"{model.init_layout!r}")
   rules(model.init_map)
   if model.init_skip:
     compile_regex(model.init_skip, "model.init_skip")
-  unused = [f"model.{key}" for key, on in (("init_map", bool(model.init_map)),
-                                           ("init_skip", bool(model.init_skip)),
-                                           ("init_layout", model.init_layout != LAYOUTS[0])) if on]
-  if unused and not model.init_from:
-    raise ConfigError(f"{', '.join(unused)}: these rename, skip or convert the weights "
-                      f"model.init_from reads, but model.init_from is not set")
 
 
 def rules(init_map: Iterable[Any]) -> list[tuple[re.Pattern, str]]:
