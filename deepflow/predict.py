@@ -12,8 +12,9 @@ time JAX takes to import. The files:
                   'preprocessing/0/mean', ...)
   signature.json  input shape and dtype, what the outputs mean (class names), the preprocessing
                   (and ``host_preprocessing``: per-example image steps such as ``center_crop``
-                  that run before the artifact), where the model came from, and the SHA-256 of both files (a corrupted artifact
-                  is refused with one line instead of computing garbage)
+                  that run before the artifact), where the model came from, and the SHA-256
+                  of both files (a corrupted artifact is refused with one line instead of
+                  computing garbage)
 
 By hand: ``jax.export.deserialize(open('model.bin', 'rb').read()).call(
 dict(numpy.load('weights.npz')), inputs)``.

@@ -136,6 +136,16 @@ def test_vectorize_refuses_keys_that_change_the_program(tmp_path):
     sweep.train_population(configs, [str(tmp_path)] * 2)
 
 
+def test_vectorize_refuses_autotune_and_compiles_with_xla_options(tmp_path, monkeypatch):
+  configs = [sweep.trial_config(tiny_config(autotune=True), [f"seed={s}"]) for s in (0, 1)]
+  with pytest.raises(ConfigError, match="does not support train.autotune"):
+    sweep.train_population(configs, [str(tmp_path)] * 2)
+  bad = [sweep.trial_config(tiny_config(xla_options={"no_such_option": 1}), [f"seed={s}"])
+         for s in (0, 1)]
+  with pytest.raises(ConfigError, match="No such compile option: 'no_such_option'"):
+    sweep.train_population(bad, [str(tmp_path)] * 2)
+
+
 def test_cli_vectorized_sweep(tmp_path):
   experiment = tmp_path / "tiny.py"
   experiment.write_text(

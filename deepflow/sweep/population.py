@@ -65,6 +65,7 @@ class Population:
     from deepflow.data.text import make_pipeline
     from deepflow.registry import TASKS
     from deepflow.tasks.base import Task
+    from deepflow.train import tuning
     from deepflow.train.step import make_eval_step, make_train_step
 
     self.configs = list(configs)
@@ -78,6 +79,9 @@ class Population:
       raise ConfigError("--vectorize runs on one host; sweep sequentially on several")
     if any(e["name"] == "early_stopping" for e in base.regularizers):
       raise ConfigError("--vectorize does not support early_stopping; sweep sequentially")
+    if base.train.autotune:
+      raise ConfigError("--vectorize does not support train.autotune (it times one run's step); "
+                        "set train.xla_options instead")
     transfer = [k for k, on in (("model.init_from", base.model.init_from),
                                 ("model.lora", base.model.lora.rank),
                                 ("optimizer.freeze", base.optimizer.freeze),
@@ -106,9 +110,11 @@ class Population:
         return make_train_step(task, self.optimizer(hp), base.train.microbatches)(state, batch)
 
     batch_axis = 0 if self.per_member_data else None
+    options = tuning.check_options(base.train.xla_options) or None
     self.train_step = jax.jit(jax.vmap(member_step, in_axes=(0, batch_axis, 0)),
-                              donate_argnums=0)
-    self.eval_step = jax.jit(jax.vmap(make_eval_step(task), in_axes=(0, batch_axis)))
+                              donate_argnums=0, compiler_options=options)
+    self.eval_step = jax.jit(jax.vmap(make_eval_step(task), in_axes=(0, batch_axis)),
+                             compiler_options=options)
 
   def optimizer(self, hp: dict[str, jax.Array]):
     """The configured optax chain with the swept optimizer options taken from ``hp``."""

@@ -42,6 +42,14 @@ class Task:
   # evaluate it one example at a time; False for objectives that compare examples (contrastive).
   PER_EXAMPLE_LOSS: bool = True
 
+  def __init_subclass__(cls, **kwargs):
+    # ``grads`` splits off the frozen parameters and fills their zeros; micro-batching and
+    # DP-SGD call ``trained_grads`` directly, so an override of ``grads`` would be bypassed.
+    super().__init_subclass__(**kwargs)
+    if "grads" in vars(cls):
+      raise TypeError(f"{cls.__name__} overrides Task.grads: override trained_grads instead "
+                      f"(gradients w.r.t. the trained parameters; see deepflow.tasks.base)")
+
   def __init__(self, config: ConfigDict, spec: DataSpec):
     self.config = config
     self.options = {k: config.task.get(k, v) for k, v in self.OPTIONS.items()}

@@ -47,7 +47,8 @@ class Experiment:
     self.partition.check(self.abstract_state.params)
     self.shardings = parallel.state_shardings(self.abstract_state, self.mesh, config.parallel)
     self.debug = debug
-    self.use_compiler_options(tuning.check_options(config.train.xla_options))
+    self.use_compiler_options(tuning.check_options(config.train.xla_options,
+                                                   self.mesh.devices.flat[0].platform))
 
   @classmethod
   def from_workdir(cls, workdir: str, overrides: Iterable[str] = (), *,
@@ -72,9 +73,7 @@ class Experiment:
         raise FileNotFoundError(f"no checkpoint of step {which} in {checkpointer.directory} "
                                 f"(kept: {kept})")
       exp = cls(config, workdir, debug=debug)
-      record = tuning.recorded(workdir)
-      if record:  # the steps the run was trained and evaluated with
-        exp.use_compiler_options(record["options"])
+      tuning.apply_record(exp)  # the steps the run was trained and evaluated with
       state, _, step = exp.restore(checkpointer, which if isinstance(which, int) else None)
     finally:
       checkpointer.close()

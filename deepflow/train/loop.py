@@ -50,6 +50,7 @@ def _train_and_evaluate(config: Any, workdir: str, *, debug: bool) -> dict[str, 
   cfg = config.train
   runtime.use_compilation_cache(cfg.compilation_cache)
   exp = Experiment(config, workdir, debug=debug)
+  tuning.apply_record(exp)  # a tuned run resumes (or re-evaluates) with the programs it chose
   checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.keep_checkpoints)
   writer = MetricWriter(workdir)
   best = _BestKeeper(exp, workdir) if exp.task.regularizer.early_stopping else None

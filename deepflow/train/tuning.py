@@ -51,15 +51,17 @@ ROUNDS = 3  # interleaved, so a noisy neighbour slows every candidate alike; the
 Step = Callable[[Any, Any], tuple[Any, Any]]
 
 
-def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
+def check_options(options: Mapping[str, Any], platform: str | None = None) -> dict[str, Any]:
   """``options`` as a plain dict, each name and value checked by compiling a trivial program
-  with them: an unknown name or a bad value is a one-line ``ConfigError``."""
+  with them: an unknown name or a bad value is a one-line ``ConfigError``. Options for another
+  platform than this process's default backend (``deepflow plan --topology`` of a TPU slice on
+  a CPU host) are left to that platform's compiler, which names a bad one just as clearly."""
   options = dict(options)
   for name, value in options.items():
     if not isinstance(value, (str, bool, int, float)):
       raise ConfigError(f"train.xla_options[{name!r}] must be a string, bool or number, got "
                         f"{type(value).__name__}")
-  if options:
+  if options and (platform is None or platform == jax.default_backend()):
     try:
       jax.jit(lambda: jnp.zeros(()), compiler_options=options).lower().compile()
     except Exception as e:  # XLA's own message names the option and what is wrong with it
@@ -68,16 +70,27 @@ def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
   return options
 
 
+def apply_record(exp) -> dict | None:
+  """Compiles ``exp``'s steps with the options ``autotune`` recorded in its workdir (over the
+  config's own ``train.xla_options``), if it recorded any for this platform; returns the
+  record. Every reader of a tuned run calls this: the loop (so a resumed or finished run runs
+  the programs it was trained with) and ``Experiment.from_workdir``."""
+  record = recorded(exp.workdir)
+  if record:
+    exp.use_compiler_options({**exp.config.train.xla_options, **record["options"]})
+  return record
+
+
 def autotune(exp, state, batch) -> dict[str, Any]:
   """Sets ``exp``'s steps to the fastest candidate's options (see the module docstring) and
-  returns them; ``state`` and ``batch`` are the run's first, only read."""
+  returns them; ``state`` and ``batch`` are the run's first, only read. A run that has a record
+  was set up from it by ``apply_record`` and is not timed again."""
   base = dict(exp.compiler_options)
-  path = epath.Path(exp.workdir) / RECORD
   platform = jax.default_backend()
   record = recorded(exp.workdir)
   if record:
-    log.info("autotune: %s, as recorded in %s", record["choice"], path)
-    return exp.use_compiler_options(record["options"])
+    log.info("autotune: %s, as recorded in %s", record["choice"], _path(exp.workdir))
+    return base
   if exp.debug:
     log.info("autotune: nothing to tune in debug mode (the steps run eagerly)")
     return base
@@ -85,49 +98,56 @@ def autotune(exp, state, batch) -> dict[str, Any]:
     log.info("autotune: nothing to tune on %s (its compiler tunes its own kernels)", platform)
     return base
   began = time.perf_counter()
-  candidates = {name: {**base, **options} for name, options in CPU_CANDIDATES.items()}
-  steps = {name: exp.compiled_train_step(options) for name, options in candidates.items()}
+  steps = {name: exp.compiled_train_step({**base, **options})
+           for name, options in CPU_CANDIDATES.items()}
   copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=exp.shardings)
   seconds = measure(steps, lambda: copy(state), batch)
-  names = list(candidates)
-  choice = names[_agreed(int(np.argmin([seconds[n] for n in names])))]
+  names = list(CPU_CANDIDATES)
+  choice = names[int(_agreed(np.argmin([seconds[n] for n in names])))]
   log.info("autotune: %s (%s; tuning took %.1f s)", choice, ", ".join(
       f"{name} {seconds[name] * 1e3:.1f} ms/step" for name in names),
       time.perf_counter() - began)
-  if jax.process_index() == 0:
-    path.write_text(json.dumps({
-        "platform": platform, "choice": choice, "options": candidates[choice],
+  if jax.process_index() == 0:  # written whole or not at all: a torn record stops a resume
+    tmp = _path(exp.workdir).parent / (RECORD + ".tmp")
+    tmp.write_text(json.dumps({
+        "platform": platform, "choice": choice, "options": CPU_CANDIDATES[choice],
         "ms_per_step": {name: round(seconds[name] * 1e3, 3) for name in names}}, indent=2))
-  return exp.use_compiler_options(candidates[choice])
+    tmp.replace(_path(exp.workdir))
+  options = exp.use_compiler_options({**base, **CPU_CANDIDATES[choice]})
+  exp.train_step = steps[choice]  # the same program, already compiled
+  return options
 
 
 def recorded(workdir: str | None) -> dict | None:
-  """The choice ``autotune`` recorded in ``workdir`` for this platform, if any: the options a
-  resumed run, and every command that reopens the run, compile its steps with."""
-  path = epath.Path(workdir) / RECORD if workdir else None
-  if path is None or not path.exists():
+  """The choice ``autotune`` recorded in ``workdir`` for this platform, if any (its
+  ``options`` are the candidate's own, applied over ``train.xla_options``)."""
+  if not workdir or not _path(workdir).exists():
     return None
+  path = _path(workdir)
   try:
     record = json.loads(path.read_text())
-    options, platform = dict(record["options"]), record["platform"]
-  except (ValueError, KeyError, TypeError) as e:
-    raise ConfigError(f"{path} is not an autotune record ({type(e).__name__}: {e}); delete it "
-                      f"to tune again") from e
+    options, platform, _ = dict(record["options"]), record["platform"], record["choice"]
+    check_options(options, platform)
+  except (ValueError, KeyError, TypeError, ConfigError) as e:
+    raise ConfigError(f"{path} is not a usable autotune record ({type(e).__name__}: {e}); "
+                      f"delete it to tune again") from e
   return record if platform == jax.default_backend() else None
 
 
 def measure(steps: Mapping[str, Step], fresh_state: Callable[[], Any], batch,
             rounds: int = ROUNDS, round_seconds: float = ROUND_SECONDS) -> dict[str, float]:
   """Median seconds per call of each step over ``rounds`` interleaved rounds, each starting
-  from ``fresh_state()`` (the steps may donate it) and long enough to last ``round_seconds``."""
-  calls = {}
-  for name, step in steps.items():  # compiles, then sizes the rounds by one timed call
+  from ``fresh_state()`` (the steps may donate it) and long enough to last ``round_seconds``.
+  Every process makes the same calls (process 0's counts): the steps' collectives pair up."""
+  calls = []
+  for step in steps.values():  # compiles, then sizes the rounds by one timed call
     jax.block_until_ready(step(fresh_state(), batch))
     state = fresh_state()
     jax.block_until_ready(state)
     start = time.perf_counter()
     jax.block_until_ready(step(state, batch))
-    calls[name] = max(1, int(round_seconds / max(time.perf_counter() - start, 1e-6)))
+    calls.append(max(1, int(round_seconds / max(time.perf_counter() - start, 1e-6))))
+  calls = dict(zip(steps, _agreed(np.asarray(calls, np.int32)).tolist()))
   samples: dict[str, list[float]] = {name: [] for name in steps}
   for _ in range(rounds):
     for name, step in steps.items():
@@ -141,9 +161,13 @@ def measure(steps: Mapping[str, Step], fresh_state: Callable[[], Any], batch,
   return {name: statistics.median(times) for name, times in samples.items()}
 
 
-def _agreed(index: int) -> int:
-  """Process 0's ``index`` on every process: each times its own share, but all must compile the
-  same program for their collectives to match."""
+def _path(workdir: str) -> epath.Path:
+  return epath.Path(workdir) / RECORD
+
+
+def _agreed(value: np.ndarray) -> np.ndarray:
+  """Process 0's ``value`` on every process: each times its own share of the devices, but all
+  must run and compile the same programs for their collectives to match."""
   if jax.process_count() == 1:
-    return index
-  return int(multihost_utils.broadcast_one_to_all(np.int32(index)))
+    return np.asarray(value)
+  return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(value)))

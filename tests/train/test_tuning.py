@@ -78,6 +78,14 @@ def test_bad_xla_options_are_one_line_errors(options, message):
   assert "\n" not in str(error.value) and str(error.value).startswith("train.xla_options")
 
 
+def test_options_for_another_platform_are_left_to_its_compiler():
+  """``deepflow plan --topology`` of a TPU slice on a CPU host: a TPU option is not refused."""
+  assert tuning.check_options({"xla_tpu_no_such_flag": True}, "tpu") == {
+      "xla_tpu_no_such_flag": True}
+  with pytest.raises(ConfigError):
+    tuning.check_options({"xla_tpu_no_such_flag": True}, "cpu")
+
+
 def test_xla_options_override_from_the_command_line():
   config = tiny_config(f'train.xla_options={{"{tuning.YNN_FUSIONS}": '
                        f'"LIBRARY_FUSION_TYPE_REDUCE"}}')
@@ -138,8 +146,18 @@ def test_resumed_run_reuses_the_recorded_choice_bit_identically(tmp_path, monkey
   assert calls
   measure, calls = _forced("ynnpack_convolutions")  # would choose the other one
   monkeypatch.setattr(tuning, "measure", measure)
+  used = []
+  original = Experiment.use_compiler_options
+  monkeypatch.setattr(Experiment, "use_compiler_options",
+                      lambda self, options: used.append(options) or original(self, options))
   deepflow.train_and_evaluate(config, b)
   assert not calls  # the record was read, nothing timed
+  assert used[-1] == tuning.CPU_CANDIDATES["eigen_convolutions"]  # and the steps compiled by it
+  # The record applies without train.autotune too: a run resumed or re-evaluated with it off.
+  used.clear()
+  deepflow.train_and_evaluate(tiny_config("train.steps=8", "train.checkpoint_every=4",
+                                          model=CNN), b)
+  assert used[-1] == tuning.CPU_CANDIDATES["eigen_convolutions"]
   assert json.loads(open(os.path.join(b, tuning.RECORD)).read())["choice"] == "eigen_convolutions"
   reopened = Experiment.from_workdir(b).experiment  # eval, export, ...: the same programs
   assert reopened.compiler_options == tuning.CPU_CANDIDATES["eigen_convolutions"]
@@ -158,10 +176,33 @@ def test_autotune_on_another_platform_tunes_nothing(tmp_path, monkeypatch):
   assert not os.path.exists(tmp_path / tuning.RECORD)
 
 
-@pytest.mark.parametrize("text", ["{not json", '{"choice": "eigen_convolutions"}', "[1, 2]"])
+@pytest.mark.parametrize("text", [
+    "{not json", '{"choice": "eigen_convolutions"}', "[1, 2]",
+    '{"platform": "cpu", "options": {}}',  # no choice
+    '{"platform": "cpu", "choice": "x", "options": {"no_such_option": 1}}'])
 def test_a_broken_record_is_a_one_line_error(tmp_path, text):
   (tmp_path / tuning.RECORD).write_text(text)
-  exp = Experiment(tiny_config("train.autotune=True"), str(tmp_path))
-  with pytest.raises(ConfigError, match="is not an autotune record.*delete it") as error:
-    tuning.autotune(exp, None, None)
+  with pytest.raises(ConfigError, match="is not a usable autotune record.*delete it") as error:
+    deepflow.train_and_evaluate(tiny_config("train.autotune=True"), str(tmp_path))
   assert "\n" not in str(error.value)
+
+
+def test_processes_make_process_0s_calls(monkeypatch):
+  """Each process sizes its rounds from its own timing, but the steps hold collectives: every
+  process must make process 0's number of calls, or they pair different programs and hang."""
+  made = {"a": 0}
+
+  def step(state, batch):
+    made["a"] += 1
+    return state, jnp.zeros(())
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(tuning.multihost_utils, "broadcast_one_to_all",
+                      lambda value: np.full_like(value, 7))  # process 0 sized its rounds to 7
+  tuning.measure({"a": step}, lambda: "fresh", None, rounds=2, round_seconds=10.0)
+  assert made["a"] == 2 + 2 * 7  # compile + sizing calls, then 2 rounds of process 0's 7
+
+
+def test_a_task_overriding_grads_is_refused():
+  from deepflow.tasks.base import Task
+  with pytest.raises(TypeError, match="override trained_grads instead"):
+    type("OwnGrads", (Task,), {"grads": lambda self, *a: None})
