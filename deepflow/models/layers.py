@@ -58,10 +58,13 @@ def sinusoidal_positions(positions: jax.Array, dim: int) -> jax.Array:
 
 
 class PositionalEmbedding(nn.Module):
-  """Adds position information to (B, T, D) inputs: ``'learned'`` (a table of ``max_len`` rows)
-  or ``'sinusoidal'``. ``offset`` is the position of the first input (non-zero when decoding)."""
+  """Adds position information to (B, T, D) inputs: ``'learned'`` (a table of ``max_len`` rows,
+  the parameter ``param_name``) or ``'sinusoidal'``. ``offset`` is the position of the first
+  input (non-zero when decoding). A layer of its own so that DP-SGD's ghost clipping sees its
+  calls (``deepflow.privacy.ghost_layers``)."""
   kind: str = "learned"
   max_len: int = 512
+  param_name: str = "embedding"
 
   @nn.compact
   def __call__(self, x: jax.Array, offset: jax.Array | int = 0,
@@ -72,7 +75,7 @@ class PositionalEmbedding(nn.Module):
     if length > self.max_len:
       raise ConfigError(f"sequence length {length} exceeds max_len {self.max_len}")
     if self.kind == "learned":
-      table = self.param("embedding", nn.initializers.normal(0.02), (self.max_len, dim))
+      table = self.param(self.param_name, nn.initializers.normal(0.02), (self.max_len, dim))
       rows = (lax.dynamic_slice_in_dim(table, offset, length, axis=0) if positions is None
               else jnp.take(table, positions, axis=0))
       return x + rows.astype(x.dtype)
@@ -80,6 +83,25 @@ class PositionalEmbedding(nn.Module):
       where = offset + jnp.arange(length) if positions is None else positions
       return x + sinusoidal_positions(where, dim).astype(x.dtype)
     raise ConfigError(f"unknown positions {self.kind!r}; known: learned, sinusoidal")
+
+
+def in_scope(parent: nn.Module, layer: nn.Module) -> nn.Module:
+  """``layer`` creating its parameters in ``parent``'s scope: a parameter moved into a layer of
+  its own keeps its path (checkpoints load as before)."""
+  nn.share_scope(parent, layer)
+  return layer
+
+
+class ClassToken(nn.Module):
+  """Prepends a learned token (the parameter ``param_name``, (1, 1, D), zeros) to (B, T, D)
+  inputs. A layer of its own for ghost clipping, like ``PositionalEmbedding``; the models share
+  their scope with it (``nn.share_scope``) so the parameter keeps its path."""
+  param_name: str = "cls"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cls = self.param(self.param_name, nn.initializers.zeros, (1, 1, x.shape[-1]))
+    return jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[-1])), x], axis=1)
 
 
 class MlpBlock(nn.Module):

@@ -18,6 +18,7 @@ handled like any other uncovered ones.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any, Callable
 
@@ -34,13 +35,23 @@ PyTree = Any
 Path = tuple[str, ...]
 
 
+def _claims(path: Path, spec: Any) -> tuple[Path, ...]:
+  """The parameter leaves a covered call at module ``path`` reads: ``params[path][name]`` for
+  its spec's names (a layer sharing its parent's scope reads some of the parent's leaves)."""
+  return tuple(path + (name,) for name in spec.param_names)
+
+
 @dataclasses.dataclass(frozen=True)
 class Call:
-  """One call of a covered layer: its module's path (its parameters are ``params[path]``), its
-  spec and its output's per-example shape and dtype."""
+  """One call of a covered layer: its module's path, its spec and its output's per-example
+  shape and dtype."""
   path: Path
   spec: Any
   out: jax.ShapeDtypeStruct
+
+  @property
+  def params(self) -> tuple[Path, ...]:
+    return _claims(self.path, self.spec)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +71,7 @@ def _intercepting(select: Callable[[Any, Path], bool], on_call: Callable):
   base = current_trace()
 
   def interceptor(next_fun, args, kwargs, context):
-    spec = ghost_layers.layer_spec(context.module, context.method_name)
+    spec = ghost_layers.layer_spec(context.module, context.method_name, kwargs)
     if spec is None or current_trace() != base:
       return next_fun(*args, **kwargs)
     path = tuple(context.module.scope.path)
@@ -114,7 +125,7 @@ def plan(per_example_loss: Callable, params: PyTree, example: PyTree, key: jax.A
   def constant(next_fun, args, kwargs, path, spec):
     call = next(replaced)
     assert call.path == path, "the model called its layers in a different order when retraced"
-    inputs.append(args[0])
+    inputs.extend(jax.tree.leaves((args, kwargs)))
     return jnp.zeros(call.out.shape, call.out.dtype)
 
   def without_covered(p):
@@ -123,26 +134,37 @@ def plan(per_example_loss: Callable, params: PyTree, example: PyTree, key: jax.A
   live = _live_inputs(jax.make_jaxpr(without_covered)(params))
   live_paths = {path for path, used in zip(leaves, live) if used}
 
-  covered_modules = set()
-  for path in {call.path for call in found}:
-    spec = next(call.spec for call in found if call.path == path)
-    names = {leaf[-1] for leaf in leaves if leaf[:-1] == path}
-    consistent = all(call.spec == spec for call in found if call.path == path)
-    if consistent and names == set(spec.param_names) and not any(
-        path + (name,) in live_paths for name in names):
-      covered_modules.add(path)
-  calls = tuple(call for call in found if call.path in covered_modules)
-  uncovered = tuple(leaf for leaf in leaves if leaf[:-1] not in covered_modules)
+  # A layer's leaves are covered when all its calls agree on the spec, nothing else reads them
+  # and no other covered layer claims them.
+  layers = _layers(found)
+  claims = collections.Counter(leaf for claimed in layers for leaf in claimed)
+  covered = set()
+  for claimed, indices in layers.items():
+    agree = all(found[i].spec == found[indices[0]].spec for i in indices)
+    if (agree and set(claimed) <= set(leaves) and not set(claimed) & live_paths
+        and all(claims[leaf] == 1 for leaf in claimed)):
+      covered.update(claimed)
+  calls = tuple(call for call in found if set(call.params) <= covered)
+  uncovered = tuple(leaf for leaf in leaves if leaf not in covered)
   return Plan(calls, uncovered)
+
+
+def _layers(calls: tuple[Call, ...] | list[Call]) -> dict[tuple[Path, ...], list[int]]:
+  """The calls' indices grouped by the leaves they claim (one group per layer)."""
+  groups: dict[tuple[Path, ...], list[int]] = {}
+  for i, call in enumerate(calls):
+    groups.setdefault(call.params, []).append(i)
+  return groups
 
 
 def clipped_sum(per_example_loss: Callable, params: PyTree, batch: PyTree, keys: jax.Array, *,
                 clip_norm: float, the_plan: Plan) -> tuple[PyTree, dict[str, Any]]:
   """``clipped_gradient_sum``'s result (same ``aux``) by ghost clipping with book-keeping."""
   leaves = traverse_util.flatten_dict(params)
-  covered_paths = {call.path for call in the_plan.calls}
-  fixed = {k: v for k, v in leaves.items() if k[:-1] in covered_paths}
-  free = {k: v for k, v in leaves.items() if k[:-1] not in covered_paths}
+  covered_layers = _layers(the_plan.calls)
+  uncovered = set(the_plan.uncovered)
+  fixed = {k: v for k, v in leaves.items() if k not in uncovered}
+  free = {k: v for k, v in leaves.items() if k in uncovered}
   offsets = [jnp.zeros(call.out.shape, call.out.dtype) for call in the_plan.calls]
 
   def example_loss(free_leaves, offsets, example, key):
@@ -150,12 +172,14 @@ def clipped_sum(per_example_loss: Callable, params: PyTree, batch: PyTree, keys:
 
     def capture(next_fun, args, kwargs, path, spec):
       call, offset = next(pending)
-      assert call.path == path, "the model called its layers in a different order when retraced"
-      inputs.append(args[0])
+      assert (call.path, call.spec) == (path, spec), \
+          "the model called its layers in a different order when retraced"
+      inputs.append(spec.capture(args, kwargs))
       return next_fun(*args, **kwargs) + offset
 
     merged = traverse_util.unflatten_dict({**fixed, **free_leaves})
-    with nn.intercept_methods(_intercepting(lambda spec, path: path in covered_paths, capture)):
+    with nn.intercept_methods(_intercepting(
+        lambda spec, path: _claims(path, spec) in covered_layers, capture)):
       loss, aux = per_example_loss(merged, example, key)
     return loss, (aux, inputs)
 
@@ -167,14 +191,10 @@ def clipped_sum(per_example_loss: Callable, params: PyTree, batch: PyTree, keys:
 
   losses, example_aux, inputs, free_grads, out_grads = jax.vmap(one_example)(batch, keys)
 
-  by_module: dict[Path, list[int]] = {}
-  for i, call in enumerate(the_plan.calls):
-    by_module.setdefault(call.path, []).append(i)
-  specs = {call.path: call.spec for call in the_plan.calls}
   sq = sum((jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(g.shape[0], -1), axis=1)
             for g in free_grads.values()), jnp.zeros(losses.shape, jnp.float32))
-  for path, calls in by_module.items():
-    sq = sq + ghost_layers.sq_norms(specs[path], [inputs[i] for i in calls],
+  for calls in covered_layers.values():
+    sq = sq + ghost_layers.sq_norms(the_plan.calls[calls[0]].spec, [inputs[i] for i in calls],
                                     [out_grads[i] for i in calls])
   norms = jnp.sqrt(sq)
   # A zero gradient has norm 0: factor 1 (nothing to clip), not clip_norm / 0.
@@ -182,10 +202,11 @@ def clipped_sum(per_example_loss: Callable, params: PyTree, batch: PyTree, keys:
 
   summed = {k: jnp.tensordot(factors, g.astype(jnp.float32), axes=1).astype(g.dtype)
             for k, g in free_grads.items()}
-  for path, calls in by_module.items():
-    module_params = {k[-1]: v for k, v in fixed.items() if k[:-1] == path}
-    sums = ghost_layers.clipped_sum(specs[path], [inputs[i] for i in calls],
-                                    [out_grads[i] for i in calls], factors, module_params)
+  for claimed, calls in covered_layers.items():
+    path, spec = the_plan.calls[calls[0]].path, the_plan.calls[calls[0]].spec
+    sums = ghost_layers.clipped_sum(spec, [inputs[i] for i in calls],
+                                    [out_grads[i] for i in calls], factors,
+                                    {leaf[-1]: fixed[leaf] for leaf in claimed})
     summed.update({path + (name,): value for name, value in sums.items()})
   return traverse_util.unflatten_dict(summed), {
       "loss": losses, "aux": example_aux, "grad_norms": norms,
