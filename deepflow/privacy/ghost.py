@@ -1,5 +1,6 @@
 """Per-example clipping in one forward and one backward pass, without per-example gradients of
-the layers that ``ghost_layers`` covers (Dense, Conv, Embed): ghost clipping with book-keeping.
+the layers that ``ghost_layers`` covers (Dense and DenseGeneral, Conv, Embed, LayerNorm and
+RMSNorm, deepflow's learned positions and class tokens): ghost clipping with book-keeping.
 
 For a per-example loss over a Flax model, ``plan`` finds, at trace time, the covered layers'
 calls (through ``nn.intercept_methods``) and which parameters they alone read; ``clipped_sum``
@@ -7,14 +8,28 @@ then runs the loss once per example (vmapped) with a zero offset added to every 
 output, takes one backward pass w.r.t. those offsets (each call's output gradient, per example)
 and w.r.t. the remaining parameters (their per-example gradients, materialized as the vmapped
 path does), and builds each example's gradient norm and the clipped sum from them. No second
-backward pass is needed: the clipped sum of a covered layer comes straight from its inputs and
-output gradients weighted by each example's clip factor.
+backward pass is needed: the clipped sum of a covered layer comes straight from what it kept of
+its inputs (``spec.capture``) and its output gradients, weighted by each example's clip factor.
 
-A parameter counts as covered only when nothing but covered calls reads it, which is checked on
-the loss's jaxpr: with every covered call replaced by a constant, the loss must not depend on
-it. A call inside a nested JAX transformation (``nn.scan``, ``nn.remat``, ``nn.RNN``'s scan) is
-not covered, since its values cannot be brought out of that trace; such a layer's parameters are
-handled like any other uncovered ones.
+A covered call claims the leaves its spec names under its module's path (a layer sharing its
+parent's scope, as ViT's positions do, claims some of the parent's leaves). A leaf counts as
+covered only when one layer claims it, all that layer's calls agree on the spec, and nothing but
+covered calls reads it, which is checked on the loss's jaxpr: with every covered call replaced
+by a constant, the loss must not depend on it.
+
+A call inside a nested JAX transformation (``nn.scan``, so ``model.scan_layers``; ``nn.remat``,
+so ``model.remat_policy``; ``nn.RNN``'s scan) is not covered, and its layer's parameters are
+handled like any other uncovered ones. What book-keeping needs of such a call lives in the inner
+trace. The output gradients could come out: an offset stacked on the layer axis, put into the
+``params`` tree beside the layer's stacked parameters, reaches each scanned step as its slice,
+and its gradient comes back stacked. The inputs cannot: a value leaves a scan's trace only as
+one of its outputs, so either every scanned body returns what its covered calls kept (a
+protocol between this module and each body: deepflow's ``block_stack``, Flax's ``nn.RNN``) or a
+``custom_vjp`` smuggles them out as the "gradient" of a dummy parameter (a backward pass that is
+not linear in its cotangent). Neither is done: the second also cannot tell, at trace time, a
+layer whose parameters a scan broadcasts (``nn.RNN``'s cells, run once per time step: the
+per-example gradient sums over steps, which the offsets would merge) from one under
+``nn.remat`` (run once), and confusing them would give wrong norms.
 """
 from __future__ import annotations
 

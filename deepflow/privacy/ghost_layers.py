@@ -1,27 +1,31 @@
-"""Per-example gradient norms and clipped gradient sums of Dense, Conv and Embed layers from
-what the layer saw (its input ``x``) and what came back (the gradient ``g`` of the loss w.r.t.
-its output), without forming a per-example gradient where that is cheaper ("ghost clipping",
-Li et al., 2022; the clipped sum straight from ``x`` and ``g`` is Bu et al.'s 2023
-"book-keeping").
+"""Per-example gradient norms and clipped gradient sums of covered layers from what the layer
+kept of its call (``spec.capture``: its input ``x``, or what the gradient needs of it) and what
+came back (the gradient ``g`` of the loss w.r.t. its output), without forming a per-example
+gradient where that is cheaper ("ghost clipping", Li et al., 2022; the clipped sum straight from
+``x`` and ``g`` is Bu et al.'s 2023 "book-keeping").
 
 A layer's spec is read off the Flax module when it is called (``layer_spec``), or is None for a
-module or a configuration this file does not cover. Every function here takes the inputs and
-output gradients of all of a module's calls in one forward pass, each with a leading example axis
-``N`` (a module applied twice, e.g. shared weights, contributes the sum of both calls'
+module or a configuration this file does not cover. Every function here takes what all of a
+module's calls in one forward pass kept and their output gradients, each with a leading example
+axis ``N`` (a module applied twice, e.g. shared weights, contributes the sum of both calls'
 gradients).
 
-For Dense and Conv the per-example kernel gradient is ``A_i^T G_i`` with ``A_i`` (T x D) the
-example's input rows (the input vectors of a Dense layer at every position, the patches of a
-convolution) and ``G_i`` (T x C) the output gradients at the same T positions. Its squared
-norm is either ``<A_i A_i^T, G_i G_i^T>`` (two T x T Gram matrices: T^2 (D + C) work) or the
-materialized ``A_i^T G_i`` (T D C work), whichever costs less; for a convolution called once
-neither takes the Gram of the patches (``Conv.kernel_sq_norms``: it is summed from the padded
-input's own Gram, or the product is taken over the strided slices stacked offset-major). The bias gradient is
-``sum_t G_i``.
+For Dense (and DenseGeneral contracting trailing axes: attention's projections, read as the
+matrix of flattened input and output features) and Conv the per-example kernel gradient is
+``A_i^T G_i`` with ``A_i`` (T x D) the example's input rows (the input vectors of a Dense layer
+at every position, the patches of a convolution) and ``G_i`` (T x C) the output gradients at the
+same T positions. Its squared norm is either ``<A_i A_i^T, G_i G_i^T>`` (two T x T Gram
+matrices: T^2 (D + C) work) or the materialized ``A_i^T G_i`` (T D C work), whichever costs
+less; for a convolution called once neither takes the Gram of the patches
+(``Conv.kernel_sq_norms``: it is summed from the padded input's own Gram, or the product is taken
+over the strided slices stacked offset-major). The bias gradient is ``sum_t G_i``.
 The clipped sum ``sum_i c_i A_i^T G_i`` is one matmul for Dense, and for Conv the kernel gradient
 of the convolution itself with output gradients ``c_i G_i``.
 An embedding's per-example gradient adds ``g_t`` to row ``id_t``, so its squared norm is the sum of
-``<g_t, g_s>`` over position pairs with the same token.
+``<g_t, g_s>`` over position pairs with the same token; learned positions are an embedding of
+the positions. LayerNorm and RMSNorm keep the normalized input ``x_hat``, and a class token keeps
+nothing: their per-example gradients (``sum_t g_t * x_hat_t`` and ``sum_t g_t``; the output
+gradient at the token's position) are feature-sized and formed directly.
 """
 from __future__ import annotations
 
