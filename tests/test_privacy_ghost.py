@@ -12,6 +12,7 @@ import pytest
 from deepflow import privacy
 from deepflow.data.pipeline import INPUTS, MASK, TARGETS, Pipeline
 from deepflow.models.cnn import CNN
+from deepflow.models import lora
 from deepflow.models.layers import ClassToken, PositionalEmbedding
 from deepflow.models.mlp import MLP
 from deepflow.models.transformer import TransformerEncoder, TransformerLM
@@ -244,6 +245,21 @@ def test_uncovered_layers_get_per_example_gradients_and_auto_keeps_vmap():
                               "CheckpointDense_0/bias"}
   assert {call.path for call in the_plan.calls} == {("LayerNorm_0",), ("Dense_0",), ("Dense_1",)}
   _assert_ghost_equals_vmap(loss, params, batch)
+
+
+def test_lora_adapters_beside_a_covered_kernel_get_per_example_gradients():
+  """A covered layer claims only its spec's leaves: the adapters merged into its kernel before
+  ``apply`` are read through that kernel, so they are materialized and the kernel stays ghost."""
+  params, batch, loss = _problem(*MODELS["mlp_dropout"])
+  adapters = lora.LoraConfig(rank=2, alpha=1.0, targets="Dense_0/kernel$")
+  params = lora.add_adapters(params, adapters, jax.random.key(3))
+  params["Dense_0"]["lora_b"] = jax.random.normal(jax.random.key(4), (2, 16))  # not zero: moved
+  merged_loss = lambda p, example, key: loss(lora.merge(p, adapters), example, key)  # noqa: E731
+  the_plan = ghost.plan(merged_loss, params, jax.tree.map(lambda x: x[0], batch),
+                        jax.random.key(0))
+  assert set(the_plan.uncovered) == {("Dense_0", "lora_a"), ("Dense_0", "lora_b")}
+  assert ("Dense_0",) in {call.path for call in the_plan.calls}
+  _assert_ghost_equals_vmap(merged_loss, params, batch)
 
 
 def _task_grads(config, clipping):
