@@ -113,6 +113,11 @@ MODELS = {
     "transformer_lm": (TransformerLM(11, vocab_size=11, d_model=8, num_heads=2, num_layers=1,
                                      mlp_dim=16, max_len=9, dropout=0.1),
                        jax.random.randint(jax.random.key(2), (B, 7), 0, 11)),
+    # The blocks under nn.scan: offsets and kept inputs cross the scan stacked on the layer axis.
+    "transformer_lm_scanned": (TransformerLM(11, vocab_size=11, d_model=8, num_heads=2,
+                                             num_layers=2, mlp_dim=16, max_len=9, dropout=0.1,
+                                             scan_layers=True),
+                               jax.random.randint(jax.random.key(2), (B, 7), 0, 11)),
     "transformer_encoder_cls": (TransformerEncoder(3, vocab_size=20, d_model=8, num_heads=2,
                                                    num_layers=1, mlp_dim=16, max_len=9,
                                                    pooling="cls"),
@@ -279,14 +284,16 @@ TASK_CONFIGS = {
         *PRIVATE, model=dict(name="cnn", features=(4, 8), dense=(16,), dropout=0.1)),
     "lstm_lm": lambda data_dir: lm_config(data_dir, *PRIVATE, "data.batch_size=8", model=dict(
         name="rnn", cell="lstm", hidden_size=8, num_layers=1, embed_dim=8, per_step=True)),
-    "transformer_lm": lambda data_dir: lm_config(data_dir, *PRIVATE, "data.batch_size=8"),
+    "transformer_lm_scanned": lambda data_dir: lm_config(data_dir, *PRIVATE, "data.batch_size=8",
+                                                         "model.scan_layers=True"),
 }
 
 
 @pytest.mark.parametrize("name", TASK_CONFIGS)
 def test_the_private_train_step_is_the_same_with_ghost_clipping(name, data_dir, monkeypatch):
   """Through ``Task.grads`` on Poisson-sampled, padded batches, noise included (same key); every
-  parameter covered but the LSTM's (its cells run inside ``nn.scan``)."""
+  parameter covered but the LSTM's (its cells run inside ``nn.RNN``'s scan, which keeps nothing
+  for ghost clipping)."""
   (ref, _, ref_metrics), batch = _task_grads(TASK_CONFIGS[name](data_dir), "vmap")
   plans, plan = [], ghost.plan
   monkeypatch.setattr(ghost, "plan", lambda *args: plans.append(plan(*args)) or plans[-1])

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from deepflow.models import scan_taps
 from deepflow.registry import ACTIVATIONS, ConfigError
 
 Activation = Callable[[jax.Array], jax.Array]
@@ -206,15 +207,18 @@ def transformer_block(remat_policy: str = "none") -> type[TransformerBlock]:
 
 
 class _ScannedBlock(nn.Module):
-  """One block as a ``nn.scan`` body: (carry, segments) -> (carry, no output)."""
+  """One block as a ``nn.scan`` body: (carry, segments) -> (carry, what a listener kept in it:
+  ``scan_taps``)."""
   block: dict
   remat_policy: str
   train: bool
 
   @nn.compact
-  def __call__(self, x: jax.Array, segments: jax.Array | None) -> tuple[jax.Array, None]:
+  def __call__(self, x: jax.Array, segments: jax.Array | None) -> tuple[jax.Array, dict]:
     block = transformer_block(self.remat_policy)(**self.block, name="block")
-    return block(x, self.train, segments), None
+    with scan_taps.body() as kept:  # values a listener keeps (none without one)
+      x = block(x, self.train, segments)
+    return x, kept
 
 
 def block_stack(x: jax.Array, train: bool, *, num_layers: int, scan: bool, remat_policy: str,
@@ -231,7 +235,8 @@ def block_stack(x: jax.Array, train: bool, *, num_layers: int, scan: bool, remat
   stack = nn.scan(_ScannedBlock, variable_axes={"params": 0, "cache": 0},
                   split_rngs={"params": True, "dropout": True}, in_axes=nn.broadcast,
                   length=num_layers)
-  x, _ = stack(block, remat_policy, train, name="blocks")(x, segments)
+  x, kept = stack(block, remat_policy, train, name="blocks")(x, segments)
+  scan_taps.emit(kept)
   return x
 
 
