@@ -1,6 +1,7 @@
 """The DP-SGD step of a transformer with ghost clipping's coverage of LayerNorm, attention's
-DenseGeneral projections, learned positions and class tokens, against the coverage before
-(Dense, Conv and Embed only) and against vmapped per-example gradients, in one run.
+DenseGeneral projections, learned positions, class tokens and scanned blocks, against the
+coverage before (Dense, Conv and Embed outside scans) and against vmapped per-example
+gradients, in one run.
 
 Three contenders, each deepflow's real jitted train step (``Experiment.train_step``) on the same
 Poisson batches, built from one experiment file with ``privacy.enabled``:
@@ -8,8 +9,8 @@ Poisson batches, built from one experiment file with ``privacy.enabled``:
 * ``vmap``: per-example gradients (what ``privacy.clipping='auto'`` picked for a transformer
   while any of its parameters was uncovered),
 * ``ghost, before``: ghost clipping with ``ghost_layers.layer_spec`` restricted to the families
-  covered before (``'ghost'`` forced: per-example gradients for the norms, projections and
-  positions),
+  covered before and no scanned body listened to (``'ghost'`` forced: per-example gradients for
+  the norms, projections, positions and every scanned layer),
 * ``ghost``: the present coverage (every parameter of the text and ViT transformers; what
   ``'auto'`` picks now).
 
@@ -19,6 +20,7 @@ median window counts, and ratios are taken within each round.
 
     python benchmarks/ghost_coverage.py [--config experiments/text_transformer.py]
                                         [--steps 10] [--repeats 7] [KEY=VALUE ...]
+    python benchmarks/ghost_coverage.py model.scan_layers=True
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from deepflow.models import scan_taps
 from deepflow.privacy import ghost_layers
 from dp_step import ROOT, build, cpu_name, time_rounds  # noqa: E402  (the script's directory)
 
@@ -45,12 +48,14 @@ def coverage(name: str):
     yield
     return
   spec = ghost_layers.layer_spec
+  body = scan_taps.current_body
   ghost_layers.layer_spec = lambda module, *args: (
       spec(module, *args) if type(module) in BEFORE else None)
+  scan_taps.current_body = lambda: None
   try:
     yield
   finally:
-    ghost_layers.layer_spec = spec
+    ghost_layers.layer_spec, scan_taps.current_body = spec, body
 
 
 def main(argv=None):

@@ -225,8 +225,9 @@ def block_stack(x: jax.Array, train: bool, *, num_layers: int, scan: bool, remat
                 segments: jax.Array | None = None, **block) -> jax.Array:
   """``num_layers`` transformer blocks (fields ``block``) applied in turn; call inside a compact
   method. With ``scan`` one block is traced and ``nn.scan`` repeats it over parameters stacked
-  on a leading layer axis (``blocks/block/...``): compile time stays flat with depth. Otherwise
-  each block is its own submodule ``block{i}``. ``segments``: see ``SelfAttention``."""
+  on a leading layer axis (``blocks/block/...``): compile time stays flat with depth; what a
+  listener keeps inside the body leaves as its stacked outputs (``scan_taps``). Otherwise each
+  block is its own submodule ``block{i}``. ``segments``: see ``SelfAttention``."""
   if not scan:
     cls = transformer_block(remat_policy)
     for i in range(num_layers):

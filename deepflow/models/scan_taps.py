@@ -5,6 +5,9 @@ layer axis, and hands the stack to the listener after the scan.
 A value computed inside a scan's trace can leave it only as one of the scan's outputs, so a
 listener (DP-SGD's ghost clipping: each covered layer's input, ``deepflow.privacy.ghost``) cannot
 collect it by itself. Without a listener nothing is kept and the scan has no extra outputs.
+
+A body that opens ``body()`` must be scanned once per layer with its parameters stacked on axis
+0 (``variable_axes={'params': 0}``): a listener reads each step's parameters as that layer's.
 """
 from __future__ import annotations
 

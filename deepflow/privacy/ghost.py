@@ -17,19 +17,17 @@ covered only when one layer claims it, all that layer's calls agree on the spec,
 covered calls reads it, which is checked on the loss's jaxpr: with every covered call replaced
 by a constant, the loss must not depend on it.
 
-A call inside a nested JAX transformation (``nn.scan``, so ``model.scan_layers``; ``nn.remat``,
-so ``model.remat_policy``; ``nn.RNN``'s scan) is not covered, and its layer's parameters are
-handled like any other uncovered ones. What book-keeping needs of such a call lives in the inner
-trace. The output gradients could come out: an offset stacked on the layer axis, put into the
-``params`` tree beside the layer's stacked parameters, reaches each scanned step as its slice,
-and its gradient comes back stacked. The inputs cannot: a value leaves a scan's trace only as
-one of its outputs, so either every scanned body returns what its covered calls kept (a
-protocol between this module and each body: deepflow's ``block_stack``, Flax's ``nn.RNN``) or a
-``custom_vjp`` smuggles them out as the "gradient" of a dummy parameter (a backward pass that is
-not linear in its cotangent). Neither is done: the second also cannot tell, at trace time, a
-layer whose parameters a scan broadcasts (``nn.RNN``'s cells, run once per time step: the
-per-example gradient sums over steps, which the offsets would merge) from one under
-``nn.remat`` (run once), and confusing them would give wrong norms.
+Layers inside deepflow's scanned block stack (``model.scan_layers``: ``layers.block_stack``'s
+``nn.scan``, parameters stacked on a leading layer axis) are covered too. Their calls are made in
+the scan body's trace, out of which a value leaves only as one of the scan's outputs. A scanned
+call's offset therefore enters as a parameter stacked beside its layer's (``ghost_offset_<i>``;
+the scan hands each step its slice, and its gradient comes back stacked), and what the call
+keeps leaves through ``deepflow.models.scan_taps``: the body returns it as its scanned outputs.
+Norms and clipped sums are then taken layer by layer. Flax traces a scanned body more than once,
+so a scanned call is known by its scan and its place in the body rather than by the order of
+calls. Any other nested transformation (``nn.remat``, so ``model.remat_policy``, also inside the
+scanned stack; ``nn.RNN``'s scan, whose cells share their parameters across time steps) keeps
+its layers uncovered, and their parameters are handled like any other uncovered ones.
 """
 from __future__ import annotations
 
@@ -211,8 +209,8 @@ def plan(per_example_loss: Callable, params: PyTree, example: PyTree, key: jax.A
   claims = collections.Counter(leaf for claimed in layers for leaf in claimed)
   covered = set()
   for claimed, indices in layers.items():
-    agree = all((found[i].spec, found[i].scanned) == (found[indices[0]].spec, found[indices[0]].scanned)
-                for i in indices)
+    first = found[indices[0]]
+    agree = all((found[i].spec, found[i].scanned) == (first.spec, first.scanned) for i in indices)
     if (agree and not set(claimed) & live_paths
         and all(claims[leaf] == 1 for leaf in claimed)):
       covered.update(claimed)
