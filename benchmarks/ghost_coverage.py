@@ -87,7 +87,8 @@ def main(argv=None):
   ghost = np.asarray(times["ghost"])
   for name in ("vmap", "ghost, before"):
     ratios = np.asarray(times[name]) / ghost
-    print(f"{name} / ghost: {np.median(ratios):.2f}x (rounds {ratios.min():.2f}-{ratios.max():.2f})")
+    print(f"{name} / ghost: {np.median(ratios):.2f}x "
+          f"(rounds {ratios.min():.2f}-{ratios.max():.2f})")
 
 
 if __name__ == "__main__":
