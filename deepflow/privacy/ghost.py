@@ -25,9 +25,12 @@ the scan hands each step its slice, and its gradient comes back stacked), and wh
 keeps leaves through ``deepflow.models.scan_taps``: the body returns it as its scanned outputs.
 Norms and clipped sums are then taken layer by layer. Flax traces a scanned body more than once,
 so a scanned call is known by its scan and its place in the body rather than by the order of
-calls. Any other nested transformation (``nn.remat``, so ``model.remat_policy``, also inside the
-scanned stack; ``nn.RNN``'s scan, whose cells share their parameters across time steps) keeps
-its layers uncovered, and their parameters are handled like any other uncovered ones.
+calls. Any other nested transformation keeps its layers uncovered, and their parameters are
+handled like any other uncovered ones: ``nn.remat`` (``model.remat_policy``, also inside the
+scanned stack), whose checkpointed block returns only its output (the same channel would serve
+if it returned what its layers keep too), and ``nn.RNN``'s scan, whose cells share their
+parameters across time steps (a per-example gradient summed over steps, which per-layer offsets
+do not describe).
 """
 from __future__ import annotations
 
