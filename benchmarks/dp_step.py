@@ -60,6 +60,17 @@ def time_window(exp, state, batches, steps: int):
   return state, (time.perf_counter() - start) / steps
 
 
+def time_rounds(runs: dict[str, list], repeats: int, steps: int) -> dict[str, list[float]]:
+  """Seconds a step of each run ([experiment, state, batches], its state advanced in place) in
+  ``repeats`` rounds of one window each, interleaved so that a noisy neighbour slows all alike."""
+  times = {name: [] for name in runs}
+  for _ in range(repeats):
+    for name, run in runs.items():
+      run[1], seconds = time_window(*run, steps)
+      times[name].append(seconds)
+  return times
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", default=os.path.join(ROOT, "experiments", "private_digits.py"))
@@ -70,11 +81,7 @@ def main(argv=None):
   with tempfile.TemporaryDirectory() as tmp:
     runs = {name: list(build(args.config, args.overrides, private, os.path.join(tmp, name)))
             for name, private in (("ordinary", False), ("dp", True))}
-    times = {name: [] for name in runs}
-    for _ in range(args.repeats):
-      for name, run in runs.items():
-        run[1], seconds = time_window(*run, args.steps)
-        times[name].append(seconds)
+    times = time_rounds(runs, args.repeats, args.steps)
   config = runs["dp"][0].config
   median = {name: float(np.median(t)) for name, t in times.items()}
   print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, jax {jax.__version__} on "

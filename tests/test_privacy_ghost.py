@@ -12,7 +12,11 @@ import pytest
 from deepflow import privacy
 from deepflow.data.pipeline import INPUTS, MASK, TARGETS, Pipeline
 from deepflow.models.cnn import CNN
+from deepflow.models import lora
+from deepflow.models.layers import ClassToken, PositionalEmbedding
 from deepflow.models.mlp import MLP
+from deepflow.models.transformer import TransformerEncoder, TransformerLM
+from deepflow.models.vit import ViT
 from deepflow.privacy import ghost, ghost_layers
 from deepflow.registry import ConfigError, TASKS
 from deepflow.train.state import create_state
@@ -48,8 +52,8 @@ class BagOfTokens(nn.Module):
 
 
 class Uncovered(nn.Module):
-  """Layers ghost clipping leaves to per-example gradients: a layer norm, a tied output
-  embedding (``attend``), a scanned LSTM and a rematerialized Dense; plus covered ones."""
+  """Layers ghost clipping leaves to per-example gradients: a tied output embedding
+  (``attend``), a scanned LSTM and a rematerialized Dense; plus covered ones."""
   num_outputs: int
 
   @nn.compact
@@ -62,13 +66,18 @@ class Uncovered(nn.Module):
 
 
 def _problem(model, inputs):
-  """Parameters, a batch with two padding rows, and a per-example loss with dropout keys."""
+  """Parameters, a batch with two padding rows, and a per-example loss with dropout keys (a
+  language model's: next-token cross-entropy averaged over positions)."""
   params = model.init(jax.random.key(0), inputs[:1])["params"]
   batch = {"x": inputs, "y": jnp.arange(len(inputs)) % 3, MASK: jnp.ones(len(inputs)).at[-2:].set(0)}
 
   def loss(p, example, key):
     logits = model.apply({"params": p}, example["x"][None], train=True, rngs={"dropout": key})
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, example["y"][None])[0]
+    if isinstance(model, TransformerLM):
+      targets = example["x"][None, 1:]
+      nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets).mean()
+    else:
+      nll = optax.softmax_cross_entropy_with_integer_labels(logits, example["y"][None])[0]
     return example[MASK] * nll, {"logit_max": jnp.max(logits)}
   return params, batch, loss
 
@@ -99,6 +108,22 @@ MODELS = {
                                                                     (B, 8, 8, 1))),
     "conv_variants": (ConvVariants(3), jax.random.normal(jax.random.key(2), (B, 9, 6, 2))),
     "embedding": (BagOfTokens(3), jax.random.randint(jax.random.key(2), (B, 7), 0, 20)),
+    # Layer norms, attention's DenseGeneral projections, learned positions (a layer of their
+    # own, or sharing the model's scope as ViT's do), class tokens.
+    "transformer_lm": (TransformerLM(11, vocab_size=11, d_model=8, num_heads=2, num_layers=1,
+                                     mlp_dim=16, max_len=9, dropout=0.1),
+                       jax.random.randint(jax.random.key(2), (B, 7), 0, 11)),
+    # The blocks under nn.scan: offsets and kept inputs cross the scan stacked on the layer axis.
+    "transformer_lm_scanned": (TransformerLM(11, vocab_size=11, d_model=8, num_heads=2,
+                                             num_layers=2, mlp_dim=16, max_len=9, dropout=0.1,
+                                             scan_layers=True),
+                               jax.random.randint(jax.random.key(2), (B, 7), 0, 11)),
+    "transformer_encoder_cls": (TransformerEncoder(3, vocab_size=20, d_model=8, num_heads=2,
+                                                   num_layers=1, mlp_dim=16, max_len=9,
+                                                   pooling="cls"),
+                                jax.random.randint(jax.random.key(2), (B, 7), 0, 20)),
+    "vit_cls": (ViT(3, patch_size=2, d_model=8, num_heads=2, num_layers=1, mlp_dim=16),
+                jax.random.normal(jax.random.key(2), (B, 4, 4, 1))),
 }
 
 
@@ -120,7 +145,7 @@ def test_both_forms_of_a_convolutions_norms_equal_its_per_example_gradients():
     x = jax.random.normal(jax.random.key(0), (B, *shape))
     params = layer.init(jax.random.key(1), x[0])["params"]
     g = jax.random.normal(jax.random.key(2), (B, *layer.apply({"params": params}, x[0]).shape))
-    spec = ghost_layers.layer_spec(layer, "__call__")
+    spec = ghost_layers.layer_spec(layer, "__call__", {})
 
     @jax.jit
     def norms(x, g):
@@ -131,6 +156,64 @@ def test_both_forms_of_a_convolutions_norms_equal_its_per_example_gradients():
     reference, direct, gram = norms(x, g)
     np.testing.assert_allclose(direct, reference, rtol=1e-5)
     np.testing.assert_allclose(gram, reference, rtol=1e-5)
+
+
+def _one_example(tree, i):
+  return jax.tree.map(lambda a: a[i] if isinstance(a, jax.Array) else a, tree)
+
+
+# Per-example layer calls: a layer, then each call's (args, kwargs), every array with a leading
+# example axis (a layer called twice shares its parameters).
+X = jax.random.normal(jax.random.key(3), (B, 1, 5, 8)) * 2 + 1
+SPECS = {
+    "layer_norm": (nn.LayerNorm(), [((X,), {}), ((X[..., ::-1] - 2,), {})]),
+    "layer_norm_exact_variance_no_bias": (
+        nn.LayerNorm(epsilon=1e-2, use_fast_variance=False, use_bias=False), [((X,), {})]),
+    "rms_norm": (nn.RMSNorm(), [((X,), {})]),
+    "dense_general_qkv": (nn.DenseGeneral((3, 2, 4)), [((X,), {})]),
+    "dense_general_out": (nn.DenseGeneral(6, axis=(-2, -1)), [((X.reshape(B, 1, 5, 2, 4),), {})]),
+    "positions_offset": (PositionalEmbedding("learned", 9), [((X, jnp.full(B, 3)), {})]),
+    "positions_clamped_offset": (PositionalEmbedding("learned", 9), [((X, jnp.full(B, 7)), {})]),
+    "positions_given": (PositionalEmbedding("learned", 9), [
+        ((X,), {"positions": jax.random.randint(jax.random.key(4), (B, 1, 5), 0, 9)})]),
+    "class_token": (ClassToken(), [((X,), {}), ((X[:, :, :3],), {})]),
+}
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_a_layer_specs_norms_and_clipped_sum_equal_its_per_example_gradients(name):
+  """Each example's squared gradient norm and the factor-weighted sum of their gradients, from
+  the layer's captured inputs and output gradients, against vmapped ``jax.vjp``."""
+  layer, calls = SPECS[name]
+  spec = ghost_layers.layer_spec(layer, "__call__", calls[0][1])
+  assert spec is not None
+  params = layer.init(jax.random.key(1), *_one_example(calls[0], 0)[0],
+                      **_one_example(calls[0], 0)[1])["params"]
+  assert set(params) == set(spec.param_names)
+  outs = [jax.eval_shape(lambda c: layer.apply({"params": params}, *c[0], **c[1]),
+                         _one_example(call, 0)) for call in calls]
+  grads = [jax.random.normal(jax.random.key(5 + i), (B, *out.shape)) for i, out in enumerate(outs)]
+  factors = jax.random.uniform(jax.random.key(9), (B,))
+
+  @jax.jit
+  def reference():
+    def example_grad(i):
+      _, pullback = jax.vjp(lambda p: [layer.apply({"params": p}, *a, **k) for a, k in
+                                       _one_example(calls, i)], params)
+      return pullback([g[i] for g in grads])[0]
+    per_example = jax.vmap(example_grad)(jnp.arange(B))
+    sq = sum(jnp.sum(jnp.square(g).reshape(B, -1), axis=1) for g in jax.tree.leaves(per_example))
+    return sq, jax.tree.map(lambda g: jnp.tensordot(factors, g, axes=1), per_example)
+
+  @jax.jit
+  def ghost_clipping():
+    captured = [jax.vmap(lambda a, k: spec.capture(a, k))(*call) for call in calls]
+    return (ghost_layers.sq_norms(spec, captured, grads),
+            ghost_layers.clipped_sum(spec, captured, grads, factors, params))
+  (sq_ref, sum_ref), (sq, summed) = reference(), ghost_clipping()
+  close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5)
+  close(sq, sq_ref)
+  jax.tree.map(close, summed, sum_ref)
 
 
 @pytest.mark.parametrize("clipping", ["ghost", "vmap"])
@@ -163,10 +246,25 @@ def test_uncovered_layers_get_per_example_gradients_and_auto_keeps_vmap():
   uncovered = {"/".join(path) for path in the_plan.uncovered}
   lstm = {path for path in uncovered if path.startswith("OptimizedLSTMCell_0/")}
   assert len(lstm) == 12  # 4 gates x (input kernel, hidden kernel, bias): all inside the scan
-  assert uncovered - lstm == {"Embed_0/embedding", "LayerNorm_0/scale", "LayerNorm_0/bias",
-                              "CheckpointDense_0/kernel", "CheckpointDense_0/bias"}
-  assert {call.path for call in the_plan.calls} == {("Dense_0",), ("Dense_1",)}
+  assert uncovered - lstm == {"Embed_0/embedding", "CheckpointDense_0/kernel",
+                              "CheckpointDense_0/bias"}
+  assert {call.path for call in the_plan.calls} == {("LayerNorm_0",), ("Dense_0",), ("Dense_1",)}
   _assert_ghost_equals_vmap(loss, params, batch)
+
+
+def test_lora_adapters_beside_a_covered_kernel_get_per_example_gradients():
+  """A covered layer claims only its spec's leaves: the adapters merged into its kernel before
+  ``apply`` are read through that kernel, so they are materialized and the kernel stays ghost."""
+  params, batch, loss = _problem(*MODELS["mlp_dropout"])
+  adapters = lora.LoraConfig(rank=2, alpha=1.0, targets="Dense_0/kernel$")
+  params = lora.add_adapters(params, adapters, jax.random.key(3))
+  params["Dense_0"]["lora_b"] = jax.random.normal(jax.random.key(4), (2, 16))  # not zero: moved
+  merged_loss = lambda p, example, key: loss(lora.merge(p, adapters), example, key)  # noqa: E731
+  the_plan = ghost.plan(merged_loss, params, jax.tree.map(lambda x: x[0], batch),
+                        jax.random.key(0))
+  assert set(the_plan.uncovered) == {("Dense_0", "lora_a"), ("Dense_0", "lora_b")}
+  assert ("Dense_0",) in {call.path for call in the_plan.calls}
+  _assert_ghost_equals_vmap(merged_loss, params, batch)
 
 
 def _task_grads(config, clipping):
@@ -186,15 +284,21 @@ TASK_CONFIGS = {
         *PRIVATE, model=dict(name="cnn", features=(4, 8), dense=(16,), dropout=0.1)),
     "lstm_lm": lambda data_dir: lm_config(data_dir, *PRIVATE, "data.batch_size=8", model=dict(
         name="rnn", cell="lstm", hidden_size=8, num_layers=1, embed_dim=8, per_step=True)),
-    "transformer_lm": lambda data_dir: lm_config(data_dir, *PRIVATE, "data.batch_size=8"),
+    "transformer_lm_scanned": lambda data_dir: lm_config(data_dir, *PRIVATE, "data.batch_size=8",
+                                                         "model.scan_layers=True"),
 }
 
 
 @pytest.mark.parametrize("name", TASK_CONFIGS)
-def test_the_private_train_step_is_the_same_with_ghost_clipping(name, data_dir):
-  """Through ``Task.grads`` on Poisson-sampled, padded batches, noise included (same key)."""
+def test_the_private_train_step_is_the_same_with_ghost_clipping(name, data_dir, monkeypatch):
+  """Through ``Task.grads`` on Poisson-sampled, padded batches, noise included (same key); every
+  parameter covered but the LSTM's (its cells run inside ``nn.RNN``'s scan, which keeps nothing
+  for ghost clipping)."""
   (ref, _, ref_metrics), batch = _task_grads(TASK_CONFIGS[name](data_dir), "vmap")
+  plans, plan = [], ghost.plan
+  monkeypatch.setattr(ghost, "plan", lambda *args: plans.append(plan(*args)) or plans[-1])
   (got, _, metrics), _ = _task_grads(TASK_CONFIGS[name](data_dir), "ghost")
+  assert plans and all(p.complete != name.startswith("lstm") for p in plans)
   assert 0 < float(np.sum(batch[MASK])) < len(batch[MASK])  # padding rows are present
   assert float(ref_metrics["privacy/clipped_fraction"]) > 0  # factors depend on the norms
   close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from deepflow.models import scan_taps
 from deepflow.registry import ACTIVATIONS, ConfigError
 
 Activation = Callable[[jax.Array], jax.Array]
@@ -58,10 +59,13 @@ def sinusoidal_positions(positions: jax.Array, dim: int) -> jax.Array:
 
 
 class PositionalEmbedding(nn.Module):
-  """Adds position information to (B, T, D) inputs: ``'learned'`` (a table of ``max_len`` rows)
-  or ``'sinusoidal'``. ``offset`` is the position of the first input (non-zero when decoding)."""
+  """Adds position information to (B, T, D) inputs: ``'learned'`` (a table of ``max_len`` rows,
+  the parameter ``param_name``) or ``'sinusoidal'``. ``offset`` is the position of the first
+  input (non-zero when decoding). A layer of its own so that DP-SGD's ghost clipping sees its
+  calls (``deepflow.privacy.ghost_layers``)."""
   kind: str = "learned"
   max_len: int = 512
+  param_name: str = "embedding"
 
   @nn.compact
   def __call__(self, x: jax.Array, offset: jax.Array | int = 0,
@@ -72,7 +76,7 @@ class PositionalEmbedding(nn.Module):
     if length > self.max_len:
       raise ConfigError(f"sequence length {length} exceeds max_len {self.max_len}")
     if self.kind == "learned":
-      table = self.param("embedding", nn.initializers.normal(0.02), (self.max_len, dim))
+      table = self.param(self.param_name, nn.initializers.normal(0.02), (self.max_len, dim))
       rows = (lax.dynamic_slice_in_dim(table, offset, length, axis=0) if positions is None
               else jnp.take(table, positions, axis=0))
       return x + rows.astype(x.dtype)
@@ -80,6 +84,25 @@ class PositionalEmbedding(nn.Module):
       where = offset + jnp.arange(length) if positions is None else positions
       return x + sinusoidal_positions(where, dim).astype(x.dtype)
     raise ConfigError(f"unknown positions {self.kind!r}; known: learned, sinusoidal")
+
+
+def in_scope(parent: nn.Module, layer: nn.Module) -> nn.Module:
+  """``layer`` creating its parameters in ``parent``'s scope: a parameter moved into a layer of
+  its own keeps its path (checkpoints load as before)."""
+  nn.share_scope(parent, layer)
+  return layer
+
+
+class ClassToken(nn.Module):
+  """Prepends a learned token (the parameter ``param_name``, (1, 1, D), zeros) to (B, T, D)
+  inputs. A layer of its own for ghost clipping, like ``PositionalEmbedding``; the models share
+  their scope with it (``nn.share_scope``) so the parameter keeps its path."""
+  param_name: str = "cls"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cls = self.param(self.param_name, nn.initializers.zeros, (1, 1, x.shape[-1]))
+    return jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[-1])), x], axis=1)
 
 
 class MlpBlock(nn.Module):
@@ -184,23 +207,27 @@ def transformer_block(remat_policy: str = "none") -> type[TransformerBlock]:
 
 
 class _ScannedBlock(nn.Module):
-  """One block as a ``nn.scan`` body: (carry, segments) -> (carry, no output)."""
+  """One block as a ``nn.scan`` body: (carry, segments) -> (carry, what a listener kept in it:
+  ``scan_taps``)."""
   block: dict
   remat_policy: str
   train: bool
 
   @nn.compact
-  def __call__(self, x: jax.Array, segments: jax.Array | None) -> tuple[jax.Array, None]:
+  def __call__(self, x: jax.Array, segments: jax.Array | None) -> tuple[jax.Array, dict]:
     block = transformer_block(self.remat_policy)(**self.block, name="block")
-    return block(x, self.train, segments), None
+    with scan_taps.body() as kept:  # values a listener keeps (none without one)
+      x = block(x, self.train, segments)
+    return x, kept
 
 
 def block_stack(x: jax.Array, train: bool, *, num_layers: int, scan: bool, remat_policy: str,
                 segments: jax.Array | None = None, **block) -> jax.Array:
   """``num_layers`` transformer blocks (fields ``block``) applied in turn; call inside a compact
   method. With ``scan`` one block is traced and ``nn.scan`` repeats it over parameters stacked
-  on a leading layer axis (``blocks/block/...``): compile time stays flat with depth. Otherwise
-  each block is its own submodule ``block{i}``. ``segments``: see ``SelfAttention``."""
+  on a leading layer axis (``blocks/block/...``): compile time stays flat with depth; what a
+  listener keeps inside the body leaves as its stacked outputs (``scan_taps``). Otherwise each
+  block is its own submodule ``block{i}``. ``segments``: see ``SelfAttention``."""
   if not scan:
     cls = transformer_block(remat_policy)
     for i in range(num_layers):
@@ -209,7 +236,8 @@ def block_stack(x: jax.Array, train: bool, *, num_layers: int, scan: bool, remat
   stack = nn.scan(_ScannedBlock, variable_axes={"params": 0, "cache": 0},
                   split_rngs={"params": True, "dropout": True}, in_axes=nn.broadcast,
                   length=num_layers)
-  x, _ = stack(block, remat_policy, train, name="blocks")(x, segments)
+  x, kept = stack(block, remat_policy, train, name="blocks")(x, segments)
+  scan_taps.emit(kept)
   return x
 
 

@@ -11,7 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deepflow.models.layers import PositionalEmbedding, as_sequence, block_stack
+from deepflow.models.layers import (ClassToken, PositionalEmbedding, as_sequence, block_stack,
+                                    in_scope)
 from deepflow.registry import ConfigError, MODELS
 
 POOLINGS = ("mean", "cls")
@@ -54,8 +55,7 @@ class TransformerEncoder(nn.Module):
       raise ConfigError(f"unknown pooling {self.pooling!r}; known: {', '.join(POOLINGS)}")
     x = embed_inputs(x, self.vocab_size, self.d_model)
     if self.pooling == "cls":
-      cls = self.param("cls", nn.initializers.zeros, (1, 1, self.d_model))
-      x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.d_model)), x], axis=1)
+      x = in_scope(self, ClassToken())(x)
     x = PositionalEmbedding(self.positions, self.max_len, name="positions")(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = block_stack(x, train, num_layers=self.num_layers, scan=self.scan_layers,

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from deepflow.models.layers import block_stack, require_images
+from deepflow.models.layers import (ClassToken, PositionalEmbedding, block_stack, in_scope,
+                                    require_images)
 from deepflow.registry import ConfigError, MODELS
 
 POOLINGS = ("cls", "mean")
@@ -40,10 +40,9 @@ class ViT(nn.Module):
     x = nn.Conv(self.d_model, (p, p), strides=(p, p), padding="VALID", name="patches")(x)
     x = x.reshape(x.shape[0], -1, self.d_model)
     if self.pooling == "cls":
-      cls = self.param("cls", nn.initializers.zeros, (1, 1, self.d_model))
-      x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.d_model)), x], axis=1)
-    pos = self.param("positions", nn.initializers.normal(0.02), x.shape[1:])
-    x = nn.Dropout(self.dropout, deterministic=not train)(x + pos)
+      x = in_scope(self, ClassToken())(x)
+    x = in_scope(self, PositionalEmbedding("learned", x.shape[1], "positions"))(x)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = block_stack(x, train, num_layers=self.num_layers, scan=self.scan_layers,
                     remat_policy=self.remat_policy, num_heads=self.num_heads,
                     mlp_dim=self.mlp_dim, dropout=self.dropout, activation=self.activation)

@@ -24,8 +24,8 @@ What is and is not accounted, stated honestly:
   not meet (Chua et al., 2024, "How Private are DP-SGD Implementations?"), and the logs say so
   with ``privacy/epsilon_is_approximate`` = 1.
 * Clipping. ``privacy.clipping`` picks how each example's gradient norm and the clipped sum are
-  computed (``deepflow.privacy.mechanism``): from Dense, Conv and Embed layers' inputs and output
-  gradients ('ghost'), from vmapped per-example gradients ('vmap'), or ghost whenever every
+  computed (``deepflow.privacy.mechanism``): from covered layers' inputs and output gradients
+  ('ghost': Dense, Conv, Embed, layer norms, learned positions; ``deepflow.privacy.ghost``), from vmapped per-example gradients ('vmap'), or ghost whenever every
   parameter is in such a layer ('auto'). The mechanism, hence the guarantee, is the same.
 * Only the trained parameters are covered. Train-split metrics (loss, accuracy, per-example
   gradient norms) are computed from raw examples, and statistics that ``data.transforms`` fit on

@@ -14,9 +14,10 @@ per example by its clip factor (a factor held constant, so the sum of weighted g
 exactly the sum of clipped ones).
 
 ``clipping`` chooses how the norms and the clipped sum are computed: ``'vmap'`` as above;
-``'ghost'`` from each Dense, Conv and Embed layer's inputs and output gradients in one backward
-pass (``deepflow.privacy.ghost``), with per-example gradients materialized only for parameters
-outside such layers; ``'auto'`` (the default) is ``'ghost'`` when every parameter is in a covered
+``'ghost'`` from each covered layer's inputs and output gradients in one backward pass
+(``deepflow.privacy.ghost``: Dense, DenseGeneral, Conv, Embed, LayerNorm, RMSNorm, learned
+positions, class tokens), with per-example gradients materialized only for parameters outside
+such layers; ``'auto'`` (the default) is ``'ghost'`` when every parameter is in a covered
 layer and ``'vmap'`` otherwise. All three give the same result up to float rounding.
 """
 from __future__ import annotations
