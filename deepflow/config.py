@@ -112,8 +112,8 @@ def base_config() -> ConfigDict:
       "profile_steps": (),          # (first, last): a jax.profiler trace of them in workdir/profile
       "compilation_cache": "~/.cache/deepflow/jax",  # JAX's persistent compilation cache
                                     # (a rerun loads its compiled steps); '' = off
-      "xla_options": {},            # XLA compiler options of the train and eval steps, e.g.
-                                    # {'xla_cpu_experimental_ynn_fusion_type': '...'}
+      "xla_options": {},            # XLA compiler options of the train and eval steps, over
+                                    # deepflow's per-platform defaults (deepflow.train.tuning)
       "autotune": False,            # CPU: time the train step under each XLA:CPU convolution
                                     # backend, keep the fastest (deepflow.train.tuning)
   })

@@ -110,7 +110,7 @@ class Population:
         return make_train_step(task, self.optimizer(hp), base.train.microbatches)(state, batch)
 
     batch_axis = 0 if self.per_member_data else None
-    options = tuning.check_options(base.train.xla_options) or None
+    options = tuning.step_options(base.train.xla_options, jax.default_backend()) or None
     self.train_step = jax.jit(jax.vmap(member_step, in_axes=(0, batch_axis, 0)),
                               donate_argnums=0, compiler_options=options)
     self.eval_step = jax.jit(jax.vmap(make_eval_step(task), in_axes=(0, batch_axis)),

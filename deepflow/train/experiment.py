@@ -47,8 +47,10 @@ class Experiment:
     self.partition.check(self.abstract_state.params)
     self.shardings = parallel.state_shardings(self.abstract_state, self.mesh, config.parallel)
     self.debug = debug
-    self.use_compiler_options(tuning.check_options(config.train.xla_options,
-                                                   self.mesh.devices.flat[0].platform))
+    # deepflow's per-platform defaults and train.xla_options; autotune's record goes over them.
+    self.base_options = tuning.step_options(config.train.xla_options,
+                                            self.mesh.devices.flat[0].platform)
+    self.use_compiler_options(self.base_options)
 
   @classmethod
   def from_workdir(cls, workdir: str, overrides: Iterable[str] = (), *,

@@ -1,19 +1,21 @@
-"""XLA compiler options for a run's train and eval steps (``train.xla_options``), and their
-choice by measurement on CPU (``train.autotune``).
+"""XLA compiler options for a run's train and eval steps: deepflow's defaults per platform,
+``train.xla_options`` over them, and their choice by measurement on CPU (``train.autotune``).
 
 The options are set per compiled program (``jax.jit(..., compiler_options=...)``), so they reach
 deepflow's steps and nothing else in the process, unlike ``XLA_FLAGS``.
 
-Why tune on CPU: XLA:CPU runs convolutions either in YNNPACK (its default) or in Eigen, and
-neither wins everywhere. Measured on a 2-core x86_64 CPU (``benchmarks/vs_pytorch.py``, README):
-Eigen makes the ResNet-20 step ~1.3-1.5x faster (YNNPACK's kernel gradients of 32x32 and 16x16
-images run at ~12 GFLOP/s), while the digits CNN's step is as fast or faster on YNNPACK. So
-``train.autotune`` compiles the train step once per candidate of ``CPU_CANDIDATES``, times each
-on copies of the run's first state and batch (the run's own state is untouched, so tuning does
-not change what is trained), keeps the fastest and records it in ``workdir/autotune.json``.
+CPU: XLA:CPU runs convolutions in YNNPACK unless told otherwise, or in Eigen. Measured on a
+2-core x86_64 CPU (``benchmarks/vs_pytorch.py``, README), Eigen's train steps were 1.4-1.6x
+faster on a quiet machine (digits CNN at batch 128 and 1024, ResNet-20: YNNPACK's kernel
+gradients of 32x32 and 16x16 images ran at ~12 GFLOP/s) and level with YNNPACK's under load
+(0.99-1.25x), so deepflow's CPU default (``PLATFORM_DEFAULTS``) puts convolutions in Eigen.
+Where another machine or model favours YNNPACK, ``train.autotune`` finds out: it compiles the
+train step once per candidate of ``CPU_CANDIDATES``, times each on copies of the run's first
+state and batch (the run's own state is untouched, so tuning does not change what is trained),
+keeps the fastest and records it in ``workdir/autotune.json``.
 
-A resumed run reads that record instead of timing again: the candidates' kernels sum in
-different orders, so the same choice is what keeps a resumed run bit-identical to an
+Every later reader of the run applies that record (``apply_record``): the candidates' kernels
+sum in different orders, so the same choice is what keeps a resumed run bit-identical to an
 uninterrupted one. GPU and TPU compilers autotune their own kernels; there ``train.autotune``
 only logs that it has nothing to do.
 """
@@ -37,14 +39,17 @@ log = logging.getLogger("deepflow")
 
 RECORD = "autotune.json"
 YNN_FUSIONS = "xla_cpu_experimental_ynn_fusion_type"
-# XLA:CPU's default YNNPACK fusion list (jaxlib 0.10) less INDIVIDUAL_CONVOLUTION. A per-program
-# option replaces the list (the '-name' form of XLA_FLAGS is not accepted here), so it is spelled
-# out; tests/train/test_tuning.py checks it against the compiled default.
-EIGEN_CONVOLUTIONS = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+# XLA:CPU's YNNPACK fusion list (jaxlib 0.10's default) with and without INDIVIDUAL_CONVOLUTION.
+# A per-program option replaces the whole list (the '-name' form of XLA_FLAGS is not accepted
+# here), so both are spelled out; tests/train/test_tuning.py checks them against XLA's default.
 CPU_CANDIDATES: dict[str, dict[str, Any]] = {
-    "ynnpack_convolutions": {},  # XLA:CPU's default
-    "eigen_convolutions": {YNN_FUSIONS: EIGEN_CONVOLUTIONS},
+    "ynnpack_convolutions": {YNN_FUSIONS: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
+                                          "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,"
+                                          "LIBRARY_FUSION_TYPE_REDUCE"},
+    "eigen_convolutions": {YNN_FUSIONS: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
+                                        "LIBRARY_FUSION_TYPE_REDUCE"},
 }
+PLATFORM_DEFAULTS: dict[str, dict[str, Any]] = {"cpu": CPU_CANDIDATES["eigen_convolutions"]}
 ROUND_SECONDS = 0.2  # each candidate's timed round runs at least this long
 ROUNDS = 3  # interleaved, so a noisy neighbour slows every candidate alike; the median counts
 
@@ -70,6 +75,12 @@ def check_options(options: Mapping[str, Any], platform: str | None = None) -> di
   return options
 
 
+def step_options(xla_options: Mapping[str, Any], platform: str) -> dict[str, Any]:
+  """The options a run's steps compile with on ``platform``: deepflow's defaults there, with
+  ``train.xla_options`` (checked) over them."""
+  return {**PLATFORM_DEFAULTS.get(platform, {}), **check_options(xla_options, platform)}
+
+
 def apply_record(exp) -> dict | None:
   """Compiles ``exp``'s steps with the options ``autotune`` recorded in its workdir (over the
   config's own ``train.xla_options``), if it recorded any for this platform; returns the
@@ -77,7 +88,7 @@ def apply_record(exp) -> dict | None:
   the programs it was trained with) and ``Experiment.from_workdir``."""
   record = recorded(exp.workdir)
   if record:
-    exp.use_compiler_options({**exp.config.train.xla_options, **record["options"]})
+    exp.use_compiler_options({**exp.base_options, **record["options"]})
   return record
 
 

@@ -34,9 +34,10 @@ def ynn_ops(compiled_text: str) -> set[str]:
   return ops
 
 
-def test_eigen_candidate_is_the_default_less_convolutions():
-  """XLA:CPU's default list is spelled out in the candidate: it must move convolutions (forward,
-  input and kernel gradients) off YNNPACK and keep every other default YNNPACK fusion."""
+def test_candidates_are_xla_default_with_and_without_convolutions():
+  """XLA:CPU's default list is spelled out in the candidates: 'ynnpack' must be exactly XLA's
+  default, 'eigen' (deepflow's CPU default) must move convolutions (forward, input and kernel
+  gradients) off YNNPACK and keep every other default YNNPACK fusion."""
   x, w = jnp.ones((256, 8, 8, 32)), jnp.ones((3, 3, 32, 32))  # large enough for YNNPACK
 
   def program(x, w):
@@ -46,25 +47,32 @@ def test_eigen_candidate_is_the_default_less_convolutions():
     flat = y.reshape(256, -1)
     return vjp(y), jnp.max(y, axis=(1, 2)), flat @ flat.T
   lowered = jax.jit(program).lower(x, w)
-  default = ynn_ops(lowered.compile().as_text())
-  eigen = ynn_ops(lowered.compile(
-      compiler_options=tuning.CPU_CANDIDATES["eigen_convolutions"]).as_text())
-  assert "convolution" in default  # else the candidate has nothing left to change
-  assert default - eigen == {"convolution"}
+  default = ynn_ops(lowered.compile().as_text())  # XLA's own default list
+  ynnpack, eigen = (ynn_ops(lowered.compile(compiler_options=tuning.CPU_CANDIDATES[name]
+                                            ).as_text())
+                    for name in ("ynnpack_convolutions", "eigen_convolutions"))
+  assert "convolution" in default  # else the candidates have nothing to change
+  assert ynnpack == default
   assert eigen == default - {"convolution"}
+  assert tuning.PLATFORM_DEFAULTS["cpu"] == tuning.CPU_CANDIDATES["eigen_convolutions"]
 
 
 def test_xla_options_reach_the_train_step():
-  options = tuning.CPU_CANDIDATES["eigen_convolutions"]
-  config = tiny_config("data.batch_size=256", model=CNN, num_devices=1)  # YNNPACK-sized
-  default, tuned = (Experiment(config, None, devices=jax.devices()[:1]) for _ in range(2))
-  tuned.use_compiler_options(options)
+  """On CPU the steps compile with Eigen's convolutions by default; train.xla_options over the
+  defaults gives YNNPACK's back."""
+  ynnpack = tuning.CPU_CANDIDATES["ynnpack_convolutions"]
+  overrides = ["data.batch_size=256"]  # large enough for YNNPACK to take the convolutions
+  default, tuned = (
+      Experiment(tiny_config(*overrides, *extra, model=CNN, num_devices=1), None,
+                 devices=jax.devices()[:1])
+      for extra in ([], [f"train.xla_options={ynnpack!r}"]))
   state = default.init_state()
   batch = next(default.pipeline.train_iterator())
   texts = [exp.train_step.lower(state, batch).compile().as_text() for exp in (default, tuned)]
-  assert "convolution" in ynn_ops(texts[0])
-  assert "convolution" not in ynn_ops(texts[1])
-  assert tuned.compiler_options == options
+  assert default.compiler_options == tuning.CPU_CANDIDATES["eigen_convolutions"]
+  assert "convolution" not in ynn_ops(texts[0]) and "dot" in ynn_ops(texts[0])
+  assert tuned.compiler_options == ynnpack
+  assert "convolution" in ynn_ops(texts[1])
 
 
 @pytest.mark.parametrize("options, message", [
@@ -118,15 +126,16 @@ def _forced(choice):
 
 def test_autotune_keeps_the_fastest_records_it_and_leaves_training_unchanged(tmp_path,
                                                                               monkeypatch):
-  measure, calls = _forced("ynnpack_convolutions")  # the default: same program as untuned
+  measure, calls = _forced("eigen_convolutions")  # the default: same program as untuned
   monkeypatch.setattr(tuning, "measure", measure)
   tuned, plain = str(tmp_path / "tuned"), str(tmp_path / "plain")
   deepflow.train_and_evaluate(tiny_config("train.autotune=True", model=CNN), tuned)
   deepflow.train_and_evaluate(tiny_config(model=CNN), plain)
   assert calls == [sorted(tuning.CPU_CANDIDATES)]
   record = json.loads(open(os.path.join(tuned, tuning.RECORD)).read())
-  assert record["choice"] == "ynnpack_convolutions" and record["platform"] == "cpu"
-  assert record["options"] == {} and set(record["ms_per_step"]) == set(tuning.CPU_CANDIDATES)
+  assert record["choice"] == "eigen_convolutions" and record["platform"] == "cpu"
+  assert record["options"] == tuning.CPU_CANDIDATES["eigen_convolutions"]
+  assert set(record["ms_per_step"]) == set(tuning.CPU_CANDIDATES)
   assert not os.path.exists(os.path.join(plain, tuning.RECORD))
   # Timing ran steps on copies of the first state: the run trained exactly as without tuning.
   for x, y in zip(jax.tree.leaves(final_params(tiny_config(model=CNN), tuned)[0]),
@@ -137,14 +146,14 @@ def test_autotune_keeps_the_fastest_records_it_and_leaves_training_unchanged(tmp
 def test_resumed_run_reuses_the_recorded_choice_bit_identically(tmp_path, monkeypatch):
   config = tiny_config("train.autotune=True", "train.steps=8", "train.checkpoint_every=4",
                        model=CNN)
-  measure, calls = _forced("eigen_convolutions")
+  measure, calls = _forced("ynnpack_convolutions")  # not the CPU default
   monkeypatch.setattr(tuning, "measure", measure)
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
   deepflow.train_and_evaluate(config, a)
   shutil.copytree(a, b)
   shutil.rmtree(os.path.join(b, "checkpoints", "8"))  # as if killed after step 4's save
   assert calls
-  measure, calls = _forced("ynnpack_convolutions")  # would choose the other one
+  measure, calls = _forced("eigen_convolutions")  # would choose the other one
   monkeypatch.setattr(tuning, "measure", measure)
   used = []
   original = Experiment.use_compiler_options
@@ -152,15 +161,16 @@ def test_resumed_run_reuses_the_recorded_choice_bit_identically(tmp_path, monkey
                       lambda self, options: used.append(options) or original(self, options))
   deepflow.train_and_evaluate(config, b)
   assert not calls  # the record was read, nothing timed
-  assert used[-1] == tuning.CPU_CANDIDATES["eigen_convolutions"]  # and the steps compiled by it
+  assert used[-1] == tuning.CPU_CANDIDATES["ynnpack_convolutions"]  # the steps compiled by it
   # The record applies without train.autotune too: a run resumed or re-evaluated with it off.
   used.clear()
   deepflow.train_and_evaluate(tiny_config("train.steps=8", "train.checkpoint_every=4",
                                           model=CNN), b)
-  assert used[-1] == tuning.CPU_CANDIDATES["eigen_convolutions"]
-  assert json.loads(open(os.path.join(b, tuning.RECORD)).read())["choice"] == "eigen_convolutions"
+  assert used[-1] == tuning.CPU_CANDIDATES["ynnpack_convolutions"]
+  record = json.loads(open(os.path.join(b, tuning.RECORD)).read())
+  assert record["choice"] == "ynnpack_convolutions"
   reopened = Experiment.from_workdir(b).experiment  # eval, export, ...: the same programs
-  assert reopened.compiler_options == tuning.CPU_CANDIDATES["eigen_convolutions"]
+  assert reopened.compiler_options == tuning.CPU_CANDIDATES["ynnpack_convolutions"]
   pa, _, _ = final_params(config, a)
   pb, _, step = final_params(config, b)
   assert step == 8
@@ -172,7 +182,7 @@ def test_autotune_on_another_platform_tunes_nothing(tmp_path, monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
   monkeypatch.setattr(tuning, "measure", lambda *a: pytest.fail("timed on a TPU"))
   exp = Experiment(tiny_config("train.autotune=True", model=CNN), str(tmp_path))
-  assert tuning.autotune(exp, None, None) == {}
+  assert tuning.autotune(exp, None, None) == exp.base_options
   assert not os.path.exists(tmp_path / tuning.RECORD)
 
 
