@@ -71,21 +71,32 @@ def time_rounds(runs: dict[str, list], repeats: int, steps: int) -> dict[str, li
   return times
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--config", default=os.path.join(ROOT, "experiments", "private_digits.py"))
-  parser.add_argument("--steps", type=int, default=100)
+def step_parser(doc: str, experiment: str, steps: int) -> argparse.ArgumentParser:
+  """The arguments of a script timing steps of one experiment's variants: ``--config`` (default
+  experiments/``experiment``), ``--steps`` per timed window, ``--repeats`` and overrides."""
+  parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+  parser.add_argument("--config", default=os.path.join(ROOT, "experiments", experiment))
+  parser.add_argument("--steps", type=int, default=steps)
   parser.add_argument("--repeats", type=int, default=7)
-  parser.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides for both steps")
-  args = parser.parse_args(argv)
+  parser.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides for every variant")
+  return parser
+
+
+def machine() -> str:
+  """The CPU, its cores, JAX and the devices the steps run on."""
+  return (f"{cpu_name()}, {os.cpu_count()} CPUs, jax {jax.__version__} on "
+          f"{jax.devices()[0].device_kind} x{jax.device_count()}")
+
+
+def main(argv=None):
+  args = step_parser(__doc__, "private_digits.py", 100).parse_args(argv)
   with tempfile.TemporaryDirectory() as tmp:
     runs = {name: list(build(args.config, args.overrides, private, os.path.join(tmp, name)))
             for name, private in (("ordinary", False), ("dp", True))}
     times = time_rounds(runs, args.repeats, args.steps)
   config = runs["dp"][0].config
   median = {name: float(np.median(t)) for name, t in times.items()}
-  print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, jax {jax.__version__} on "
-        f"{jax.devices()[0].device_kind} x{jax.device_count()}")
+  print(f"machine: {machine()}")
   print(f"model: {config.model.to_dict()}, batch {config.data.batch_size}, "
         f"{config.optimizer.name}")
   for name, seconds in median.items():

@@ -29,7 +29,7 @@ import deepflow
 from deepflow import parallel
 from deepflow.optim.partition import Partition
 from deepflow.train.experiment import Experiment
-from dp_step import ROOT, cpu_name, time_window  # noqa: E402  (the script's directory)
+from dp_step import ROOT, machine, time_rounds  # noqa: E402  (the script's directory)
 
 SETTINGS = {
     "resnet_head": ("digits_resnet.py", ["optimizer.freeze='^(?!head/)'"]),
@@ -82,11 +82,7 @@ def compare(name: str, steps: int, repeats: int) -> None:
     runs, flops = {}, {}
     for way in WAYS:
       runs[way], flops[way] = build(path, overrides, way, os.path.join(tmp, way))
-    times = {way: [] for way in WAYS}
-    for _ in range(repeats):
-      for way, run in runs.items():
-        run[1], seconds = time_window(*run, steps)
-        times[way].append(seconds)
+    times = time_rounds(runs, repeats, steps)
     median = {way: float(np.median(t)) for way, t in times.items()}
     exp = runs[WAYS[0]][0]
     trained, total = exp.partition.count(runs[WAYS[0]][1].params)
@@ -109,8 +105,7 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--only", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
   args = parser.parse_args(argv)
-  print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, jax {jax.__version__} on "
-        f"{jax.devices()[0].device_kind} x{jax.device_count()}; load {os.getloadavg()}")
+  print(f"machine: {machine()}; load {os.getloadavg()}")
   for name in args.only:
     compare(name, args.steps, args.repeats)
   print(f"load after: {os.getloadavg()}")

@@ -24,18 +24,16 @@ median window counts, and ratios are taken within each round.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import tempfile
 
 import flax.linen as nn
-import jax
 import numpy as np
 
 from deepflow.models import scan_taps
 from deepflow.privacy import ghost_layers
-from dp_step import ROOT, build, cpu_name, time_rounds  # noqa: E402  (the script's directory)
+from dp_step import build, machine, step_parser, time_rounds  # noqa: E402  (the script's directory)
 
 BEFORE = (nn.Dense, nn.Conv, nn.Embed)  # the layers ghost clipping covered before
 CONTENDERS = {"vmap": "vmap", "ghost, before": "ghost", "ghost": "ghost"}
@@ -59,12 +57,7 @@ def coverage(name: str):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--config", default=os.path.join(ROOT, "experiments", "text_transformer.py"))
-  parser.add_argument("--steps", type=int, default=10)
-  parser.add_argument("--repeats", type=int, default=7)
-  parser.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides for every step")
-  args = parser.parse_args(argv)
+  args = step_parser(__doc__, "text_transformer.py", 10).parse_args(argv)
   print(f"load before: {os.getloadavg()}")
   runs, memory = {}, {}
   with tempfile.TemporaryDirectory() as tmp:
@@ -78,8 +71,7 @@ def main(argv=None):
     times = time_rounds(runs, args.repeats, args.steps)
   config = runs["ghost"][0].config
   print(f"load after: {os.getloadavg()}")
-  print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, jax {jax.__version__} on "
-        f"{jax.devices()[0].device_kind} x{jax.device_count()}")
+  print(f"machine: {machine()}")
   print(f"model: {config.model.to_dict()}, batch {config.data.batch_size}")
   for name, seconds in times.items():
     print(f"{name:>14}: {1e3 * np.median(seconds):8.2f} ms per step (median of {args.repeats} x "
