@@ -132,9 +132,9 @@ def autotune(exp, state, batch) -> dict[str, Any]:
 def recorded(workdir: str | None) -> dict | None:
   """The choice ``autotune`` recorded in ``workdir`` for this platform, if any (its
   ``options`` are the candidate's own, applied over ``train.xla_options``)."""
-  if not workdir or not _path(workdir).exists():
+  path = _path(workdir) if workdir else None
+  if path is None or not path.exists():
     return None
-  path = _path(workdir)
   try:
     record = json.loads(path.read_text())
     options, platform, _ = dict(record["options"]), record["platform"], record["choice"]
