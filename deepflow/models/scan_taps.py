@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from typing import Any, Callable, Iterator
 
 from flax.core.tracers import current_trace
@@ -35,33 +36,40 @@ class _Listener:
   emitted: int = 0
 
 
-_bodies: list[Body] = []
-_listeners: list[_Listener] = []
+class _Stacks(threading.local):
+  """Per thread, like Flax's interceptor stack: a trace in another thread sees none of these."""
+  def __init__(self):
+    self.bodies: list[Body] = []
+    self.listeners: list[_Listener] = []
+
+
+_stacks = _Stacks()
 
 
 @contextlib.contextmanager
 def body() -> Iterator[dict]:
   """Around a scanned body's layers; yields the dict the body returns as scanned outputs."""
-  frame = Body(current_trace(), _listeners[-1].emitted if _listeners else 0)
-  _bodies.append(frame)
+  frame = Body(current_trace(), _stacks.listeners[-1].emitted if _stacks.listeners else 0)
+  _stacks.bodies.append(frame)
   try:
     yield frame.kept
   finally:
-    _bodies.pop()
+    _stacks.bodies.pop()
 
 
 def current_body() -> Body | None:
   """The scanned body whose trace is the current one, when a listener is on and the body is
   not itself inside another (nested bodies keep nothing)."""
-  if _listeners and len(_bodies) == 1 and _bodies[0].trace == current_trace():
-    return _bodies[0]
+  bodies = _stacks.bodies
+  if _stacks.listeners and len(bodies) == 1 and bodies[0].trace == current_trace():
+    return bodies[0]
   return None
 
 
 def emit(stacked: dict) -> None:
   """After a scan, in its caller's trace: the body's kept values, stacked on the layer axis."""
-  if _listeners and not _bodies:
-    listener = _listeners[-1]
+  if _stacks.listeners and not _stacks.bodies:
+    listener = _stacks.listeners[-1]
     listener.on_emit(listener.emitted, stacked)
     listener.emitted += 1
 
@@ -70,8 +78,8 @@ def emit(stacked: dict) -> None:
 def listening(on_emit: Callable[[int, dict], None] = lambda scan, stacked: None
               ) -> Iterator[None]:
   """Keep values in scanned bodies and hand each scan's stack to ``on_emit(scan, stacked)``."""
-  _listeners.append(_Listener(on_emit))
+  _stacks.listeners.append(_Listener(on_emit))
   try:
     yield
   finally:
-    _listeners.pop()
+    _stacks.listeners.pop()

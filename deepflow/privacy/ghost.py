@@ -28,7 +28,9 @@ so a scanned call is known by its scan and its place in the body rather than by 
 calls. Any other nested transformation keeps its layers uncovered, and their parameters are
 handled like any other uncovered ones: ``nn.remat`` (``model.remat_policy``, also inside the
 scanned stack), whose checkpointed block returns only its output (the same channel would serve
-if it returned what its layers keep too), and ``nn.RNN``'s scan, whose cells share their
+if it returned what its layers keep too; a scanned stack that is itself under an outer remat
+still has its calls recorded, but the liveness check counts every input of the remat as read,
+so those layers stay uncovered all the same), and ``nn.RNN``'s scan, whose cells share their
 parameters across time steps (a per-example gradient summed over steps, which per-layer offsets
 do not describe).
 """
@@ -108,8 +110,10 @@ def _intercepting(select: Callable[[Any, Path], bool], on_call: Callable):
 
   def interceptor(next_fun, args, kwargs, context):
     spec = ghost_layers.layer_spec(context.module, context.method_name, kwargs)
+    if spec is None:
+      return next_fun(*args, **kwargs)
     body = scan_taps.current_body()
-    if spec is None or (current_trace() != base and body is None):
+    if current_trace() != base and body is None:
       return next_fun(*args, **kwargs)
     scan = None
     if body is not None:  # numbered before selecting: the same numbers in every pass
