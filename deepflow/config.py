@@ -139,10 +139,10 @@ def base_config() -> ConfigDict:
                                     # fixed-size shuffled batches (the epsilon is an approximation)
       "max_batch_size": 0,          # Poisson batches are padded to this many rows (0 = automatic: a
                                     # size exceeded with negligible probability over the run)
-      "clipping": "auto",           # per-example norms: 'ghost' (from Dense/Conv/Embed/norm/
-                                    # position layers' inputs and output gradients), 'vmap'
-                                    # (per-example gradients), 'auto' = ghost when every
-                                    # parameter is in such a layer
+      "clipping": "auto",           # per-example norms: 'ghost' (from the inputs and output
+                                    # gradients of dense, conv, embedding, norm, position and
+                                    # class-token layers), 'vmap' (per-example gradients),
+                                    # 'auto' = ghost when every parameter is in such a layer
   })
   return c
 
