@@ -13,10 +13,12 @@ these. The two formulations:
 The max pool's gradient goes, like ``select_and_scatter``'s, to the first maximum of each window
 in row-major window order (``jnp.max``'s own gradient would split it between tied maxima, e.g.
 the zeros a ReLU leaves), so gradients match flax exactly, ties included. For window == stride
-it takes one pass: a min over the reshaped window axes gives each window's first maximal
-position, and each input element takes the output gradient or 0 (measured 1.3x faster for the
-whole digits CNN train step than one masked scatter per window offset, which the general case
-still uses). Average pooling counts padded positions in the divisor, as flax's default
+each window's first maximal offset is picked by a chain of elementwise selects over the window's
+offsets, and each input element then takes the output gradient or 0. (Measured on the digits
+CNN: one masked scatter per window offset, which the general case still uses, made the whole
+train step 1.3x slower; a min-reduce over the window axes to find the offset made the first
+pool's forward and backward 2.7x slower at batch 1024, as XLA:CPU reduces over non-minor axes
+poorly.) Average pooling counts padded positions in the divisor, as flax's default
 ``count_include_pad=True`` does.
 
 Inputs are ``(batch, *spatial, features)`` like flax's; ``padding`` is ``'VALID'``, ``'SAME'`` or
@@ -99,15 +101,25 @@ def _max_pool_fwd(x, window, strides, pads, out):
 
 
 def _first_max_blocks(xp, y, g, window, out):
-  """window == stride: the gradient in one pass over the input. Each window's first maximum
-  (its row-major position) is found by a min over the window axes of the reshaped input, then
-  every input element takes ``g`` if it is that position, else 0: no per-offset scatter."""
+  """window == stride: the gradient in one pass over the input, no per-offset scatter. Each
+  window's first maximal offset (row-major) comes from selects over its offsets, last to first;
+  every input element takes ``g`` if it sits at that offset, else 0."""
   xb = _blocks(xp, window, out)  # (B, n1, k1, n2, k2, ..., C)
   axes = tuple(range(2, 2 * len(window) + 1, 2))
-  spread = lambda a: jnp.expand_dims(a, axes)  # noqa: E731  (B, n1, 1, n2, 1, ..., C)
+  offsets = list(itertools.product(*(range(k) for k in window)))
+
+  def element(offset):  # each window's element at ``offset``, shaped like y
+    index = [slice(None)] * xb.ndim
+    for axis, o in zip(axes, offset):
+      index[axis] = o
+    return xb[tuple(index)]
+
+  first = jnp.full(y.shape, len(offsets) - 1, jnp.int32)
+  for n in range(len(offsets) - 2, -1, -1):
+    first = jnp.where(element(offsets[n]) == y, n, first)
   position = sum(lax.broadcasted_iota(jnp.int32, xb.shape, axis) * math.prod(window[i + 1:])
                  for i, axis in enumerate(axes))
-  first = jnp.min(jnp.where(xb == spread(y), position, math.prod(window)), axis=axes)
+  spread = lambda a: jnp.expand_dims(a, axes)  # noqa: E731  (B, n1, 1, n2, 1, ..., C)
   dxb = jnp.where(position == spread(first), spread(g), jnp.zeros((), g.dtype))
   dxp = dxb.reshape(xb.shape[0], *(n * k for n, k in zip(out, window)), xb.shape[-1])
   return _pad(dxp, [(0, p - n * k) for p, n, k in zip(xp.shape[1:-1], out, window)], 0.0)
