@@ -39,6 +39,26 @@ def require_images(x: jax.Array, model: str) -> None:
     raise ConfigError(f"{model} expects NHWC images, got inputs of shape {x.shape}")
 
 
+def _unfusable_identity(x: jax.Array) -> jax.Array:
+  corner = (0,) * x.ndim
+  return lax.dynamic_update_slice(x, lax.slice(x, corner, (1,) * x.ndim), corner)
+
+
+def materialize(x: jax.Array) -> jax.Array:
+  """``x`` itself; on CPU, computed once into memory rather than recomputed by its consumers.
+
+  XLA:CPU fuses cheap elementwise producers into every consumer, duplicating them. In a
+  residual network each block's output is a chain of batch norms, adds and ReLUs over every
+  earlier block, and the transposes XLA puts in front of each convolution's kernel gradient
+  recomputed that whole chain with strided reads: ResNet-20's train step ran 1.3x slower
+  (``benchmarks/vs_pytorch.py``). Writing ``x``'s own first element back into it is an
+  identity whose result XLA:CPU writes to memory, so its consumers read it instead of fusing
+  its producers in (``optimization_barrier`` is removed before fusion on CPU and does not do
+  this). Other platforms get ``x`` untouched (chosen when the step is lowered for its
+  platform)."""
+  return lax.platform_dependent(x, cpu=_unfusable_identity, default=lambda x: x)
+
+
 def activation(name: str) -> Activation:
   """The activation function registered under ``name`` (a ConfigError lists the known ones)."""
   return ACTIVATIONS.get(name)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from deepflow.models import pooling
-from deepflow.models.layers import activation, require_images
+from deepflow.models.layers import activation, materialize, require_images
 from deepflow.registry import ConfigError, MODELS
 
 STEMS = ("small", "imagenet")
@@ -39,13 +39,16 @@ class ResidualBlock(nn.Module):
     act = activation(self.activation)
     norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)  # noqa: E731
     s = (self.strides, self.strides)
+    # Every convolution's input is materialized: on CPU this keeps the residual stream's chain
+    # of norms, adds and activations from being recomputed inside the convolutions' gradients.
+    x = materialize(x)
     if self.kind == "basic":
-      y = act(norm()(nn.Conv(self.width, (3, 3), s, use_bias=False)(x)))
+      y = materialize(act(norm()(nn.Conv(self.width, (3, 3), s, use_bias=False)(x))))
       y = norm()(nn.Conv(self.width, (3, 3), use_bias=False)(y))
       out_width = self.width
     elif self.kind == "bottleneck":
-      y = act(norm()(nn.Conv(self.width, (1, 1), use_bias=False)(x)))
-      y = act(norm()(nn.Conv(self.width, (3, 3), s, use_bias=False)(y)))
+      y = materialize(act(norm()(nn.Conv(self.width, (1, 1), use_bias=False)(x))))
+      y = materialize(act(norm()(nn.Conv(self.width, (3, 3), s, use_bias=False)(y))))
       out_width = 4 * self.width
       y = norm()(nn.Conv(out_width, (1, 1), use_bias=False)(y))
     else:
