@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 
 from deepflow.models import pooling
+from deepflow.models.conv import Conv
 from deepflow.models.layers import activation
 from deepflow.registry import ConfigError, MODELS
 
@@ -41,7 +42,7 @@ class CNN(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     act = activation(self.activation)
     for width in self.features:
-      x = nn.Conv(width, (self.kernel_size, self.kernel_size), padding=self.padding)(x)
+      x = Conv(width, (self.kernel_size, self.kernel_size), padding=self.padding)(x)
       x = pool(self.pooling, act(x), self.pool_size)
     x = x.reshape(x.shape[0], -1)
     for width in self.dense:
@@ -60,8 +61,8 @@ class LeNet5(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     act = activation(self.activation)
-    x = pool(self.pooling, act(nn.Conv(6, (5, 5), padding="SAME")(x)), 2)
-    x = pool(self.pooling, act(nn.Conv(16, (5, 5), padding="SAME")(x)), 2)
+    x = pool(self.pooling, act(Conv(6, (5, 5), padding="SAME")(x)), 2)
+    x = pool(self.pooling, act(Conv(16, (5, 5), padding="SAME")(x)), 2)
     x = x.reshape(x.shape[0], -1)
     x = act(nn.Dense(84)(act(nn.Dense(120)(x))))
     return nn.Dense(self.num_outputs)(x)

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deepflow.models.conv import Conv
 from deepflow.models.layers import activation, require_images
 from deepflow.registry import MODELS
 
@@ -23,7 +24,7 @@ class ConvBackbone(nn.Module):
     act = activation(self.activation)
     for i, width in enumerate(self.widths):
       strides = (2, 2) if i > 0 else (1, 1)
-      x = nn.Conv(width, (3, 3), strides, use_bias=False)(x)
+      x = Conv(width, (3, 3), strides, use_bias=False)(x)
       x = act(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
     return x.mean(axis=(1, 2))
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from deepflow.models import pooling
+from deepflow.models.conv import Conv
 from deepflow.models.layers import activation, materialize, require_images
 from deepflow.registry import ConfigError, MODELS
 
@@ -43,19 +44,19 @@ class ResidualBlock(nn.Module):
     # of norms, adds and activations from being recomputed inside the convolutions' gradients.
     x = materialize(x)
     if self.kind == "basic":
-      y = materialize(act(norm()(nn.Conv(self.width, (3, 3), s, use_bias=False)(x))))
-      y = norm()(nn.Conv(self.width, (3, 3), use_bias=False)(y))
+      y = materialize(act(norm()(Conv(self.width, (3, 3), s, use_bias=False)(x))))
+      y = norm()(Conv(self.width, (3, 3), use_bias=False)(y))
       out_width = self.width
     elif self.kind == "bottleneck":
-      y = materialize(act(norm()(nn.Conv(self.width, (1, 1), use_bias=False)(x))))
-      y = materialize(act(norm()(nn.Conv(self.width, (3, 3), s, use_bias=False)(y))))
+      y = materialize(act(norm()(Conv(self.width, (1, 1), use_bias=False)(x))))
+      y = materialize(act(norm()(Conv(self.width, (3, 3), s, use_bias=False)(y))))
       out_width = 4 * self.width
-      y = norm()(nn.Conv(out_width, (1, 1), use_bias=False)(y))
+      y = norm()(Conv(out_width, (1, 1), use_bias=False)(y))
     else:
       raise ConfigError(f"unknown block {self.kind!r}; known: basic, bottleneck")
     shortcut = x
     if x.shape[-1] != out_width or self.strides != 1:
-      shortcut = norm()(nn.Conv(out_width, (1, 1), s, use_bias=False, name="shortcut")(x))
+      shortcut = norm()(Conv(out_width, (1, 1), s, use_bias=False, name="shortcut")(x))
     if train and self.drop_rate > 0.0:
       y = drop_path(y, self.drop_rate, self.make_rng("dropout"))
     return act(shortcut + y)
@@ -93,9 +94,9 @@ class ResNet(nn.Module):
       raise ConfigError(f"stochastic_depth must be in [0, 1), got {self.stochastic_depth}")
     act = activation(self.activation)
     if self.stem == "small":
-      x = nn.Conv(self.width, (3, 3), use_bias=False, name="stem")(x)
+      x = Conv(self.width, (3, 3), use_bias=False, name="stem")(x)
     else:
-      x = nn.Conv(self.width, (7, 7), (2, 2), use_bias=False, name="stem")(x)
+      x = Conv(self.width, (7, 7), (2, 2), use_bias=False, name="stem")(x)
     x = act(nn.BatchNorm(use_running_average=not train, momentum=0.9, name="stem_norm")(x))
     if self.stem == "imagenet":
       x = pooling.max_pool(x, (3, 3), (2, 2), padding="SAME")

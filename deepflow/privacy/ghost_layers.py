@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from deepflow.models import layers
+from deepflow.models import conv, layers
 
 Array = jax.Array
 
@@ -69,7 +69,8 @@ class Dense:
 
 @dataclasses.dataclass(frozen=True)
 class Conv:
-  """``nn.Conv`` without groups, masks, input dilation or a custom convolution: kernel
+  """``nn.Conv`` without groups, masks, input dilation or a custom convolution other than
+  deepflow's own (``models.conv``: lax's convolution, computed another way): kernel
   (*window, D_in, C), optional bias (C,). Rows are the input's patches, features ordered
   (*window, D_in) like the kernel's leading axes."""
   use_bias: bool
@@ -253,7 +254,8 @@ def _conv_spec(module: nn.Conv) -> Conv | None:
   n = len(window)
   padding = nn.linear.canonicalize_padding(module.padding, n)
   if (module.feature_group_count != 1 or module.mask is not None or n > 3
-      or module.conv_general_dilated is not None or module.conv_general_dilated_cls is not None
+      or module.conv_general_dilated not in (None, conv.conv_general_dilated)
+      or module.conv_general_dilated_cls is not None
       or set(_tuple(module.input_dilation, n)) != {1}
       or (isinstance(padding, str) and padding not in ("SAME", "VALID"))):
     return None
