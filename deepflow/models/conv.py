@@ -37,17 +37,22 @@ def _channels_last(nd: int) -> lax.ConvDimensionNumbers:
 
 
 def _shifted_sum(lhs: jax.Array, rhs: jax.Array, pads) -> jax.Array:
-  """sum over window offsets o and input channels c of lhs_padded[:, o + out, c] * rhs[o, c]."""
+  """sum over window offsets o and input channels c of lhs_padded[:, o + out, c] * rhs[o, c].
+
+  Summed in at least float32 and rounded once, as lax's convolution does for bfloat16."""
   window = rhs.shape[:-2]
   xp = lax.pad(lhs, jnp.zeros((), lhs.dtype), [(0, 0, 0), *((lo, hi, 0) for lo, hi in pads),
                                                (0, 0, 0)])
   out = tuple(p - k + 1 for p, k in zip(xp.shape[1:-1], window))
-  y = jnp.zeros((*lhs.shape[:1], *out, rhs.shape[-1]), jnp.result_type(lhs, rhs))
+  dtype = jnp.result_type(lhs, rhs)
+  accumulator = jnp.promote_types(dtype, jnp.float32)
+  y = jnp.zeros((*lhs.shape[:1], *out, rhs.shape[-1]), accumulator)
   for offset in itertools.product(*(range(k) for k in window)):
     rows = (slice(None), *(slice(o, o + n) for o, n in zip(offset, out)))
     for c in range(lhs.shape[-1]):
-      y = y + xp[(*rows, slice(c, c + 1))] * rhs[(*offset, c)]
-  return y
+      y = y + (xp[(*rows, slice(c, c + 1))].astype(accumulator)
+               * rhs[(*offset, c)].astype(accumulator))
+  return y.astype(dtype)
 
 
 def _few_channels_conv(pads):
@@ -61,33 +66,38 @@ def _few_channels_conv(pads):
 
   @functools.partial(conv.defjvp, symbolic_zeros=True)
   def conv_jvp(primals, tangents):
+    # JAX calls this with at least one tangent that is not a symbolic zero (an input nothing
+    # differentiates, like the images, gets no convolution). The tangent is linear in each
+    # term: reverse mode transposes them into lax's own gradient convolutions.
     (lhs, rhs), (dlhs, drhs) = primals, tangents
-    out = conv(lhs, rhs)
-    # Linear in each tangent: reverse mode transposes these into lax's own gradient convs.
     terms = [lax_conv(dlhs, rhs) if not isinstance(dlhs, SymbolicZero) else None,
              lax_conv(lhs, drhs) if not isinstance(drhs, SymbolicZero) else None]
-    terms = [t for t in terms if t is not None]
-    return out, functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(out)
+    return conv(lhs, rhs), functools.reduce(jnp.add, [t for t in terms if t is not None])
   return conv
+
+
+def _unit(value, spatial: int) -> bool:
+  return value is None or tuple(value) == (1,) * spatial
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                         precision=None, **kwargs):
-  """``lax.conv_general_dilated``, with the shifted-sum forward on CPU where it applies."""
-  call = functools.partial(lax.conv_general_dilated, window_strides=window_strides,
-                           padding=padding, lhs_dilation=lhs_dilation,
-                           rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                           feature_group_count=feature_group_count, precision=precision,
-                           **kwargs)
-  nd = lhs.ndim
-  spatial = nd - 2
+                         batch_group_count=1, precision=None, preferred_element_type=None):
+  """``lax.conv_general_dilated`` (same signature), with the shifted-sum forward on CPU where it
+  applies."""
+  call = functools.partial(
+      lax.conv_general_dilated, window_strides=window_strides, padding=padding,
+      lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+      precision=precision, preferred_element_type=preferred_element_type)
+  spatial = lhs.ndim - 2
   applies = (
-      not kwargs and precision is None and feature_group_count == 1
+      precision is None and preferred_element_type is None
+      and feature_group_count == 1 and batch_group_count == 1
       and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-      == _channels_last(nd)
-      and tuple(window_strides) == (1,) * spatial
-      and all(d in (None, (1,) * spatial, [1] * spatial) for d in (lhs_dilation, rhs_dilation))
+      == _channels_last(lhs.ndim)
+      and _unit(window_strides, spatial) and _unit(lhs_dilation, spatial)
+      and _unit(rhs_dilation, spatial)
       and lhs.shape[-1] <= FEW_CHANNELS
       and jnp.issubdtype(jnp.result_type(lhs, rhs), jnp.floating))
   if not applies:

@@ -40,8 +40,11 @@ def require_images(x: jax.Array, model: str) -> None:
 
 
 def _unfusable_identity(x: jax.Array) -> jax.Array:
-  corner = (0,) * x.ndim
-  return lax.dynamic_update_slice(x, lax.slice(x, corner, (1,) * x.ndim), corner)
+  # The rewritten block spans the first and last axes (batch and features), which are the ones
+  # sharded: every shard rewrites its own part, with no collective.
+  zeros = (0,) * x.ndim
+  block = (x.shape[0], *(1,) * (x.ndim - 2), x.shape[-1]) if x.ndim > 1 else (1,)
+  return lax.dynamic_update_slice(x, lax.slice(x, zeros, block), zeros)
 
 
 def materialize(x: jax.Array) -> jax.Array:
@@ -51,7 +54,7 @@ def materialize(x: jax.Array) -> jax.Array:
   residual network each block's output is a chain of batch norms, adds and ReLUs over every
   earlier block, and the transposes XLA puts in front of each convolution's kernel gradient
   recomputed that whole chain with strided reads: ResNet-20's train step ran 1.3x slower
-  (``benchmarks/vs_pytorch.py``). Writing ``x``'s own first element back into it is an
+  (``benchmarks/vs_pytorch.py``). Writing a corner of ``x`` back into it is an
   identity whose result XLA:CPU writes to memory, so its consumers read it instead of fusing
   its producers in (``optimization_barrier`` is removed before fusion on CPU and does not do
   this). Other platforms get ``x`` untouched (chosen when the step is lowered for its
