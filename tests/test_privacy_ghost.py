@@ -362,3 +362,28 @@ def test_frozen_parameters_enter_neither_the_clipping_norms_nor_the_noise(clippi
 def test_an_unknown_clipping_is_a_config_error():
   with pytest.raises(ConfigError, match="privacy.clipping"):
     tiny_config("privacy.enabled=True", "privacy.clipping='fast'")
+
+
+@pytest.mark.parametrize("vocab", [5, 1000], ids=["repeated", "mostly_distinct"])
+def test_both_forms_of_token_norms_equal_per_example_table_gradients(vocab):
+  layer = nn.Embed(vocab, 16)
+  ids = jax.random.randint(jax.random.key(0), (B, 40), 0, vocab)
+  params = layer.init(jax.random.key(1), ids[0])["params"]
+  g = jax.random.normal(jax.random.key(2), (B, 40, 16))
+
+  @jax.jit
+  def norms(ids, g):
+    grad = jax.vmap(lambda i, gi: jax.vjp(
+        lambda p: layer.apply({"params": p}, i), params)[1](gi)[0]["embedding"])(ids, g)
+    return (jnp.sum(jnp.square(grad), axis=(1, 2)), ghost_layers.token_sq_norms(ids, g, "gram"),
+            ghost_layers.token_sq_norms(ids, g, "runs"))
+  reference, gram, runs = norms(ids, g)
+  np.testing.assert_allclose(gram, reference, rtol=1e-5)
+  np.testing.assert_allclose(runs, reference, rtol=1e-5)
+
+
+def test_a_long_sequence_takes_the_runs_form_and_still_equals_vmap(monkeypatch):
+  # The language model's tokens and learned positions at a size that picks the runs form.
+  monkeypatch.setattr(ghost_layers, "TOKEN_RUNS_MIN_SIZE", 1)
+  params, batch, loss = _problem(*MODELS["transformer_lm"])
+  _assert_ghost_equals_vmap(loss, params, batch)

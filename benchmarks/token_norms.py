@@ -1,0 +1,58 @@
+"""Ghost clipping's per-example norms of an embedding table (token or learned-position ids),
+its two forms side by side: the T x T Gram (``sum_{t,s} [ids_t == ids_s] <g_t, g_s>``) and the
+runs of equal ids after a sort (``ghost_layers.token_sq_norms``). Each shape times both forms,
+jitted, in interleaved rounds (median), on random ids and output gradients; the default form
+switches at ``TOKEN_RUNS_MIN_SIZE`` values of T x C an example.
+
+    python benchmarks/token_norms.py [--shapes N:T:C:V,...] [--rounds 5]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax
+import numpy as np
+
+from deepflow.privacy import ghost_layers
+from dp_step import machine  # noqa: E402  (benchmarks/ is the script's directory)
+
+SHAPES = "64:16:32:20,64:96:64:1000,64:128:64:1000,16:128:768:50000,8:256:128:256,8:1024:768:50000"
+
+
+def time_form(form: str, ids, g, calls: int = 5) -> float:
+  fn = jax.jit(lambda i, x: ghost_layers.token_sq_norms(i, x, form))
+  jax.block_until_ready(fn(ids, g))
+  start = time.perf_counter()
+  for _ in range(calls):
+    out = fn(ids, g)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / calls
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--shapes", default=SHAPES, help="N:T:C:V (batch, ids an example, "
+                      "features, vocabulary), comma-separated")
+  parser.add_argument("--rounds", type=int, default=5)
+  args = parser.parse_args()
+  print(f"machine: {machine()}; load average {os.getloadavg()[0]:.2f}; default form from "
+        f"T x C >= {ghost_layers.TOKEN_RUNS_MIN_SIZE}")
+  rng = np.random.default_rng(0)
+  for shape in args.shapes.split(","):
+    n, t, c, v = map(int, shape.split(":"))
+    ids = rng.integers(0, v, (n, t))
+    g = rng.standard_normal((n, t, c), dtype=np.float32)
+    times = {"gram": [], "runs": []}
+    for _ in range(args.rounds):
+      for form in times:
+        times[form].append(time_form(form, ids, g))
+    gram, runs = (float(np.median(times[f])) for f in ("gram", "runs"))
+    default = "runs" if t * c >= ghost_layers.TOKEN_RUNS_MIN_SIZE else "gram"
+    print(f"N={n} T={t} C={c} V={v}: gram {gram * 1e3:.3f} ms, runs {runs * 1e3:.3f} ms, "
+          f"runs {gram / runs:.2f}x faster; default {default}")
+
+
+if __name__ == "__main__":
+  main()
