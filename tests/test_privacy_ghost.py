@@ -367,23 +367,41 @@ def test_an_unknown_clipping_is_a_config_error():
 @pytest.mark.parametrize("vocab", [5, 1000], ids=["repeated", "mostly_distinct"])
 def test_both_forms_of_token_norms_equal_per_example_table_gradients(vocab):
   layer = nn.Embed(vocab, 16)
-  ids = jax.random.randint(jax.random.key(0), (B, 40), 0, vocab)
+  # Negative ids read row vocab + id, as jnp.take does: -1 and vocab - 1 are the same row.
+  ids = jax.random.randint(jax.random.key(0), (B, 40), -2, vocab)
   params = layer.init(jax.random.key(1), ids[0])["params"]
   g = jax.random.normal(jax.random.key(2), (B, 40, 16))
+  spec = ghost_layers.layer_spec(layer, "__call__", {})
 
   @jax.jit
   def norms(ids, g):
     grad = jax.vmap(lambda i, gi: jax.vjp(
         lambda p: layer.apply({"params": p}, i), params)[1](gi)[0]["embedding"])(ids, g)
-    return (jnp.sum(jnp.square(grad), axis=(1, 2)), ghost_layers.token_sq_norms(ids, g, "gram"),
-            ghost_layers.token_sq_norms(ids, g, "runs"))
-  reference, gram, runs = norms(ids, g)
-  np.testing.assert_allclose(gram, reference, rtol=1e-5)
-  np.testing.assert_allclose(runs, reference, rtol=1e-5)
+    rows, g = ghost_layers._tokens(spec, [ids], [g])
+    return (jnp.sum(jnp.square(grad), axis=(1, 2)), ghost_layers.sq_norms(spec, [ids], [g]),
+            ghost_layers.token_sq_norms(rows, g, "gram"),
+            ghost_layers.token_sq_norms(rows, g, "runs"))
+  reference, default, gram, runs = norms(ids, g)
+  for norm in (default, gram, runs):
+    np.testing.assert_allclose(norm, reference, rtol=1e-5)
+
+
+def test_token_norms_by_runs_stay_split_over_a_sharded_batch():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("batch",))
+  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+  ids = jax.ShapeDtypeStruct((4, 64), jnp.int32, sharding=batch)
+  g = jax.ShapeDtypeStruct((4, 64, 8), jnp.float32, sharding=batch)
+  runs = jax.jit(lambda i, x: ghost_layers.token_sq_norms(i, x, "runs"))
+  assert "all-reduce" not in runs.lower(ids, g).compile().as_text()
 
 
 def test_a_long_sequence_takes_the_runs_form_and_still_equals_vmap(monkeypatch):
   # The language model's tokens and learned positions at a size that picks the runs form.
+  runs = ghost_layers.TOKEN_FORMS["runs"]
+  calls = []
   monkeypatch.setattr(ghost_layers, "TOKEN_RUNS_MIN_SIZE", 1)
+  monkeypatch.setitem(ghost_layers.TOKEN_FORMS, "runs",
+                      lambda ids, g: calls.append(ids.shape) or runs(ids, g))
   params, batch, loss = _problem(*MODELS["transformer_lm"])
   _assert_ghost_equals_vmap(loss, params, batch)
+  assert calls  # the tokens' and the positions' norms took the runs form

@@ -22,7 +22,7 @@ over the strided slices stacked offset-major). The bias gradient is ``sum_t G_i`
 The clipped sum ``sum_i c_i A_i^T G_i`` is one matmul for Dense, and for Conv the kernel gradient
 of the convolution itself with output gradients ``c_i G_i``.
 An embedding's per-example gradient adds ``g_t`` to row ``id_t``, so its squared norm is the sum of
-``<g_t, g_s>`` over position pairs with the same token, or for long inputs the sum over tokens
+``<g_t, g_s>`` over position pairs with the same token, or (large T x C, CPU) the sum over tokens
 of their summed ``g_t`` squared (``token_sq_norms``); learned positions are an embedding of the
 positions. LayerNorm and RMSNorm keep the normalized input ``x_hat``, and a class token keeps
 nothing: their per-example gradients (``sum_t g_t * x_hat_t`` and ``sum_t g_t``; the output
@@ -169,8 +169,10 @@ class Conv:
 @dataclasses.dataclass(frozen=True)
 class Embed:
   """``nn.Embed`` (``__call__`` only: ``attend`` reads the table another way): embedding (V, C)
-  whose rows ``capture`` names."""
+  whose rows ``capture`` names. A negative id reads row ``V + id``, as ``jnp.take`` does
+  (``num_embeddings`` V; 0 where ids are never negative)."""
   param: str = "embedding"
+  num_embeddings: int = 0
   capture = staticmethod(_first)
 
   @property
@@ -299,11 +301,11 @@ def layer_spec(module: nn.Module, method: str, kwargs: dict) -> Any:
   if kind is nn.Conv:
     return _conv_spec(module)
   if kind is nn.Embed and module.num_embeddings > 1:
-    return Embed()
+    return Embed(num_embeddings=module.num_embeddings)
   if kind in (nn.LayerNorm, nn.RMSNorm) and kwargs.get("mask") is None:
     return _norm_spec(module)
   if kind is layers.PositionalEmbedding and module.kind == "learned":
-    return Positions(module.param_name, module.max_len)
+    return Positions(module.param_name, max_len=module.max_len)
   if kind is layers.ClassToken:
     return Prepended(module.param_name)
   return None
@@ -339,32 +341,52 @@ def _vectors(arrays: Sequence[Array]) -> Array:
   return jnp.concatenate([a.reshape(a.shape[0], -1, a.shape[-1]) for a in _f32(arrays)], axis=1)
 
 
-def _tokens(inputs, grads) -> tuple[Array, Array]:
+def _tokens(spec: Embed, inputs, grads) -> tuple[Array, Array]:
+  """(N, T) table rows read and (N, T, C) their output gradients, every call's stacked."""
   ids = jnp.concatenate([x.reshape(x.shape[0], -1) for x in inputs], axis=1)
+  if spec.num_embeddings:
+    ids = jnp.where(ids < 0, ids + spec.num_embeddings, ids)
   return ids, _vectors(grads)
 
 
-# From this many T x C values an example, tokens' norms are summed by runs of equal ids rather
-# than from the T x T Gram (benchmarks/token_norms.py, CPU: 2.0x faster at T 128, C 768; 5.9x at
-# T 1,024, C 768; the Gram 1.05-1.6x faster at 512-8,192 values).
+# From this many T x C values an example, tokens' norms on CPU are summed by runs of equal ids
+# rather than from the T x T Gram (benchmarks/token_norms.py: 2.4x faster at T 128, C 768; 4.3x
+# at T 1,024, C 768; the Gram 1.2-2.4x faster at 512-8,192 values). The runs keep two more
+# N x T x C buffers where the Gram keeps N x T x T. Other platforms keep the Gram (unmeasured
+# there: sorts and scatters are slow on TPUs).
 TOKEN_RUNS_MIN_SIZE = 16384
+
+
+def _gram_token_sq_norms(ids: Array, g: Array) -> Array:
+  same = (ids[:, :, None] == ids[:, None, :]).astype(g.dtype)
+  return jnp.einsum("nts,nts->n", same, g @ jnp.swapaxes(g, 1, 2))
+
+
+def _runs_token_sq_norm(ids: Array, g: Array) -> Array:
+  """One example (per example, so a batch-sharded input stays split): the positions sorted by
+  id, each run of equal ids summed into its own row."""
+  order = jnp.argsort(ids)
+  ids, g = ids[order], g[order]
+  run = jnp.cumsum(jnp.concatenate([jnp.ones((1,), bool), ids[1:] != ids[:-1]])) - 1
+  sums = jax.ops.segment_sum(g, run, num_segments=ids.shape[0], indices_are_sorted=True)
+  return jnp.sum(jnp.square(sums))
+
+
+TOKEN_FORMS = {"gram": _gram_token_sq_norms, "runs": jax.vmap(_runs_token_sq_norm)}
 
 
 def token_sq_norms(ids: Array, g: Array, form: str | None = None) -> Array:
   """(N,) squared norms of each example's table gradient, whose row ``u`` is the sum of the
   ``g_t`` (N, T, C) with ``ids_t == u`` (N, T). ``'gram'``: ``sum_{t,s} [ids_t == ids_s]
-  <g_t, g_s>``, O(T^2 C). ``'runs'``: the positions sorted by id, each run of equal ids summed
-  by a scatter-add into its run's index, O(T C + T log T). By default the cheaper for T x C."""
-  form = form or ("runs" if g.shape[1] * g.shape[2] >= TOKEN_RUNS_MIN_SIZE else "gram")
-  if form == "gram":
-    same = (ids[:, :, None] == ids[:, None, :]).astype(g.dtype)
-    return jnp.einsum("nts,nts->n", same, g @ jnp.swapaxes(g, 1, 2))
-  order = jnp.argsort(ids, axis=1)
-  ids, g = jnp.take_along_axis(ids, order, 1), jnp.take_along_axis(g, order[..., None], 1)
-  starts = jnp.concatenate([jnp.ones_like(ids[:, :1], bool), ids[:, 1:] != ids[:, :-1]], 1)
-  run = jnp.cumsum(starts, axis=1) - 1
-  sums = jnp.zeros_like(g).at[jnp.arange(g.shape[0])[:, None], run].add(g)
-  return jnp.sum(jnp.square(sums), axis=(1, 2))
+  <g_t, g_s>``, O(T^2 C). ``'runs'``: the sum over runs of equal ids of their summed ``g_t``
+  squared, O(T C + T log T). By default the runs on CPU from ``TOKEN_RUNS_MIN_SIZE`` values of
+  T x C an example, else the Gram."""
+  if form is None:
+    on_cpu = TOKEN_FORMS["runs" if g.shape[1] * g.shape[2] >= TOKEN_RUNS_MIN_SIZE else "gram"]
+    return lax.platform_dependent(ids, g, cpu=on_cpu, default=TOKEN_FORMS["gram"])
+  if form not in TOKEN_FORMS:
+    raise ValueError(f"unknown form {form!r}; known: {', '.join(TOKEN_FORMS)}")
+  return TOKEN_FORMS[form](ids, g)
 
 
 def sq_norms(spec, inputs: Sequence[Array], grads: Sequence[Array]) -> Array:
@@ -373,7 +395,7 @@ def sq_norms(spec, inputs: Sequence[Array], grads: Sequence[Array]) -> Array:
     return sum(jnp.sum(jnp.square(g), axis=1)
                for g in spec.example_grads(inputs, grads).values())
   if isinstance(spec, Embed):
-    return token_sq_norms(*_tokens(inputs, grads))
+    return token_sq_norms(*_tokens(spec, inputs, grads))
   if isinstance(spec, Conv) and len(inputs) == 1:  # a shared kernel needs the calls' cross terms
     g = grads[0].astype(jnp.float32)
     total = spec.kernel_sq_norms(inputs[0], g)
@@ -393,7 +415,7 @@ def clipped_sum(spec, inputs: Sequence[Array], grads: Sequence[Array], factors: 
     return {name: (factors @ g).reshape(params[name].shape).astype(params[name].dtype)
             for name, g in spec.example_grads(inputs, grads).items()}
   if isinstance(spec, Embed):
-    ids, g = _tokens(inputs, grads)
+    ids, g = _tokens(spec, inputs, grads)
     table = params[spec.param]
     weighted = (factors[:, None, None] * g).reshape(-1, g.shape[-1])
     summed = jnp.zeros(table.shape, jnp.float32).at[ids.reshape(-1)].add(weighted)
