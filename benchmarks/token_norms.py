@@ -1,8 +1,8 @@
 """Ghost clipping's per-example norms of an embedding table (token or learned-position ids),
 its two forms side by side: the T x T Gram (``sum_{t,s} [ids_t == ids_s] <g_t, g_s>``) and the
-runs of equal ids after a sort (``ghost_layers.token_sq_norms``). Each shape times both forms,
+runs of equal ids after a sort (``deepflow.privacy.token_norms``). Each shape times both forms,
 jitted, in interleaved rounds (median), on random ids and output gradients; the default form
-switches at ``TOKEN_RUNS_MIN_SIZE`` values of T x C an example.
+switches at ``RUNS_MIN_SIZE`` values of T x C an example.
 
     python benchmarks/token_norms.py [--shapes N:T:C:V,...] [--rounds 5]
 """
@@ -15,14 +15,14 @@ import time
 import jax
 import numpy as np
 
-from deepflow.privacy import ghost_layers
+from deepflow.privacy import token_norms
 from dp_step import machine  # noqa: E402  (benchmarks/ is the script's directory)
 
 SHAPES = "64:16:32:20,64:96:64:1000,64:128:64:1000,16:128:768:50000,8:256:128:256,8:1024:768:50000"
 
 
 def time_form(form: str, ids, g, calls: int = 5) -> float:
-  fn = jax.jit(lambda i, x: ghost_layers.token_sq_norms(i, x, form))
+  fn = jax.jit(lambda i, x: token_norms.sq_norms(i, x, form))
   jax.block_until_ready(fn(ids, g))
   start = time.perf_counter()
   for _ in range(calls):
@@ -38,7 +38,7 @@ def main():
   parser.add_argument("--rounds", type=int, default=5)
   args = parser.parse_args()
   print(f"machine: {machine()}; load average {os.getloadavg()[0]:.2f}; default form from "
-        f"T x C >= {ghost_layers.TOKEN_RUNS_MIN_SIZE}")
+        f"T x C >= {token_norms.RUNS_MIN_SIZE}")
   rng = np.random.default_rng(0)
   for shape in args.shapes.split(","):
     n, t, c, v = map(int, shape.split(":"))
@@ -49,7 +49,7 @@ def main():
       for form in times:
         times[form].append(time_form(form, ids, g))
     gram, runs = (float(np.median(times[f])) for f in ("gram", "runs"))
-    default = "runs" if t * c >= ghost_layers.TOKEN_RUNS_MIN_SIZE else "gram"
+    default = "runs" if t * c >= token_norms.RUNS_MIN_SIZE else "gram"
     print(f"N={n} T={t} C={c} V={v}: gram {gram * 1e3:.3f} ms, runs {runs * 1e3:.3f} ms, "
           f"runs {gram / runs:.2f}x faster; default {default}")
 

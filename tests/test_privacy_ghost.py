@@ -17,7 +17,7 @@ from deepflow.models.layers import ClassToken, PositionalEmbedding
 from deepflow.models.mlp import MLP
 from deepflow.models.transformer import TransformerEncoder, TransformerLM
 from deepflow.models.vit import ViT
-from deepflow.privacy import ghost, ghost_layers
+from deepflow.privacy import ghost, ghost_layers, token_norms
 from deepflow.registry import ConfigError, TASKS
 from deepflow.train.state import create_state
 from tests.helpers import tiny_config
@@ -379,8 +379,8 @@ def test_both_forms_of_token_norms_equal_per_example_table_gradients(vocab):
         lambda p: layer.apply({"params": p}, i), params)[1](gi)[0]["embedding"])(ids, g)
     rows, g = ghost_layers._tokens(spec, [ids], [g])
     return (jnp.sum(jnp.square(grad), axis=(1, 2)), ghost_layers.sq_norms(spec, [ids], [g]),
-            ghost_layers.token_sq_norms(rows, g, "gram"),
-            ghost_layers.token_sq_norms(rows, g, "runs"))
+            token_norms.sq_norms(rows, g, "gram"),
+            token_norms.sq_norms(rows, g, "runs"))
   reference, default, gram, runs = norms(ids, g)
   for norm in (default, gram, runs):
     np.testing.assert_allclose(norm, reference, rtol=1e-5)
@@ -391,16 +391,16 @@ def test_token_norms_by_runs_stay_split_over_a_sharded_batch():
   batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
   ids = jax.ShapeDtypeStruct((4, 64), jnp.int32, sharding=batch)
   g = jax.ShapeDtypeStruct((4, 64, 8), jnp.float32, sharding=batch)
-  runs = jax.jit(lambda i, x: ghost_layers.token_sq_norms(i, x, "runs"))
+  runs = jax.jit(lambda i, x: token_norms.sq_norms(i, x, "runs"))
   assert "all-reduce" not in runs.lower(ids, g).compile().as_text()
 
 
 def test_a_long_sequence_takes_the_runs_form_and_still_equals_vmap(monkeypatch):
   # The language model's tokens and learned positions at a size that picks the runs form.
-  runs = ghost_layers.TOKEN_FORMS["runs"]
+  runs = token_norms.FORMS["runs"]
   calls = []
-  monkeypatch.setattr(ghost_layers, "TOKEN_RUNS_MIN_SIZE", 1)
-  monkeypatch.setitem(ghost_layers.TOKEN_FORMS, "runs",
+  monkeypatch.setattr(token_norms, "RUNS_MIN_SIZE", 1)
+  monkeypatch.setitem(token_norms.FORMS, "runs",
                       lambda ids, g: calls.append(ids.shape) or runs(ids, g))
   params, batch, loss = _problem(*MODELS["transformer_lm"])
   _assert_ghost_equals_vmap(loss, params, batch)

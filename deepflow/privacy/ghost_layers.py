@@ -23,7 +23,7 @@ The clipped sum ``sum_i c_i A_i^T G_i`` is one matmul for Dense, and for Conv th
 of the convolution itself with output gradients ``c_i G_i``.
 An embedding's per-example gradient adds ``g_t`` to row ``id_t``, so its squared norm is the sum of
 ``<g_t, g_s>`` over position pairs with the same token, or (large T x C, CPU) the sum over tokens
-of their summed ``g_t`` squared (``token_sq_norms``); learned positions are an embedding of the
+of their summed ``g_t`` squared (``token_norms``); learned positions are an embedding of the
 positions. LayerNorm and RMSNorm keep the normalized input ``x_hat``, and a class token keeps
 nothing: their per-example gradients (``sum_t g_t * x_hat_t`` and ``sum_t g_t``; the output
 gradient at the token's position) are feature-sized and formed directly.
@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from deepflow.models import conv, layers
+from deepflow.privacy import token_norms
 
 Array = jax.Array
 
@@ -349,53 +350,13 @@ def _tokens(spec: Embed, inputs, grads) -> tuple[Array, Array]:
   return ids, _vectors(grads)
 
 
-# From this many T x C values an example, tokens' norms on CPU are summed by runs of equal ids
-# rather than from the T x T Gram (benchmarks/token_norms.py: 2.4x faster at T 128, C 768; 4.3x
-# at T 1,024, C 768; the Gram 1.2-2.4x faster at 512-8,192 values). The runs keep two more
-# N x T x C buffers where the Gram keeps N x T x T. Other platforms keep the Gram (unmeasured
-# there: sorts and scatters are slow on TPUs).
-TOKEN_RUNS_MIN_SIZE = 16384
-
-
-def _gram_token_sq_norms(ids: Array, g: Array) -> Array:
-  same = (ids[:, :, None] == ids[:, None, :]).astype(g.dtype)
-  return jnp.einsum("nts,nts->n", same, g @ jnp.swapaxes(g, 1, 2))
-
-
-def _runs_token_sq_norm(ids: Array, g: Array) -> Array:
-  """One example (per example, so a batch-sharded input stays split): the positions sorted by
-  id, each run of equal ids summed into its own row."""
-  order = jnp.argsort(ids)
-  ids, g = ids[order], g[order]
-  run = jnp.cumsum(jnp.concatenate([jnp.ones((1,), bool), ids[1:] != ids[:-1]])) - 1
-  sums = jax.ops.segment_sum(g, run, num_segments=ids.shape[0], indices_are_sorted=True)
-  return jnp.sum(jnp.square(sums))
-
-
-TOKEN_FORMS = {"gram": _gram_token_sq_norms, "runs": jax.vmap(_runs_token_sq_norm)}
-
-
-def token_sq_norms(ids: Array, g: Array, form: str | None = None) -> Array:
-  """(N,) squared norms of each example's table gradient, whose row ``u`` is the sum of the
-  ``g_t`` (N, T, C) with ``ids_t == u`` (N, T). ``'gram'``: ``sum_{t,s} [ids_t == ids_s]
-  <g_t, g_s>``, O(T^2 C). ``'runs'``: the sum over runs of equal ids of their summed ``g_t``
-  squared, O(T C + T log T). By default the runs on CPU from ``TOKEN_RUNS_MIN_SIZE`` values of
-  T x C an example, else the Gram."""
-  if form is None:
-    on_cpu = TOKEN_FORMS["runs" if g.shape[1] * g.shape[2] >= TOKEN_RUNS_MIN_SIZE else "gram"]
-    return lax.platform_dependent(ids, g, cpu=on_cpu, default=TOKEN_FORMS["gram"])
-  if form not in TOKEN_FORMS:
-    raise ValueError(f"unknown form {form!r}; known: {', '.join(TOKEN_FORMS)}")
-  return TOKEN_FORMS[form](ids, g)
-
-
 def sq_norms(spec, inputs: Sequence[Array], grads: Sequence[Array]) -> Array:
   """(N,) squared norms of each example's gradient w.r.t. all of the module's parameters."""
   if isinstance(spec, (Norm, Prepended)):
     return sum(jnp.sum(jnp.square(g), axis=1)
                for g in spec.example_grads(inputs, grads).values())
   if isinstance(spec, Embed):
-    return token_sq_norms(*_tokens(spec, inputs, grads))
+    return token_norms.sq_norms(*_tokens(spec, inputs, grads))
   if isinstance(spec, Conv) and len(inputs) == 1:  # a shared kernel needs the calls' cross terms
     g = grads[0].astype(jnp.float32)
     total = spec.kernel_sq_norms(inputs[0], g)
