@@ -64,7 +64,8 @@ def base_config() -> ConfigDict:
                                     # the split's decoded size fits cache_budget_gb)
       "cache_budget_gb": 1.0,       # 'auto' caches a split whose estimated decoded size fits this
       "stats_examples": 10000,      # statistics and the NaN check use a seeded sample of this many
-      "num_threads": 2,             # Grain reader threads (prefetching into the train step)
+      "num_threads": 2,             # Grain reader threads (prefetching into the train step; none
+                                    # for an in-memory split without per-example steps)
       "tokenizer": "",              # '' = the dataset's examples as stored (bundled:text: character
                                     # ids); else a TFDS text dataset, tokenized and packed (see
                                     # deepflow.data.text): 'byte', 'sentencepiece:PATH' or

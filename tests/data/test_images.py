@@ -164,3 +164,14 @@ def test_no_workers_for_a_split_held_in_memory(image_data_dir, caplog):
   p = Pipeline(image_config(image_data_dir, "gen_jpeg", "data.workers=2"))
   assert isinstance(p.train_source, sources.ArraySource) and p.workers == 0
   assert "data.workers=2 not used" in caplog.text
+
+
+def test_no_reader_threads_for_an_in_memory_split_without_per_example_steps(image_data_dir):
+  in_memory = Pipeline(image_config(image_data_dir, "gen_jpeg", "data.num_threads=2"))
+  assert isinstance(in_memory.train_source, sources.ArraySource) and in_memory.num_threads == 0
+  cropped = Pipeline(image_config(image_data_dir, "gen_jpeg", "data.num_threads=2",
+                                  "data.transforms=[{'name': 'random_resized_crop', 'size': 4}]"))
+  assert cropped.num_threads == 2
+  streamed = Pipeline(image_config(image_data_dir, "gen_jpeg", "data.num_threads=2",
+                                   "data.cache=False"))
+  assert streamed.num_threads == 2
