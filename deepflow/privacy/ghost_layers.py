@@ -185,8 +185,7 @@ class Embed:
 class Positions(Embed):
   """deepflow's learned ``PositionalEmbedding``: table (max_len, C) whose rows ``offset + t``
   (clamped into the table, as ``lax.dynamic_slice`` does) or the given ``positions`` are added
-  to the input; an embedding of the positions."""
-  max_len: int = 0
+  to the input; an embedding of the positions (``num_embeddings`` is ``max_len``)."""
 
   def capture(self, args, kwargs) -> Array:
     call = {**dict(zip(("x", "offset", "positions"), args)), **kwargs}
@@ -194,7 +193,7 @@ class Positions(Embed):
     if positions is not None:
       return positions
     length = x.shape[-2]
-    start = jnp.clip(call.get("offset", 0), 0, self.max_len - length)
+    start = jnp.clip(call.get("offset", 0), 0, self.num_embeddings - length)
     return jnp.broadcast_to(start + jnp.arange(length), x.shape[:-1])
 
 
@@ -306,7 +305,7 @@ def layer_spec(module: nn.Module, method: str, kwargs: dict) -> Any:
   if kind in (nn.LayerNorm, nn.RMSNorm) and kwargs.get("mask") is None:
     return _norm_spec(module)
   if kind is layers.PositionalEmbedding and module.kind == "learned":
-    return Positions(module.param_name, max_len=module.max_len)
+    return Positions(module.param_name, num_embeddings=module.max_len)
   if kind is layers.ClassToken:
     return Prepended(module.param_name)
   return None
