@@ -32,7 +32,7 @@ class Body:
 
 @dataclasses.dataclass
 class _Listener:
-  on_emit: Callable[[int, dict], None]
+  on_emit: Callable[[dict], None]
   emitted: int = 0
 
 
@@ -70,14 +70,14 @@ def emit(stacked: dict) -> None:
   """After a scan, in its caller's trace: the body's kept values, stacked on the layer axis."""
   if _stacks.listeners and not _stacks.bodies:
     listener = _stacks.listeners[-1]
-    listener.on_emit(listener.emitted, stacked)
+    listener.on_emit(stacked)
     listener.emitted += 1
 
 
 @contextlib.contextmanager
-def listening(on_emit: Callable[[int, dict], None] = lambda scan, stacked: None
+def listening(on_emit: Callable[[dict], None] = lambda stacked: None
               ) -> Iterator[None]:
-  """Keep values in scanned bodies and hand each scan's stack to ``on_emit(scan, stacked)``."""
+  """Keep values in scanned bodies and hand each scan's stack to ``on_emit(stacked)``."""
   _stacks.listeners.append(_Listener(on_emit))
   try:
     yield

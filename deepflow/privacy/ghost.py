@@ -205,7 +205,7 @@ def plan(per_example_loss: Callable, params: PyTree, example: PyTree, key: jax.A
 
   def without_covered(p):
     with nn.intercept_methods(_intercepting(owned, constant)), \
-        scan_taps.listening(lambda scan, stacked: inputs.extend(jax.tree.leaves(stacked))):
+        scan_taps.listening(lambda stacked: inputs.extend(jax.tree.leaves(stacked))):
       return per_example_loss(p, example, key)[0], inputs
   live = _live_inputs(jax.make_jaxpr(without_covered)(params))
   live_paths = {path for path, used in zip(leaves, live) if used}
@@ -281,7 +281,7 @@ def clipped_sum(per_example_loss: Callable, params: PyTree, batch: PyTree, keys:
     merged = traverse_util.unflatten_dict({**fixed, **free_leaves, **injected})
     with nn.intercept_methods(_intercepting(
         lambda spec, path: _claims(path, spec) in covered_layers, capture)), \
-        scan_taps.listening(lambda scan, stacked: inputs.update(stacked)):
+        scan_taps.listening(lambda stacked: inputs.update(stacked)):
       loss, aux = per_example_loss(merged, example, key)
     return loss, (aux, [inputs[i] for i in range(len(the_plan.calls))])
 
