@@ -9,6 +9,7 @@ switches at ``RUNS_MIN_SIZE`` values of T x C an example.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 
@@ -21,8 +22,7 @@ from dp_step import machine  # noqa: E402  (benchmarks/ is the script's director
 SHAPES = "64:16:32:20,64:96:64:1000,64:128:64:1000,16:128:768:50000,8:256:128:256,8:1024:768:50000"
 
 
-def time_form(form: str, ids, g, calls: int = 5) -> float:
-  fn = jax.jit(lambda i, x: token_norms.sq_norms(i, x, form))
+def time_form(fn, ids, g, calls: int = 5) -> float:
   jax.block_until_ready(fn(ids, g))
   start = time.perf_counter()
   for _ in range(calls):
@@ -44,12 +44,14 @@ def main():
     n, t, c, v = map(int, shape.split(":"))
     ids = rng.integers(0, v, (n, t))
     g = rng.standard_normal((n, t, c), dtype=np.float32)
-    times = {"gram": [], "runs": []}
+    forms = {form: jax.jit(functools.partial(token_norms.sq_norms, form=form))
+             for form in ("gram", "runs")}
+    times = {form: [] for form in forms}
     for _ in range(args.rounds):
-      for form in times:
-        times[form].append(time_form(form, ids, g))
+      for form, fn in forms.items():
+        times[form].append(time_form(fn, ids, g))
     gram, runs = (float(np.median(times[f])) for f in ("gram", "runs"))
-    default = "runs" if t * c >= token_norms.RUNS_MIN_SIZE else "gram"
+    default = token_norms.cpu_form(g) if jax.default_backend() == "cpu" else "gram"
     print(f"N={n} T={t} C={c} V={v}: gram {gram * 1e3:.3f} ms, runs {runs * 1e3:.3f} ms, "
           f"runs {gram / runs:.2f}x faster; default {default}")
 

@@ -35,6 +35,12 @@ def _runs_one_example(ids: Array, g: Array) -> Array:
 FORMS = {"gram": _gram, "runs": jax.vmap(_runs_one_example)}
 
 
+def cpu_form(g: Array) -> str:
+  """The default form on CPU for output gradients ``g`` (N, T, C); other platforms take the
+  Gram."""
+  return "runs" if g.shape[1] * g.shape[2] >= RUNS_MIN_SIZE else "gram"
+
+
 def sq_norms(ids: Array, g: Array, form: str | None = None) -> Array:
   """(N,) squared norms of each example's table gradient, whose row ``u`` is the sum of the
   ``g_t`` (N, T, C) with ``ids_t == u`` (N, T). ``'gram'``: ``sum_{t,s} [ids_t == ids_s]
@@ -42,8 +48,7 @@ def sq_norms(ids: Array, g: Array, form: str | None = None) -> Array:
   squared, O(T C + T log T). By default the runs on CPU from ``RUNS_MIN_SIZE`` values of
   T x C an example, else the Gram."""
   if form is None:
-    on_cpu = FORMS["runs" if g.shape[1] * g.shape[2] >= RUNS_MIN_SIZE else "gram"]
-    return lax.platform_dependent(ids, g, cpu=on_cpu, default=FORMS["gram"])
+    return lax.platform_dependent(ids, g, cpu=FORMS[cpu_form(g)], default=FORMS["gram"])
   if form not in FORMS:
     raise ValueError(f"unknown form {form!r}; known: {', '.join(FORMS)}")
   return FORMS[form](ids, g)
