@@ -43,8 +43,8 @@ class Task:
   PER_EXAMPLE_LOSS: bool = True
 
   def __init_subclass__(cls, **kwargs):
-    # ``grads`` splits off the frozen parameters and fills their zeros; micro-batching and
-    # DP-SGD call ``trained_grads`` directly, so an override of ``grads`` would be bypassed.
+    # ``grads`` splits off the frozen parameters and fills their zeros; micro-batching calls
+    # ``trained_grads`` directly, so an override of ``grads`` would be bypassed.
     super().__init_subclass__(**kwargs)
     if "grads" in vars(cls):
       raise TypeError(f"{cls.__name__} overrides Task.grads: override trained_grads instead "
@@ -198,11 +198,17 @@ class Task:
 
     grads, metrics = self.privacy.gradients(example_loss, trained, batch, rng)
     if self.regularizer.penalty is not None:
-      penalty, penalty_grads = jax.value_and_grad(
-          lambda t: self.regularizer.penalty(merge(t, frozen)))(trained)
-      grads = jax.tree.map(jnp.add, grads, penalty_grads)
+      penalty, grads = self._add_penalty_grads(grads, trained, frozen)
       metrics = {**metrics, "loss": metrics["loss"] + penalty, "penalty": penalty}
     return grads, model_state, metrics
+
+  def _add_penalty_grads(self, grads: PyTree, trained: PyTree, frozen: PyTree
+                         ) -> tuple[jax.Array, PyTree]:
+    """(penalty, ``grads`` plus the penalty's gradient w.r.t. the trained parameters), for
+    gradients taken apart from the loss (the penalty is not per example)."""
+    penalty, penalty_grads = jax.value_and_grad(
+        lambda t: self.regularizer.penalty(self.partition.merge(t, frozen)))(trained)
+    return penalty, jax.tree.map(jnp.add, grads, penalty_grads)
 
   def regularized_loss(self, params: PyTree, model_state: PyTree,
                        batch: Mapping[str, jax.Array], rng: jax.Array

@@ -168,9 +168,7 @@ class GAN(Task):
              for p in trained}
     loss = d_loss + g_loss
     if self.regularizer.penalty is not None:  # separable: each player gets its own part
-      penalty, penalty_grads = jax.value_and_grad(
-          lambda t: self.regularizer.penalty(self.partition.merge(t, frozen)))(trained)
-      grads = jax.tree.map(jnp.add, grads, penalty_grads)
+      penalty, grads = self._add_penalty_grads(grads, trained, frozen)
       loss, metrics = loss + penalty, {**metrics, "penalty": penalty}
     return grads, new_state, {"loss": loss, **metrics}
 
