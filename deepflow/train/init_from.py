@@ -74,8 +74,8 @@ def variables(state: TrainState) -> dict[str, Any]:
 
 
 def _place(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
-  """A host array as a global array with ``sharding``: each process puts its own devices'
-  pieces (``jax.device_put`` of a host array needs every device to be addressable)."""
+  """A host array as a global array with ``sharding``: each process puts only its own devices'
+  pieces (``jax.device_put`` would first check across processes that every copy is the same)."""
   return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
