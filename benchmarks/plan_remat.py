@@ -12,7 +12,7 @@ compilation cache. The figures of both arms are checked equal.
 Measured (x86_64, 2 CPU cores shared with other agents' jobs, load average 6.6-8.3, jax 0.10.2),
 two runs: best of 2 per policy 52.44 s, once 48.13 s (ratio 0.92); per policy 49.54 s, once
 38.84 s (0.78). One experiment builds in 0.34 s once its data is prepared, so building 4 fewer
-saves about 1.4 s: the rest of those ratios is the load's noise on the 5 compiles per arm
+saves about 1.4 s: the rest of those ratios is the load's noise on the 4 compiles per arm
 (about 10 s each at that load), which dominate. The saving grows with what an experiment
 costs to build (a larger dataset's statistics, a tokenizer), not with the model.
 """
