@@ -55,7 +55,8 @@ def baseline_steps_per_sec(config, steps: int, window: int, key_in_step: bool = 
 
   # The same XLA options as deepflow's steps (its CPU default puts convolutions in Eigen), so
   # the ratio measures the loop, not the kernels.
-  @functools.partial(jax.jit, compiler_options=tuning.step_options({}, jax.default_backend())
+  @functools.partial(jax.jit, compiler_options=tuning.step_options(config.train.xla_options,
+                                                                   jax.default_backend())
                      or None)
   def step(params, opt_state, x, y, key):
     if key_in_step:
