@@ -136,7 +136,7 @@ def test_vectorize_refuses_keys_that_change_the_program(tmp_path):
     sweep.train_population(configs, [str(tmp_path)] * 2)
 
 
-def test_vectorize_refuses_autotune_and_compiles_with_xla_options(tmp_path, monkeypatch):
+def test_vectorize_refuses_autotune_and_checks_xla_options(tmp_path):
   configs = [sweep.trial_config(tiny_config(autotune=True), [f"seed={s}"]) for s in (0, 1)]
   with pytest.raises(ConfigError, match="does not support train.autotune"):
     sweep.train_population(configs, [str(tmp_path)] * 2)
