@@ -87,13 +87,14 @@ class Experiment:
     self.train_step, self._eval_step = self._compile(self.compiler_options)
     return self.compiler_options
 
-  def compiled_train_step(self, options: dict):
-    """A train step like ``train_step`` but compiled with XLA ``options``; the experiment's own
-    steps are left as they are."""
-    return self._compile(options)[0]
+  def compiled_train_step(self, options: dict, task=None):
+    """A train step like ``train_step`` but compiled with XLA ``options``, and of ``task`` if
+    given (one built from a variant of the config with the same variables, e.g. another remat
+    policy); the experiment's own steps are left as they are."""
+    return self._compile(options, task)[0]
 
-  def _compile(self, options: dict):
-    return compile_steps(self.task, self.tx, self.mesh, self.shardings,
+  def _compile(self, options: dict, task=None):
+    return compile_steps(self.task if task is None else task, self.tx, self.mesh, self.shardings,
                          self.config.train.microbatches, debug=self.debug,
                          compiler_options=options)
 
