@@ -5,9 +5,11 @@ deepflow's side is ``deepflow.models.conv.conv_general_dilated`` jitted with dee
 compiler options (``deepflow.train.tuning.PLATFORM_DEFAULTS``), its gradients taken by
 ``jax.vjp``: the programs a train step contains. PyTorch's side is ``conv2d`` and
 ``torch.nn.grad.conv2d_input`` / ``conv2d_weight`` on the same values in NCHW, PyTorch's own
-layout. Both are timed in ``--rounds`` interleaved rounds on ``--threads`` threads; each pass
-prints both times, the ratio (PyTorch / deepflow: above 1 is deepflow faster) and deepflow's
-GFLOP/s (2 x multiply-adds of the convolution, padding taps included).
+layout. Both are timed in ``--rounds`` interleaved rounds; PyTorch is limited to ``--threads``
+threads and XLA runs on a CPU of that many cores. Each pass prints both times, the ratio
+(PyTorch / deepflow: above 1 is deepflow faster) and deepflow's GFLOP/s counted as 2 x the
+multiply-adds of the whole 3x3 window at every output, padding taps included (XLA's
+``cost_analysis`` leaves those out: at 4x4 images 0.69 of the taps are real).
 
 The shapes are the digits CNN's second convolution (batch 1024) and ResNet-20's three stages
 (batch 128), where the train steps of ``vs_pytorch.py`` spend most of their time. PyTorch is a
@@ -95,8 +97,9 @@ def main(argv=None):
   parser.add_argument("--threads", type=int, default=2)
   args = parser.parse_args(argv)
   torch.set_num_threads(args.threads)
-  print(f"{cpu_name()}, {args.threads} threads, load {os.getloadavg()[0]:.1f}; jax "
-        f"{jax.__version__}, torch {torch.__version__}")
+  print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; jax "
+        f"{jax.__version__}, torch {torch.__version__} on {args.threads} threads; XLA_FLAGS "
+        f"{os.environ.get('XLA_FLAGS', '')!r}; {args.rounds} rounds of {args.repeats} calls")
   for shape in SHAPES:
     run_shape(*shape, args.rounds, args.repeats)
 

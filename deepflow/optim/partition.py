@@ -71,11 +71,11 @@ class Partition:
     paths, each holding only its own leaves; ``(params, {})`` when nothing is frozen."""
     if not self.freezes:
       return params, {}
-    flat = traverse_util.flatten_dict(params, sep="/")  # the names path_name gives the rules
-    frozen = {k: v for k, v in flat.items() if self.frozen(k)}
+    flat = traverse_util.flatten_dict(params)
+    # Tuple keys, named as path_name names them ('/'-joined): a key may itself hold a '/'.
+    frozen = {k: v for k, v in flat.items() if self.frozen("/".join(map(str, k)))}
     trained = {k: v for k, v in flat.items() if k not in frozen}
-    return (traverse_util.unflatten_dict(trained, sep="/"),
-            traverse_util.unflatten_dict(frozen, sep="/"))
+    return traverse_util.unflatten_dict(trained), traverse_util.unflatten_dict(frozen)
 
   @staticmethod
   def merge(trained: Any, frozen: Any) -> Any:

@@ -25,8 +25,9 @@ What is and is not accounted, stated honestly:
   with ``privacy/epsilon_is_approximate`` = 1.
 * Clipping. ``privacy.clipping`` picks how each example's gradient norm and the clipped sum are
   computed (``deepflow.privacy.mechanism``): from covered layers' inputs and output gradients
-  ('ghost': the layers ``deepflow.privacy.ghost_layers`` covers; ``deepflow.privacy.ghost``), from vmapped per-example gradients ('vmap'), or ghost whenever
-  every parameter is in such a layer ('auto'). The mechanism, hence the guarantee, is the same.
+  ('ghost': the layers ``deepflow.privacy.ghost_layers`` covers; ``deepflow.privacy.ghost``),
+  from vmapped per-example gradients ('vmap'), or ghost whenever every parameter is in such a
+  layer ('auto'). The mechanism, hence the guarantee, is the same.
 * Only the trained parameters are covered. Train-split metrics (loss, accuracy, per-example
   gradient norms) are computed from raw examples, and statistics that ``data.transforms`` fit on
   the train split (e.g. ``standardize``'s means) are not privatized either; use transforms whose

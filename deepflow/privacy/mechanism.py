@@ -16,8 +16,9 @@ exactly the sum of clipped ones).
 ``clipping`` chooses how the norms and the clipped sum are computed: ``'vmap'`` as above;
 ``'ghost'`` from each covered layer's inputs and output gradients in one backward pass
 (``deepflow.privacy.ghost``, for the layers ``ghost_layers`` covers), with per-example gradients
-materialized only for parameters outside such layers; ``'auto'`` (the default) is ``'ghost'`` when every parameter is in a covered
-layer and ``'vmap'`` otherwise. All three give the same result up to float rounding.
+materialized only for parameters outside such layers; ``'auto'`` (the default) is ``'ghost'``
+when every parameter is in a covered layer and ``'vmap'`` otherwise. All three give the same
+result up to float rounding.
 """
 from __future__ import annotations
 
