@@ -72,8 +72,7 @@ class Partition:
     if not self.freezes:
       return params, {}
     flat = traverse_util.flatten_dict(params)
-    # Tuple keys, named as path_name names them ('/'-joined): a key may itself hold a '/'.
-    frozen = {k: v for k, v in flat.items() if self.frozen("/".join(map(str, k)))}
+    frozen = {k: v for k, v in flat.items() if self.frozen(path_name(k))}
     trained = {k: v for k, v in flat.items() if k not in frozen}
     return traverse_util.unflatten_dict(trained), traverse_util.unflatten_dict(frozen)
 
