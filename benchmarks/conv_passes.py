@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as in vs_pytorch.py; before torch loads
 
@@ -34,7 +33,8 @@ import torch.nn.functional as F
 
 from deepflow.models.conv import conv_general_dilated
 from deepflow.train import tuning
-from dp_step import cpu_name  # noqa: E402  (benchmarks/ is the script's directory)
+from dp_step import machine  # noqa: E402  (benchmarks/ is the script's directory)
+from resident import time_round  # noqa: E402
 
 # (name, batch, height = width, input channels, output channels), stride 1, SAME padding.
 SHAPES = (("digits CNN conv 2", 1024, 4, 32, 64),
@@ -45,7 +45,7 @@ PASSES = ("forward", "input gradient", "kernel gradient")
 
 
 def deepflow_passes(x, w, g):
-  """The three passes as compiled functions of (x, w, g) with deepflow's CPU options."""
+  """The three passes, compiled with deepflow's CPU options, as calls on (x, w, g)."""
   def conv(x, w):
     return conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
   fns = (lambda x, w, g: conv(x, w),
@@ -53,7 +53,7 @@ def deepflow_passes(x, w, g):
          lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])
   options = tuning.PLATFORM_DEFAULTS["cpu"]
   compiled = [jax.jit(f).lower(x, w, g).compile(compiler_options=options) for f in fns]
-  return [lambda c=c: jax.block_until_ready(c(x, w, g)) for c in compiled]
+  return [lambda c=c: c(x, w, g) for c in compiled]
 
 
 def torch_passes(x, w, g):
@@ -64,24 +64,21 @@ def torch_passes(x, w, g):
           lambda: torch.nn.grad.conv2d_weight(xt, wt.shape, gt, padding=1)]
 
 
-def seconds(fn, repeats: int) -> float:
-  start = time.perf_counter()
-  for _ in range(repeats):
-    fn()
-  return (time.perf_counter() - start) / repeats
-
-
 def run_shape(name, batch, size, cin, cout, rounds: int, repeats: int):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((batch, size, size, cin), np.float32))
   w = jnp.asarray(rng.standard_normal((3, 3, cin, cout), np.float32) * 0.1)
   g = jnp.asarray(rng.standard_normal((batch, size, size, cout), np.float32))
   ours, theirs = deepflow_passes(x, w, g), torch_passes(x, w, g)
-  for fn in (*ours, *theirs):  # warm up
+  for fn in ours:  # warm up
+    jax.block_until_ready(fn())
+  for fn in theirs:
     fn()
   flops = 2 * batch * size * size * 9 * cin * cout
   for label, a, b in zip(PASSES, ours, theirs):
-    times = [(seconds(a, repeats), seconds(b, repeats)) for _ in range(rounds)]
+    times = [(time_round(a, jax.block_until_ready, repeats),
+              time_round(b, lambda out: None, repeats))  # PyTorch's CPU ops return done
+             for _ in range(rounds)]
     t_ours = statistics.median(t for t, _ in times)
     t_theirs = statistics.median(t for _, t in times)
     ratio = statistics.median(t2 / t1 for t1, t2 in times)
@@ -97,9 +94,9 @@ def main(argv=None):
   parser.add_argument("--threads", type=int, default=2)
   args = parser.parse_args(argv)
   torch.set_num_threads(args.threads)
-  print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; jax "
-        f"{jax.__version__}, torch {torch.__version__} on {args.threads} threads; XLA_FLAGS "
-        f"{os.environ.get('XLA_FLAGS', '')!r}; {args.rounds} rounds of {args.repeats} calls")
+  print(f"machine: {machine()}, load {os.getloadavg()[0]:.1f}; torch {torch.__version__} on "
+        f"{args.threads} threads; XLA_FLAGS {os.environ.get('XLA_FLAGS', '')!r}; "
+        f"{args.rounds} rounds of {args.repeats} calls")
   for shape in SHAPES:
     run_shape(*shape, args.rounds, args.repeats)
 

@@ -11,24 +11,15 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import time
 
 import jax
 import numpy as np
 
 from deepflow.privacy import token_norms
 from dp_step import machine  # noqa: E402  (benchmarks/ is the script's directory)
+from resident import time_round  # noqa: E402
 
 SHAPES = "64:16:32:20,64:96:64:1000,64:128:64:1000,16:128:768:50000,8:256:128:256,8:1024:768:50000"
-
-
-def time_form(fn, ids, g, calls: int = 5) -> float:
-  jax.block_until_ready(fn(ids, g))
-  start = time.perf_counter()
-  for _ in range(calls):
-    out = fn(ids, g)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / calls
 
 
 def main():
@@ -46,10 +37,13 @@ def main():
     g = rng.standard_normal((n, t, c), dtype=np.float32)
     forms = {form: jax.jit(functools.partial(token_norms.sq_norms, form=form))
              for form in ("gram", "runs")}
+    calls = {form: functools.partial(fn, ids, g) for form, fn in forms.items()}
+    for call in calls.values():  # compile
+      jax.block_until_ready(call())
     times = {form: [] for form in forms}
     for _ in range(args.rounds):
-      for form, fn in forms.items():
-        times[form].append(time_form(fn, ids, g))
+      for form, call in calls.items():
+        times[form].append(time_round(call, jax.block_until_ready, 5))
     gram, runs = (float(np.median(times[f])) for f in ("gram", "runs"))
     default = token_norms.cpu_form(g) if jax.default_backend() == "cpu" else "gram"
     print(f"N={n} T={t} C={c} V={v}: gram {gram * 1e3:.3f} ms, runs {runs * 1e3:.3f} ms, "
