@@ -69,11 +69,13 @@ class TextPipeline:
     self.train_split = data.train_split
     self._lengths: dict[str, np.ndarray] = {}
     self._streams: dict[tuple[str, bool], packing.PackedStream] = {}
+    vocab_size = tokenizers.vocab_size(data.tokenizer, workdir)  # the workdir's copy wins
+    tokenizers.check_fits(data.tokenizer, vocab_size, config.model.get("vocab_size", 0))
     self.spec = DataSpec(
         input_shape=(self.seq_len,), input_dtype=np.dtype(np.int32),
         target_shape=(self.seq_len,), num_classes=None,
         train_size=len(self._source(data.train_split)),  # documents
-        metadata={"vocab_size": tokenizers.vocab_size(data.tokenizer),
+        metadata={"vocab_size": vocab_size,
                   "load_tokenizer": lambda: self.tokenizer, "text_feature": self.feature})
 
   def _source(self, split: str) -> Sequence:
