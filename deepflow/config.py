@@ -68,7 +68,8 @@ def base_config() -> ConfigDict:
                                     # for an in-memory split without per-example steps)
       "tokenizer": "",              # '' = the dataset's examples as stored (bundled:text: character
                                     # ids); else a TFDS text dataset, tokenized and packed (see
-                                    # deepflow.data.text): 'byte', 'sentencepiece:PATH' or
+                                    # deepflow.data.text): 'byte', 'hf:DIR' (a Hugging Face
+                                    # tokenizer.json), 'sentencepiece:PATH' or
                                     # 'sentencepiece:{bpe,unigram}:VOCAB_SIZE' (trained on train)
       "text_feature": "",           # with a tokenizer: the feature holding the text ('' = the only
                                     # Text feature)
