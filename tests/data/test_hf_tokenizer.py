@@ -37,7 +37,7 @@ def library(name: str) -> hf.Tokenizer:
 
 @pytest.fixture(scope="module")
 def strings() -> list[str]:
-  """About 3,600 strings: every paragraph of the help topics, seeded random slices of them
+  """About 3,800 strings: every paragraph of the help topics, seeded random slices of them
   (cut mid-word and mid-line), and unicode, alone and mixed into the text."""
   text = corpus()
   rng = np.random.default_rng(0)
