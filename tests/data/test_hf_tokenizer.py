@@ -4,6 +4,7 @@ decodings on thousands of strings of the bundled text and unicode, the special t
 file a model directory may declare them in, the workdir's copy, and one-line errors."""
 import json
 import os
+import pickle
 import shutil
 
 import numpy as np
@@ -117,7 +118,7 @@ def test_special_tokens_come_from_each_file_in_turn(tmp_path):
   assert (tok.bos, tok.eos, tok.pad) == (2, 2, None)
 
 
-def test_a_truncation_or_padding_in_the_file_is_not_applied(tmp_path):
+def test_a_truncation_or_padding_in_the_file_is_not_applied_nor_pickled(tmp_path):
   data = json.loads(open(os.path.join(directory("gpt2_bpe"), "tokenizer.json")).read())
   data["truncation"] = {"direction": "Right", "max_length": 4, "strategy": "LongestFirst",
                         "stride": 0}
@@ -127,8 +128,10 @@ def test_a_truncation_or_padding_in_the_file_is_not_applied(tmp_path):
   with open(os.path.join(d, "tokenizer.json"), "w") as f:
     json.dump(data, f)
   text = corpus()[:2000]
-  assert hf_tokenizer.load(d).encode([text])[0] == library("gpt2_bpe").encode(
-      text, add_special_tokens=False).ids
+  expected = library("gpt2_bpe").encode(text, add_special_tokens=False).ids
+  ours = hf_tokenizer.load(d)
+  assert ours.encode([text])[0] == expected
+  assert pickle.loads(pickle.dumps(ours)).encode([text])[0] == expected  # as data.workers get it
 
 
 def test_the_workdir_copy_reads_back_alike_without_the_original(tmp_path, strings):
