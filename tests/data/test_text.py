@@ -285,7 +285,8 @@ def test_a_hugging_face_tokenizer_trains_resumes_and_samples_from_its_workdir_co
                                                                                    tmp_path):
   """experiments/text_transformer.py on the paragraphs with data.tokenizer='hf:DIR' (the GPT-2
   style fixture): 2 steps, then resuming to 3 once DIR is gone (the workdir's copy is all there
-  is); sampling encodes its prompt as the library does, after BOS, and decodes as it does."""
+  is); evaluation scores the test split as the library tokenizes it; sampling encodes its prompt
+  as the library does, after BOS, and decodes as it does."""
   experiment = os.path.join(ROOT, "experiments", "text_transformer.py")
   model_dir = shutil.copytree(GPT2_TOKENIZER, tmp_path / "gpt2")
   settings = ["data.source=tfds:pydoc_paragraphs", f"data.data_dir={text_dir}",
@@ -298,12 +299,15 @@ def test_a_hugging_face_tokenizer_trains_resumes_and_samples_from_its_workdir_co
   deepflow.train_and_evaluate(config_lib.load_config(experiment, [*settings, "train.steps=2"]),
                               parts)
   shutil.rmtree(model_dir)
-  deepflow.train_and_evaluate(config_lib.load_config(experiment, [*settings, "train.steps=3"]),
-                              parts)
+  metrics = deepflow.train_and_evaluate(
+      config_lib.load_config(experiment, [*settings, "train.steps=3"]), parts)
   with open(os.path.join(parts, "metrics.jsonl")) as f:
     steps = [row["step"] for row in map(json.loads, f) if row["split"] == "train"]
   assert steps == [1, 2, 3]  # resumed at 2, not started again
   library = hf.Tokenizer.from_file(os.path.join(GPT2_TOKENIZER, hf_tokenizer.TOKENIZER_JSON))
+  test_docs = [t for _, t in paragraphs()][int(0.9 * len(paragraphs())):]
+  assert metrics["tokens"] == sum(len(e.ids) + 1 for e in library.encode_batch(
+      test_docs, add_special_tokens=False))  # eval scored every target of the split, as tokenized
   samples, _, _ = sample.sample_run(parts, 2, prompt="The for statement", num_tokens=6)
   prompt = [library.token_to_id("<|endoftext|>"), *library.encode("The for statement").ids]
   assert samples["tokens"].shape == (2, len(prompt) + 6)
