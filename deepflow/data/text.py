@@ -35,15 +35,18 @@ def text_feature(features: Mapping[str, Any], name: str, spec: str) -> str:
   """The feature holding the text: ``name``, or (``''``) the dataset's only Text feature."""
   import tensorflow_datasets as tfds
   texts = [k for k, f in features.items() if isinstance(f, tfds.features.Text)]
+  hint = "" if texts else ("; it has no Text feature for data.tokenizer to read (the bundled "
+                           "help topics as text: data.source='bundled:text/documents')")
   if name:
     if name not in features:
       raise ConfigError(f"dataset {spec!r} has no feature {name!r} (data.text_feature); "
-                        f"features: {', '.join(sorted(features))}")
+                        f"features: {', '.join(sorted(features))}{hint}")
     return name
+  if not texts:
+    raise ConfigError(f"dataset {spec!r} cannot be tokenized{hint}")
   if len(texts) != 1:
-    found = ", ".join(texts) if texts else "none"
     raise ConfigError(f"dataset {spec!r} needs data.text_feature to say which feature holds the "
-                      f"text (Text features: {found})")
+                      f"text (Text features: {', '.join(texts)})")
   return texts[0]
 
 
@@ -52,13 +55,14 @@ class TextPipeline:
 
   def __init__(self, config: Any, workdir: str | None = None):
     data = config.data
-    kind, rest = sources.parse_source(data.source)
-    if kind != "tfds":
-      raise ConfigError(f"data.tokenizer={data.tokenizer!r} reads a TFDS text dataset "
-                        f"(data.source='tfds:NAME'), got {data.source!r}")
+    kind, _ = sources.parse_source(data.source)
+    if kind == "synthetic":
+      raise ConfigError(f"data.tokenizer={data.tokenizer!r} reads a TFDS or bundled text dataset "
+                        f"(data.source='tfds:NAME' or 'bundled:text/documents'), got "
+                        f"{data.source!r}")
     self.config, self.workdir, self.seed = config, workdir, config.seed
-    self.builder, self.splits = sources.open_tfds_splits(rest, data.data_dir or
-                                                         sources.default_data_dir())
+    self.builder, self.splits = sources.open_splits(data.source, data.data_dir or
+                                                    sources.default_data_dir())
     self.feature = text_feature(self.builder.info.features, data.text_feature, data.source)
     self.seq_len, self.num_threads, self.workers = data.seq_len, data.num_threads, data.workers
     self.process_count, self.process_index = jax.process_count(), jax.process_index()

@@ -15,7 +15,8 @@ import tokenizers as hf
 
 import deepflow
 from deepflow import config as config_lib, export, sample
-from deepflow.data import hf_tokenizer, packing, tokenizers
+from deepflow.data import hf_tokenizer, packing, sources, tokenizers
+from deepflow.data.bundled.text import corpus
 from deepflow.models import transformer
 from deepflow.registry import ConfigError
 from deepflow.train.experiment import Experiment
@@ -233,7 +234,9 @@ def test_worker_processes_give_the_same_batches_and_resume(text_dir, tmp_path):
     ("data.tokenizer='sentencepiece:/no/such.model'", "not found"),
     ("data.text_feature=title", "has no feature 'title'"),
     ("data.text_feature=''", "needs data.text_feature"),
-    ("data.source=bundled:text", "reads a TFDS text dataset"),
+    ("data.source=bundled:text", "no Text feature for data.tokenizer to read .*"
+                                 "data.source='bundled:text/documents'"),
+    ("data.source=synthetic:digits_like", "reads a TFDS or bundled text dataset"),
 ])
 def test_bad_text_settings_fail_in_one_line(text_dir, tmp_path, override, message):
   with pytest.raises(ConfigError, match=message):
@@ -281,16 +284,16 @@ def test_train_resume_and_sample_through_the_cli(text_dir, tmp_path):
     export.export(parts, str(tmp_path / "artifact"))
 
 
-def test_a_hugging_face_tokenizer_trains_resumes_and_samples_from_its_workdir_copy(text_dir,
+def test_a_hugging_face_tokenizer_trains_resumes_and_samples_from_its_workdir_copy(data_dir,
                                                                                    tmp_path):
-  """experiments/text_transformer.py on the paragraphs with data.tokenizer='hf:DIR' (the GPT-2
-  style fixture): 2 steps, then resuming to 3 once DIR is gone (the workdir's copy is all there
-  is); evaluation scores the test split as the library tokenizes it; sampling encodes its prompt
-  as the library does, after BOS, and decodes as it does."""
+  """experiments/text_transformer.py with data.tokenizer='hf:DIR' (the GPT-2 style fixture) on
+  the bundled help topics as documents: 2 steps, then resuming to 3 once DIR is gone (the
+  workdir's copy is all there is); evaluation scores the test split as the library tokenizes
+  it; sampling encodes its prompt as the library does, after BOS, and decodes as it does."""
   experiment = os.path.join(ROOT, "experiments", "text_transformer.py")
   model_dir = shutil.copytree(GPT2_TOKENIZER, tmp_path / "gpt2")
-  settings = ["data.source=tfds:pydoc_paragraphs", f"data.data_dir={text_dir}",
-              "data.text_feature=text", f"data.tokenizer=hf:{model_dir}", "data.seq_len=64",
+  settings = ["data.source=bundled:text/documents", f"data.data_dir={data_dir}",
+              f"data.tokenizer=hf:{model_dir}", "data.seq_len=64",
               "model.max_len=64", "model.d_model=32", "model.mlp_dim=64", "data.batch_size=8",
               "data.eval_batch_size=64", "train.eval_every=0", "train.checkpoint_every=2",
               "optimizer.warmup_steps=1", "optimizer.decay_steps=3", "train.log_every=1",
@@ -305,7 +308,9 @@ def test_a_hugging_face_tokenizer_trains_resumes_and_samples_from_its_workdir_co
     steps = [row["step"] for row in map(json.loads, f) if row["split"] == "train"]
   assert steps == [1, 2, 3]  # resumed at 2, not started again
   library = hf.Tokenizer.from_file(os.path.join(GPT2_TOKENIZER, hf_tokenizer.TOKENIZER_JSON))
-  test_docs = [t for _, t in paragraphs()][int(0.9 * len(paragraphs())):]
+  builder, _ = sources.open_splits("bundled:text/documents", data_dir)
+  start, stop = builder.info.metadata["boundaries"]["test"]
+  test_docs = [p for p in corpus()[start:stop].split("\n\n") if p.strip()]
   assert metrics["tokens"] == sum(len(e.ids) + 1 for e in library.encode_batch(
       test_docs, add_special_tokens=False))  # eval scored every target of the split, as tokenized
   samples, _, _ = sample.sample_run(parts, 2, prompt="The for statement", num_tokens=6)
