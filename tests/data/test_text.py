@@ -297,8 +297,8 @@ def test_a_hugging_face_tokenizer_trains_resumes_and_samples_from_its_workdir_co
               "model.max_len=64", "model.d_model=32", "model.mlp_dim=64", "data.batch_size=8",
               "data.eval_batch_size=64", "train.eval_every=0", "train.checkpoint_every=2",
               "optimizer.warmup_steps=1", "optimizer.decay_steps=3", "train.log_every=1",
-              "train.progress=False", "train.compilation_cache=''"]
-  parts = str(tmp_path / "parts")
+              "train.progress=False", f"train.compilation_cache={tmp_path / 'cache'}"]
+  parts = str(tmp_path / "parts")  # one compilation cache: the resumed run compiles nothing
   deepflow.train_and_evaluate(config_lib.load_config(experiment, [*settings, "train.steps=2"]),
                               parts)
   shutil.rmtree(model_dir)
