@@ -7,9 +7,10 @@ document (``deepflow.data.packing``), so a template the tokenizer would add (Lla
 not added twice. The special tokens come from, in order, ``tokenizer_config.json``,
 ``special_tokens_map.json`` (``bos_token``, ``eos_token``, ``pad_token``: a token string or an
 ``AddedToken`` dict) and ``config.json`` (``bos_token_id``, ...), as ``transformers`` reads them; a
-tokenizer without a BOS (Qwen2, GPT-2 style) starts documents with its EOS, the separator it was
-trained with. Saved (``save``) as ``tokenizer.json`` beside a ``tokenizer_config.json`` naming the
-resolved tokens, the copy reads back with the same ids, by deepflow or by ``transformers``.
+tokenizer without a BOS (Qwen2) starts documents with its EOS, the document separator it was
+trained with (GPT-2's ``<|endoftext|>`` is both). A run keeps ``files()`` in its workdir:
+``tokenizer.json`` as read beside a ``tokenizer_config.json`` naming the resolved tokens, a copy
+that gives the same ids and special tokens, read by deepflow or by ``transformers``.
 """
 from __future__ import annotations
 
@@ -67,7 +68,8 @@ class HfTokenizer:
     self.tokenizer.no_padding()
     self.json = tokenizer_json
     self.config = dict(settings.get(TOKENIZER_CONFIG, {}))
-    self.vocab_size = max(self.tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+    self.vocab_size = max(self.tokenizer.get_vocab(with_added_tokens=True).values(),
+                          default=-1) + 1
     ids = {name: self._declared(name, settings) for name in SPECIAL}
     if ids["eos"] is None:
       raise ConfigError(f"{origin} declares no EOS token (eos_token in {TOKENIZER_CONFIG} or "
@@ -90,8 +92,8 @@ class HfTokenizer:
         return found
     value = settings.get(MODEL_CONFIG, {}).get(f"{name}_token_id")
     value = value[0] if isinstance(value, list) and value else value
-    if value is None or value == []:
-      return None
+    if value is None or value == [] or (isinstance(value, int) and value < 0):
+      return None  # some configs say -1 for "none"
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < self.vocab_size:
       raise ConfigError(f"{self.origin}/{MODEL_CONFIG}: {name}_token_id={value!r} is not an id "
                         f"of {TOKENIZER_JSON} (0..{self.vocab_size - 1}); fix it, or name the "
@@ -111,8 +113,8 @@ class HfTokenizer:
     return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
   def files(self) -> dict[str, str]:
-    """What ``save`` writes: ``tokenizer.json`` as read, and ``tokenizer_config.json`` with the
-    resolved special tokens, so the copy needs none of the other files to give these ids."""
+    """What a run keeps in its workdir: ``tokenizer.json`` as read, and ``tokenizer_config.json``
+    with the resolved special tokens, so the copy needs none of the other files."""
     config = dict(self.config)
     for name in SPECIAL:
       token_id = getattr(self, name)

@@ -113,7 +113,7 @@ def test_special_tokens_come_from_each_file_in_turn(tmp_path):
   tok = hf_tokenizer.load(d)
   assert (tok.bos, tok.eos, tok.pad) == (0, 0, 2)
   with open(os.path.join(d, "config.json"), "w") as f:
-    json.dump({"eos_token_id": 2}, f)
+    json.dump({"eos_token_id": 2, "pad_token_id": -1}, f)  # -1: none, as older configs say
   tok = hf_tokenizer.load(d)
   assert (tok.bos, tok.eos, tok.pad) == (2, 2, None)
 
