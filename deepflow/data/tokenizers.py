@@ -125,9 +125,8 @@ def check_fits(spec: str, size: int, model_vocab: int, model_origin: str = "mode
     where = os.path.join(os.path.expanduser(str(arg)), hf_tokenizer.TOKENIZER_JSON
                          ) if kind == "hf" else "it"
     raise ConfigError(f"data.tokenizer {spec!r}: {where} has {size} ids, more than "
-                      f"{model_origin}={model_vocab}; use the model's own tokenizer, or a model "
-                      f"whose vocabulary holds {size} ids (model.vocab_size=0 takes the "
-                      f"tokenizer's)")
+                      f"{model_origin}={model_vocab}; tokenize with the model's own tokenizer, "
+                      f"or give the model a vocabulary of >= {size} ids")
 
 
 def hf_spec(directory: str) -> str | None:

@@ -194,5 +194,7 @@ def test_a_tokenizer_larger_than_the_model_is_refused():
   tokenizers.check_fits(spec, 1001, 0)     # 0: the model takes the tokenizer's size
   tokenizers.check_fits(spec, 1001, 1024)  # a padded vocabulary holds it
   with pytest.raises(ConfigError, match=r"gpt2_bpe/tokenizer.json has 1001 ids, more than "
-                                        r"model.vocab_size=1000; use the model's own tokenizer"):
+                                        r"model.vocab_size=1000; tokenize with the model's "
+                                        r"own tokenizer, or give the model a vocabulary of "
+                                        r">= 1001 ids"):
     tokenizers.check_fits(spec, 1001, 1000)
