@@ -1,5 +1,6 @@
-"""Text corpora at scale: a TFDS text feature, tokenized (``data.tokenizer``) and packed into
-rows of ``data.seq_len`` tokens with document boundaries kept (``deepflow.data.packing``).
+"""Text corpora at scale: a TFDS text feature (``tfds:NAME``, or ``bundled:text/documents``),
+tokenized (``data.tokenizer``) and packed into rows of ``data.seq_len`` tokens with document
+boundaries kept (``deepflow.data.packing``).
 
 Nothing is held in memory but one int per document. Before the first step the tokenizer is
 built (or read back from the workdir) and one streaming pass over the train split counts each
