@@ -67,8 +67,10 @@ def base_config() -> ConfigDict:
       "num_threads": 2,             # Grain reader threads (prefetching into the train step; none
                                     # for an in-memory split without per-example steps)
       "tokenizer": "",              # '' = the dataset's examples as stored (bundled:text: character
-                                    # ids); else a TFDS text dataset, tokenized and packed (see
-                                    # deepflow.data.text): 'byte', 'sentencepiece:PATH' or
+                                    # ids); else a text dataset (tfds:NAME or
+                                    # bundled:text/documents), tokenized and packed (see
+                                    # deepflow.data.text): 'byte', 'hf:DIR' (a Hugging Face
+                                    # tokenizer.json), 'sentencepiece:PATH' or
                                     # 'sentencepiece:{bpe,unigram}:VOCAB_SIZE' (trained on train)
       "text_feature": "",           # with a tokenizer: the feature holding the text ('' = the only
                                     # Text feature)
@@ -388,9 +390,10 @@ def _validate_text(config: ConfigDict) -> None:
   """A tokenized, packed text dataset (``data.tokenizer``): what it needs from the rest."""
   from deepflow.data import tokenizers
   tokenizers.parse(config.data.tokenizer)
-  if not config.data.source.startswith("tfds:"):
-    raise ConfigError(f"data.tokenizer={config.data.tokenizer!r} reads a TFDS text dataset "
-                      f"(data.source='tfds:NAME'), got {config.data.source!r}")
+  if not config.data.source.startswith(("tfds:", "bundled:")):
+    raise ConfigError(f"data.tokenizer={config.data.tokenizer!r} reads a TFDS or bundled text "
+                      f"dataset (data.source='tfds:NAME' or 'bundled:text/documents'), got "
+                      f"{config.data.source!r}")
   if config.task.name != "language_model":
     raise ConfigError(f"data.tokenizer gives packed token rows for task 'language_model', not "
                       f"{config.task.name!r}")

@@ -144,18 +144,22 @@ def open_dataset(data_config: Any, *, seed: int = 0) -> Dataset:
   data_dir = data_config.data_dir or default_data_dir()
   if kind == "synthetic":
     return DATASETS.get(f"synthetic:{rest}")(seed=seed)
-  if kind == "bundled":
-    builder = _bundled_builder(rest, data_dir)
-    if not builder.is_prepared():
-      import logging
-      import tensorflow_datasets as tfds
-      logging.getLogger("deepflow").info("preparing %s into %s (offline, once)", data_config.source,
-                                         data_dir)
-      tfds.display_progress_bar(False)
-      builder.download_and_prepare()  # offline: the data ships inside a Python package
-  else:
-    builder = _tfds_builder(rest, data_dir)
-  return _from_builder(builder, data_config.source)
+  return _from_builder(_prepared_builder(kind, rest, data_dir), data_config.source)
+
+
+def _prepared_builder(kind: str, rest: str, data_dir: str):
+  """The builder of a 'bundled' or 'tfds' source, a bundled one prepared on first use."""
+  if kind != "bundled":
+    return _tfds_builder(rest, data_dir)
+  builder = _bundled_builder(rest, data_dir)
+  if not builder.is_prepared():
+    import logging
+    import tensorflow_datasets as tfds
+    logging.getLogger("deepflow").info("preparing bundled:%s into %s (offline, once)", rest,
+                                       data_dir)
+    tfds.display_progress_bar(False)
+    builder.download_and_prepare()  # offline: the data ships inside a Python package
+  return builder
 
 
 def _bundled_builder(rest: str, data_dir: str):
@@ -207,11 +211,13 @@ def _not_prepared(rest: str, data_dir: str) -> str:
           f"--data_dir {data_dir}`, then set data.data_dir")
 
 
-def open_tfds_splits(rest: str, data_dir: str) -> tuple[Any, Mapping[str, Sequence]]:
-  """A prepared TFDS builder and its splits (each opened on first use), for readers of
-  features other than the supervised keys (text corpora, ``deepflow.data.text``)."""
-  builder = _tfds_builder(rest, data_dir)
-  return builder, _TfdsSplits(builder, f"tfds:{rest}")
+def open_splits(spec: str, data_dir: str) -> tuple[Any, Mapping[str, Sequence]]:
+  """A prepared builder of a 'tfds' or 'bundled' source and its splits (each opened on first
+  use), for readers of features other than the supervised keys (text corpora,
+  ``deepflow.data.text``)."""
+  kind, rest = parse_source(spec)
+  builder = _prepared_builder(kind, rest, data_dir)
+  return builder, _TfdsSplits(builder, spec)
 
 
 def _from_builder(builder, spec: str) -> Dataset:

@@ -1,5 +1,6 @@
-"""Text corpora at scale: a TFDS text feature, tokenized (``data.tokenizer``) and packed into
-rows of ``data.seq_len`` tokens with document boundaries kept (``deepflow.data.packing``).
+"""Text corpora at scale: a TFDS text feature (``tfds:NAME``, or ``bundled:text/documents``),
+tokenized (``data.tokenizer``) and packed into rows of ``data.seq_len`` tokens with document
+boundaries kept (``deepflow.data.packing``).
 
 Nothing is held in memory but one int per document. Before the first step the tokenizer is
 built (or read back from the workdir) and one streaming pass over the train split counts each
@@ -35,15 +36,18 @@ def text_feature(features: Mapping[str, Any], name: str, spec: str) -> str:
   """The feature holding the text: ``name``, or (``''``) the dataset's only Text feature."""
   import tensorflow_datasets as tfds
   texts = [k for k, f in features.items() if isinstance(f, tfds.features.Text)]
+  hint = "" if texts else ("; it has no Text feature for data.tokenizer to read (the bundled "
+                           "help topics as text: data.source='bundled:text/documents')")
   if name:
     if name not in features:
       raise ConfigError(f"dataset {spec!r} has no feature {name!r} (data.text_feature); "
-                        f"features: {', '.join(sorted(features))}")
+                        f"features: {', '.join(sorted(features))}{hint}")
     return name
+  if not texts:
+    raise ConfigError(f"dataset {spec!r} cannot be tokenized{hint}")
   if len(texts) != 1:
-    found = ", ".join(texts) if texts else "none"
     raise ConfigError(f"dataset {spec!r} needs data.text_feature to say which feature holds the "
-                      f"text (Text features: {found})")
+                      f"text (Text features: {', '.join(texts)})")
   return texts[0]
 
 
@@ -52,13 +56,14 @@ class TextPipeline:
 
   def __init__(self, config: Any, workdir: str | None = None):
     data = config.data
-    kind, rest = sources.parse_source(data.source)
-    if kind != "tfds":
-      raise ConfigError(f"data.tokenizer={data.tokenizer!r} reads a TFDS text dataset "
-                        f"(data.source='tfds:NAME'), got {data.source!r}")
+    kind, _ = sources.parse_source(data.source)
+    if kind == "synthetic":
+      raise ConfigError(f"data.tokenizer={data.tokenizer!r} reads a TFDS or bundled text dataset "
+                        f"(data.source='tfds:NAME' or 'bundled:text/documents'), got "
+                        f"{data.source!r}")
     self.config, self.workdir, self.seed = config, workdir, config.seed
-    self.builder, self.splits = sources.open_tfds_splits(rest, data.data_dir or
-                                                         sources.default_data_dir())
+    self.builder, self.splits = sources.open_splits(data.source, data.data_dir or
+                                                    sources.default_data_dir())
     self.feature = text_feature(self.builder.info.features, data.text_feature, data.source)
     self.seq_len, self.num_threads, self.workers = data.seq_len, data.num_threads, data.workers
     self.process_count, self.process_index = jax.process_count(), jax.process_index()
@@ -69,11 +74,13 @@ class TextPipeline:
     self.train_split = data.train_split
     self._lengths: dict[str, np.ndarray] = {}
     self._streams: dict[tuple[str, bool], packing.PackedStream] = {}
+    vocab_size = tokenizers.vocab_size(data.tokenizer, workdir)  # the workdir's copy wins
+    tokenizers.check_fits(data.tokenizer, vocab_size, config.model.get("vocab_size", 0))
     self.spec = DataSpec(
         input_shape=(self.seq_len,), input_dtype=np.dtype(np.int32),
         target_shape=(self.seq_len,), num_classes=None,
         train_size=len(self._source(data.train_split)),  # documents
-        metadata={"vocab_size": tokenizers.vocab_size(data.tokenizer),
+        metadata={"vocab_size": vocab_size,
                   "load_tokenizer": lambda: self.tokenizer, "text_feature": self.feature})
 
   def _source(self, split: str) -> Sequence:

@@ -186,6 +186,19 @@ def test_text_chunks_follow_the_corpus(prepare):
   assert meta["boundaries"]["test"][0] == round(len(text) * 0.9)
 
 
+def test_text_documents_are_the_paragraphs_of_each_split(prepare):
+  """bundled:text/documents: the same character splits as the chunks, as text paragraphs."""
+  builder = prepare("text", "documents")
+  meta, text = builder.info.metadata, corpus()
+  assert builder.info.supervised_keys is None and "seq_len" not in meta
+  assert meta["boundaries"] == prepare("text").info.metadata["boundaries"]
+  for split, source in builder.as_data_source().items():
+    start, stop = meta["boundaries"][split]
+    documents = [source[i]["text"].decode("utf-8") for i in range(len(source))]
+    assert documents == [p for p in text[start:stop].split("\n\n") if p.strip()]
+    assert meta["split_sizes"][split] == len(documents) > 100
+
+
 # --- tables -----------------------------------------------------------------------------------
 
 def _breast_cancer():

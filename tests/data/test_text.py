@@ -3,6 +3,7 @@ ArrayRecord offline), a trained SentencePiece tokenizer, rows packed with docume
 kept in attention and loss, and resumable training through `deepflow train`."""
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -10,14 +11,19 @@ import numpy as np
 import optax
 import pytest
 import tensorflow_datasets as tfds
+import tokenizers as hf
 
 import deepflow
 from deepflow import config as config_lib, export, sample
-from deepflow.data import packing, tokenizers
+from deepflow.data import hf_tokenizer, packing, sources, tokenizers
+from deepflow.data.bundled.text import corpus
 from deepflow.models import transformer
 from deepflow.registry import ConfigError
 from deepflow.train.experiment import Experiment
 from tests.helpers import deepflow_cli, write_experiment
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+GPT2_TOKENIZER = os.path.join(ROOT, "tests", "fixtures", "hf", "tokenizers", "gpt2_bpe")
 
 
 def paragraphs() -> list[tuple[str, str]]:
@@ -228,11 +234,23 @@ def test_worker_processes_give_the_same_batches_and_resume(text_dir, tmp_path):
     ("data.tokenizer='sentencepiece:/no/such.model'", "not found"),
     ("data.text_feature=title", "has no feature 'title'"),
     ("data.text_feature=''", "needs data.text_feature"),
-    ("data.source=bundled:text", "reads a TFDS text dataset"),
+    ("data.source=bundled:text", "no Text feature for data.tokenizer to read .*"
+                                 "data.source='bundled:text/documents'"),
+    ("data.source=synthetic:digits_like", "reads a TFDS or bundled text dataset"),
 ])
 def test_bad_text_settings_fail_in_one_line(text_dir, tmp_path, override, message):
   with pytest.raises(ConfigError, match=message):
     Experiment(text_config(text_dir, override), str(tmp_path))
+
+
+def test_a_tokenizer_larger_than_the_declared_model_fails_before_any_write(text_dir, tmp_path):
+  config = text_config(text_dir, f"data.tokenizer='hf:{GPT2_TOKENIZER}'", "model.vocab_size=1000")
+  with pytest.raises(ConfigError, match=r"gpt2_bpe/tokenizer.json has 1001 ids, more than "
+                                        r"model.vocab_size=1000"):
+    Experiment(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / tokenizers.HF_TOKENIZER_DIR)
+  Experiment(text_config(text_dir, f"data.tokenizer='hf:{GPT2_TOKENIZER}'",
+                         "model.vocab_size=1024"), None)  # padded past the tokenizer: fine
 
 
 # -- through the CLI, resumption included ------------------------------------------------------
@@ -264,6 +282,43 @@ def test_train_resume_and_sample_through_the_cli(text_dir, tmp_path):
   assert samples["text"][0].startswith("The ") and samples["tokens"].shape[1] >= 6
   with pytest.raises(ConfigError, match="reads text through data.tokenizer"):
     export.export(parts, str(tmp_path / "artifact"))
+
+
+def test_a_hugging_face_tokenizer_trains_resumes_and_samples_from_its_workdir_copy(data_dir,
+                                                                                   tmp_path):
+  """experiments/text_transformer.py with data.tokenizer='hf:DIR' (the GPT-2 style fixture) on
+  the bundled help topics as documents: 2 steps, then resuming to 3 once DIR is gone (the
+  workdir's copy is all there is); evaluation scores the test split as the library tokenizes
+  it; sampling encodes its prompt as the library does, after BOS, and decodes as it does."""
+  experiment = os.path.join(ROOT, "experiments", "text_transformer.py")
+  model_dir = shutil.copytree(GPT2_TOKENIZER, tmp_path / "gpt2")
+  settings = ["data.source=bundled:text/documents", f"data.data_dir={data_dir}",
+              f"data.tokenizer=hf:{model_dir}", "data.seq_len=64",
+              "model.max_len=64", "model.d_model=32", "model.mlp_dim=64", "data.batch_size=8",
+              "data.eval_batch_size=64", "train.eval_every=0", "train.checkpoint_every=2",
+              "optimizer.warmup_steps=1", "optimizer.decay_steps=3", "train.log_every=1",
+              "train.progress=False", f"train.compilation_cache={tmp_path / 'cache'}"]
+  parts = str(tmp_path / "parts")  # one compilation cache: the resumed run compiles nothing
+  deepflow.train_and_evaluate(config_lib.load_config(experiment, [*settings, "train.steps=2"]),
+                              parts)
+  shutil.rmtree(model_dir)
+  metrics = deepflow.train_and_evaluate(
+      config_lib.load_config(experiment, [*settings, "train.steps=3"]), parts)
+  with open(os.path.join(parts, "metrics.jsonl")) as f:
+    steps = [row["step"] for row in map(json.loads, f) if row["split"] == "train"]
+  assert steps == [1, 2, 3]  # resumed at 2, not started again
+  library = hf.Tokenizer.from_file(os.path.join(GPT2_TOKENIZER, hf_tokenizer.TOKENIZER_JSON))
+  builder, _ = sources.open_splits("bundled:text/documents", data_dir)
+  start, stop = builder.info.metadata["boundaries"]["test"]
+  test_docs = [p for p in corpus()[start:stop].split("\n\n") if p.strip()]
+  assert metrics["tokens"] == sum(len(e.ids) + 1 for e in library.encode_batch(
+      test_docs, add_special_tokens=False))  # eval scored every target of the split, as tokenized
+  samples, _, _ = sample.sample_run(parts, 2, prompt="The for statement", num_tokens=6)
+  prompt = [library.token_to_id("<|endoftext|>"), *library.encode("The for statement").ids]
+  assert samples["tokens"].shape == (2, len(prompt) + 6)
+  np.testing.assert_array_equal(samples["tokens"][:, :len(prompt)], [prompt, prompt])
+  assert list(samples["text"]) == [library.decode(t.tolist()) for t in samples["tokens"]]
+  assert tokenizers.vocab_size(f"hf:{model_dir}", parts) == 1001  # the copy, DIR being gone
 
 
 def test_a_vectorized_sweep_trains_on_the_packed_text(text_dir, tmp_path):

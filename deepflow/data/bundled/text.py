@@ -1,6 +1,7 @@
 """A character-level English corpus for language modelling: Python's own help topics
-(``pydoc_data.topics.topics``, about 0.46 MB of reference prose and grammar). It ships with
-every CPython, so preparing it needs no network and no package at all."""
+(``pydoc_data.topics.topics``, about 0.46 MB of reference prose and grammar), or the same text as
+documents for a tokenizer (``bundled:text/documents``). It ships with every CPython, so preparing
+it needs no network and no package at all."""
 from __future__ import annotations
 
 import dataclasses
@@ -21,13 +22,20 @@ def corpus() -> str:
   return "".join(topics[key] for key in sorted(topics))
 
 
+def paragraphs(text: str) -> list[str]:
+  """The non-blank paragraphs (``\n\n``-separated) of a piece of the corpus, in order."""
+  return [p for p in text.split("\n\n") if p.strip()]
+
+
 @dataclasses.dataclass(eq=False)
 class TextConfig(tfds.core.BuilderConfig):
-  """Chunks of ``seq_len`` characters; the last ``test_fraction`` of the character stream is
-  ``test``, the ``validation_fraction`` before it ``validation`` (no such split when 0)."""
+  """Chunks of ``seq_len`` characters, or (``documents``) each split's paragraphs as text; the
+  last ``test_fraction`` of the character stream is ``test``, the ``validation_fraction`` before
+  it ``validation`` (no such split when 0)."""
   seq_len: int = 128
   validation_fraction: float = 0.05
   test_fraction: float = 0.1
+  documents: bool = False
 
   def __post_init__(self):
     if self.seq_len < 1:
@@ -48,11 +56,15 @@ class DeepflowPydocText(BundledBuilder):
   5%, test the last 10% (``metadata['boundaries']``); a chunk needs seq_len + 1 characters inside
   its split. Chunks are stored in stream order. Under Python 3.11.7 (464,970 characters, 103
   symbols) the default config (``seq128``) gives train 3,087 / validation 181 / test 363 chunks.
+  ``documents`` holds ``{'text': Text}`` instead: the paragraphs of each split's characters (a
+  paragraph across a cut is cut too), the documents ``data.tokenizer`` packs into rows.
   The topics change between Python releases, so the corpus is fixed per release:
   ``metadata['python_version']`` and ``metadata['corpus_sha256']`` record which one was used."""
   VERSION = tfds.core.Version("1.0.0")
   BUILDER_CONFIGS = [
       TextConfig(name="seq128", seq_len=128, description="128-character chunks."),
+      TextConfig(name="documents", documents=True,
+                 description="Paragraphs as text documents, for data.tokenizer."),
   ]
 
   @functools.cached_property
@@ -76,17 +88,23 @@ class DeepflowPydocText(BundledBuilder):
         "python_version": sys.version.split()[0],
         "corpus_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
     }
+    if cfg.documents:  # no chunks: paragraphs, tokenized by the text pipeline
+      del metadata["seq_len"]
+      metadata["split_sizes"] = {k: len(paragraphs(text[a:b])) for k, (a, b) in bounds.items()}
     return ids, metadata
 
   def _info(self) -> tfds.core.DatasetInfo:
     seq_len = self.builder_config.seq_len
+    chunks = {
+        "inputs": tfds.features.Tensor(shape=(seq_len,), dtype=np.int32),
+        "targets": tfds.features.Tensor(shape=(seq_len,), dtype=np.int32),
+        "offset": tfds.features.Tensor(shape=(), dtype=np.int32),
+    }
+    documents = self.builder_config.documents
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "inputs": tfds.features.Tensor(shape=(seq_len,), dtype=np.int32),
-            "targets": tfds.features.Tensor(shape=(seq_len,), dtype=np.int32),
-            "offset": tfds.features.Tensor(shape=(), dtype=np.int32),
-        }),
-        supervised_keys=("inputs", "targets"),
+        features=tfds.features.FeaturesDict({"text": tfds.features.Text()} if documents
+                                            else chunks),
+        supervised_keys=None if documents else ("inputs", "targets"),
         homepage="https://docs.python.org/3/library/pydoc.html",
         disable_shuffling=True,
         metadata=tfds.core.MetadataDict(self._data[1]),
@@ -94,8 +112,17 @@ class DeepflowPydocText(BundledBuilder):
 
   def _split_generators(self, dl_manager):
     ids, metadata = self._data
+    bounds = metadata["boundaries"]
+    if self.builder_config.documents:
+      text = corpus()
+      return {split: self._generate_documents(text[start:stop])
+              for split, (start, stop) in bounds.items()}
     return {split: self._generate_examples(ids, start, stop)
-            for split, (start, stop) in metadata["boundaries"].items()}
+            for split, (start, stop) in bounds.items()}
+
+  def _generate_documents(self, text: str):
+    for i, paragraph in enumerate(paragraphs(text)):
+      yield i, {"text": paragraph}
 
   def _generate_examples(self, ids: np.ndarray, start: int, stop: int):
     seq_len = self.builder_config.seq_len
