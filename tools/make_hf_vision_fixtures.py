@@ -43,9 +43,10 @@ CONFIGS = {  # name: (family, config overrides, image size)
 }
 
 
-def reference(family: str, overrides: dict, seed: int = 0) -> torch.nn.Module:
+def reference(family: str, overrides: dict, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
   """A random-initialised model in eval mode, with every parameter and batch-norm statistic
-  drawn so none is at its trivial initial value (zero biases, unit variances)."""
+  drawn so none is at its trivial initial value (zero biases, unit variances): normal of
+  ``std`` about 0 (about 1 for norms' scales); ResNet's conv kernels keep their He init."""
   torch.manual_seed(seed)
   if family == "vit":
     model = transformers.ViTForImageClassification(transformers.ViTConfig(**{**VIT, **overrides}))
@@ -55,7 +56,7 @@ def reference(family: str, overrides: dict, seed: int = 0) -> torch.nn.Module:
   with torch.no_grad():
     for name, p in model.named_parameters():
       if family == "vit" or not name.endswith("convolution.weight"):
-        p.normal_(0.0 if not name.endswith("weight") or p.ndim > 1 else 1.0, 0.3)
+        p.normal_(0.0 if not name.endswith("weight") or p.ndim > 1 else 1.0, std)
     for m in model.modules():
       if isinstance(m, torch.nn.BatchNorm2d):
         m.running_mean.normal_(0.0, 0.5)
