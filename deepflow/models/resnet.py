@@ -35,9 +35,9 @@ class ResidualBlock(nn.Module):
   """act(shortcut(x) + branch(x)). ``'basic'``: two 3x3 convs; ``'bottleneck'``: 1x1 -> 3x3 ->
   1x1 with 4x ``width`` outputs, strided in the 3x3 conv (ResNet v1.5) or with
   ``downsample_in_bottleneck`` in the first 1x1 (v1). Every conv is followed by batch norm. The
-  shortcut is a 1x1 strided conv + batch norm when the shape changes. ``padding``: see ``pads``. ``drop_rate`` drops the branch per example
-  during training (stochastic depth). ``train`` is positional so ``nn.remat`` can treat it as
-  static."""
+  shortcut is a 1x1 strided conv + batch norm when the shape changes. ``padding``: see
+  ``pads``. ``drop_rate`` drops the branch per example during training (stochastic depth).
+  ``train`` is positional so ``nn.remat`` can treat it as static."""
   width: int
   strides: int = 1
   kind: str = "basic"

@@ -14,7 +14,7 @@ from flax import traverse_util
 from safetensors.numpy import load_file
 
 from deepflow.hf import resnet, vit
-from deepflow.models import model_fields
+from deepflow.models import lora, model_fields
 from deepflow.registry import MODELS, ConfigError
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "hf", "vision")
@@ -27,7 +27,8 @@ def read(name: str):
   path = os.path.join(FIXTURES, name)
   with open(os.path.join(path, "config.json")) as f:
     config = json.load(f)
-  return (FAMILIES[config["model_type"]], config, load_file(os.path.join(path, "model.safetensors")),
+  tensors = load_file(os.path.join(path, "model.safetensors"))
+  return (FAMILIES[config["model_type"]], config, tensors,
           np.load(os.path.join(path, "reference.npz")))
 
 
@@ -112,3 +113,21 @@ def test_vit_refuses_images_of_another_size():
   family, config, tensors, reference = read("vit_base_layout")
   with pytest.raises(ConfigError, match="takes 16x16 images .* got 8x8"):
     build(family, config).apply(load(family, config, tensors), reference["images"][:, :8, :8])
+
+
+def test_vit_layout_scans_remats_and_takes_adapters():
+  """The checkpoint's blocks stacked for ``scan_layers`` (with ``remat_policy='full'``) give the
+  same logits; LoRA's default targets reach the separate query/key/value kernels."""
+  family, config, tensors, reference = read("vit_base_layout")
+  params = dict(load(family, config, tensors)["params"])
+  blocks = [params.pop(f"block{i}") for i in range(config["num_hidden_layers"])]
+  params["blocks"] = {"block": jax.tree.map(lambda *x: jnp.stack(x), *blocks)}
+  fields = {**model_fields(family.model_section(config)), "scan_layers": True,
+            "remat_policy": "full"}
+  model = MODELS.get("vit")(num_outputs=len(config["id2label"]), **fields)
+  logits = jax.jit(model.apply)({"params": params}, reference["images"])
+  np.testing.assert_allclose(logits, reference["logits"], rtol=0, atol=1e-4)
+  adapted = lora.add_adapters(params, lora.LoraConfig(2, 1.0, r"kernel$"), jax.random.key(0))
+  flat = traverse_util.flatten_dict(adapted, sep="/")
+  attention = "blocks/block/SelfAttention_0"
+  assert {f"{attention}/{n}/lora_a" for n in ("query", "key", "value")} <= set(flat)
