@@ -38,7 +38,6 @@ from make_hf_vision_fixtures import logits, reference  # noqa: E402
 
 from benchmarks.dp_step import machine  # noqa: E402
 from deepflow.hf import resnet, vit  # noqa: E402
-from deepflow.models import model_fields  # noqa: E402
 from deepflow.registry import MODELS  # noqa: E402
 
 CONFIGS = {  # name: (family, transformers config, parameter std of the reference)
@@ -87,8 +86,7 @@ def load(family, directory: str):
     config = json.load(f)
   tensors = load_file(os.path.join(directory, "model.safetensors"))
   section = family.model_section(config)
-  model = MODELS.get(section["name"])(num_outputs=len(config["id2label"]),
-                                      **model_fields(section))
+  model = MODELS.get(section.pop("name"))(**section)
   variables = {r.path: r.to_deepflow(tensors[r.hf_name]) for r in family.weight_rules(config)}
   return model, traverse_util.unflatten_dict(variables, sep="/"), config
 
@@ -100,8 +98,7 @@ def export(family, config, variables, directory: str) -> None:
              for r in family.weight_rules(config)}
   tensors.update(getattr(family, "fixed_tensors", lambda c: {})(config))
   save_file(tensors, os.path.join(directory, "model.safetensors"))
-  section = {**family.model_section(config), "num_outputs": len(config["id2label"]),
-             "num_channels": config["num_channels"]}
+  section = {**family.model_section(config), "num_channels": config["num_channels"]}
   with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump(family.hf_config(section), f)
 

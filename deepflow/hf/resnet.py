@@ -22,6 +22,7 @@ from deepflow.models.resnet import ResNet
 MODEL_TYPES = ("resnet",)
 ARCHITECTURE = "ResNetForImageClassification"
 LAYER_TYPES = {"basic": 1, "bottleneck": 4}  # -> output channels per unit of block width
+UNUSED = (r"\.num_batches_tracked$",)  # read by nothing: see fixed_tensors
 
 
 def _check(hf_config: Mapping[str, Any]) -> None:
@@ -42,6 +43,7 @@ def model_section(hf_config: dict) -> dict:
   _check(hf_config)
   return {
       "name": "resnet",
+      "num_outputs": vision.num_outputs(hf_config),
       "stage_sizes": tuple(hf_config["depths"]),
       "width": hf_config["embedding_size"],
       "block": hf_config.get("layer_type", "bottleneck"),
@@ -54,14 +56,16 @@ def model_section(hf_config: dict) -> dict:
   }
 
 
-def input_shape(hf_config: dict) -> tuple[int, int, int, int]:
-  """One NHWC image, e.g. to initialise the model (a ResNet takes any size; 224 as published)."""
-  return (1, 224, 224, int(hf_config.get("num_channels", 3)))
+def example_inputs(hf_config: dict) -> np.ndarray:
+  """One NHWC image, to initialise the model (a ResNet takes any size; 32 is enough)."""
+  return np.zeros((1, 32, 32, int(hf_config.get("num_channels", 3))), np.float32)
 
 
 def hf_config(model: Mapping) -> dict:
   """config.json of a ``resnet`` model section (fields left out take their defaults);
-  ``num_outputs`` must be set, ``num_channels`` (default 3) and ``class_names`` may be."""
+  ``num_outputs`` must be set, ``num_channels`` (default 3) and ``class_names`` may be.
+  Another model is a ConfigError."""
+  vision.require(model, "resnet")
   m = {**model_options(ResNet), "num_channels": 3, **model}
   for key, want in (("stem", "imagenet"), ("padding", "symmetric"), ("pooling", "avg")):
     if m[key] != want:

@@ -22,6 +22,12 @@ def unsupported(family: str, what: str, fix: str) -> ConfigError:
   return ConfigError(f"Hugging Face {family}: {what} is not supported; {fix}")
 
 
+def require(model: Mapping[str, Any], name: str) -> None:
+  """Export asks each family in turn: one that does not write this model says so."""
+  if model.get("name") != name:
+    raise ConfigError(f"model {model.get('name')!r} is not a {name}")
+
+
 def activation(family: str, hf_config: Mapping[str, Any]) -> str:
   name = hf_config.get("hidden_act", "gelu" if family == "vit" else "relu")
   if name not in ACTIVATIONS:

@@ -41,6 +41,7 @@ def model_section(hf_config: dict) -> dict:
   _check(hf_config)
   return {
       "name": "vit",
+      "num_outputs": vision.num_outputs(hf_config),
       "patch_size": vision.square("vit", hf_config, "patch_size"),
       "image_size": vision.square("vit", hf_config, "image_size"),
       "d_model": hf_config["hidden_size"],
@@ -56,16 +57,17 @@ def model_section(hf_config: dict) -> dict:
   }
 
 
-def input_shape(hf_config: dict) -> tuple[int, int, int, int]:
-  """One NHWC image of the checkpoint's size, e.g. to initialise the model."""
+def example_inputs(hf_config: dict) -> np.ndarray:
+  """One NHWC image of the checkpoint's size, to initialise the model."""
   size = vision.square("vit", hf_config, "image_size")
-  return (1, size, size, int(hf_config.get("num_channels", 3)))
+  return np.zeros((1, size, size, int(hf_config.get("num_channels", 3))), np.float32)
 
 
 def hf_config(model: Mapping) -> dict:
   """config.json of a ``vit`` model section (fields left out take their defaults);
   ``num_outputs`` and ``image_size`` must be set, ``num_channels`` (default 3) and
-  ``class_names`` may be."""
+  ``class_names`` may be. Another model is a ConfigError."""
+  vision.require(model, "vit")
   m = {**model_options(ViT), "num_channels": 3, **model}
   for key, want in (("split_qkv", True), ("pooling", "cls")):
     if m[key] != want:

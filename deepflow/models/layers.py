@@ -205,7 +205,7 @@ class TransformerBlock(nn.Module):
 
   ``train`` is positional so the block can be wrapped in ``nn.remat(..., static_argnums=(2,))``;
   ``segments`` (optional) restrict attention to each token's own segment (``SelfAttention``,
-  which also reads ``qkv_bias`` and ``split_qkv``). ``norm_eps``: the layer norms' epsilon."""
+  which also reads ``qkv_bias`` and ``split_qkv``)."""
   num_heads: int
   mlp_dim: int
   dropout: float = 0.0
@@ -213,7 +213,7 @@ class TransformerBlock(nn.Module):
   causal: bool = False
   decode: bool = False
   cache_len: int = 0
-  norm_eps: float = 1e-6
+  norm_eps: float = 1e-6       # the LayerNorms' epsilon (GPT-2's is 1e-5)
   qkv_bias: bool = True
   split_qkv: bool = False
 
@@ -222,10 +222,10 @@ class TransformerBlock(nn.Module):
                segments: jax.Array | None = None) -> jax.Array:
     drop = nn.Dropout(self.dropout, deterministic=not train)
     y = SelfAttention(self.num_heads, self.causal, self.decode, self.cache_len, self.qkv_bias,
-                      self.split_qkv)(nn.LayerNorm(epsilon=self.norm_eps)(x), segments)
+                      self.split_qkv)(nn.LayerNorm(self.norm_eps)(x), segments)
     x = x + drop(y)
-    y = MlpBlock(self.mlp_dim, self.activation, self.dropout)(
-        nn.LayerNorm(epsilon=self.norm_eps)(x), train)
+    y = MlpBlock(self.mlp_dim, self.activation, self.dropout)(nn.LayerNorm(self.norm_eps)(x),
+                                                              train)
     return x + drop(y)
 
 

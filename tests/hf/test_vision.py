@@ -14,7 +14,7 @@ from flax import traverse_util
 from safetensors.numpy import load_file
 
 from deepflow.hf import resnet, vit
-from deepflow.models import lora, model_fields
+from deepflow.models import lora
 from deepflow.registry import MODELS, ConfigError
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "hf", "vision")
@@ -36,10 +36,9 @@ def fixed(family, config) -> dict:
   return family.fixed_tensors(config) if hasattr(family, "fixed_tensors") else {}
 
 
-def build(family, config):
-  section = family.model_section(config)
-  return MODELS.get(section["name"])(num_outputs=len(config["id2label"]),
-                                     **model_fields(section))
+def build(family, config, **fields):
+  section = {**family.model_section(config), **fields}
+  return MODELS.get(section.pop("name"))(**section)
 
 
 def load(family, config, tensors) -> dict:
@@ -55,7 +54,7 @@ def test_logits_equal_transformers(name):
   family, config, tensors, reference = read(name)
   model = build(family, config)
   variables = load(family, config, tensors)
-  expected = jax.eval_shape(model.init, jax.random.key(0), reference["images"])
+  expected = jax.eval_shape(model.init, jax.random.key(0), family.example_inputs(config))
   assert (jax.tree.map(lambda v: (v.shape, v.dtype), variables)
           == jax.tree.map(lambda v: (v.shape, v.dtype), expected))
   logits = jax.jit(model.apply)(variables, reference["images"])
@@ -75,8 +74,7 @@ def test_export_writes_the_checkpoint_back(name):
     np.testing.assert_array_equal(written[key], value, err_msg=key)
   # The model section -> config.json -> model section, and config.json's architecture fields.
   section = family.model_section(config)
-  extra = {"num_outputs": len(config["id2label"]), "num_channels": config["num_channels"]}
-  exported = family.hf_config({**section, **extra})
+  exported = family.hf_config({**section, "num_channels": config["num_channels"]})
   assert family.model_section(exported) == section
   for key, value in exported.items():
     assert config[key] == value, key
@@ -101,6 +99,8 @@ def test_unsupported_config_is_one_line(name, change, message):
 
 
 def test_export_refuses_what_transformers_cannot_express():
+  with pytest.raises(ConfigError, match="model 'resnet' is not a vit"):
+    vit.hf_config({"name": "resnet", "num_outputs": 3})
   with pytest.raises(ConfigError, match="padding='same' on export"):
     resnet.hf_config({"name": "resnet", "stem": "imagenet", "num_outputs": 3})
   with pytest.raises(ConfigError, match="split_qkv=False"):
@@ -122,9 +122,7 @@ def test_vit_layout_scans_remats_and_takes_adapters():
   params = dict(load(family, config, tensors)["params"])
   blocks = [params.pop(f"block{i}") for i in range(config["num_hidden_layers"])]
   params["blocks"] = {"block": jax.tree.map(lambda *x: jnp.stack(x), *blocks)}
-  fields = {**model_fields(family.model_section(config)), "scan_layers": True,
-            "remat_policy": "full"}
-  model = MODELS.get("vit")(num_outputs=len(config["id2label"]), **fields)
+  model = build(family, config, scan_layers=True, remat_policy="full")
   logits = jax.jit(model.apply)({"params": params}, reference["images"])
   np.testing.assert_allclose(logits, reference["logits"], rtol=0, atol=1e-4)
   adapted = lora.add_adapters(params, lora.LoraConfig(2, 1.0, r"kernel$"), jax.random.key(0))
