@@ -129,3 +129,10 @@ def test_vit_layout_scans_remats_and_takes_adapters():
   flat = traverse_util.flatten_dict(adapted, sep="/")
   attention = "blocks/block/SelfAttention_0"
   assert {f"{attention}/{n}/lora_a" for n in ("query", "key", "value")} <= set(flat)
+
+
+def test_resnet_layout_remats():
+  family, config, tensors, reference = read("resnet_bottleneck_v1")
+  model = build(family, config, remat=True)
+  logits = jax.jit(model.apply)(load(family, config, tensors), reference["images"])
+  np.testing.assert_allclose(logits, reference["logits"], rtol=0, atol=1e-4)
