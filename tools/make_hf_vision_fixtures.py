@@ -1,4 +1,4 @@
-"""Writes tests/fixtures/hf/vision/<name>/, once: small random-initialised Hugging Face
+"""Writes tests/fixtures/hf_vision/<name>/, once: small random-initialised Hugging Face
 ``ViTForImageClassification`` and ``ResNetForImageClassification`` models saved by
 ``save_pretrained`` (config.json, model.safetensors) and ``reference.npz``: a few NHWC
 ``images`` and the eval-mode ``logits`` transformers computes for them. ``tests/hf/test_vision.py``
@@ -22,7 +22,7 @@ import torch
 import transformers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUT = os.path.join(ROOT, "tests", "fixtures", "hf", "vision")
+OUT = os.path.join(ROOT, "tests", "fixtures", "hf_vision")
 
 VIT = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
            image_size=16, patch_size=4, num_labels=5)

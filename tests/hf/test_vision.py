@@ -17,7 +17,7 @@ from deepflow.hf import resnet, vit
 from deepflow.models import lora
 from deepflow.registry import MODELS, ConfigError
 
-FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "hf", "vision")
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "hf_vision")
 NAMES = sorted(os.listdir(FIXTURES))
 FAMILIES = {"vit": vit, "resnet": resnet}
 
