@@ -21,7 +21,8 @@ for _name, _fn in {
     "sigmoid": jax.nn.sigmoid,
     "relu": jax.nn.relu,
     "tanh": jnp.tanh,
-    "gelu": jax.nn.gelu,
+    "gelu": jax.nn.gelu,                                         # tanh approximation
+    "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),  # erf, PyTorch's default
     "silu": jax.nn.silu,
     "leaky_relu": jax.nn.leaky_relu,
     "elu": jax.nn.elu,
@@ -147,11 +148,17 @@ class SelfAttention(nn.Module):
   Written here rather than using ``nn.MultiHeadDotProductAttention(decode=True)`` because that
   cache accepts one token per call; this one also accepts a whole prompt, so decoding prefills
   in one pass. The cache (collection ``'cache'``) holds ``cache_len`` positions; the first
-  ``init`` with ``decode=True`` only creates it (zeros, index 0)."""
+  ``init`` with ``decode=True`` only creates it (zeros, index 0).
+
+  The query, key and value projections are one kernel ``qkv`` (d, 3, heads, head_dim), or with
+  ``split_qkv`` three, ``query``/``key``/``value`` (d, heads, head_dim): the layout of
+  checkpoints that store them apart (Hugging Face ViT). ``qkv_bias`` False drops their biases."""
   num_heads: int
   causal: bool = False
   decode: bool = False
   cache_len: int = 0
+  qkv_bias: bool = True
+  split_qkv: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, segments: jax.Array | None = None) -> jax.Array:
@@ -161,8 +168,12 @@ class SelfAttention(nn.Module):
     if dim % self.num_heads:
       raise ConfigError(f"d_model {dim} is not divisible by num_heads {self.num_heads}")
     head_dim = dim // self.num_heads
-    qkv = nn.DenseGeneral((3, self.num_heads, head_dim), name="qkv")(x)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if self.split_qkv:
+      q, k, v = (nn.DenseGeneral((self.num_heads, head_dim), use_bias=self.qkv_bias, name=n)(x)
+                 for n in ("query", "key", "value"))
+    else:
+      qkv = nn.DenseGeneral((3, self.num_heads, head_dim), use_bias=self.qkv_bias, name="qkv")(x)
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q_pos = k_pos = jnp.arange(length)
     causal = self.causal
     if self.decode:
@@ -193,7 +204,8 @@ class TransformerBlock(nn.Module):
   """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x)), dropout on both branches.
 
   ``train`` is positional so the block can be wrapped in ``nn.remat(..., static_argnums=(2,))``;
-  ``segments`` (optional) restrict attention to each token's own segment (``SelfAttention``)."""
+  ``segments`` (optional) restrict attention to each token's own segment (``SelfAttention``,
+  which also reads ``qkv_bias`` and ``split_qkv``)."""
   num_heads: int
   mlp_dim: int
   dropout: float = 0.0
@@ -201,15 +213,19 @@ class TransformerBlock(nn.Module):
   causal: bool = False
   decode: bool = False
   cache_len: int = 0
+  norm_eps: float = 1e-6       # the LayerNorms' epsilon (GPT-2's is 1e-5)
+  qkv_bias: bool = True
+  split_qkv: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
                segments: jax.Array | None = None) -> jax.Array:
     drop = nn.Dropout(self.dropout, deterministic=not train)
-    y = SelfAttention(self.num_heads, self.causal, self.decode, self.cache_len)(
-        nn.LayerNorm()(x), segments)
+    y = SelfAttention(self.num_heads, self.causal, self.decode, self.cache_len, self.qkv_bias,
+                      self.split_qkv)(nn.LayerNorm(self.norm_eps)(x), segments)
     x = x + drop(y)
-    y = MlpBlock(self.mlp_dim, self.activation, self.dropout)(nn.LayerNorm()(x), train)
+    y = MlpBlock(self.mlp_dim, self.activation, self.dropout)(nn.LayerNorm(self.norm_eps)(x),
+                                                              train)
     return x + drop(y)
 
 
