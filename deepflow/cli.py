@@ -182,24 +182,41 @@ def _sweep(overrides: list[str]) -> None:
 flags.DEFINE_string("out", None, "export: directory to write the inference artifact to.")
 flags.DEFINE_list("platforms", ["cpu", "cuda", "tpu"], "export: platforms the artifact is "
                   "lowered for.")
-flags.DEFINE_enum("format", "stablehlo", ["stablehlo", "safetensors"], "export: 'stablehlo' (an "
-                  "inference artifact for `deepflow predict`) or 'safetensors' (the weights "
-                  "under flat names, LoRA merged; --out FILE.safetensors or a directory).")
+flags.DEFINE_enum("format", "stablehlo", ["stablehlo", "safetensors", "onnx"], "export: "
+                  "'stablehlo' (an inference artifact for `deepflow predict`), 'safetensors' (the "
+                  "weights under flat names, LoRA merged; --out FILE.safetensors or a directory) "
+                  "or 'onnx' (DIR/model.onnx for ONNX Runtime; `deepflow predict` runs it without "
+                  "JAX; needs deepflow[edge]).")
+flags.DEFINE_enum("quantize", None, ["int8"], "export --format onnx: int8 weights per channel, "
+                  "activations quantized at run time (ONNX Runtime); eval: also report the "
+                  "metrics of the int8 model (qwix) beside the float ones.")
 flags.DEFINE_string("model", None, "predict: an artifact directory written by `deepflow export`.")
 flags.DEFINE_string("input", None, "predict: examples as .npy or .json (a batch, or one example).")
 flags.DEFINE_string("output", None, "predict: write to .npy (the model's outputs: logits for a "
                     "classifier) or .json (records); default: one JSON line per example.")
 
 
-@command("workdir", "out", "format", "platforms", "checkpoint",
+@command("workdir", "out", "format", "quantize", "platforms", "checkpoint",
          example="deepflow export --workdir runs/digits_cnn --out artifacts/digits_cnn")
 def _export(overrides: list[str]) -> None:
   """Write a run's inference artifact (StableHLO, weights, preprocessing, signature.json).
 
   With --format safetensors: its weights only, as named tensors (LoRA adapters merged), which
-  model.init_from and the safetensors library read."""
+  model.init_from and the safetensors library read. With --format onnx: DIR/model.onnx and
+  signature.json (--quantize int8: its int8 form)."""
   from deepflow import export
   out = _require("out")
+  if FLAGS.quantize and FLAGS.format != "onnx":
+    _fail("--quantize int8 writes an ONNX artifact: add --format onnx", 2)
+  if FLAGS.format == "onnx":
+    from deepflow import export_onnx
+    signature = export_onnx.export_onnx(_require("workdir"), out, overrides=overrides,
+                                        checkpoint=FLAGS.checkpoint, quantize=FLAGS.quantize)
+    path = os.path.join(out, export_onnx.ONNX_FILE)
+    print(f"exported step {signature['source']['step']} of {FLAGS.workdir} to {path} "
+          f"({os.path.getsize(path) / 1024:.0f} KiB"
+          f"{', int8' if FLAGS.quantize else ''}); input {signature['input']['shape']}")
+    return
   if FLAGS.format == "safetensors":
     path, tensors, step = export.export_safetensors(
         _require("workdir"), out, overrides=overrides, checkpoint=FLAGS.checkpoint)

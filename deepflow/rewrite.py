@@ -1,0 +1,78 @@
+"""Re-running a traced function equation by equation, with some equations replaced.
+
+Two exports need the same program computed another way: ONNX cannot express
+``lax.platform_dependent`` (deepflow's CPU-only formulations: ``models.layers.materialize``, the
+few-channel convolution of ``models.conv``), so ``portable`` takes each one's portable branch,
+the one every other platform runs; int8 quantization (``deepflow.quantize``) swaps the matmuls
+and convolutions that read a weight for integer ones. Both are ``rewritten(fn, rule)``: ``fn`` is
+traced to a jaxpr at call time (symbolic batch dimensions included) and evaluated on the
+caller's values, ``rule(eqn, inputs)`` deciding each equation (``None``: bind it unchanged).
+Nested ``jit`` calls are entered, so a rule sees every equation of the program.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+from jax.extend import core
+
+Rule = Callable[[core.JaxprEqn, Sequence[Any]], "Sequence[Any] | None"]
+
+
+class _PortableIndex:
+  """What ``platform_index`` evaluates to under ``portable``: the branch for no named platform."""
+
+
+def evaluate(jaxpr: core.Jaxpr, consts: Sequence[Any], args: Sequence[Any], rule: Rule
+             ) -> list[Any]:
+  """``jaxpr`` on ``consts`` and ``args``, each equation through ``rule`` first."""
+  env: dict[Any, Any] = {}
+  read = lambda v: v.val if isinstance(v, core.Literal) else env[v]  # noqa: E731
+  env.update(zip(jaxpr.constvars, consts))
+  env.update(zip(jaxpr.invars, args))
+  for eqn in jaxpr.eqns:
+    inputs = [read(v) for v in eqn.invars]
+    outputs = rule(eqn, inputs)
+    if outputs is None:
+      if eqn.primitive.name == "cond" and isinstance(inputs[0], _PortableIndex):
+        branch = eqn.params["branches"][eqn.params["branches_platforms"].index(None)]
+        outputs = evaluate(branch.jaxpr, branch.consts, inputs[1:], rule)
+      elif eqn.primitive.name == "jit":  # entered, so the rule sees the equations inside
+        closed = eqn.params["jaxpr"]
+        outputs = evaluate(closed.jaxpr, closed.consts, inputs, rule)
+      else:
+        outputs = eqn.primitive.bind(*inputs, **eqn.primitive.get_bind_params(eqn.params))
+        outputs = outputs if eqn.primitive.multiple_results else [outputs]
+    env.update(zip(eqn.outvars, outputs))
+  return [read(v) for v in jaxpr.outvars]
+
+
+def rewritten(fn: Callable[..., Any], rule: Rule) -> Callable[..., Any]:
+  """``fn`` (positional array arguments, one array or a flat list out), each equation of its
+  trace through ``rule``."""
+  def run(*args):
+    closed = jax.make_jaxpr(fn)(*[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args])
+    outputs = evaluate(closed.jaxpr, closed.consts, args, rule)
+    return outputs[0] if len(outputs) == 1 else outputs
+  return run
+
+
+def portable_rule(eqn: core.JaxprEqn, inputs: Sequence[Any]) -> list[Any] | None:
+  """``lax.platform_dependent`` runs its default branch (the formulation for platforms it does
+  not name: ``evaluate`` takes it where a ``cond`` reads this rule's index); every other
+  equation is unchanged."""
+  del inputs
+  return [_PortableIndex()] if eqn.primitive.name == "platform_index" else None
+
+
+def chain(*rules: Rule) -> Rule:
+  """The first of ``rules`` that rewrites an equation does."""
+  def rule(eqn, inputs):
+    return next((out for r in rules if (out := r(eqn, inputs)) is not None), None)
+  return rule
+
+
+def portable(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """``fn`` computing on no particular platform: ``lax.platform_dependent`` takes its default
+  branch (a plain convolution, ``materialize`` an identity)."""
+  return rewritten(fn, portable_rule)

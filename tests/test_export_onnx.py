@@ -1,0 +1,171 @@
+"""deepflow export --format onnx [--quantize int8]: ONNX Runtime reproduces deepflow's own forward
+pass on raw inputs (the reference), the int8 model computes exactly ONNX Runtime's documented
+integer arithmetic (a numpy reimplementation), predict runs without JAX, and models jax2onnx
+cannot convert are refused with one line."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("jax2onnx")
+
+import deepflow  # noqa: E402
+from deepflow import config as config_lib, export_onnx, predict  # noqa: E402
+from deepflow.registry import ConfigError  # noqa: E402
+from deepflow.train.experiment import Experiment  # noqa: E402
+from tests.helpers import deepflow_cli, one_line_error  # noqa: E402
+from tests.test_export import in_framework  # noqa: E402
+
+RUNS = {
+    "cnn": dict(model=dict(name="cnn", features=(8,), dense=(16,)),
+                transforms=[dict(name="standardize")]),
+    "resnet": dict(model=dict(name="resnet", stage_sizes=(1, 1), width=4)),
+    "transformer_lm": dict(task="language_model", source="bundled:text",
+                           model=dict(name="transformer_lm", d_model=16, num_heads=2,
+                                      num_layers=1, mlp_dim=32, max_len=128)),
+    # Integer arithmetic checked against numpy: one matmul layer after another, one conv.
+    "mlp_raw": dict(model=dict(name="mlp", hidden=(16,))),
+    "conv_raw": dict(model=dict(name="cnn", features=(4,), pooling="none", dense=())),
+    "lstm": dict(task="regression", source="bundled:sunspots", model=dict(name="rnn", cell="lstm", hidden_size=8)),
+}
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+  """name -> workdir of a 3-step run, trained once per module."""
+  done = {}
+
+  def get(name):
+    if name not in done:
+      run = RUNS[name]
+      c = config_lib.base_config()
+      c.task.name = run.get("task", c.task.name)
+      c.model = run["model"]
+      c.data.source = run.get("source", "bundled:digits")
+      c.data.data_dir = data_dir
+      c.data.transforms = run.get("transforms", [])
+      c.data.batch_size, c.data.eval_batch_size = 16, 32
+      c.train.steps = c.train.log_every = 3
+      c.train.eval_every = c.train.checkpoint_every = 0
+      c.train.progress = False
+      done[name] = str(tmp_path_factory.mktemp(name))
+      deepflow.train_and_evaluate(config_lib.finalize(c), done[name])
+    return done[name]
+  return get
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet", "transformer_lm"])
+def test_onnx_outputs_equal_deepflow(name, trained, tmp_path):
+  """Float32 throughout: differences are summation order, a few ulps of the largest logit."""
+  workdir = trained(name)
+  signature = export_onnx.export_onnx(workdir, str(tmp_path))
+  assert signature["runtime"] == "onnxruntime" and signature["input"]["shape"][0] is None
+  inputs, expected = in_framework(workdir, 5)
+  predictor = predict.load(str(tmp_path))
+  for n in (1, 5):  # one symbolic batch dimension
+    np.testing.assert_allclose(predictor(inputs[:n]), expected[:n], rtol=1e-5, atol=1e-5)
+
+
+def _int8_weights(w, axis=None):
+  """ONNX Runtime's symmetric int8: scale = max|w| / 127 per channel along ``axis`` (MatMul),
+  or over the whole tensor (Conv: its dynamic ConvInteger takes one scale)."""
+  reduce = tuple(d for d in range(w.ndim) if d != axis)
+  scale = np.abs(w).max(axis=reduce, keepdims=True) / 127
+  return np.clip(np.rint(w / scale), -127, 127).astype(np.int32), scale.astype(np.float32)
+
+
+def _uint8_activations(x):
+  """DynamicQuantizeLinear: the range [min(x, 0), max(x, 0)] over the tensor onto 0..255."""
+  lo, hi = np.float32(min(x.min(), 0)), np.float32(max(x.max(), 0))
+  scale = np.float32((hi - lo) / 255)
+  zero = np.clip(np.rint(-lo / scale), 0, 255)
+  return np.clip(np.rint(x / scale) + zero, 0, 255).astype(np.int32) - int(zero), scale
+
+
+def _dense(x, kernel, bias):
+  qx, sx = _uint8_activations(x)
+  qw, sw = _int8_weights(kernel, 1)
+  return (qx @ qw).astype(np.float32) * (sx * sw) + bias
+
+
+def _conv_same_3x3(x, kernel, bias):
+  qx, sx = _uint8_activations(x)
+  qw, sw = _int8_weights(kernel)
+  padded = np.pad(qx, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  windows = np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(1, 2))
+  acc = np.einsum("nhwcij,ijco->nhwo", windows, qw)  # int32: exact
+  return acc.astype(np.float32) * (sx * sw.reshape(())) + bias
+
+
+@pytest.mark.parametrize("name", ["mlp_raw", "conv_raw"])
+def test_int8_is_onnx_runtimes_integer_arithmetic(name, trained, tmp_path):
+  """int8 weights (per channel for a matmul), per-tensor uint8 activations with a zero point, int32
+  accumulation, rescaled: recomputed in numpy from the checkpoint's float weights."""
+  workdir = trained(name)
+  signature = export_onnx.export_onnx(workdir, str(tmp_path), quantize="int8")
+  inputs, floats = in_framework(workdir, 6)
+  params = Experiment.from_workdir(workdir)[1].params
+  x = inputs.astype(np.float32)
+  if name == "mlp_raw":
+    assert signature["quantization"]["quantized_ops"] == {"MatMulInteger": 2}
+    h = np.maximum(_dense(x.reshape(6, -1), *_kb(params["Dense_0"])), 0)
+    expected = _dense(h, *_kb(params["Dense_1"]))
+  else:
+    assert signature["quantization"]["quantized_ops"] == {"MatMulInteger": 1, "ConvInteger": 1}
+    h = np.maximum(_conv_same_3x3(x, *_kb(params["Conv_0"])), 0)
+    expected = _dense(h.reshape(6, -1), *_kb(params["Dense_0"]))
+  got = predict.load(str(tmp_path))(inputs)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(got, floats, rtol=1e-5, atol=1e-5)  # really quantized
+
+
+def _kb(layer):
+  return np.asarray(layer["kernel"], np.float32), np.asarray(layer["bias"], np.float32)
+
+
+PREDICT_WITHOUT_JAX = """
+import runpy, sys
+sys.argv = ["deepflow", "predict", "--model", sys.argv[1], "--input", sys.argv[2],
+            "--output", sys.argv[3]]
+try:
+  runpy.run_module("deepflow", run_name="__main__")
+except SystemExit as e:
+  assert not e.code, e.code
+print(sorted(m for m in ("jax", "jaxlib", "flax") if m in sys.modules))
+"""
+
+
+def test_onnx_predict_command_imports_no_jax(trained, tmp_path):
+  workdir = trained("cnn")
+  out, x, y = str(tmp_path / "onnx"), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")
+  done = deepflow_cli("export", "--workdir", workdir, "--format", "onnx", "--quantize", "int8",
+                      "--out", out)
+  assert done.returncode == 0 and "model.onnx" in done.stdout, done.stderr
+  inputs, expected = in_framework(workdir, 8)
+  np.save(x, inputs)
+  done = subprocess.run([sys.executable, "-c", PREDICT_WITHOUT_JAX, out, x, y],
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.splitlines()[-1] == "[]"
+  # int8: logits within the activations' quantization error, same classes on nearly every one
+  assert (np.load(y).argmax(-1) == expected.argmax(-1)).mean() >= 0.75
+  np.testing.assert_allclose(np.load(y), expected, atol=0.2 * np.abs(expected).max())
+
+
+def test_unsupported_model_is_refused_in_one_line_and_nothing_is_lost(trained, tmp_path):
+  workdir = trained("lstm")
+  (tmp_path / "keep.txt").write_text("earlier export")
+  with pytest.raises(ConfigError) as error:
+    export_onnx.export_onnx(workdir, str(tmp_path))
+  message = str(error.value)
+  assert "\n" not in message and "'random_split'" in message and "LSTMCell" in message
+  assert sorted(os.listdir(tmp_path)) == ["keep.txt"]
+
+
+def test_quantize_needs_the_onnx_format(trained, tmp_path):
+  done = deepflow_cli("export", "--workdir", trained("cnn"), "--quantize", "int8", "--out",
+                      str(tmp_path))
+  assert "--format onnx" in one_line_error(done) and not os.listdir(tmp_path)
