@@ -125,9 +125,13 @@ def _train(overrides: list[str]) -> None:
   _print_metrics(config.data.eval_split, metrics)
 
 
-@command("workdir", "split", "checkpoint", example="deepflow eval --workdir runs/digits_cnn --split train")
+@command("workdir", "split", "checkpoint", "quantize",
+         example="deepflow eval --workdir runs/digits_cnn --split train")
 def _eval(overrides: list[str]) -> None:
-  """Evaluate a checkpoint of a run on a split (default: the config's eval_split)."""
+  """Evaluate a checkpoint of a run on a split (default: the config's eval_split).
+
+  With --quantize int8: the int8 model's metrics too (qwix, deepflow.quantize), on the same
+  examples, on a second line."""
   from deepflow.train.experiment import Experiment
   from deepflow.train.writers import MetricWriter
   workdir = _require("workdir")
@@ -138,6 +142,10 @@ def _eval(overrides: list[str]) -> None:
   writer = MetricWriter(workdir, tensorboard=False)
   writer.write(step, split, metrics)
   _print_metrics(split, metrics, step)
+  if FLAGS.quantize:
+    from deepflow import quantize
+    quantized = _with_debug(lambda: quantize.evaluate(exp, state, split, FLAGS.quantize))
+    _print_metrics(f"{split} {FLAGS.quantize}", quantized, step)
 
 
 def _print_metrics(split: str, metrics: dict, step: int | None = None) -> None:
@@ -187,9 +195,9 @@ flags.DEFINE_enum("format", "stablehlo", ["stablehlo", "safetensors", "onnx"], "
                   "weights under flat names, LoRA merged; --out FILE.safetensors or a directory) "
                   "or 'onnx' (DIR/model.onnx for ONNX Runtime; `deepflow predict` runs it without "
                   "JAX; needs deepflow[edge]).")
-flags.DEFINE_enum("quantize", None, ["int8"], "export --format onnx: int8 weights per channel, "
-                  "activations quantized at run time (ONNX Runtime); eval: also report the "
-                  "metrics of the int8 model (qwix) beside the float ones.")
+flags.DEFINE_enum("quantize", None, ["int8"], "export --format onnx: int8 weights, activations "
+                  "quantized at run time (ONNX Runtime); eval: also report the metrics of the "
+                  "int8 model (qwix) beside the float ones.")
 flags.DEFINE_string("model", None, "predict: an artifact directory written by `deepflow export`.")
 flags.DEFINE_string("input", None, "predict: examples as .npy or .json (a batch, or one example).")
 flags.DEFINE_string("output", None, "predict: write to .npy (the model's outputs: logits for a "

@@ -2,25 +2,25 @@
 
 Two exports need the same program computed another way: ONNX cannot express
 ``lax.platform_dependent`` (deepflow's CPU-only formulations: ``models.layers.materialize``, the
-few-channel convolution of ``models.conv``), so ``portable`` takes each one's portable branch,
-the one every other platform runs; int8 quantization (``deepflow.quantize``) swaps the matmuls
-and convolutions that read a weight for integer ones. Both are ``rewritten(fn, rule)``: ``fn`` is
-traced to a jaxpr at call time (symbolic batch dimensions included) and evaluated on the
-caller's values, ``rule(eqn, inputs)`` deciding each equation (``None``: bind it unchanged).
-Nested ``jit`` calls are entered, so a rule sees every equation of the program.
+few-channel convolution of ``models.conv``), so ``portable_rule`` takes each one's portable
+branch, the one every other platform runs; int8 quantization (``deepflow.quantize``) swaps the
+matmuls and convolutions that read a weight for integer ones, and the ONNX export writes
+constant-weight matmuls in the form ONNX Runtime's quantizer reads (``deepflow.export_onnx``).
+Each is a ``rule(eqn, inputs)`` for ``evaluate``, which runs a jaxpr (traced with symbolic batch
+dimensions, if any) on the caller's values, ``None`` from the rule meaning: bind the equation
+unchanged. Nested ``jit`` calls are entered, so a rule sees every equation of the program.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-import jax
 from jax.extend import core
 
 Rule = Callable[[core.JaxprEqn, Sequence[Any]], "Sequence[Any] | None"]
 
 
 class _PortableIndex:
-  """What ``platform_index`` evaluates to under ``portable``: the branch for no named platform."""
+  """What ``platform_index`` evaluates to under ``portable_rule``: the branch for no named platform."""
 
 
 def evaluate(jaxpr: core.Jaxpr, consts: Sequence[Any], args: Sequence[Any], rule: Rule
@@ -47,16 +47,6 @@ def evaluate(jaxpr: core.Jaxpr, consts: Sequence[Any], args: Sequence[Any], rule
   return [read(v) for v in jaxpr.outvars]
 
 
-def rewritten(fn: Callable[..., Any], rule: Rule) -> Callable[..., Any]:
-  """``fn`` (positional array arguments, one array or a flat list out), each equation of its
-  trace through ``rule``."""
-  def run(*args):
-    closed = jax.make_jaxpr(fn)(*[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args])
-    outputs = evaluate(closed.jaxpr, closed.consts, args, rule)
-    return outputs[0] if len(outputs) == 1 else outputs
-  return run
-
-
 def portable_rule(eqn: core.JaxprEqn, inputs: Sequence[Any]) -> list[Any] | None:
   """``lax.platform_dependent`` runs its default branch (the formulation for platforms it does
   not name: ``evaluate`` takes it where a ``cond`` reads this rule's index); every other
@@ -70,9 +60,3 @@ def chain(*rules: Rule) -> Rule:
   def rule(eqn, inputs):
     return next((out for r in rules if (out := r(eqn, inputs)) is not None), None)
   return rule
-
-
-def portable(fn: Callable[..., Any]) -> Callable[..., Any]:
-  """``fn`` computing on no particular platform: ``lax.platform_dependent`` takes its default
-  branch (a plain convolution, ``materialize`` an identity)."""
-  return rewritten(fn, portable_rule)

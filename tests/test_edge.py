@@ -1,7 +1,9 @@
-"""deepflow export --format onnx [--quantize int8]: ONNX Runtime reproduces deepflow's own forward
-pass on raw inputs (the reference), the int8 model computes exactly ONNX Runtime's documented
-integer arithmetic (a numpy reimplementation), predict runs without JAX, and models jax2onnx
-cannot convert are refused with one line."""
+"""Models for small devices. deepflow export --format onnx [--quantize int8]: ONNX Runtime
+reproduces deepflow's own forward pass on raw inputs (the reference), the int8 model computes
+exactly ONNX Runtime's documented integer arithmetic (a numpy reimplementation), predict runs
+without JAX, and models jax2onnx cannot convert are refused with one line. deepflow eval
+--quantize int8 (qwix): the quantized forward pass is qwix's int8 arithmetic, recomputed in numpy,
+and its metrics are those of that numpy model."""
 import os
 import subprocess
 import sys
@@ -11,9 +13,11 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("jax2onnx")
+pytest.importorskip("qwix")
 
 import deepflow  # noqa: E402
-from deepflow import config as config_lib, export_onnx, predict  # noqa: E402
+from deepflow import config as config_lib, export_onnx, predict, quantize  # noqa: E402
+from deepflow.data import sources  # noqa: E402
 from deepflow.registry import ConfigError  # noqa: E402
 from deepflow.train.experiment import Experiment  # noqa: E402
 from tests.helpers import deepflow_cli, one_line_error  # noqa: E402
@@ -141,9 +145,7 @@ print(sorted(m for m in ("jax", "jaxlib", "flax") if m in sys.modules))
 def test_onnx_predict_command_imports_no_jax(trained, tmp_path):
   workdir = trained("cnn")
   out, x, y = str(tmp_path / "onnx"), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")
-  done = deepflow_cli("export", "--workdir", workdir, "--format", "onnx", "--quantize", "int8",
-                      "--out", out)
-  assert done.returncode == 0 and "model.onnx" in done.stdout, done.stderr
+  export_onnx.export_onnx(workdir, out, quantize="int8")
   inputs, expected = in_framework(workdir, 8)
   np.save(x, inputs)
   done = subprocess.run([sys.executable, "-c", PREDICT_WITHOUT_JAX, out, x, y],
@@ -165,7 +167,97 @@ def test_unsupported_model_is_refused_in_one_line_and_nothing_is_lost(trained, t
   assert sorted(os.listdir(tmp_path)) == ["keep.txt"]
 
 
-def test_quantize_needs_the_onnx_format(trained, tmp_path):
-  done = deepflow_cli("export", "--workdir", trained("cnn"), "--quantize", "int8", "--out",
+def test_export_command(trained, tmp_path):
+  workdir = trained("cnn")
+  done = deepflow_cli("export", "--workdir", workdir, "--quantize", "int8", "--out",
                       str(tmp_path))
   assert "--format onnx" in one_line_error(done) and not os.listdir(tmp_path)
+  done = deepflow_cli("export", "--workdir", workdir, "--format", "onnx", "--out", str(tmp_path))
+  assert done.returncode == 0 and "model.onnx" in done.stdout, done.stderr
+  inputs, expected = in_framework(workdir, 3)
+  np.testing.assert_allclose(predict.load(str(tmp_path))(inputs), expected, rtol=1e-5,
+                             atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# deepflow eval --quantize int8: qwix
+# ------------------------------------------------------------------------------------------------
+
+def _qwix_int8(x, axes):
+  """qwix's symmetric int8: scale = max|x| / 127.5 over ``axes``, round half to even, clip."""
+  scale = np.abs(x).max(axis=axes, keepdims=True) / np.float32(127.5)
+  return np.clip(np.rint(x / scale), -128, 127).astype(np.int32), scale
+
+
+def _qwix_dense(x, kernel, bias):
+  """Activations per row, weights per output column."""
+  (qx, sx), (qw, sw) = _qwix_int8(x, (1,)), _qwix_int8(kernel, (0,))
+  return (qx @ qw).astype(np.float32) * sx * sw + bias
+
+
+def _qwix_conv(x, kernel, bias):
+  """Activations per example, weights per output channel; SAME 3x3."""
+  (qx, sx), (qw, sw) = _qwix_int8(x, (1, 2, 3)), _qwix_int8(kernel, (0, 1, 2))
+  padded = np.pad(qx, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  windows = np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(1, 2))
+  acc = np.einsum("nhwcij,ijco->nhwo", windows, qw)
+  return acc.astype(np.float32) * sx * sw.reshape(-1) + bias
+
+
+def _qwix_reference(name, params, x):
+  if name == "mlp_raw":
+    h = np.maximum(_qwix_dense(x.reshape(len(x), -1), *_kb(params["Dense_0"])), 0)
+    return _qwix_dense(h, *_kb(params["Dense_1"]))
+  h = np.maximum(_qwix_conv(x, *_kb(params["Conv_0"])), 0)
+  return _qwix_dense(h.reshape(len(x), -1), *_kb(params["Dense_0"]))
+
+
+def _positive_maxima(params):
+  """Each kernel's output channels signed so that their largest magnitude is positive.
+
+  qwix's scale is max|w| / 127.5, so that element quantizes to exactly +-127.5: +127.5 rounds to
+  128 and saturates to 127 whatever the last bit of the division, -127.5 lands on -127 or -128
+  by that bit (XLA:CPU's division and numpy's differ in it). Inputs (pixels) and hidden
+  activations (after ReLU) are non-negative already."""
+  def flip(layer):
+    k = np.asarray(layer["kernel"], np.float32)
+    flat = k.reshape(-1, k.shape[-1])
+    sign = np.sign(flat[np.abs(flat).argmax(0), np.arange(k.shape[-1])])
+    return {"kernel": k * sign, "bias": np.asarray(layer["bias"], np.float32)}
+  return {name: flip(layer) for name, layer in params.items()}
+
+
+@pytest.mark.parametrize("name", ["mlp_raw", "conv_raw"])
+def test_qwix_int8_forward_is_its_integer_arithmetic(name, trained):
+  import jax
+  exp, state, _, _ = Experiment.from_workdir(trained(name))
+  inputs, floats = in_framework(trained(name), 6)
+  params = _positive_maxima(state.params)
+  task = quantize.quantized_task(exp.task, "int8")
+  got, _ = jax.jit(lambda p, s, x: task.apply(p, s, x, None, train=False))(
+      params, state.model_state, inputs)
+  expected = _qwix_reference(name, params, inputs.astype(np.float32))
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  float_got, _ = exp.task.apply(params, state.model_state, inputs, None, train=False)
+  assert not np.allclose(got, float_got, rtol=1e-5, atol=1e-5)  # really quantized
+  plain, _ = exp.task.apply(state.params, state.model_state, inputs, None, train=False)
+  np.testing.assert_array_equal(plain, floats)  # the run's own task is untouched
+
+
+def test_eval_reports_int8_metrics_beside_float(trained):
+  workdir = trained("mlp_raw")
+  done = deepflow_cli("eval", "--workdir", workdir, "--quantize", "int8")
+  assert done.returncode == 0, done.stderr
+  float_line, int8_line = done.stdout.strip().splitlines()[-2:]
+  assert float_line.startswith("final test metrics") and "final test int8 metrics" in int8_line
+  inputs, floats = in_framework(workdir, 360)  # the whole test split
+  exp, state, _, _ = Experiment.from_workdir(workdir)
+  data = exp.pipeline.dataset
+  labels = np.asarray(sources.take(data.split("test"), np.arange(360))[data.target_key])
+  expected = _qwix_reference("mlp_raw", state.params, inputs.astype(np.float32))
+  accuracy = float(int8_line.split("accuracy=")[1].split()[0])
+  # Within two digits: a negative maximum's -127.5 rounds either way (see _positive_maxima),
+  # which moves a logit by one quantization step and can flip a near-tie.
+  assert accuracy == pytest.approx((expected.argmax(-1) == labels).mean(), abs=2 / 360)
+  assert float(float_line.split("accuracy=")[1].split()[0]) == pytest.approx(
+      (floats.argmax(-1) == labels).mean(), abs=1e-4)  # printed to 4 decimals

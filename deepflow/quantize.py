@@ -1,0 +1,117 @@
+"""Post-training int8 quantization of any deepflow model, computed by qwix (Google's JAX
+quantization library): ``deepflow eval --quantize int8`` reports the quantized model's metrics
+beside the float ones on the same split.
+
+``int8(fn)`` rewrites a function of the parameters (``rewrite.evaluate``): every ``dot_general``
+and ``conv_general_dilated`` that reads a parameter as its weight (Dense, DenseGeneral, attention
+projections, tied embeddings, convolutions) becomes qwix's integer op on qwix-quantized operands:
+the weight symmetric int8 per output channel, the activation symmetric int8 with a scale per
+row (per example and position; per example for a convolution) computed at run time, so nothing
+needs calibration. Products of two activations (attention scores), embedding lookups,
+normalizations and LoRA-merged kernels stay float. ``lax.platform_dependent`` takes its portable
+branch, so deepflow's CPU form of a few-channel convolution is a convolution here too.
+
+qwix rather than AQT: qwix is AQT's successor at Google, kept current with JAX and Flax (AQT's
+last release predates the JAX this project pins), and its ``quantize``/``dot_general``/
+``conv_general_dilated`` take whole arrays, which an equation-level rewrite needs; its model
+interception (``quantize_model``) would miss deepflow's own convolution.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from deepflow import rewrite
+from deepflow.registry import ConfigError
+
+SCHEMES = ("int8",)
+# Equations that pass a weight through unchanged in value (a cast to its own dtype, a copy).
+_PASS_THROUGH = ("convert_element_type", "copy", "copy_p")
+
+
+def _qwix():
+  try:
+    import qwix
+    return qwix
+  except ImportError as e:
+    raise ConfigError("int8 quantization needs qwix: pip install 'deepflow[edge]'") from e
+
+
+def _free(ndim: int, taken) -> list[int]:
+  return [d for d in range(ndim) if d not in taken]
+
+
+def int8_rule(weights: set[int]) -> rewrite.Rule:
+  """The rewrite of one traced function whose parameter values have the ids ``weights``."""
+  qwix = _qwix()
+
+  def rule(eqn, inputs):
+    name = eqn.primitive.name
+    if name in _PASS_THROUGH and id(inputs[0]) in weights:
+      out = eqn.primitive.bind(*inputs, **eqn.params)
+      weights.add(id(out))
+      return [out]
+    if name == "dot_general" and id(inputs[1]) in weights:
+      x, w = inputs
+      numbers = eqn.params["dimension_numbers"]
+      (x_contract, w_contract), (x_batch, _) = numbers
+      if x_batch:
+        return None
+      wq = qwix.quantize(w, jnp.int8, channelwise_axes=_free(w.ndim, w_contract))
+      xq = qwix.quantize(x, jnp.int8, channelwise_axes=_free(x.ndim, x_contract))
+      return [qwix.dot_general(xq, wq, numbers).astype(eqn.outvars[0].aval.dtype)]
+    if name == "conv_general_dilated" and id(inputs[1]) in weights:
+      x, w = inputs
+      params = dict(eqn.params)
+      numbers = params.pop("dimension_numbers")
+      xq = qwix.quantize(x, jnp.int8, channelwise_axes=[numbers.lhs_spec[0]])
+      wq = qwix.quantize(w, jnp.int8, channelwise_axes=[numbers.rhs_spec[0]])
+      out = qwix.conv_general_dilated(
+          xq, wq, params["window_strides"], params["padding"],
+          lhs_dilation=params["lhs_dilation"], rhs_dilation=params["rhs_dilation"],
+          dimension_numbers=numbers, feature_group_count=params["feature_group_count"],
+          batch_group_count=params["batch_group_count"])
+      return [out.astype(eqn.outvars[0].aval.dtype)]
+    return rewrite.portable_rule(eqn, inputs)
+  return rule
+
+
+def int8(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """``fn(params, *rest)`` (pytrees in and out) with the matmuls and convolutions that read a
+  leaf of ``params`` computed in int8 by qwix."""
+  def run(params, *rest):
+    flat, tree = jax.tree.flatten((params, rest))
+
+    def flat_fn(*leaves):
+      p, r = jax.tree.unflatten(tree, leaves)
+      return fn(p, *r)
+    closed, shapes = jax.make_jaxpr(flat_fn, return_shape=True)(*flat)
+    weights = {id(leaf) for leaf in flat[:len(jax.tree.leaves(params))]}
+    out = rewrite.evaluate(closed.jaxpr, closed.consts, flat, int8_rule(weights))
+    return jax.tree.unflatten(jax.tree.structure(shapes), out)
+  return run
+
+
+def quantized_task(task: Any, scheme: str) -> Any:
+  """A copy of ``task`` whose ``apply`` (the model's forward pass, in every step and metric that
+  calls it) runs quantized; the task itself is unchanged."""
+  if scheme not in SCHEMES:
+    raise ConfigError(f"unknown quantization {scheme!r}; known: {', '.join(SCHEMES)}")
+  quantized = copy.copy(task)
+  apply = task.apply
+  quantized.apply = lambda params, model_state, inputs, rng, **kw: int8(
+      lambda p, s, x: apply(p, s, x, rng, **kw))(params, model_state, inputs)
+  return quantized
+
+
+def evaluate(exp: Any, state: Any, split: str, scheme: str = "int8") -> dict[str, float]:
+  """``exp.evaluate(state, split)`` with the model quantized: the same batches, padding rows and
+  metrics, through the task's own eval step."""
+  from deepflow.train import step as step_lib
+  quantized = copy.copy(exp)
+  quantized.task = quantized_task(exp.task, scheme)
+  quantized._eval_step = jax.jit(step_lib.make_eval_step(quantized.task))
+  return quantized.evaluate(state, split)
