@@ -125,6 +125,23 @@ def _layer_of(jaxpr, primitive: str) -> str | None:
   return None
 
 
+def optimize(path: str) -> None:
+  """ONNX Runtime's offline graph optimizations in place: the basic level a session applies at
+  load (constant folding, e.g. the shapes of constants, and redundant nodes: 436 -> 268 nodes in
+  the text Transformer), in standard ONNX ops, then shape inference, as its quantizer asks."""
+  from onnxruntime.quantization.shape_inference import quant_pre_process
+  quant_pre_process(path, path, skip_symbolic_shape=True)
+
+
+def _drop_value_info(path: str) -> None:
+  """The stored model without the inferred shapes of intermediate values (a runtime infers them
+  again at load): 5% of a small model's file."""
+  import onnx
+  model = onnx.load(path)
+  del model.graph.value_info[:]
+  onnx.save(model, path)
+
+
 def quantize_int8(model_path: str, out_path: str) -> dict[str, Any]:
   """Writes ``model_path``'s dynamic int8 form to ``out_path``; returns what was quantized."""
   import onnx
@@ -158,9 +175,11 @@ def export_onnx(workdir: str, out: str, *, overrides: Iterable[str] = (),
     with open(path, "wb") as f:
       f.write(proto.SerializeToString())
     signature = export.signature_of(exp, input_spec, outputs, example, step, which, workdir)
+    optimize(path)
     if quantize:
       signature["quantization"] = quantize_int8(path, path + ".int8")
       os.replace(path + ".int8", path)
+    _drop_value_info(path)
     os.replace(path, os.path.join(out, ONNX_FILE))
   signature.update(runtime=RUNTIME, platforms=[RUNTIME], opset=OPSET,
                    call=f"onnxruntime.InferenceSession('{ONNX_FILE}').run(None, "
