@@ -1,10 +1,11 @@
 """Models for small devices, side by side: the digits CNN and the character Transformer as float32
-and int8 ONNX artifacts (``deepflow export --format onnx [--quantize int8]``) and as qwix int8
-(``deepflow eval --quantize int8``).
+and int8 ONNX artifacts (``deepflow export --format onnx [--quantize int8]``), as float32 and
+qwix int8 StableHLO artifacts (``deepflow export [--quantize int8]``) and evaluated by
+``deepflow eval --quantize int8``.
 
-For each model: artifact bytes (ONNX float32, ONNX int8, and the StableHLO artifact), test-split
-accuracy (and perplexity for the language model) of each, ONNX Runtime batch-1 latency (float and
-int8 interleaved, median of many calls, one thread), and the time to the first prediction in a
+For each model: artifact bytes (ONNX and StableHLO, float32 and int8), test-split
+accuracy (and perplexity for the language model) of each, ONNX Runtime latency at batch 1 and
+64 (float and int8 interleaved, median of many calls, one thread), and the time to the first prediction in a
 fresh process: ``deepflow.predict`` on the ONNX artifact (no JAX import) against the StableHLO
 artifact (JAX), both measured as the whole subprocess's wall time and as the time inside it.
 
@@ -115,10 +116,12 @@ def first_prediction(directory: str, x_path: str) -> tuple[float, float, bool]:
 
 def bench(name: str, root: str, steps_scale: float) -> dict:
   workdir = train(name, root, steps_scale)
-  out = {k: os.path.join(root, f"{name}_{k}") for k in ("onnx", "int8", "stablehlo")}
+  out = {k: os.path.join(root, f"{name}_{k}")
+         for k in ("onnx", "int8", "stablehlo", "stablehlo_int8")}
   export_onnx.export_onnx(workdir, out["onnx"])
   export_onnx.export_onnx(workdir, out["int8"], quantize="int8")
   export.export(workdir, out["stablehlo"], platforms=("cpu",))
+  export.export(workdir, out["stablehlo_int8"], platforms=("cpu",), quantize="int8")
   from deepflow import predict
   exp, state, step, _ = Experiment.from_workdir(workdir)
   inputs, targets = test_split(exp)
@@ -126,12 +129,13 @@ def bench(name: str, root: str, steps_scale: float) -> dict:
   row["bytes"] = {k: sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)
                          if f != export.SIGNATURE_FILE) for k, d in out.items()}
   row["scores"] = {k: scores(run_batched(predict.load(out[k]), inputs), targets)
-                   for k in ("onnx", "int8")}
+                   for k in ("onnx", "int8", "stablehlo_int8")}
   row["eval"] = {"float": exp.evaluate(state, "test"),
                  "qwix_int8": quantize.evaluate(exp, state, "test")}
   onnx_file = export_onnx.ONNX_FILE
-  row["latency_s"] = latencies({k: os.path.join(out[k], onnx_file) for k in ("onnx", "int8")},
-                               inputs[:1])
+  files = {k: os.path.join(out[k], onnx_file) for k in ("onnx", "int8")}
+  row["latency_s"] = latencies(files, inputs[:1])
+  row["latency_batch64_s"] = latencies(files, inputs[:64], calls=60)
   x_path = os.path.join(root, f"{name}_x.npy")
   np.save(x_path, inputs[:1])
   trials = {k: [first_prediction(out[k], x_path) for _ in range(3)]
@@ -144,14 +148,19 @@ def bench(name: str, root: str, steps_scale: float) -> dict:
 
 def summary(row: dict) -> str:
   b, s, lat, first = row["bytes"], row["scores"], row["latency_s"], row["first_prediction_s"]
+  lat64 = row["latency_batch64_s"]
   lines = [f"{row['model']} (step {row['step']}, {row['examples']} test examples)",
            f"  bytes: onnx float32 {b['onnx']:,}  int8 {b['int8']:,} "
-           f"({b['int8'] / b['onnx']:.3f}x)  stablehlo float32 {b['stablehlo']:,}",
-           f"  onnx float32 {s['onnx']}  int8 {s['int8']}",
+           f"({b['int8'] / b['onnx']:.3f}x)  stablehlo float32 {b['stablehlo']:,}  int8 "
+           f"{b['stablehlo_int8']:,} ({b['stablehlo_int8'] / b['stablehlo']:.3f}x)",
+           f"  onnx float32 {s['onnx']}  int8 {s['int8']}  stablehlo int8 (qwix) "
+           f"{s['stablehlo_int8']}",
            f"  deepflow eval: float {_short(row['eval']['float'])}  "
            f"qwix int8 {_short(row['eval']['qwix_int8'])}",
            f"  onnxruntime batch-1 latency (1 thread, median): float32 {lat['onnx'] * 1e3:.3f} ms"
-           f"  int8 {lat['int8'] * 1e3:.3f} ms ({lat['int8'] / lat['onnx']:.2f}x)",
+           f"  int8 {lat['int8'] * 1e3:.3f} ms ({lat['int8'] / lat['onnx']:.2f}x); batch 64: "
+           f"{lat64['onnx'] * 1e3:.2f} ms, {lat64['int8'] * 1e3:.2f} ms "
+           f"({lat64['int8'] / lat64['onnx']:.2f}x)",
            "  first prediction in a fresh process (wall / from first import): " + "  ".join(
                f"{k} {v['wall']:.2f} s / {v['inside']:.2f} s (jax imported: {v['imports_jax']})"
                for k, v in first.items())]

@@ -195,9 +195,9 @@ flags.DEFINE_enum("format", "stablehlo", ["stablehlo", "safetensors", "onnx"], "
                   "weights under flat names, LoRA merged; --out FILE.safetensors or a directory) "
                   "or 'onnx' (DIR/model.onnx for ONNX Runtime; `deepflow predict` runs it without "
                   "JAX; needs deepflow[edge]).")
-flags.DEFINE_enum("quantize", None, ["int8"], "export --format onnx: int8 weights, activations "
-                  "quantized at run time (ONNX Runtime); eval: also report the metrics of the "
-                  "int8 model (qwix) beside the float ones.")
+flags.DEFINE_enum("quantize", None, ["int8"], "export: int8 weights, activations quantized at "
+                  "run time (qwix for stablehlo, ONNX Runtime for onnx); eval: also report the "
+                  "metrics of the int8 model (qwix) beside the float ones.")
 flags.DEFINE_string("model", None, "predict: an artifact directory written by `deepflow export`.")
 flags.DEFINE_string("input", None, "predict: examples as .npy or .json (a batch, or one example).")
 flags.DEFINE_string("output", None, "predict: write to .npy (the model's outputs: logits for a "
@@ -211,11 +211,12 @@ def _export(overrides: list[str]) -> None:
 
   With --format safetensors: its weights only, as named tensors (LoRA adapters merged), which
   model.init_from and the safetensors library read. With --format onnx: DIR/model.onnx and
-  signature.json (--quantize int8: its int8 form)."""
+  signature.json. --quantize int8: the int8 model, in either format."""
   from deepflow import export
   out = _require("out")
-  if FLAGS.quantize and FLAGS.format != "onnx":
-    _fail("--quantize int8 writes an ONNX artifact: add --format onnx", 2)
+  if FLAGS.quantize and FLAGS.format == "safetensors":
+    _fail("--quantize writes an inference artifact (--format stablehlo or onnx), not "
+          "safetensors", 2)
   if FLAGS.format == "onnx":
     from deepflow import export_onnx
     signature = export_onnx.export_onnx(_require("workdir"), out, overrides=overrides,
@@ -232,7 +233,8 @@ def _export(overrides: list[str]) -> None:
           f"tensors, {os.path.getsize(path) / 1024:.0f} KiB")
     return
   signature = export.export(_require("workdir"), out, overrides=overrides,
-                            platforms=FLAGS.platforms, checkpoint=FLAGS.checkpoint)
+                            platforms=FLAGS.platforms, checkpoint=FLAGS.checkpoint,
+                            quantize=FLAGS.quantize)
   source, spec = signature["source"], signature["input"]
   sizes = ", ".join(f"{name} {os.path.getsize(os.path.join(out, name)) / 1024:.0f} KiB"
                     for name in (export.MODEL_FILE, export.WEIGHTS_FILE))

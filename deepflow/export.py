@@ -111,12 +111,16 @@ def exportable(exp: Experiment, state: Any
 
 
 def export(workdir: str, out: str, *, overrides: Iterable[str] = (),
-           platforms: Sequence[str] = PLATFORMS, checkpoint: str | int = "best"
-           ) -> dict[str, Any]:
+           platforms: Sequence[str] = PLATFORMS, checkpoint: str | int = "best",
+           quantize: str | None = None) -> dict[str, Any]:
   """Writes the inference artifact of a checkpoint of a run ('best', the default: the run's
-  result; 'latest'; or a step: ``Experiment.from_workdir``) to ``out``; returns its signature."""
+  result; 'latest'; or a step: ``Experiment.from_workdir``) to ``out``; returns its signature.
+  ``quantize='int8'``: its matmuls and convolutions in int8 (``deepflow.quantize``)."""
   exp, state, step, which = Experiment.from_workdir(workdir, overrides, checkpoint=checkpoint)
   fn, weights, example, input_spec = exportable(exp, state)
+  if quantize:
+    from deepflow import quantize as quantize_lib
+    fn, weights = quantize_lib.int8_function(fn, weights, input_spec, quantize)
   weight_specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in weights.items()}
   try:
     exported = jax.export.export(jax.jit(fn), platforms=tuple(platforms))(
@@ -133,6 +137,8 @@ def export(workdir: str, out: str, *, overrides: Iterable[str] = (),
   signature = signature_of(exp, exported.in_avals[-1], exported.out_avals[0], example, step,
                            which, workdir)
   signature["platforms"] = list(exported.platforms)
+  if quantize:
+    signature["quantization"] = quantize_lib.DESCRIPTION
   signature["call"] = (f"jax.export.deserialize(<{MODEL_FILE} bytes>).call(dict(numpy.load("
                        f"'{WEIGHTS_FILE}')), inputs)")
   signature["files"] = {name: sha256(os.path.join(out, name))

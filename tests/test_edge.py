@@ -16,7 +16,7 @@ pytest.importorskip("jax2onnx")
 pytest.importorskip("qwix")
 
 import deepflow  # noqa: E402
-from deepflow import config as config_lib, export_onnx, predict, quantize  # noqa: E402
+from deepflow import config as config_lib, export, export_onnx, predict, quantize  # noqa: E402
 from deepflow.data import sources  # noqa: E402
 from deepflow.registry import ConfigError  # noqa: E402
 from deepflow.train.experiment import Experiment  # noqa: E402
@@ -169,9 +169,9 @@ def test_unsupported_model_is_refused_in_one_line_and_nothing_is_lost(trained, t
 
 def test_export_command(trained, tmp_path):
   workdir = trained("cnn")
-  done = deepflow_cli("export", "--workdir", workdir, "--quantize", "int8", "--out",
-                      str(tmp_path))
-  assert "--format onnx" in one_line_error(done) and not os.listdir(tmp_path)
+  done = deepflow_cli("export", "--workdir", workdir, "--quantize", "int8", "--format",
+                      "safetensors", "--out", str(tmp_path))
+  assert "not safetensors" in one_line_error(done) and not os.listdir(tmp_path)
   done = deepflow_cli("export", "--workdir", workdir, "--format", "onnx", "--out", str(tmp_path))
   assert done.returncode == 0 and "model.onnx" in done.stdout, done.stderr
   inputs, expected = in_framework(workdir, 3)
@@ -261,3 +261,26 @@ def test_eval_reports_int8_metrics_beside_float(trained):
   assert accuracy == pytest.approx((expected.argmax(-1) == labels).mean(), abs=2 / 360)
   assert float(float_line.split("accuracy=")[1].split()[0]) == pytest.approx(
       (floats.argmax(-1) == labels).mean(), abs=1e-4)  # printed to 4 decimals
+
+
+def test_int8_artifact_stores_int8_weights_and_runs_qwix_arithmetic(trained, tmp_path):
+  """deepflow export --quantize int8 (StableHLO): kernels stored as int8 and per-channel scales,
+  computing qwix's int8 model (numpy); deepflow predict runs it."""
+  import jax
+  workdir = trained("mlp_raw")
+  exp, state, _, _ = Experiment.from_workdir(workdir)
+  inputs, _ = in_framework(workdir, 6)
+  fn, weights, _, spec = export.exportable(exp, state)
+  params = _positive_maxima(state.params)
+  weights.update({f"params/{layer}/{k}": v for layer, d in params.items() for k, v in d.items()})
+  fn_int8, stored = quantize.int8_function(fn, weights, spec)
+  kernel = stored["params/Dense_0/kernel"]
+  assert kernel.dtype == np.int8 and stored["params/Dense_0/kernel:scale"].shape == (1, 16)
+  np.testing.assert_allclose(jax.jit(fn_int8)(stored, inputs),
+                             _qwix_reference("mlp_raw", params, inputs.astype(np.float32)),
+                             rtol=1e-5, atol=1e-5)
+  signature = export.export(workdir, str(tmp_path), platforms=("cpu",), quantize="int8")
+  assert signature["quantization"]["tool"] == "qwix"
+  fn_int8, stored = quantize.int8_function(*export.exportable(exp, state)[:2], spec)
+  np.testing.assert_allclose(predict.load(str(tmp_path))(inputs),
+                             jax.jit(fn_int8)(stored, inputs), rtol=1e-6, atol=1e-6)
