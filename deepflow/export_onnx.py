@@ -114,10 +114,9 @@ def conv_rule(eqn: core.JaxprEqn, inputs: list[Any]) -> list[Any] | None:
 
 def _layer_of(jaxpr, primitive: str) -> str | None:
   """The source line (file:line (function)) of the first equation binding ``primitive``."""
-  from jax._src import source_info_util
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == primitive:
-      return source_info_util.summarize(eqn.source_info)
+      return rewrite.source(eqn)
     for sub in core.jaxprs_in_params(eqn.params):
       found = _layer_of(sub, primitive)
       if found:

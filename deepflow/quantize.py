@@ -37,6 +37,8 @@ DESCRIPTION = {"scheme": "int8", "tool": "qwix",
                               "scales computed at run time"}
 # Equations that pass a weight through unchanged in value (a cast to its own dtype, a copy).
 _PASS_THROUGH = ("convert_element_type", "copy", "copy_p")
+# Loop bodies are traced as a whole; their matmuls are out of the rewrite's reach.
+_LOOPS = ("scan", "while")
 
 
 def _qwix():
@@ -73,6 +75,10 @@ def int8_rule(weights: dict[int, int], stored: dict[int, Any], seen: dict[int, A
 
   def rule(eqn, inputs):
     name = eqn.primitive.name
+    if name in _LOOPS and any(id(x) in weights for x in inputs):
+      raise ConfigError(f"int8 quantization cannot reach the weights a loop reads ({name} from "
+                        f"{rewrite.source(eqn)}); quantize a model without recurrent or scanned "
+                        f"layers")
     if name in _PASS_THROUGH and id(inputs[0]) in weights:
       out = eqn.primitive.bind(*inputs, **eqn.params)
       weights[id(out)] = weights[id(inputs[0])]

@@ -60,3 +60,12 @@ def chain(*rules: Rule) -> Rule:
   def rule(eqn, inputs):
     return next((out for r in rules if (out := r(eqn, inputs)) is not None), None)
   return rule
+
+
+def source(eqn: core.JaxprEqn) -> str:
+  """Where an equation was traced from: the flax layer's path (its name stack, when it has one)
+  and file:line (function) of the innermost user frame."""
+  from jax._src import source_info_util
+  where = source_info_util.summarize(eqn.source_info)
+  layer = str(eqn.source_info.name_stack)
+  return f"layer {layer}, {where}" if layer else where
