@@ -33,7 +33,7 @@ from jax.extend import core
 
 from deepflow import export, rewrite
 from deepflow.onnx_runtime import ONNX_FILE, RUNTIME
-from deepflow.predict import SIGNATURE_FILE, sha256
+from deepflow.predict import sha256
 from deepflow.registry import ConfigError, first_line
 from deepflow.train.experiment import Experiment
 
