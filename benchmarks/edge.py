@@ -128,8 +128,11 @@ def bench(name: str, root: str, steps_scale: float) -> dict:
   row = {"model": name, "step": step, "examples": len(inputs)}
   row["bytes"] = {k: sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)
                          if f != export.SIGNATURE_FILE) for k, d in out.items()}
-  row["scores"] = {k: scores(run_batched(predict.load(out[k]), inputs), targets)
-                   for k in ("onnx", "int8", "stablehlo_int8")}
+  outputs = {k: run_batched(predict.load(d), inputs) for k, d in out.items()}
+  row["scores"] = {k: scores(o, targets) for k, o in outputs.items()}
+  difference = np.abs(outputs["onnx"] - outputs["stablehlo"])  # the latter: deepflow's forward
+  row["onnx_vs_jax"] = {"max_abs": float(difference.max()),
+                        "max_output": float(np.abs(outputs["stablehlo"]).max())}
   row["eval"] = {"float": exp.evaluate(state, "test"),
                  "qwix_int8": quantize.evaluate(exp, state, "test")}
   onnx_file = export_onnx.ONNX_FILE
@@ -148,13 +151,15 @@ def bench(name: str, root: str, steps_scale: float) -> dict:
 
 def summary(row: dict) -> str:
   b, s, lat, first = row["bytes"], row["scores"], row["latency_s"], row["first_prediction_s"]
-  lat64 = row["latency_batch64_s"]
+  lat64, gap = row["latency_batch64_s"], row["onnx_vs_jax"]
   lines = [f"{row['model']} (step {row['step']}, {row['examples']} test examples)",
            f"  bytes: onnx float32 {b['onnx']:,}  int8 {b['int8']:,} "
            f"({b['int8'] / b['onnx']:.3f}x)  stablehlo float32 {b['stablehlo']:,}  int8 "
            f"{b['stablehlo_int8']:,} ({b['stablehlo_int8'] / b['stablehlo']:.3f}x)",
-           f"  onnx float32 {s['onnx']}  int8 {s['int8']}  stablehlo int8 (qwix) "
-           f"{s['stablehlo_int8']}",
+           f"  onnx float32 {s['onnx']}  int8 {s['int8']}  stablehlo float32 {s['stablehlo']}"
+           f"  int8 (qwix) {s['stablehlo_int8']}",
+           f"  onnx float32 vs deepflow's forward, whole test split: max |difference| "
+           f"{gap['max_abs']:.1e} (largest output {gap['max_output']:.1f})",
            f"  deepflow eval: float {_short(row['eval']['float'])}  "
            f"qwix int8 {_short(row['eval']['qwix_int8'])}",
            f"  onnxruntime batch-1 latency (1 thread, median): float32 {lat['onnx'] * 1e3:.3f} ms"
