@@ -212,11 +212,11 @@ def _export(overrides: list[str]) -> None:
   With --format safetensors: its weights only, as named tensors (LoRA adapters merged), which
   model.init_from and the safetensors library read. With --format onnx: DIR/model.onnx and
   signature.json. --quantize int8: the int8 model, in either format."""
-  from deepflow import export
   out = _require("out")
   if FLAGS.quantize and FLAGS.format == "safetensors":
     _fail("--quantize writes an inference artifact (--format stablehlo or onnx), not "
           "safetensors", 2)
+  from deepflow import export
   if FLAGS.format == "onnx":
     from deepflow import export_onnx
     signature = export_onnx.export_onnx(_require("workdir"), out, overrides=overrides,
