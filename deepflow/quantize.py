@@ -13,10 +13,11 @@ needs calibration. Products of two activations (attention scores), embedding loo
 normalizations and LoRA-merged kernels stay float. ``lax.platform_dependent`` takes its portable
 branch, so deepflow's CPU form of a few-channel convolution is a convolution here too.
 
-qwix rather than AQT: qwix is AQT's successor at Google, kept current with JAX and Flax (AQT's
-last release predates the JAX this project pins), and its ``quantize``/``dot_general``/
-``conv_general_dilated`` take whole arrays, which an equation-level rewrite needs; its model
-interception (``quantize_model``) would miss deepflow's own convolution.
+qwix rather than AQT (not measured against it): qwix's design follows AQT's (its README), it is
+released against current JAX (AQT's latest release, aqtp 0.9.0, dates from August 2025), and its
+``quantize``/``dot_general``/``conv_general_dilated`` take whole arrays, which an equation-level
+rewrite needs; its own model interception (``quantize_model``) would miss deepflow's convolution,
+which runs a CPU formulation behind ``lax.platform_dependent``.
 """
 from __future__ import annotations
 
