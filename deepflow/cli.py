@@ -125,9 +125,13 @@ def _train(overrides: list[str]) -> None:
   _print_metrics(config.data.eval_split, metrics)
 
 
-@command("workdir", "split", "checkpoint", example="deepflow eval --workdir runs/digits_cnn --split train")
+@command("workdir", "split", "checkpoint", "quantize",
+         example="deepflow eval --workdir runs/digits_cnn --split train")
 def _eval(overrides: list[str]) -> None:
-  """Evaluate a checkpoint of a run on a split (default: the config's eval_split)."""
+  """Evaluate a checkpoint of a run on a split (default: the config's eval_split).
+
+  With --quantize int8: the int8 model's metrics too (qwix, deepflow.quantize), on the same
+  examples, on a second line."""
   from deepflow.train.experiment import Experiment
   from deepflow.train.writers import MetricWriter
   workdir = _require("workdir")
@@ -138,6 +142,10 @@ def _eval(overrides: list[str]) -> None:
   writer = MetricWriter(workdir, tensorboard=False)
   writer.write(step, split, metrics)
   _print_metrics(split, metrics, step)
+  if FLAGS.quantize:
+    from deepflow import quantize
+    quantized = _with_debug(lambda: quantize.evaluate(exp, state, split, FLAGS.quantize))
+    _print_metrics(f"{split} {FLAGS.quantize}", quantized, step)
 
 
 def _print_metrics(split: str, metrics: dict, step: int | None = None) -> None:
@@ -182,24 +190,42 @@ def _sweep(overrides: list[str]) -> None:
 flags.DEFINE_string("out", None, "export: directory to write the inference artifact to.")
 flags.DEFINE_list("platforms", ["cpu", "cuda", "tpu"], "export: platforms the artifact is "
                   "lowered for.")
-flags.DEFINE_enum("format", "stablehlo", ["stablehlo", "safetensors"], "export: 'stablehlo' (an "
-                  "inference artifact for `deepflow predict`) or 'safetensors' (the weights "
-                  "under flat names, LoRA merged; --out FILE.safetensors or a directory).")
+flags.DEFINE_enum("format", "stablehlo", ["stablehlo", "safetensors", "onnx"], "export: "
+                  "'stablehlo' (an inference artifact for `deepflow predict`), 'safetensors' (the "
+                  "weights under flat names, LoRA merged; --out FILE.safetensors or a directory) "
+                  "or 'onnx' (DIR/model.onnx for ONNX Runtime; `deepflow predict` runs it without "
+                  "JAX; needs deepflow[edge]).")
+flags.DEFINE_enum("quantize", None, ["int8"], "export: int8 weights, activations quantized at "
+                  "run time (qwix for stablehlo, ONNX Runtime for onnx); eval: also report the "
+                  "metrics of the int8 model (qwix) beside the float ones.")
 flags.DEFINE_string("model", None, "predict: an artifact directory written by `deepflow export`.")
 flags.DEFINE_string("input", None, "predict: examples as .npy or .json (a batch, or one example).")
 flags.DEFINE_string("output", None, "predict: write to .npy (the model's outputs: logits for a "
                     "classifier) or .json (records); default: one JSON line per example.")
 
 
-@command("workdir", "out", "format", "platforms", "checkpoint",
+@command("workdir", "out", "format", "quantize", "platforms", "checkpoint",
          example="deepflow export --workdir runs/digits_cnn --out artifacts/digits_cnn")
 def _export(overrides: list[str]) -> None:
   """Write a run's inference artifact (StableHLO, weights, preprocessing, signature.json).
 
   With --format safetensors: its weights only, as named tensors (LoRA adapters merged), which
-  model.init_from and the safetensors library read."""
-  from deepflow import export
+  model.init_from and the safetensors library read. With --format onnx: DIR/model.onnx and
+  signature.json. --quantize int8: the int8 model, in either format."""
   out = _require("out")
+  if FLAGS.quantize and FLAGS.format == "safetensors":
+    _fail("--quantize writes an inference artifact (--format stablehlo or onnx), not "
+          "safetensors", 2)
+  from deepflow import export
+  if FLAGS.format == "onnx":
+    from deepflow import export_onnx
+    signature = export_onnx.export_onnx(_require("workdir"), out, overrides=overrides,
+                                        checkpoint=FLAGS.checkpoint, quantize=FLAGS.quantize)
+    path = os.path.join(out, export_onnx.ONNX_FILE)
+    print(f"exported step {signature['source']['step']} of {FLAGS.workdir} to {path} "
+          f"({os.path.getsize(path) / 1024:.0f} KiB"
+          f"{', int8' if FLAGS.quantize else ''}); input {signature['input']['shape']}")
+    return
   if FLAGS.format == "safetensors":
     path, tensors, step = export.export_safetensors(
         _require("workdir"), out, overrides=overrides, checkpoint=FLAGS.checkpoint)
@@ -207,7 +233,8 @@ def _export(overrides: list[str]) -> None:
           f"tensors, {os.path.getsize(path) / 1024:.0f} KiB")
     return
   signature = export.export(_require("workdir"), out, overrides=overrides,
-                            platforms=FLAGS.platforms, checkpoint=FLAGS.checkpoint)
+                            platforms=FLAGS.platforms, checkpoint=FLAGS.checkpoint,
+                            quantize=FLAGS.quantize)
   source, spec = signature["source"], signature["input"]
   sizes = ", ".join(f"{name} {os.path.getsize(os.path.join(out, name)) / 1024:.0f} KiB"
                     for name in (export.MODEL_FILE, export.WEIGHTS_FILE))

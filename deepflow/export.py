@@ -91,12 +91,12 @@ def raw_example(exp: Experiment) -> np.ndarray:
   return np.asarray(example[exp.pipeline.dataset.input_key])
 
 
-def export(workdir: str, out: str, *, overrides: Iterable[str] = (),
-           platforms: Sequence[str] = PLATFORMS, checkpoint: str | int = "best"
-           ) -> dict[str, Any]:
-  """Writes the inference artifact of a checkpoint of a run ('best', the default: the run's
-  result; 'latest'; or a step: ``Experiment.from_workdir``) to ``out``; returns its signature."""
-  exp, state, step, which = Experiment.from_workdir(workdir, overrides, checkpoint=checkpoint)
+def exportable(exp: Experiment, state: Any
+               ) -> tuple[Callable[[dict, jax.Array], jax.Array], dict[str, np.ndarray],
+                          np.ndarray, jax.ShapeDtypeStruct]:
+  """``(fn, weights, example, input_spec)`` of a run's checkpoint (``inference_function``, one
+  raw example, the inputs' shape with a symbolic batch), or a one-line refusal of inputs no
+  exported model can take (text tokenized on the host, non-numeric values)."""
   if exp.config.data.tokenizer:  # its inputs are text, tokenized and packed on the host
     raise ConfigError("deepflow export takes a run on stored examples; this one reads text "
                       "through data.tokenizer, which an exported model cannot take")
@@ -105,12 +105,26 @@ def export(workdir: str, out: str, *, overrides: Iterable[str] = (),
   if example.dtype.kind not in "biuf":
     raise ConfigError(f"inputs {exp.pipeline.dataset.input_key!r} of dtype {example.dtype} "
                       f"cannot enter an exported model; only numeric inputs can")
-  dtype = jax.dtypes.canonicalize_dtype(example.dtype)
   shape = jax.export.symbolic_shape(", ".join(["b", *map(str, example.shape[1:])]))
+  return fn, weights, example, jax.ShapeDtypeStruct(
+      shape, jax.dtypes.canonicalize_dtype(example.dtype))
+
+
+def export(workdir: str, out: str, *, overrides: Iterable[str] = (),
+           platforms: Sequence[str] = PLATFORMS, checkpoint: str | int = "best",
+           quantize: str | None = None) -> dict[str, Any]:
+  """Writes the inference artifact of a checkpoint of a run ('best', the default: the run's
+  result; 'latest'; or a step: ``Experiment.from_workdir``) to ``out``; returns its signature.
+  ``quantize='int8'``: its matmuls and convolutions in int8 (``deepflow.quantize``)."""
+  exp, state, step, which = Experiment.from_workdir(workdir, overrides, checkpoint=checkpoint)
+  fn, weights, example, input_spec = exportable(exp, state)
+  if quantize:
+    from deepflow import quantize as quantize_lib
+    fn, weights = quantize_lib.int8_function(fn, weights, input_spec, quantize)
   weight_specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in weights.items()}
   try:
     exported = jax.export.export(jax.jit(fn), platforms=tuple(platforms))(
-        weight_specs, jax.ShapeDtypeStruct(shape, dtype))
+        weight_specs, input_spec)
   except ValueError as e:  # e.g. an unknown platform name
     raise ConfigError(f"cannot export for platforms {', '.join(platforms)}: "
                       f"{str(e).splitlines()[0]}") from e
@@ -120,13 +134,23 @@ def export(workdir: str, out: str, *, overrides: Iterable[str] = (),
   tmp = os.path.join(out, WEIGHTS_FILE + ".tmp.npz")
   np.savez(tmp, **weights)
   os.replace(tmp, os.path.join(out, WEIGHTS_FILE))
-  signature = _signature(exp, exported, example, step, which, workdir)
+  signature = signature_of(exp, exported.in_avals[-1], exported.out_avals[0], example, step,
+                           which, workdir)
+  signature["platforms"] = list(exported.platforms)
+  if quantize:
+    signature["quantization"] = quantize_lib.DESCRIPTION
+  signature["call"] = (f"jax.export.deserialize(<{MODEL_FILE} bytes>).call(dict(numpy.load("
+                       f"'{WEIGHTS_FILE}')), inputs)")
   signature["files"] = {name: sha256(os.path.join(out, name))
                         for name in (MODEL_FILE, WEIGHTS_FILE)}
-  # Written last: an export interrupted half-way leaves checksums that do not match.
+  write_signature(out, signature)
+  return signature
+
+
+def write_signature(out: str, signature: dict[str, Any]) -> None:
+  """Written last: an export interrupted half-way leaves checksums that do not match."""
   _write_atomic(os.path.join(out, SIGNATURE_FILE),
                 (json.dumps(signature, indent=2) + "\n").encode())
-  return signature
 
 
 def export_safetensors(workdir: str, out: str, *, overrides: Iterable[str] = (),
@@ -146,8 +170,10 @@ def export_safetensors(workdir: str, out: str, *, overrides: Iterable[str] = (),
   return path, tensors, step
 
 
-def _signature(exp: Experiment, exported: Any, example: np.ndarray, step: int, which: str,
-               workdir: str) -> dict[str, Any]:
+def signature_of(exp: Experiment, inputs: Any, outputs: Any, example: np.ndarray, step: int,
+                 which: str, workdir: str) -> dict[str, Any]:
+  """``signature.json`` of an artifact whose function maps ``inputs`` to ``outputs`` (abstract
+  values, batch symbolic), less what only its format knows (``platforms``, ``call``, ``files``)."""
   config, data = exp.config, exp.pipeline.dataset
   classify = config.task.name == "classification"
   chain = _input_chain(exp)
@@ -156,14 +182,12 @@ def _signature(exp: Experiment, exported: Any, example: np.ndarray, step: int, w
                        if not t.train_only and any(
                            transforms_lib.resolve_key(k, data.input_key, data.target_key)
                            == data.target_key for k in t.keys)]
-  output = {"kind": "logits" if classify else "values",
-            "shape": _dims(exported.out_avals[0].shape),
-            "dtype": str(exported.out_avals[0].dtype)}
+  output = {"kind": "logits" if classify else "values", "shape": _dims(outputs.shape),
+            "dtype": str(outputs.dtype)}
   if classify:
     output["class_names"] = _class_names(data, exp.pipeline.spec.num_classes)
   if target_transforms:  # the model predicts preprocessed targets; say so rather than guess
     output["note"] = f"values are targets as transformed by: {', '.join(target_transforms)}"
-  inputs = exported.in_avals[-1]  # in_avals are flat: the weights' leaves, then the inputs
   return {
       "format": FORMAT,
       "format_version": FORMAT_VERSION,
@@ -189,9 +213,6 @@ def _signature(exp: Experiment, exported: Any, example: np.ndarray, step: int, w
           {"name": entries[i]["name"],
            "options": {k: v for k, v in dict(entries[i]).items() if k != "name"}}
           for i, _ in _input_chain(exp, per_example=True)],
-      "platforms": list(exported.platforms),
-      "call": f"jax.export.deserialize(<{MODEL_FILE} bytes>).call(dict(numpy.load("
-              f"'{WEIGHTS_FILE}')), inputs)",
   }
 
 

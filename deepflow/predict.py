@@ -1,4 +1,5 @@
-"""Running an inference artifact: what ``deepflow predict`` does, with JAX and numpy only.
+"""Running an inference artifact: what ``deepflow predict`` does, with JAX and numpy only (an
+ONNX artifact, ``deepflow export --format onnx``: ONNX Runtime and numpy, ``deepflow.onnx_runtime``).
 
 ``deepflow export`` (``deepflow.export``) writes an artifact; this module reads one. It imports
 nothing of the training stack (no optax, orbax, grain, flax or TFDS): ``predict`` starts in the
@@ -24,9 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
-import jax
 import numpy as np
 
 from deepflow.registry import ConfigError, first_line
@@ -62,14 +62,11 @@ class Predictor:
       if sha256(path) != expected:
         raise ArtifactError(f"corrupted artifact {directory}: {name} does not match its "
                             f"checksum in {SIGNATURE_FILE}; export it again")
-    try:
-      with open(os.path.join(directory, MODEL_FILE), "rb") as f:
-        self.exported = jax.export.deserialize(bytearray(f.read()))
-      with np.load(os.path.join(directory, WEIGHTS_FILE), allow_pickle=False) as f:
-        self.weights = {k: f[k] for k in f.files}
-    except Exception as e:  # checksums matched, so the files were written broken
-      raise ArtifactError(f"corrupted artifact {directory}: {type(e).__name__}: "
-                          f"{first_line(e)}") from e
+    if self.signature.get("runtime") == "onnxruntime":  # deepflow export --format onnx
+      from deepflow import onnx_runtime
+      self._run = onnx_runtime.session(directory)
+    else:
+      self._run = _jax_function(directory)
     spec = self.signature["input"]
     self.input_shape = tuple(spec["shape"][1:])
     self.input_dtype = np.dtype(spec["dtype"])
@@ -112,7 +109,7 @@ class Predictor:
   def __call__(self, inputs: Any) -> np.ndarray:
     x = self.check(inputs)
     try:
-      return np.asarray(self.exported.call(self.weights, x))
+      return np.asarray(self._run(x))
     except (ValueError, TypeError) as e:  # e.g. exported for platforms this machine lacks
       raise ArtifactError(f"cannot run the artifact here: {first_line(e)}") from e
 
@@ -127,6 +124,21 @@ class Predictor:
     return [{"class": self.class_names[int(i)], "index": int(i),
              "probabilities": [round(float(p), 6) for p in row]}
             for i, row in zip(probabilities.argmax(-1), probabilities)]
+
+
+def _jax_function(directory: str) -> Callable[[np.ndarray], Any]:
+  """``model.bin`` called on ``weights.npz`` and the inputs. JAX is imported here, not at the
+  top of the module: an ONNX artifact is predicted without it."""
+  import jax
+  try:
+    with open(os.path.join(directory, MODEL_FILE), "rb") as f:
+      exported = jax.export.deserialize(bytearray(f.read()))
+    with np.load(os.path.join(directory, WEIGHTS_FILE), allow_pickle=False) as f:
+      weights = {k: f[k] for k in f.files}
+  except Exception as e:  # checksums matched, so the files were written broken
+    raise ArtifactError(f"corrupted artifact {directory}: {type(e).__name__}: "
+                        f"{first_line(e)}") from e
+  return lambda x: exported.call(weights, x)
 
 
 def load(directory: str) -> Predictor:
