@@ -23,14 +23,16 @@ def default_metric(metrics: Iterable[str]) -> str:
 
 
 def write_results(workdir: str, points: Sequence[dict[str, Any]], dirs: Sequence[str],
-                  metric: str | None, mode: str | None) -> list[dict[str, Any]]:
-  """``results.csv`` (one row per trial), ``results.md`` (ranked) and ``results.png``."""
+                  metric: str | None, mode: str | None,
+                  numbers: Sequence[int] | None = None) -> list[dict[str, Any]]:
+  """``results.csv`` (one row per trial), ``results.md`` (ranked) and ``results.png``; the
+  trials are numbered ``numbers`` (a study's trial numbers), else 0, 1, ..."""
   rows, names = [], {}
   for i, (point, d) in enumerate(zip(points, dirs)):
     with open(os.path.join(d, RESULT)) as f:
       result = json.load(f)
     names.update(dict.fromkeys(result["metrics"]))
-    rows.append({"trial": i, **point, **result["metrics"], "status": result["status"],
+    rows.append({"trial": i if numbers is None else numbers[i], **point, **result["metrics"], "status": result["status"],
                  "workdir": os.path.relpath(d, workdir)})
   metric = metric or (default_metric(names) if names else "loss")
   if names and metric not in names:
