@@ -189,9 +189,8 @@ def test_workers_share_a_postgres_study_and_a_killed_trial_resumes(tmp_path, pos
   assert result["status"] == "ok" and result["metrics"] == {
       k: v for k, v in expected.items() if k not in ("step", "split")}
 
-  out = helpers.deepflow_cli("sweep", "--report", "--study=shared", f"--storage={postgres_url}")
-  assert out.returncode == 0, out.stderr
-  assert out.stdout.startswith("study 'shared': 5 complete, ") and "by loss (min)" in out.stdout
+  summary = sweep.study_summary(None, postgres_url, "shared")  # --report, from any machine
+  assert summary.startswith("study 'shared': 5 complete, ") and "by loss (min)" in summary
 
 
 def _pid_mid_trial(workdir, pids, timeout: float = 120) -> int:
@@ -211,3 +210,14 @@ def _pid_mid_trial(workdir, pids, timeout: float = 120) -> int:
         return pid
     time.sleep(0.05)
   raise AssertionError("no worker was caught mid-trial")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--search=simulated_annealing", "--sweep=seed=0,1"], "unknown --search 'simulated_annealing'"),
+    (["--report"], "no study in"),
+])
+def test_cli_one_line_errors(tmp_path, args, message):
+  experiment = helpers.write_experiment(tmp_path / "tiny.py")
+  out = helpers.deepflow_cli("sweep", f"--config={experiment}", f"--workdir={tmp_path / 'sweep'}",
+                             *args, timeout=60)
+  assert message in helpers.one_line_error(out) and not (tmp_path / "sweep").exists()
