@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+import deepflow
 import helpers
 import postgres
 from deepflow import sweep
@@ -117,6 +118,37 @@ def test_pruned_trials_stop_at_their_pruned_step(tmp_path):
       assert study.trials[row["trial"]].intermediate_values[step] == row["loss"]
     else:
       assert last == 12 and study.trials[row["trial"]].value == row["loss"]
+
+
+def test_sigterm_hands_the_trial_back_and_its_retry_resumes_bit_identical(tmp_path, monkeypatch):
+  """SIGTERM mid-trial (the loop's own handler): the worker saves, the trial goes back to the
+  study at once, and the next worker resumes it from that checkpoint to the metrics of an
+  uninterrupted run."""
+  workdir, space = str(tmp_path / "sweep"), params("optimizer.learning_rate=loguniform(1e-3,1e-1)")
+  reporter = sweep.worker._Run.reporter
+
+  def preempt_at_first_eval(self, trial):
+    report = reporter(self, trial)
+
+    def on_eval(step, metrics):
+      if trial.number == 0:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return report(step, metrics)
+    return on_eval
+  monkeypatch.setattr(sweep.worker._Run, "reporter", preempt_at_first_eval)
+  with pytest.raises(deepflow.train.Preempted, match="preempted at step 4"):
+    sweep.run_study(tiny(), workdir, space, search="random", trials=1)
+  study = optuna.load_study(study_name="sweep", storage=f"sqlite:///{workdir}/study.db")
+  assert [(t.state.name, t.system_attrs.get("failed_trial")) for t in study.trials] == [
+      ("FAIL", None), ("WAITING", 0)]
+  monkeypatch.undo()
+  rows = sweep.run_study(tiny(), workdir, space, search="random", trials=1)
+  evals = [r["step"] for r in read_metrics(os.path.join(workdir, "trial_000"))
+           if r["split"] == "test"]
+  assert [r["trial"] for r in rows] == [0] and evals == [3, 6, 9, 12]  # resumed at step 4
+  point = json.load(open(os.path.join(workdir, "trial_000", "trial.json")))["overrides"]
+  alone = deepflow.train_and_evaluate(sweep.trial_config(tiny(), point), str(tmp_path / "alone"))
+  assert rows[0]["status"] == "ok" and {k: rows[0][k] for k in alone} == alone
 
 
 def test_a_pruned_population_member_stops_updating(tmp_path):

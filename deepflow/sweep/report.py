@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from typing import Any, Sequence
 
 from deepflow.sweep.distributions import Param
@@ -41,7 +42,9 @@ def plots(study, workdir: str) -> list[str]:
   written = []
   for name, function in PLOTS.items():
     try:
-      ax = getattr(optuna_plots, function)(study)
+      with warnings.catch_warnings():  # few trials: Optuna warns of flat axes, equal importances
+        warnings.simplefilter("ignore")
+        ax = getattr(optuna_plots, function)(study)
     except (ValueError, RuntimeError, ZeroDivisionError) as e:
       log.info("sweep: no %s yet (%s)", name, str(e).splitlines()[0] if str(e) else e)
       continue
