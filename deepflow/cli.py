@@ -150,8 +150,11 @@ def _print_metrics(split: str, metrics: dict, step: int | None = None) -> None:
 
 
 flags.DEFINE_multi_string("sweep", [], "sweep: KEY=V1,V2,... (grid values) or "
-                          "KEY=loguniform(A,B) / uniform(A,B) / randint(A,B) (random search).")
-flags.DEFINE_integer("trials", 0, "sweep: random search with this many trials (0 = full grid).")
+                          "KEY=loguniform(A,B) / uniform(A,B) / randint(A,B) (random search); "
+                          "in a study also KEY=choice(V1,...) and KEY=...@OTHER=VALUE (only "
+                          "where the swept OTHER took VALUE).")
+flags.DEFINE_integer("trials", 0, "sweep: random search with this many trials (0 = full grid); "
+                     "in a study, its trials over all workers.")
 flags.DEFINE_integer("sweep_seed", 0, "sweep: seed of the random search's draws.")
 flags.DEFINE_bool("vectorize", False, "sweep: train all trials as one vmapped population (numeric "
                   "hyperparameters that change no shape: learning rate, weight decay, dropout, "

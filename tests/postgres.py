@@ -31,8 +31,8 @@ def server():
     os.chown(root, owner.pw_uid, owner.pw_gid)
     as_user = ["runuser", "-u", "postgres", "--"]
   data, port = os.path.join(root, "data"), free_port()
-  run = lambda *args: subprocess.run([*as_user, *args], check=True, capture_output=True,  # noqa: E731
-                                     timeout=60)
+  def run(*args):
+    subprocess.run([*as_user, *args], check=True, capture_output=True, timeout=60)
   try:
     run(f"{bindir}/initdb", "-D", data, "-A", "trust", "-U", "deepflow", "--no-sync")
     run(f"{bindir}/pg_ctl", "-D", data, "-w", "-l", os.path.join(root, "log"), "-o",

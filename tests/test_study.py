@@ -245,7 +245,7 @@ def _pid_mid_trial(workdir, pids, timeout: float = 120) -> int:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--search=simulated_annealing", "--sweep=seed=0,1"], "unknown --search 'simulated_annealing'"),
+    (["--search=annealing", "--sweep=seed=0,1"], "unknown --search 'annealing'"),
     (["--report"], "no study in"),
 ])
 def test_cli_one_line_errors(tmp_path, args, message):

@@ -24,5 +24,6 @@ from deepflow.sweep.search import TRIAL, run_sweep  # noqa: F401
 from deepflow.sweep.space import Axis, make_trials, overrides_of, parse_axis, trial_config  # noqa: F401,E501
 from deepflow.sweep.distributions import Param, parse_param  # noqa: F401
 from deepflow.sweep.study import STUDY  # noqa: F401
-from deepflow.sweep.worker import needs_study, run_study, study_summary, worker_seed  # noqa: F401,E501
+from deepflow.sweep.worker import (needs_study, run_study, study_summary,  # noqa: F401
+                                   worker_seed)
 from deepflow.sweep.variants import compare, run_variants, seed_means_table, seeded_variants  # noqa: F401,E501

@@ -24,7 +24,7 @@ from deepflow.registry import ConfigError
 from deepflow.sweep.space import _RANGE, Axis, parse_axis
 
 _CHOICE = re.compile(r"^choice\((.*)\)$")
-_CALL = re.compile(r"^(choice|uniform|loguniform|randint)\s*\(")  # a range or choice, well-formed or not
+_CALL = re.compile(r"^(choice|uniform|loguniform|randint)\s*\(")  # well-formed or not
 _PLAIN = (str, int, float, bool, type(None))
 
 

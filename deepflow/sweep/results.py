@@ -32,8 +32,8 @@ def write_results(workdir: str, points: Sequence[dict[str, Any]], dirs: Sequence
     with open(os.path.join(d, RESULT)) as f:
       result = json.load(f)
     names.update(dict.fromkeys(result["metrics"]))
-    rows.append({"trial": i if numbers is None else numbers[i], **point, **result["metrics"], "status": result["status"],
-                 "workdir": os.path.relpath(d, workdir)})
+    rows.append({"trial": i if numbers is None else numbers[i], **point, **result["metrics"],
+                 "status": result["status"], "workdir": os.path.relpath(d, workdir)})
   metric = metric or (default_metric(names) if names else "loss")
   if names and metric not in names:
     raise ConfigError(f"--metric {metric!r} is not an eval metric; known: {', '.join(names)}")

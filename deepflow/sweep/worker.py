@@ -17,8 +17,10 @@ import json
 import logging
 import math
 import os
+import socket
 import time
 import warnings
+import zlib
 from typing import Any, Sequence
 
 from ml_collections import ConfigDict
@@ -84,8 +86,6 @@ def needs_study(search: str, prune: str, study: str | None, storage: str | None)
 def worker_seed(seed: int) -> int:
   """The sampler's seed of one worker among many: ``seed`` mixed with the host and process, so
   parallel workers draw different points."""
-  import socket
-  import zlib
   return zlib.crc32(f"{seed}:{socket.gethostname()}:{os.getpid()}".encode()) & 0x7FFFFFFF
 
 
