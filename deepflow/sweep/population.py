@@ -66,7 +66,7 @@ class Population:
     from deepflow.data.text import make_pipeline
     from deepflow.registry import TASKS
     from deepflow.tasks.base import Task
-    from deepflow.train import tuning
+    from deepflow.train import runtime, tuning
     from deepflow.train.step import make_eval_step, make_train_step
 
     self.configs = list(configs)
@@ -115,6 +115,7 @@ class Population:
       return new, metrics
 
     batch_axis = 0 if self.per_member_data else None
+    runtime.use_compilation_cache(base.train.compilation_cache)  # as a run does: rounds reuse it
     options = tuning.step_options(base.train.xla_options, jax.default_backend()) or None
     self.train_step = jax.jit(jax.vmap(member_step, in_axes=(0, batch_axis, 0)),
                               donate_argnums=0, compiler_options=options)
