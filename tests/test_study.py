@@ -169,7 +169,7 @@ def test_a_pruned_population_member_stops_updating(tmp_path):
 
 
 def test_workers_share_a_postgres_study_and_a_killed_trial_resumes(tmp_path, postgres_url):
-  """Three workers on one PostgreSQL study; one is SIGKILLed mid-trial: its trial is retried by
+  """Three workers started together on one PostgreSQL study; one is SIGKILLed mid-trial: its trial is retried by
   another worker from its checkpoint and ends with the metrics of an uninterrupted run; every
   other trial runs once, and the study's best is the best of the trials' own metrics.jsonl."""
   experiment = helpers.write_experiment(tmp_path / "tiny.py", helpers.TINY_EXPERIMENT.replace(
@@ -180,11 +180,7 @@ def test_workers_share_a_postgres_study_and_a_killed_trial_resumes(tmp_path, pos
   args = ["sweep", f"--config={experiment}", f"--workdir={workdir}", "--search=random",
           "--sweep=optimizer.learning_rate=loguniform(1e-3,1e-1)", "--trials=5",
           "--metric=loss", f"--storage={postgres_url}", "--study=shared", "--heartbeat=1", *every]
-  first = helpers.deepflow_process(*args)
-  while not (workdir / "trial_000").exists():  # the study and its tables exist
-    assert first.poll() is None, first.communicate()
-    time.sleep(0.2)
-  workers = [first] + [helpers.deepflow_process(*args) for _ in range(2)]
+  workers = [helpers.deepflow_process(*args) for _ in range(3)]  # together: they race to create
   victim = _pid_mid_trial(workdir, [w.pid for w in workers])
   os.kill(victim, signal.SIGKILL)
   outputs = [w.communicate(timeout=240) for w in workers]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 from typing import Any, Sequence
 
@@ -64,15 +65,20 @@ def open_storage(url: str, heartbeat: int = 60):
   import sqlalchemy
   connect_args = ({"timeout": 60} if url.startswith("sqlite") else
                   {"connect_timeout": CONNECT_TIMEOUT_S})
-  try:
-    return optuna.storages.RDBStorage(
-        _with_driver(url), engine_kwargs={"connect_args": connect_args, "pool_pre_ping": True},
-        heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-            MAX_RETRIES, inherit_intermediate_values=True))
-  except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
-    reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
-    raise ConfigError(f"--storage {_redacted(url)} cannot be used: {reason}") from None
+  for attempt in range(3):
+    try:
+      return optuna.storages.RDBStorage(
+          _with_driver(url), engine_kwargs={"connect_args": connect_args, "pool_pre_ping": True},
+          heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+          heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+              MAX_RETRIES, inherit_intermediate_values=True))
+    except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+      if attempt == 2:  # workers started together race to create the tables: the loser retries
+        raise
+      time.sleep(1.0)
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
+      reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+      raise ConfigError(f"--storage {_redacted(url)} cannot be used: {reason}") from None
 
 
 def make_sampler(search: str, params: Sequence[Param], seed: int | None):
@@ -121,10 +127,10 @@ def open_study(storage, name: str, record: dict[str, Any], *, create: bool = Tru
       raise ConfigError(f"no study {name!r} in the storage") from None
     study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True,
                                 direction="maximize" if record["mode"] == "max" else "minimize")
-    for key, value in record.items():
-      study.set_user_attr(key, value)
-    return study
   if create:
+    if not study.user_attrs:  # new, made here or by a worker started at the same moment
+      for key, value in record.items():
+        study.set_user_attr(key, value)
     differs = [k for k, v in record.items() if study.user_attrs.get(k) != v]
     if differs:
       raise ConfigError(f"study {name!r} was started with another {_what(differs, record, study)}"
