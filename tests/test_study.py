@@ -4,6 +4,7 @@ study (a real server), one of them killed mid-trial."""
 import json
 import os
 import signal
+import sys
 import time
 
 import jax
@@ -68,6 +69,15 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, texts, kwargs, messa
     sweep.run_study(helpers.tiny_config(), str(workdir), params(*texts), **kwargs)
   assert time.perf_counter() - start < 10 and "\n" not in str(error.value)
   assert "secret" not in str(error.value) and not workdir.exists()
+
+
+def test_without_the_extra_a_study_is_one_line_naming_it(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna raises ImportError
+  with pytest.raises(ConfigError, match=r"^--search tpe needs deepflow's search extra: pip "
+                                        r"install 'deepflow\[search\]'$"):
+    sweep.run_study(helpers.tiny_config(), str(tmp_path / "sweep"), params("seed=0,1"),
+                    search="tpe", trials=2)
+  assert not (tmp_path / "sweep").exists()
 
 
 def tiny(*overrides):
