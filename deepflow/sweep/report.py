@@ -9,8 +9,10 @@ import os
 import warnings
 from typing import Any, Sequence
 
+from etils import epath
+
 from deepflow.sweep.distributions import Param
-from deepflow.sweep.results import RESULT, ranked_table, write_results
+from deepflow.sweep.results import RESULT, ranked_table, save_figure, write_results
 from deepflow.sweep.study import SURPLUS
 
 log = logging.getLogger("deepflow")
@@ -23,7 +25,7 @@ def write(study, workdir: str, params: Sequence[Param], metric: str,
           mode: str) -> list[dict[str, Any]]:
   """Writes the study's results into the sweep directory; returns the ranked rows."""
   trials = [(first, t) for first, t in _by_directory(study)
-            if os.path.exists(os.path.join(workdir, f"trial_{first:03d}", RESULT))]
+            if (epath.Path(workdir) / f"trial_{first:03d}" / RESULT).exists()]
   if not trials:
     return []
   keys = [p.key for p in params]
@@ -51,7 +53,7 @@ def plots(study, workdir: str) -> list[str]:
     figure = ax.flat[0].figure if hasattr(ax, "flat") else ax.figure
     figure.set_size_inches(8, 5)
     figure.tight_layout()
-    figure.savefig(os.path.join(workdir, name), dpi=100)
+    save_figure(figure, os.path.join(workdir, name))
     plt.close(figure)
     written.append(name)
   return written

@@ -23,6 +23,7 @@ import warnings
 import zlib
 from typing import Any, Sequence
 
+from etils import epath
 from ml_collections import ConfigDict
 
 from deepflow import config as config_lib
@@ -64,11 +65,11 @@ def run_study(base: str | ConfigDict, workdir: str, params: Sequence[Param], *,
             "metric": metric, "mode": mode, "search": search, "prune": prune}
   if storage is None:
     storage = study_lib.default_storage(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    os.makedirs(workdir, exist_ok=True)  # SQLite's file, before it is opened
   store = study_lib.open_storage(storage, heartbeat)
   the_study = study_lib.open_study(store, study, record)
   the_study.sampler, the_study.pruner = sampler, pruner
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   run = _Run(the_study, config, workdir, params, metric, trials, heartbeat)
   if population:
     run.rounds(population)
