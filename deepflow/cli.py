@@ -194,7 +194,8 @@ def _sweep(overrides: list[str]) -> None:
     return
   if not FLAGS.sweep:
     _fail("--sweep KEY=V1,V2,... is required for this command", 2)
-  if sweep.needs_study(FLAGS.search, FLAGS.prune, FLAGS.study, FLAGS.storage):
+  study = sweep.needs_study(FLAGS.search, FLAGS.prune, FLAGS.study, FLAGS.storage)
+  if study:
     shared = FLAGS.study or FLAGS.storage  # many workers: each draws its own points
     rows = sweep.run_study(
         _require("config"), _require("workdir"), [sweep.parse_param(s) for s in FLAGS.sweep],
@@ -211,7 +212,8 @@ def _sweep(overrides: list[str]) -> None:
   if rows:
     with open(os.path.join(FLAGS.workdir, "results.md")) as f:
       print(f.read().rstrip())
-  print(f"{len(rows)} trials; results.csv, results.md and results.png in {FLAGS.workdir}")
+  plots = " and the study's history, parallel-coordinate and importance plots" if study else ""
+  print(f"{len(rows)} trials; results.csv, results.md, results.png{plots} in {FLAGS.workdir}")
 
 
 flags.DEFINE_string("out", None, "export: directory to write the inference artifact to.")
