@@ -99,7 +99,8 @@ def main():
   parser.add_argument("--steps", type=int, default=100)
   parser.add_argument("--seeds", type=int, default=5)
   parser.add_argument("--tpe-trials", type=int, default=20)
-  parser.add_argument("--parts", default="grid,tpe,asha,vectorized")
+  parser.add_argument("--parts", default="vectorized,tpe,asha",
+                      help="which comparisons to run (tpe and asha run the grid first)")
   args = parser.parse_args()
   parts = args.parts.split(",")
   config = digits_mlp(args.steps)
@@ -114,6 +115,8 @@ def main():
           f"{seq_time:.1f} s end to end: {vec_time / seq_time:.2f} of the time; the trials "
           f"alone {vec_span:.1f} s vs {seq_span:.1f} s: {vec_span / seq_span:.2f} (best "
           f"{best(vec_rows):.4f} vs {best(seq_rows):.4f}); {load()}", flush=True)
+  if "tpe" not in parts and "asha" not in parts:
+    return
   grid_rows, grid_time = study(config, SPACE, search="grid")
   grid_best, grid_steps = best(grid_rows), steps_trained(grid_rows)
   print(f"grid: {len(grid_rows)} trials, best accuracy {grid_best:.4f}, {grid_steps} steps, "
