@@ -147,12 +147,12 @@ def test_sigterm_hands_the_trial_back_and_its_retry_resumes_bit_identical(tmp_pa
     return on_eval
   monkeypatch.setattr(sweep.worker._Run, "reporter", preempt_at_first_eval)
   with pytest.raises(deepflow.train.Preempted, match="preempted at step 4"):
-    sweep.run_study(tiny(), workdir, space, search="random", trials=1)
+    sweep.run_study(tiny(), workdir, space, search="random", prune="median", trials=1)
   study = optuna.load_study(study_name="sweep", storage=f"sqlite:///{workdir}/study.db")
   assert [(t.state.name, t.system_attrs.get("failed_trial")) for t in study.trials] == [
       ("FAIL", None), ("WAITING", 0)]
   monkeypatch.undo()
-  rows = sweep.run_study(tiny(), workdir, space, search="random", trials=1)
+  rows = sweep.run_study(tiny(), workdir, space, search="random", prune="median", trials=1)
   evals = [r["step"] for r in read_metrics(os.path.join(workdir, "trial_000"))
            if r["split"] == "test"]
   assert [r["trial"] for r in rows] == [0] and evals == [3, 6, 9, 12]  # resumed at step 4

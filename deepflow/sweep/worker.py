@@ -70,7 +70,7 @@ def run_study(base: str | ConfigDict, workdir: str, params: Sequence[Param], *,
   the_study = study_lib.open_study(store, study, record)
   the_study.sampler, the_study.pruner = sampler, pruner
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  run = _Run(the_study, config, workdir, params, metric, trials, heartbeat)
+  run = _Run(the_study, config, workdir, params, metric, trials, heartbeat, prune != "none")
   if population:
     run.rounds(population)
   else:
@@ -107,9 +107,9 @@ class _Run:
   """One worker's state: the study, the experiment and where its trials live."""
 
   def __init__(self, study, config: ConfigDict, workdir: str, params: Sequence[Param],
-               metric: str, trials: int, heartbeat: int):
+               metric: str, trials: int, heartbeat: int, pruning: bool):
     self.study, self.config, self.workdir, self.params = study, config, workdir, params
-    self.metric, self.trials, self.heartbeat = metric, trials, heartbeat
+    self.metric, self.trials, self.heartbeat, self.pruning = metric, trials, heartbeat, pruning
 
   # -- The study's count: fresh trials, the ones left to retry, and waiting for the running.
   def done(self) -> bool:
@@ -187,7 +187,11 @@ class _Run:
     return self.value(metrics)
 
   def reporter(self, trial):
-    """The loop's ``on_eval``: reports the metric to the trial; True (stop) when pruned."""
+    """The loop's ``on_eval``: reports the metric to the trial; True (stop) when pruned. None
+    without a pruner: nothing would read the reports, and each is a write to the storage."""
+    if not self.pruning:
+      return None
+
     def on_eval(step: int, metrics: dict[str, float]) -> bool:
       trial.report(self.value(metrics), step)
       return trial.should_prune()
@@ -236,6 +240,10 @@ class _Run:
         self.tell(trial, result)
 
   def member_reporter(self, asked):
+    """``train_population``'s ``on_eval``: ``reporter``'s, per member."""
+    if not self.pruning:
+      return None
+
     def on_eval(step: int, live: dict[int, dict[str, float]]) -> set[int]:
       stop = set()
       for i, metrics in live.items():
