@@ -18,6 +18,12 @@ digits): 4 x 4 x 2 x 2 = 64 configurations. One process, one machine, measured s
 
 Prints the machine and ``os.getloadavg()`` beside the numbers: the ratios are what to compare
 (the machine is shared).
+
+Measured (x86_64, 2 CPU cores shared with other jobs, load average 6-15, jax 0.10.2): the grid's
+best 0.9778 (6,400 steps); TPE 20 trials: the grid's best in 4 of 5 seeds, 0.28 points below in
+the fifth (median gap 0.00); ASHA: the grid's best in 5 of 5 seeds with 0.21-0.30 of the grid's
+steps (median 0.26); a vectorized TPE round of 8: the trials 0.58 of the time of 8 sequential
+ones (5.1 vs 8.8 s), 0.97 end to end.
 """
 from __future__ import annotations
 
