@@ -158,8 +158,11 @@ def _print_metrics(split: str, metrics: dict, step: int | None = None) -> None:
 
 
 flags.DEFINE_multi_string("sweep", [], "sweep: KEY=V1,V2,... (grid values) or "
-                          "KEY=loguniform(A,B) / uniform(A,B) / randint(A,B) (random search).")
-flags.DEFINE_integer("trials", 0, "sweep: random search with this many trials (0 = full grid).")
+                          "KEY=loguniform(A,B) / uniform(A,B) / randint(A,B) (random search); "
+                          "in a study also KEY=choice(V1,...) and KEY=...@OTHER=VALUE (only "
+                          "where the swept OTHER took VALUE).")
+flags.DEFINE_integer("trials", 0, "sweep: random search with this many trials (0 = full grid); "
+                     "in a study, its trials over all workers.")
 flags.DEFINE_integer("sweep_seed", 0, "sweep: seed of the random search's draws.")
 flags.DEFINE_bool("vectorize", False, "sweep: train all trials as one vmapped population (numeric "
                   "hyperparameters that change no shape: learning rate, weight decay, dropout, "
@@ -168,23 +171,57 @@ flags.DEFINE_string("metric", None, "sweep: eval metric to rank by (default accu
                     "else loss).")
 flags.DEFINE_enum("mode", None, ["min", "max"], "sweep: whether a lower or higher metric is "
                   "better (default: max for accuracy/auc/f1/precision/recall).")
+flags.DEFINE_string("search", "grid", "sweep: grid, random, or an Optuna sampler that learns "
+                    "from the trials so far: tpe, cmaes, gp (needs deepflow[search]).")
+flags.DEFINE_string("prune", "none", "sweep: stop poor trials at their evaluations with Optuna's "
+                    "median, asha or hyperband pruner.")
+flags.DEFINE_string("study", None, "sweep: the Optuna study's name; every worker started with "
+                    "it (and --storage) pulls trials from the one study (default 'sweep').")
+flags.DEFINE_string("storage", None, "sweep: the study's storage, sqlite:///FILE or "
+                    "postgresql://USER:PASSWORD@HOST/DB (default: WORKDIR/study.db).")
+flags.DEFINE_bool("report", False, "sweep: print the best trials of a running or finished "
+                  "study (--study, --storage or --workdir) and exit.")
+flags.DEFINE_integer("population", 8, "sweep: with --vectorize and a study, trials per round "
+                     "(asked of the sampler, trained as one population, told back).")
+flags.DEFINE_integer("heartbeat", 60, "sweep: seconds between a study worker's heartbeats; a "
+                     "trial silent for twice that is retried by another worker.")
 
 
 @command("config", "workdir", "sweep", "trials", "sweep_seed", "vectorize", "metric", "mode",
+         "search", "prune", "study", "storage", "report", "population", "heartbeat",
          example="deepflow sweep --config experiments/digits_mlp.py --workdir runs/sweep "
          "--sweep optimizer.learning_rate=1e-3,3e-3 --sweep model.activation=relu,tanh")
 def _sweep(overrides: list[str]) -> None:
-  """Grid or random search, one sub-workdir per trial; writes results.csv, .md and .png."""
+  """Grid or random search, one sub-workdir per trial; writes results.csv, .md and .png.
+
+  --search tpe|cmaes|gp, --prune or --study/--storage make it an Optuna study that any number
+  of workers (this command, started on each machine) share; --report prints its best trials."""
   from deepflow import sweep
+  if FLAGS.report:
+    print(sweep.study_summary(FLAGS.workdir, FLAGS.storage, FLAGS.study))
+    return
   if not FLAGS.sweep:
     _fail("--sweep KEY=V1,V2,... is required for this command", 2)
-  rows = sweep.run_sweep(_require("config"), _require("workdir"),
-                         [sweep.parse_axis(s) for s in FLAGS.sweep], overrides=overrides,
-                         trials=FLAGS.trials, seed=FLAGS.sweep_seed, vectorize=FLAGS.vectorize,
-                         metric=FLAGS.metric, mode=FLAGS.mode)
-  with open(os.path.join(FLAGS.workdir, "results.md")) as f:
-    print(f.read().rstrip())
-  print(f"{len(rows)} trials; results.csv, results.md and results.png in {FLAGS.workdir}")
+  study = sweep.needs_study(FLAGS.search, FLAGS.prune, FLAGS.study, FLAGS.storage)
+  if study:
+    shared = FLAGS.study or FLAGS.storage  # many workers: each draws its own points
+    rows = sweep.run_study(
+        _require("config"), _require("workdir"), [sweep.parse_param(s) for s in FLAGS.sweep],
+        overrides=overrides, search=FLAGS.search, prune=FLAGS.prune, storage=FLAGS.storage,
+        study=FLAGS.study or sweep.STUDY, trials=FLAGS.trials,
+        seed=sweep.worker_seed(FLAGS.sweep_seed) if shared else FLAGS.sweep_seed,
+        metric=FLAGS.metric, mode=FLAGS.mode,
+        population=FLAGS.population if FLAGS.vectorize else 0, heartbeat=FLAGS.heartbeat)
+  else:
+    rows = sweep.run_sweep(_require("config"), _require("workdir"),
+                           [sweep.parse_axis(s) for s in FLAGS.sweep], overrides=overrides,
+                           trials=FLAGS.trials, seed=FLAGS.sweep_seed, vectorize=FLAGS.vectorize,
+                           metric=FLAGS.metric, mode=FLAGS.mode)
+  if rows:
+    with open(os.path.join(FLAGS.workdir, "results.md")) as f:
+      print(f.read().rstrip())
+  plots = " and the study's history, parallel-coordinate and importance plots" if study else ""
+  print(f"{len(rows)} trials; results.csv, results.md, results.png{plots} in {FLAGS.workdir}")
 
 
 flags.DEFINE_string("out", None, "export: directory to write the inference artifact to.")

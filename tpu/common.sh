@@ -498,7 +498,7 @@ df_launch_command() {
   local -a cmd=(bash "$DF_REMOTE_DIR/tpu/worker.sh" start "$RUN_NAME")
   local kv
   for kv in ${LAUNCH_ENV[@]+"${LAUNCH_ENV[@]}"}; do cmd+=(--env "$kv"); done
-  cmd+=(-- deepflow train --config "$CONFIG_FILE" --workdir "$WORKDIR")
+  cmd+=(-- deepflow "${DF_LAUNCH_VERB:-train}" --config "$CONFIG_FILE" --workdir "$WORKDIR")
   if [[ "$DISTRIBUTED" == 1 ]]; then cmd+=(--distributed); fi
   cmd+=(${DF_ARGS[@]+"${DF_ARGS[@]}"})
   df_quote "${cmd[@]}"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import types
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -21,6 +21,7 @@ from deepflow.sweep.space import trial_config
 # Keys that change no shape or Python branch, so one compiled program serves every value.
 VECTORIZABLE = ("seed", "model.dropout", "optimizer.learning_rate", "optimizer.weight_decay",
                 "optimizer.end_learning_rate", "optimizer.b1", "optimizer.b2", "optimizer.eps")
+ACTIVE = "active"  # in ``Population.hyper`` once members may stop: 1 trains on, 0 keeps the state
 _SWEPT_DROPOUT = 0.123456789  # marks the Dropout layers whose rate is the traced swept value
 
 
@@ -65,7 +66,7 @@ class Population:
     from deepflow.data.text import make_pipeline
     from deepflow.registry import TASKS
     from deepflow.tasks.base import Task
-    from deepflow.train import tuning
+    from deepflow.train import runtime, tuning
     from deepflow.train.step import make_eval_step, make_train_step
 
     self.configs = list(configs)
@@ -107,9 +108,14 @@ class Population:
 
     def member_step(state, batch, hp):
       with traced_dropout(hp.get("model.dropout")):
-        return make_train_step(task, self.optimizer(hp), base.train.microbatches)(state, batch)
+        new, metrics = make_train_step(task, self.optimizer(hp), base.train.microbatches)(
+            state, batch)
+      if ACTIVE in hp:  # a stopped (pruned) member keeps its state
+        new = jax.tree.map(lambda n, o: jnp.where(hp[ACTIVE], n, o), new, state)
+      return new, metrics
 
     batch_axis = 0 if self.per_member_data else None
+    runtime.use_compilation_cache(base.train.compilation_cache)  # as a run does: rounds reuse it
     options = tuning.step_options(base.train.xla_options, jax.default_backend()) or None
     self.train_step = jax.jit(jax.vmap(member_step, in_axes=(0, batch_axis, 0)),
                               donate_argnums=0, compiler_options=options)
@@ -149,14 +155,20 @@ class Population:
             for i in range(len(self.configs))]
 
 
-def train_population(configs: Sequence[ConfigDict], workdirs: Sequence[str]
+def train_population(configs: Sequence[ConfigDict], workdirs: Sequence[str],
+                     on_eval: Callable[[int, dict[int, dict[str, float]]], set[int]] | None = None
                      ) -> tuple[Any, list[dict[str, Any]]]:
   """Trains every config as one member of a vmapped ``Population``, with the loop's pieces: each
   member's ``config.json`` (``write_config``), ``metrics.jsonl`` (``MetricWriter``) and log
   windows under the loop's non-finite policy (``window_means``). No checkpoints: a population is
   rerun whole. Returns the stacked final TrainState and each member's result, as a sequential
   trial records it: ``{"status": "ok", "metrics": final eval metrics}``, or a failed status for a
-  member that broke the non-finite policy (the others train on)."""
+  member that broke the non-finite policy (the others train on).
+
+  ``on_eval(step, {member: eval metrics})`` sees each periodic evaluation of the members still
+  training and returns those to stop there (a sweep's pruner): a stopped member's state stops
+  updating, its metrics end at that step and its result is ``{"status": "pruned at step N",
+  "metrics": that evaluation}``. Training ends early once every member has stopped or failed."""
   from deepflow.train.loop import window_means, write_config
   from deepflow.train.writers import MetricWriter
   population = Population(configs)
@@ -165,6 +177,9 @@ def train_population(configs: Sequence[ConfigDict], workdirs: Sequence[str]
     write_config(c, d)
   writers = [MetricWriter(d) for d in workdirs]
   failed: dict[int, str] = {}
+  stopped: dict[int, dict[str, Any]] = {}
+  if on_eval is not None:
+    population.hyper[ACTIVE] = jnp.ones(len(configs), jnp.bool_)
   state = population.init()
   iterators = {s: p.train_iterator() for s, p in population.pipelines.items()}
   pending, in_flight = [], parallel.DispatchWindow()
@@ -178,7 +193,7 @@ def train_population(configs: Sequence[ConfigDict], workdirs: Sequence[str]
         host = jax.device_get(pending)
         pending.clear()
         for i, writer in enumerate(writers):
-          if i in failed:
+          if i in failed or i in stopped:
             continue
           means, broken = window_means([{k: v[i] for k, v in m.items()} for m in host], step, cfg)
           if broken:
@@ -186,17 +201,24 @@ def train_population(configs: Sequence[ConfigDict], workdirs: Sequence[str]
           else:
             writer.write(step, "train", means)
       if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-        for i, (writer, m) in enumerate(zip(writers, population.evaluate(state))):
-          if i not in failed:
-            writer.write(step, split, m)
+        live = {i: m for i, m in enumerate(population.evaluate(state))
+                if i not in failed and i not in stopped}
+        for i, m in live.items():
+          writers[i].write(step, split, m)
+        if on_eval is not None:
+          stopped.update({i: {"status": f"pruned at step {step}", "metrics": live[i]}
+                          for i in on_eval(step, live)})
+          population.hyper[ACTIVE] = jnp.asarray([i not in stopped for i in range(len(configs))])
+          if len(failed) + len(stopped) == len(configs):
+            break
     final = population.evaluate(state)
     for i, (writer, m) in enumerate(zip(writers, final)):
-      if i not in failed:
+      if i not in failed and i not in stopped:
         writer.write(cfg.steps, split, m)
   finally:
     for writer in writers:
       writer.close()
-  return state, [{"status": failed[i], "metrics": {}} if i in failed else
+  return state, [{"status": failed[i], "metrics": {}} if i in failed else stopped.get(i) or
                  {"status": "ok", "metrics": m} for i, m in enumerate(final)]
 
 

@@ -3,10 +3,13 @@ the chosen metric (``results.png``), from each trial's ``result.json``."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
 from typing import Any, Iterable, Sequence
+
+from etils import epath
 
 from deepflow.registry import ConfigError
 
@@ -23,15 +26,16 @@ def default_metric(metrics: Iterable[str]) -> str:
 
 
 def write_results(workdir: str, points: Sequence[dict[str, Any]], dirs: Sequence[str],
-                  metric: str | None, mode: str | None) -> list[dict[str, Any]]:
-  """``results.csv`` (one row per trial), ``results.md`` (ranked) and ``results.png``."""
+                  metric: str | None, mode: str | None,
+                  numbers: Sequence[int] | None = None) -> list[dict[str, Any]]:
+  """``results.csv`` (one row per trial), ``results.md`` (ranked) and ``results.png``; the
+  trials are numbered ``numbers`` (a study's trial numbers), else 0, 1, ..."""
   rows, names = [], {}
   for i, (point, d) in enumerate(zip(points, dirs)):
-    with open(os.path.join(d, RESULT)) as f:
-      result = json.load(f)
+    result = json.loads((epath.Path(d) / RESULT).read_text())
     names.update(dict.fromkeys(result["metrics"]))
-    rows.append({"trial": i, **point, **result["metrics"], "status": result["status"],
-                 "workdir": os.path.relpath(d, workdir)})
+    rows.append({"trial": i if numbers is None else numbers[i], **point, **result["metrics"],
+                 "status": result["status"], "workdir": os.path.relpath(d, workdir)})
   metric = metric or (default_metric(names) if names else "loss")
   if names and metric not in names:
     raise ConfigError(f"--metric {metric!r} is not an eval metric; known: {', '.join(names)}")
@@ -45,14 +49,15 @@ def write_results(workdir: str, points: Sequence[dict[str, Any]], dirs: Sequence
     return (row["status"] != "ok" or math.isnan(value), sign * value if value == value else 0)
   rows.sort(key=rank_key)
   columns = list(dict.fromkeys(k for r in rows for k in r))
-  with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, columns)
-    writer.writeheader()
-    writer.writerows(rows)
+  text = io.StringIO(newline="")
+  writer = csv.DictWriter(text, columns)
+  writer.writeheader()
+  writer.writerows(rows)
+  out = epath.Path(workdir)
+  (out / "results.csv").write_text(text.getvalue())
   keys = list(points[0])
   table = ranked_table(rows, keys, metric)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(f"Sweep ranked by {metric} ({mode}):\n\n{table}\n")
+  (out / "results.md").write_text(f"Sweep ranked by {metric} ({mode}):\n\n{table}\n")
   plot(rows, keys, metric, mode, os.path.join(workdir, "results.png"))
   return rows
 
@@ -98,4 +103,11 @@ def plot(rows: Sequence[dict[str, Any]], keys: Sequence[str], metric: str, mode:
   ax.set_title(f"{metric} per trial ({mode} is best)")
   ax.set_ylabel(metric) if numeric else ax.set_xlabel(metric)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  save_figure(fig, path)
+
+
+def save_figure(fig, path: str) -> None:
+  """A PNG of ``fig`` at ``path``, local or on an object store (``gs://``)."""
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=100)
+  epath.Path(path).write_bytes(png.getvalue())

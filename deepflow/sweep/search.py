@@ -7,6 +7,7 @@ import logging
 import os
 from typing import Any, Sequence
 
+from etils import epath
 from ml_collections import ConfigDict
 
 from deepflow.registry import ConfigError
@@ -63,18 +64,18 @@ def _run_sweep(base, workdir, axes, *, overrides, trials, seed, vectorize, metri
 
 def _claim(trial_dir: str, point: dict[str, Any]) -> None:
   """Records a trial's overrides in its directory, refusing one made for different ones."""
-  path = os.path.join(trial_dir, TRIAL)
+  path = epath.Path(trial_dir) / TRIAL
   record = {"overrides": overrides_of(point)}
-  if os.path.exists(path):
-    with open(path) as f:
-      if json.load(f) != record:
-        raise ConfigError(f"{trial_dir} belongs to a different sweep; use a new --workdir")
+  if path.exists():
+    if json.loads(path.read_text()) != record:
+      raise ConfigError(f"{trial_dir} belongs to a different sweep; use a new --workdir")
     return
-  os.makedirs(trial_dir, exist_ok=True)
-  _write_json(path, record)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  _write_json(str(path), record)
 
 
 def _write_json(path: str, value: Any) -> None:
-  with open(path + ".tmp", "w") as f:
-    json.dump(value, f, indent=1)
-  os.replace(path + ".tmp", path)
+  """Written whole, then renamed over ``path`` (local or an object store's, e.g. ``gs://``)."""
+  tmp = epath.Path(path + ".tmp")
+  tmp.write_text(json.dumps(value, indent=1))
+  tmp.replace(path)

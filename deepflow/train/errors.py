@@ -17,5 +17,14 @@ class Preempted(Exception):
     self.step, self.interrupted = step, interrupted
 
 
+class Stopped(Exception):
+  """Raised after the loop saved a checkpoint because its ``on_eval`` hook asked it to stop at
+  an evaluation (a sweep's pruner); ``metrics`` are that evaluation's."""
+
+  def __init__(self, step: int, metrics: dict[str, float]):
+    super().__init__(f"stopped at step {step} by the evaluation hook; checkpoint saved")
+    self.step, self.metrics = step, metrics
+
+
 class WorkdirLockedError(RuntimeError):
   """Another live run holds the workdir (``deepflow.train.workdir_lock``)."""

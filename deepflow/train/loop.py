@@ -13,7 +13,7 @@ import logging
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -25,25 +25,29 @@ from deepflow.optim import build_schedule
 from deepflow.registry import ConfigError
 from deepflow.regularizers import StoppingRecord
 from deepflow.train import checkpoint as checkpoint_lib, init_from, runtime, tuning, workdir_lock
-from deepflow.train.errors import NonFiniteLossError, Preempted
+from deepflow.train.errors import NonFiniteLossError, Preempted, Stopped
 from deepflow.train.experiment import BEST_DIR, Experiment
 from deepflow.train.state import TrainState
 from deepflow.train.writers import MetricWriter
 
 log = logging.getLogger("deepflow")
+EvalHook = Callable[[int, dict[str, float]], bool]  # (step, eval metrics) -> stop the run here
 
 
-def train_and_evaluate(config: Any, workdir: str, *, debug: bool = False) -> dict[str, float]:
+def train_and_evaluate(config: Any, workdir: str, *, debug: bool = False,
+                       on_eval: EvalHook | None = None) -> dict[str, float]:
   """Trains (or resumes) the experiment in ``workdir``; returns the final eval metrics.
 
   The run holds the workdir's lock throughout: a second run on the same workdir is refused
-  before it writes anything."""
+  before it writes anything. ``on_eval(step, metrics)`` sees every periodic evaluation; when it
+  returns True (a sweep's pruner), the loop saves a checkpoint there and raises ``Stopped``."""
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   with workdir_lock.hold(workdir):
-    return _train_and_evaluate(config, workdir, debug=debug)
+    return _train_and_evaluate(config, workdir, debug=debug, on_eval=on_eval)
 
 
-def _train_and_evaluate(config: Any, workdir: str, *, debug: bool) -> dict[str, float]:
+def _train_and_evaluate(config: Any, workdir: str, *, debug: bool,
+                        on_eval: EvalHook | None = None) -> dict[str, float]:
   # -- Build: the config on disk first (every reader of the run starts there), then everything
   # built from it.
   write_config(config, workdir)
@@ -70,7 +74,7 @@ def _train_and_evaluate(config: Any, workdir: str, *, debug: bool) -> dict[str, 
       log.info("training is already complete (step %d of train.steps=%d); evaluating", start,
                cfg.steps)
     else:
-      state = _train(exp, state, data_state, start, checkpointer, writer, best)
+      state = _train(exp, state, data_state, start, checkpointer, writer, best, on_eval)
     # -- The final evaluation: of the last state, or of the best one under early stopping.
     metrics = exp.evaluate(state, config.data.eval_split)
     writer.write(int(state.step), config.data.eval_split, metrics)
@@ -165,7 +169,8 @@ class _Preemption:
     return self.signal is not None
 
 def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpointer,
-           writer: MetricWriter, best: _BestKeeper | None = None) -> TrainState:
+           writer: MetricWriter, best: _BestKeeper | None = None,
+           on_eval: EvalHook | None = None) -> TrainState:
   config, cfg = exp.config, exp.config.train
   iterator = exp.pipeline.train_iterator(data_state)
   # The logged learning rate as one compiled program, not a dozen op-by-op ones (each compiled,
@@ -221,18 +226,22 @@ def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpoin
         means = flush(step)
         progress.set_postfix(loss=f"{means['loss']:.4f}", refresh=False)
       # -- Evaluate every train.eval_every steps; early stopping counts the evaluations.
-      converged = False  # early stopping ran out of patience
+      converged = halted = False  # early stopping ran out of patience; on_eval said stop
       if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
         metrics = exp.evaluate(state, config.data.eval_split)
         writer.write(step, config.data.eval_split, metrics)
         if jax.process_index() == 0:
           progress.write(f"step {step}: {config.data.eval_split} " + _format(metrics))
         converged = best is not None and best.observe(step, state, metrics)
-      # -- Checkpoint; stop on preemption or convergence.
-      if converged and pending:
+        halted = on_eval is not None and on_eval(step, metrics)
+      # -- Checkpoint; stop on preemption, convergence or the hook's word.
+      if (converged or halted) and pending:
         flush(step)
-      if save_now or converged:
-        checkpointer.save(step, state, iterator.get_state(), force=stop or converged)
+      if save_now or converged or halted:
+        checkpointer.save(step, state, iterator.get_state(), force=stop or converged or halted)
+      if halted:
+        checkpointer.wait()
+        raise Stopped(step, metrics)
       if stop:
         checkpointer.wait()
         raise Preempted(step, interrupted=preemption.signal == signal.SIGINT)

@@ -19,13 +19,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 TPU = ROOT / "tpu"
 ENTRY_SCRIPTS = ["create.sh", "install.sh", "launch.sh", "logs.sh", "status.sh", "babysit.sh",
-                 "delete.sh"]
+                 "delete.sh", "sweep.sh"]
 # Settings the scripts read from the environment: cleared so the caller's shell cannot leak in.
 SETTINGS = ["TPU_NAME", "ZONE", "PROJECT", "QUEUED", "QUEUED_RESOURCE", "SSH_FLAGS",
             "ACCELERATOR_TYPE", "RUNTIME_VERSION", "CAPACITY", "SERVICE_ACCOUNT", "SCOPES",
             "CREATE_FLAGS", "SRC_DIR", "REPO_URL", "REPO_REF", "DEEPFLOW_PYTHON", "JAX_PIP_SPEC",
             "EXTRA_PIP_PACKAGES", "EXPERIMENT", "CONFIG_FILE", "BUCKET", "WORKDIR", "RUN_NAME",
-            "DISTRIBUTED", "FOLLOW", "WAIT", "POLL_SECONDS", "WORKER", "LOG_LINES", "MAX_RETRIES",
+            "DISTRIBUTED", "STORAGE", "STUDY", "FOLLOW", "WAIT", "POLL_SECONDS", "WORKER", "LOG_LINES", "MAX_RETRIES",
             "UNREACHABLE_LIMIT", "DELETE_WHEN_DONE", "DRY_RUN", "DEEPFLOW_VENV", "DEEPFLOW_LOGS"]
 SCOPE = "--scopes=https://www.googleapis.com/auth/cloud-platform"
 
@@ -361,6 +361,20 @@ def test_launch_from_env_with_explicit_workdir_and_config(fake):
   assert out[1].startswith("gcloud compute tpus tpu-vm ssh df --zone=z --worker=0 ")
   assert remote_argv(out[1]) == ["bash", "deepflow/tpu/worker.sh", "logs", "try1", "--lines",
                                  "100", "--follow"]
+
+
+def test_sweep_starts_one_study_worker_per_host(fake):
+  out = dry("sweep.sh", "--name", "df", "--zone", "z", "--experiment", "digits_mlp", "--bucket",
+            "b", "--storage", "postgresql://deepflow@10.0.0.5/studies", "--env", "PGPASSWORD=pw",
+            "--", "--search=tpe", "--sweep=optimizer.learning_rate=loguniform(1e-4,1e-2)",
+            env=fake)
+  assert len(out) == 1 and "--worker=all" in out[0]
+  assert remote_argv(out[0]) == [
+      "bash", "deepflow/tpu/worker.sh", "start", "digits_mlp", "--env", "PGPASSWORD=pw", "--",
+      "deepflow", "sweep", "--config", "experiments/digits_mlp.py",
+      "--workdir", "gs://b/runs/digits_mlp", "--study", "digits_mlp",
+      "--storage", "postgresql://deepflow@10.0.0.5/studies", "--search=tpe",
+      "--sweep=optimizer.learning_rate=loguniform(1e-4,1e-2)"]
 
 
 def test_dry_run_lines_are_copy_pastable(fake, tmp_path):
