@@ -21,6 +21,7 @@ from flax import traverse_util
 
 import deepflow
 from deepflow import parallel
+from deepflow.atomic import atomic_path, write_atomic
 from deepflow.data import sources, transforms as transforms_lib
 from deepflow.predict import (FORMAT, FORMAT_VERSION, MODEL_FILE, SIGNATURE_FILE,
                               WEIGHTS_FILE, sha256)
@@ -116,15 +117,14 @@ def export(workdir: str, out: str, *, overrides: Iterable[str] = (),
                       f"{str(e).splitlines()[0]}") from e
 
   os.makedirs(out, exist_ok=True)
-  _write_atomic(os.path.join(out, MODEL_FILE), bytes(exported.serialize()))
-  tmp = os.path.join(out, WEIGHTS_FILE + ".tmp.npz")
-  np.savez(tmp, **weights)
-  os.replace(tmp, os.path.join(out, WEIGHTS_FILE))
+  write_atomic(os.path.join(out, MODEL_FILE), bytes(exported.serialize()))
+  with atomic_path(os.path.join(out, WEIGHTS_FILE)) as tmp:
+    np.savez(tmp, **weights)
   signature = _signature(exp, exported, example, step, which, workdir)
   signature["files"] = {name: sha256(os.path.join(out, name))
                         for name in (MODEL_FILE, WEIGHTS_FILE)}
   # Written last: an export interrupted half-way leaves checksums that do not match.
-  _write_atomic(os.path.join(out, SIGNATURE_FILE),
+  write_atomic(os.path.join(out, SIGNATURE_FILE),
                 (json.dumps(signature, indent=2) + "\n").encode())
   return signature
 
@@ -209,9 +209,3 @@ def _class_names(dataset: sources.Dataset, num_classes: int) -> list[str]:
     if names and len(names) == num_classes:
       return [str(n) for n in names]
   return [str(i) for i in range(num_classes)]
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-  with open(path + ".tmp", "wb") as f:
-    f.write(data)
-  os.replace(path + ".tmp", path)

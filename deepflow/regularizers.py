@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -30,7 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from deepflow.data.pipeline import INPUTS, TARGETS
-from deepflow.pytree import path_name
+from deepflow.pytree import Selector, path_name
 from deepflow.registry import ConfigError, REGULARIZERS
 
 Batch = Mapping[str, jax.Array]
@@ -62,6 +61,8 @@ class Regularizer:
   gradient: optax.GradientTransformation | None = None
   projection: optax.GradientTransformation | None = None
   early_stopping: EarlyStopping | None = None
+  # The parameter selections the hooks make, checked against the model once it is built.
+  selectors: tuple[Selector, ...] = ()
 
 
 def build_regularizers(entries: Sequence[Mapping[str, Any]]) -> Regularizer:
@@ -100,7 +101,8 @@ def combine(parts: Sequence[Regularizer]) -> Regularizer:
       penalty=penalty if penalties else None,
       gradient=optax.chain(*gradients) if gradients else None,
       projection=optax.chain(*projections) if projections else None,
-      early_stopping=stopping[0] if stopping else None)
+      early_stopping=stopping[0] if stopping else None,
+      selectors=tuple(s for p in parts for s in p.selectors))
 
 
 def _register(name: str):
@@ -113,17 +115,9 @@ def _non_negative(name: str, **values: float) -> None:
       raise ConfigError(f"regularizer {name!r}: {key} must be a number >= 0, got {value!r}")
 
 
-def _selector(name: str, pattern: str) -> Callable[[Any], list[jax.Array]]:
-  """The leaves of a parameter tree whose '/'-joined path matches ``pattern`` (re.search)."""
-  try:
-    regex = re.compile(pattern)
-  except re.error as e:
-    raise ConfigError(f"regularizer {name!r}: params {pattern!r} is not a regex: {e}") from e
-
-  def select(params):
-    leaves = jax.tree_util.tree_leaves_with_path(params)
-    return [x for path, x in leaves if regex.search(path_name(path))]
-  return select
+def _selector(name: str, pattern: str) -> Selector:
+  """The parameters a regularizer's ``params`` regex selects."""
+  return Selector(pattern, f"regularizer {name!r}: params")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -136,7 +130,9 @@ def l2(amount: float, params: str = r"kernel$") -> Regularizer:
   weight matrix, no biases). Coupled to the loss, unlike ``optimizer.weight_decay``."""
   _non_negative("l2", amount=amount)
   select = _selector("l2", params)
-  return Regularizer(penalty=lambda p: amount * sum(jnp.sum(jnp.square(x)) for x in select(p)))
+  return Regularizer(penalty=lambda p: amount * sum(jnp.sum(jnp.square(x))
+                                                    for x in select.leaves(p)),
+                     selectors=(select,))
 
 
 @_register("l1")
@@ -144,7 +140,8 @@ def l1(amount: float, params: str = r"kernel$") -> Regularizer:
   """``amount * sum(|w|)`` over the parameters whose path matches ``params`` (sparsity)."""
   _non_negative("l1", amount=amount)
   select = _selector("l1", params)
-  return Regularizer(penalty=lambda p: amount * sum(jnp.sum(jnp.abs(x)) for x in select(p)))
+  return Regularizer(penalty=lambda p: amount * sum(jnp.sum(jnp.abs(x)) for x in select.leaves(p)),
+                     selectors=(select,))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -277,15 +274,13 @@ def gradient_noise(eta: float = 0.01, gamma: float = 0.55, seed: int = 0) -> Reg
   return Regularizer(gradient=optax.add_noise(eta, gamma, key=seed))
 
 
-def max_norm_projection(limit: float, pattern: str) -> optax.GradientTransformation:
+def max_norm_projection(limit: float, select: Selector) -> optax.GradientTransformation:
   """Changes the final updates so that every matched kernel's incoming weight vector of each
   unit (all axes but the last) has L2 norm <= ``limit`` after the update is applied.
 
   Written here because optax's projections act on whole trees or arrays, not per unit."""
-  regex = re.compile(pattern)
-
   def project(path, update, param):
-    if not regex.search(path_name(path)) or param.ndim < 2:
+    if not select(path_name(path)) or param.ndim < 2:
       return update
     new = param + update
     norms = jnp.sqrt(jnp.sum(jnp.square(new), axis=tuple(range(new.ndim - 1)), keepdims=True))
@@ -306,8 +301,8 @@ def max_norm(limit: float = 3.0, params: str = r"kernel$") -> Regularizer:
   after every update, each unit's incoming weights (a kernel's column) are rescaled to L2 norm
   ``limit`` if longer. ``params`` selects the kernels by regex."""
   _non_negative("max_norm", limit=limit)
-  _selector("max_norm", params)  # check the regex now
-  return Regularizer(projection=max_norm_projection(limit, params))
+  select = _selector("max_norm", params)
+  return Regularizer(projection=max_norm_projection(limit, select), selectors=(select,))
 
 
 # ------------------------------------------------------------------------------------------------

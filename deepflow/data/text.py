@@ -23,6 +23,7 @@ import numpy as np
 import tqdm
 from etils import epath
 
+from deepflow.atomic import atomic_path
 from deepflow.data import packing, sources, tokenizers
 from deepflow.data.pipeline import (MASK, DataSpec, Pipeline, TrainIterator, eval_rows, per_host,
                                     step_batches)
@@ -128,9 +129,8 @@ class TextPipeline:
         out[start:start + len(ids)] = [len(t) + 1 for t in ids]
         bar.update(len(ids))
     if path is not None and self.process_index == 0:
-      tmp = epath.Path(f"{path}.tmp.npy")
-      np.save(tmp, out)
-      tmp.replace(path)
+      with atomic_path(path) as tmp:
+        np.save(tmp, out)
     return out
 
   def stream(self, split: str, *, train: bool) -> packing.PackedStream:

@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from etils import epath
 
+from deepflow.atomic import write_atomic
 from deepflow.registry import ConfigError
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -148,9 +149,7 @@ def load_or_build(spec: str, workdir: str | None,
     import jax
     if jax.process_index() == 0:
       saved.parent.mkdir(parents=True, exist_ok=True)
-      tmp = epath.Path(str(saved) + ".tmp")
-      tmp.write_bytes(tokenizer.serialized())
-      tmp.replace(saved)  # whole or absent: a crash never leaves half a model
+      write_atomic(saved, tokenizer.serialized())  # whole or absent: never half a model
   return tokenizer
 
 

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 from ml_collections import ConfigDict
 
+from deepflow.atomic import write_atomic
 from deepflow.registry import ConfigError
 from deepflow.sweep.population import train_population
 from deepflow.sweep.results import RESULT, write_results
@@ -75,6 +76,4 @@ def _claim(trial_dir: str, point: dict[str, Any]) -> None:
 
 
 def _write_json(path: str, value: Any) -> None:
-  with open(path + ".tmp", "w") as f:
-    json.dump(value, f, indent=1)
-  os.replace(path + ".tmp", path)
+  write_atomic(path, json.dumps(value, indent=1))

@@ -19,9 +19,10 @@ import jax
 import numpy as np
 from etils import epath
 
-from deepflow import config as config_lib, parallel, tasks  # noqa: F401  (tasks fills TASKS)
+from deepflow import config as config_lib, parallel, pytree, tasks  # noqa: F401  (fills TASKS)
 from deepflow.data.pipeline import MASK
 from deepflow.data.text import make_pipeline
+from deepflow.optim.optimizers import selectors as optimizer_selectors
 from deepflow.registry import ConfigError, TASKS
 from deepflow.train import checkpoint as checkpoint_lib, tuning
 from deepflow.train.state import TrainState, create_state
@@ -45,6 +46,9 @@ class Experiment:
     self.abstract_state = jax.eval_shape(
         functools.partial(create_state, self.task, self.tx, config.seed))
     self.partition.check(self.abstract_state.params)
+    names = list(pytree.flatten(self.abstract_state.params))
+    for selector in (*self.task.regularizer.selectors, *optimizer_selectors(config.optimizer)):
+      selector.check(names)
     self.shardings = parallel.state_shardings(self.abstract_state, self.mesh, config.parallel)
     self.debug = debug
     # deepflow's per-platform defaults and train.xla_options; autotune's record goes over them.

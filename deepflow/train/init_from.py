@@ -29,9 +29,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from flax import traverse_util
 
-from deepflow import parallel
+from deepflow import parallel, pytree
 from deepflow.models import lora as lora_lib
 from deepflow.registry import ConfigError
 from deepflow.train.experiment import CHECKPOINTS, Experiment
@@ -70,7 +69,7 @@ def initial_state(exp: Experiment) -> TrainState:
 
 def variables(state: TrainState) -> dict[str, Any]:
   """A state's (or its shardings' or shapes') parameters and model state under flat names."""
-  return traverse_util.flatten_dict({"params": state.params, **state.model_state}, sep="/")
+  return pytree.flatten({"params": state.params, **state.model_state})
 
 
 def _place(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:

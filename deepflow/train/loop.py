@@ -21,6 +21,7 @@ import tqdm
 from etils import epath
 
 from deepflow import config as config_lib, parallel
+from deepflow.atomic import write_atomic
 from deepflow.optim import build_schedule
 from deepflow.registry import ConfigError
 from deepflow.regularizers import StoppingRecord
@@ -105,9 +106,7 @@ class _BestKeeper:
     if self.record.update(self.rule, step, metrics):
       self.checkpointer.save(step, state, None, force=True)
     if jax.process_index() == 0:
-      tmp = self.directory / "stopping.json.tmp"
-      tmp.write_text(json.dumps(dataclasses.asdict(self.record)))
-      tmp.replace(self.path)  # atomic: a crash never leaves half a record
+      write_atomic(self.path, json.dumps(dataclasses.asdict(self.record)))
     return self.record.stopped
 
   def restore_best(self, state: TrainState, metrics: dict[str, float]):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import deepflow
-from deepflow import export, parallel
+from deepflow import export, parallel, pytree
 from deepflow.models import lora
 from deepflow.registry import ConfigError
 from deepflow.train import init_from
@@ -94,7 +94,7 @@ def test_only_adapters_train_and_the_merged_export_matches(tmp_path):
   np.testing.assert_allclose(merged, adapted, rtol=0, atol=1e-5)
   base = {k: v for k, v in files.flatten(jax.device_get(trained)).items()
           if not lora.is_adapter(k)}
-  assert not np.allclose(merged, plain.task.model.apply({"params": files.unflatten(base)}, x), atol=1e-4)
+  assert not np.allclose(merged, plain.task.model.apply({"params": pytree.unflatten(base)}, x), atol=1e-4)
 
 
 def test_a_target_regex_that_matches_nothing_is_one_line():

@@ -66,10 +66,20 @@ def test_batch_statistics_can_be_frozen():
     ("optimizer.freeze=Dense", "every parameter is frozen"),
     ("optimizer.freeze=(", "optimizer.freeze '(' is not a regex"),
     ("optimizer.lr_multipliers=[('x', -1.0)]", "(regex, factor >= 0)"),
+    # One rule for every selection by regex: a pattern that selects nothing names itself.
+    ("optimizer.lr_multipliers=[('^Dense_9/', 0.1)]",
+     "optimizer.lr_multipliers '^Dense_9/' matches no parameter; the model's are: "),
+    (("optimizer.weight_decay=0.1", "optimizer.weight_decay_mask=bais$"),
+     "optimizer.weight_decay_mask 'bais$' matches no parameter"),
+    ("regularizers=[{'name':'l2','amount':0.1,'params':'^body/'}]",
+     "regularizer 'l2': params '^body/' matches no parameter"),
+    ("regularizers=[{'name':'max_norm','params':'^body/'}]",
+     "regularizer 'max_norm': params '^body/' matches no parameter"),
+    ("parallel.rules=[('^params/body/',())]", "parallel.rules '^params/body/' matches no variable"),
 ])
 def test_bad_partitions_are_one_line(override, message):
   with pytest.raises(ConfigError) as error:
-    experiment(override)
+    experiment(*((override,) if isinstance(override, str) else override))
   assert message in str(error.value) and "\n" not in str(error.value)
 
 
