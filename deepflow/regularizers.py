@@ -11,7 +11,9 @@ them combines into one record (``build_regularizers``), so they compose in any n
   clipping (gradient noise).
 - ``projection``: an optax transformation last in the optimizer chain that moves the updated
   parameters onto a constraint set (max-norm).
-- ``early_stopping``: read by the loop: stop when an eval metric stops improving, keep the best.
+
+``early_stopping`` is listed here too, but it is a policy of the training loop, not of the step:
+it lives in ``deepflow.train.early_stopping``, which registers it.
 
 Three regularizers are options of other sections, not entries here: dropout is every model's
 ``model.dropout``; decoupled weight decay is ``optimizer.weight_decay`` (masked by the regex
@@ -21,36 +23,20 @@ Three regularizers are options of other sections, not entries here: dropout is e
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from deepflow.data import augment
 from deepflow.data.pipeline import INPUTS, TARGETS
 from deepflow.pytree import Selector, path_name
 from deepflow.registry import ConfigError, REGULARIZERS
+from deepflow.train import early_stopping  # registers 'early_stopping', the loop's policy
 
 Batch = Mapping[str, jax.Array]
 BatchFn = Callable[[Batch, jax.Array, "int | None"], Batch]
-
-
-@dataclasses.dataclass(frozen=True)
-class EarlyStopping:
-  """Stop when ``metric`` of the eval split has not improved by more than ``min_delta`` for
-  ``patience`` evaluations in a row; the loop keeps the best checkpoint and ends on it."""
-  metric: str = "loss"
-  mode: str = "min"
-  patience: int = 5
-  min_delta: float = 0.0
-
-  def improved(self, value: float, best: float | None) -> bool:
-    if best is None or math.isnan(best):
-      return not math.isnan(value)
-    if self.mode == "min":
-      return value < best - self.min_delta
-    return value > best + self.min_delta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,21 +46,25 @@ class Regularizer:
   penalty: Callable[[Any], jax.Array] | None = None
   gradient: optax.GradientTransformation | None = None
   projection: optax.GradientTransformation | None = None
-  early_stopping: EarlyStopping | None = None
   # The parameter selections the hooks make, checked against the model once it is built.
   selectors: tuple[Selector, ...] = ()
 
 
 def build_regularizers(entries: Sequence[Mapping[str, Any]]) -> Regularizer:
-  """The regularizers a config lists, built from the registry and combined into one."""
+  """The regularizers a config lists, built from the registry and combined into one. The loop's
+  policies listed there too (``early_stopping``: ``deepflow.train.early_stopping``) are built,
+  so their options are checked, and left to the loop."""
   parts = []
   for entry in entries:
     options = {k: v for k, v in dict(entry).items() if k != "name"}
     factory = REGULARIZERS.get(entry["name"])
     try:
-      parts.append(factory(**options))
+      part = factory(**options)
     except TypeError as e:
       raise ConfigError(f"regularizer {entry['name']!r}: {e}") from e
+    if isinstance(part, Regularizer):
+      parts.append(part)
+  early_stopping.from_config(entries)  # listed at most once
   return combine(parts)
 
 
@@ -84,9 +74,6 @@ def combine(parts: Sequence[Regularizer]) -> Regularizer:
   penalties = [p.penalty for p in parts if p.penalty]
   gradients = [p.gradient for p in parts if p.gradient]
   projections = [p.projection for p in parts if p.projection]
-  stopping = [p.early_stopping for p in parts if p.early_stopping]
-  if len(stopping) > 1:
-    raise ConfigError("regularizers list 'early_stopping' more than once")
 
   def batch(b, rng, num_classes):
     for i, fn in enumerate(batch_fns):
@@ -101,7 +88,6 @@ def combine(parts: Sequence[Regularizer]) -> Regularizer:
       penalty=penalty if penalties else None,
       gradient=optax.chain(*gradients) if gradients else None,
       projection=optax.chain(*projections) if projections else None,
-      early_stopping=stopping[0] if stopping else None,
       selectors=tuple(s for p in parts for s in p.selectors))
 
 
@@ -239,11 +225,8 @@ def device_crop(padding: int = 4) -> Regularizer:
   def batch(b, rng, num_classes):
     x = b[INPUTS]
     _device_images("device_crop", x)
-    n, h, w, c = x.shape
-    padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    offsets = jax.random.randint(rng, (n, 2), 0, 2 * padding + 1)
-    crop = jax.vmap(lambda image, o: jax.lax.dynamic_slice(image, (o[0], o[1], 0), (h, w, c)))
-    return {**b, INPUTS: crop(padded, offsets)}
+    offsets = jax.random.randint(rng, (x.shape[0], 2), 0, 2 * padding + 1)
+    return {**b, INPUTS: augment.crop_images(x, offsets[:, 0], offsets[:, 1], padding)}
   return Regularizer(batch=batch)
 
 
@@ -256,8 +239,8 @@ def device_flip(probability: float = 0.5) -> Regularizer:
   def batch(b, rng, num_classes):
     x = b[INPUTS]
     _device_images("device_flip", x)
-    chosen = jax.random.bernoulli(rng, probability, (x.shape[0], 1, 1, 1))
-    return {**b, INPUTS: jnp.where(chosen, x[:, :, ::-1], x)}
+    chosen = jax.random.bernoulli(rng, probability, (x.shape[0],))
+    return {**b, INPUTS: augment.flip_images(x, chosen, 2)}
   return Regularizer(batch=batch)
 
 
@@ -303,49 +286,3 @@ def max_norm(limit: float = 3.0, params: str = r"kernel$") -> Regularizer:
   _non_negative("max_norm", limit=limit)
   select = _selector("max_norm", params)
   return Regularizer(projection=max_norm_projection(limit, select), selectors=(select,))
-
-
-# ------------------------------------------------------------------------------------------------
-# Early stopping (acted on by the training loop).
-# ------------------------------------------------------------------------------------------------
-
-@_register("early_stopping")
-def early_stopping(metric: str = "loss", mode: str = "min", patience: int = 5,
-                   min_delta: float = 0.0) -> Regularizer:
-  """Evaluates every ``train.eval_every`` steps; stops after ``patience`` evaluations without an
-  improvement of ``metric`` (``mode`` 'min' or 'max') by more than ``min_delta``. The best
-  checkpoint is kept in ``workdir/best/`` and the run's final metrics are the best one's."""
-  if mode not in ("min", "max"):
-    raise ConfigError(f"regularizer 'early_stopping': mode must be 'min' or 'max', got {mode!r}")
-  if not isinstance(patience, int) or patience < 1:
-    raise ConfigError(f"regularizer 'early_stopping': patience must be an integer >= 1, "
-                      f"got {patience!r}")
-  _non_negative("early_stopping", min_delta=min_delta)
-  return Regularizer(early_stopping=EarlyStopping(metric, mode, patience, float(min_delta)))
-
-
-@dataclasses.dataclass
-class StoppingRecord:
-  """Where early stopping stands in a run; the loop keeps it as ``workdir/best/stopping.json`` so
-  a resumed run goes on counting (and a stopped one stays stopped)."""
-  best: float | None = None
-  best_step: int = -1
-  bad_evals: int = 0
-  last_step: int = -1
-  stopped: bool = False
-
-  def update(self, rule: EarlyStopping, step: int, metrics: Mapping[str, float]) -> bool:
-    """Counts the evaluation at ``step``; True when it is the best so far."""
-    if rule.metric not in metrics:
-      raise ConfigError(f"early_stopping metric {rule.metric!r} is not an eval metric; "
-                        f"known: {', '.join(sorted(metrics))}")
-    if step <= self.last_step:  # already counted (a resumed run evaluating the same step again)
-      return False
-    self.last_step = step
-    value = float(metrics[rule.metric])
-    if rule.improved(value, self.best):
-      self.best, self.best_step, self.bad_evals = value, step, 0
-      return True
-    self.bad_evals += 1
-    self.stopped = self.bad_evals >= rule.patience
-    return False

@@ -17,6 +17,7 @@ from deepflow.config import base_config, finalize
 from deepflow.data.pipeline import INPUTS, TARGETS, DataSpec
 from deepflow.registry import ConfigError
 from deepflow.tasks.supervised import Classification, binary_metrics
+from deepflow.train import early_stopping
 from deepflow.train.writers import read_metrics
 
 PARAMS = {"dense": {"kernel": jnp.array([[1.0, -2.0], [3.0, 0.5]]), "bias": jnp.array([4.0, 5.0])},
@@ -132,14 +133,14 @@ def test_bad_entries_are_one_line_config_errors():
 
 
 def test_stopping_record_counts_patience():
-  rule = reg.EarlyStopping(metric="accuracy", mode="max", patience=2, min_delta=0.01)
-  record = reg.StoppingRecord()
+  rule = early_stopping.EarlyStopping(metric="accuracy", mode="max", patience=2, min_delta=0.01)
+  record = early_stopping.StoppingRecord()
   seen = [record.update(rule, s, {"accuracy": a}) for s, a in
           [(10, 0.5), (20, 0.6), (30, 0.605), (20, 0.9), (40, 0.55)]]
   assert seen == [True, True, False, False, False]  # +0.005 < min_delta; step 20 again ignored
   assert (record.best, record.best_step, record.stopped) == (0.6, 20, True)
   with pytest.raises(ConfigError, match="not an eval metric"):
-    reg.StoppingRecord().update(rule, 1, {"loss": 1.0})
+    early_stopping.StoppingRecord().update(rule, 1, {"loss": 1.0})
 
 
 # ------------------------------------------------------------------------------------------------

@@ -24,13 +24,13 @@ from deepflow.data.pipeline import MASK
 from deepflow.data.text import make_pipeline
 from deepflow.optim.optimizers import selectors as optimizer_selectors
 from deepflow.registry import ConfigError, TASKS
-from deepflow.train import checkpoint as checkpoint_lib, tuning
+from deepflow.train import checkpoint as checkpoint_lib, early_stopping, tuning
+from deepflow.train.early_stopping import BEST_DIR
 from deepflow.train.state import TrainState, create_state
 from deepflow.train.step import compile_steps
 
 CHECKPOINTS = ("best", "latest")  # or a step number
 DEFAULT_CHECKPOINT = "best"
-BEST_DIR = "best"  # early stopping's one-step checkpoint directory inside a workdir
 
 
 class Experiment:
@@ -39,6 +39,7 @@ class Experiment:
   def __init__(self, config: Any, workdir: str | None, *, debug: bool = False, devices=None):
     self.config, self.workdir = config, workdir
     self.pipeline = make_pipeline(config, workdir)
+    self.early_stopping = early_stopping.from_config(config.regularizers)  # the loop's policy
     self.task = TASKS.get(config.task.name)(config, self.pipeline.spec)
     self.mesh = parallel.make_mesh(config.mesh, devices)
     self.partition = self.task.partition

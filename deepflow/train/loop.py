@@ -7,8 +7,6 @@ then alternates jitted train steps with periodic logging, evaluation and checkpo
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import logging
 import signal
 import sys
@@ -21,13 +19,11 @@ import tqdm
 from etils import epath
 
 from deepflow import config as config_lib, parallel
-from deepflow.atomic import write_atomic
 from deepflow.optim import build_schedule
-from deepflow.registry import ConfigError
-from deepflow.regularizers import StoppingRecord
-from deepflow.train import checkpoint as checkpoint_lib, init_from, runtime, tuning, workdir_lock
+from deepflow.train import (checkpoint as checkpoint_lib, early_stopping, init_from, runtime,
+                            tuning, workdir_lock)
 from deepflow.train.errors import NonFiniteLossError, Preempted
-from deepflow.train.experiment import BEST_DIR, Experiment
+from deepflow.train.experiment import Experiment
 from deepflow.train.state import TrainState
 from deepflow.train.writers import MetricWriter
 
@@ -54,7 +50,8 @@ def _train_and_evaluate(config: Any, workdir: str, *, debug: bool) -> dict[str, 
   tuning.apply_record(exp)  # a tuned run resumes (or re-evaluates) with the programs it chose
   checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.keep_checkpoints)
   writer = MetricWriter(workdir)
-  best = _BestKeeper(exp, workdir) if exp.task.regularizer.early_stopping else None
+  best = (early_stopping.BestKeeper(exp, exp.early_stopping, workdir) if exp.early_stopping
+          else None)
   try:
     # -- Restore the latest checkpoint (a rerun resumes), or initialize (from model.init_from
     # when it is set: only here, so a resume never reloads it).
@@ -84,44 +81,6 @@ def _train_and_evaluate(config: Any, workdir: str, *, debug: bool) -> dict[str, 
     writer.close()
     if best:
       best.close()
-
-
-class _BestKeeper:
-  """Early stopping in the loop: counts evaluations, keeps the best state in ``workdir/best/``
-  (an Orbax checkpoint of one step, plus ``stopping.json``) and hands it back at the end."""
-
-  def __init__(self, exp: Experiment, workdir: str):
-    if not exp.config.train.eval_every:
-      raise ConfigError("regularizer 'early_stopping' needs train.eval_every > 0")
-    self.exp, self.rule = exp, exp.task.regularizer.early_stopping
-    self.directory = epath.Path(workdir) / BEST_DIR
-    self.path = self.directory / "stopping.json"
-    self.record = StoppingRecord()
-    if self.path.exists():
-      self.record = StoppingRecord(**json.loads(self.path.read_text()))
-    self.checkpointer = checkpoint_lib.Checkpointer(str(self.directory), keep=1)
-
-  def observe(self, step: int, state: TrainState, metrics: dict[str, float]) -> bool:
-    """Counts the evaluation at ``step`` (saving the state if it is the best); True = stop."""
-    if self.record.update(self.rule, step, metrics):
-      self.checkpointer.save(step, state, None, force=True)
-    if jax.process_index() == 0:
-      write_atomic(self.path, json.dumps(dataclasses.asdict(self.record)))
-    return self.record.stopped
-
-  def restore_best(self, state: TrainState, metrics: dict[str, float]):
-    self.checkpointer.wait()
-    step = self.checkpointer.latest_step()
-    if step is None or step == int(state.step):
-      return state, metrics
-    state, _, _ = self.exp.restore(self.checkpointer, step)
-    metrics = self.exp.evaluate(state, self.exp.config.data.eval_split)
-    log.info("early stopping: the best %s=%.4f was at step %d; returning that checkpoint",
-             self.rule.metric, self.record.best, step)
-    return state, metrics
-
-  def close(self) -> None:
-    self.checkpointer.close()
 
 
 class _Preemption:
@@ -164,7 +123,7 @@ class _Preemption:
     return self.signal is not None
 
 def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpointer,
-           writer: MetricWriter, best: _BestKeeper | None = None) -> TrainState:
+           writer: MetricWriter, best: early_stopping.BestKeeper | None = None) -> TrainState:
   config, cfg = exp.config, exp.config.train
   iterator = exp.pipeline.train_iterator(data_state)
   # The logged learning rate as one compiled program, not a dozen op-by-op ones (each compiled,
