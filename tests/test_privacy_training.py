@@ -217,7 +217,8 @@ def test_private_digits_experiment_runs(data_dir, tmp_path):
   assert list(results) == list(module.VARIANTS)
   for name, metrics in results.items():
     test = metrics["test"]
-    assert 0 <= test["accuracy"] <= 1
+    # Ten classes after 3 steps: chance 0.1, a constant guess at most 0.11; measured 0.16-0.19.
+    assert test["accuracy"] > 0.13, (name, test)
     if name == "non_private":
       assert "privacy/epsilon" not in test
     else:

@@ -76,7 +76,8 @@ def test_training_lowers_nt_xent():
   for _ in range(30):
     state, metrics = step(state, batch)
   assert float(loss(state)) < before - 0.3
-  assert 0.0 <= float(metrics["view_accuracy"]) <= 1.0
+  # A view's partner among the 2B - 1 = 127 others: chance 0.008; measured 0.055.
+  assert float(metrics["view_accuracy"]) > 0.025
 
 
 def probe_gain(data_dir: str, workdir: str) -> dict:
