@@ -99,6 +99,7 @@ def explain(workdir: str, method: str = "integrated_gradients", num_examples: in
 
   def attribute(params, model_state, x, targets):
     # The parameters are arguments, not constants baked into the program (see attributions).
+    params = exp.model_params(params)
     logits = lambda v: task.apply(params, model_state, v, None, train=False)[0]  # noqa: E731
     predictions = jnp.argmax(logits(x), -1)
     classes = predictions if targets is None else targets

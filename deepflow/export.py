@@ -79,8 +79,8 @@ def inference_function(exp: Experiment, params: Any, model_state: Any
       x = t.apply(stats, x.astype(jnp.float32), None)  # numeric: apply_chain casts likewise
     variables = traverse_util.unflatten_dict(
         {k: v for k, v in weights.items() if not k.startswith(STATS_PREFIX)}, sep="/")
-    outputs, _ = exp.task.apply(variables["params"], variables.get("model_state", {}), x, None,
-                                train=False)
+    outputs, _ = exp.task.apply(exp.model_params(variables["params"]),
+                                variables.get("model_state", {}), x, None, train=False)
     return outputs
   return fn, weights
 
@@ -139,7 +139,7 @@ def export_safetensors(workdir: str, out: str, *, overrides: Iterable[str] = (),
   path = out if out.endswith(".safetensors") else os.path.join(out, SAFETENSORS_FILE)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tensors = files.flatten(parallel.to_host(
-      {"params": exp.task.model_params(state.params), **state.model_state}))
+      {"params": exp.model_params(state.params), **state.model_state}))
   files.write_safetensors(tensors, path, metadata={
       "format": "deepflow", "model": exp.config.model.name, "step": str(step),
       "checkpoint": which})

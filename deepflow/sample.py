@@ -32,8 +32,8 @@ def sample_run(workdir: str, num: int = 4, *, seed: int = 0, overrides: Iterable
   exp, state, step, _ = Experiment.from_workdir(workdir, overrides, checkpoint=checkpoint,
                                                 debug=debug)
   options = {k: v for k, v in options.items() if v is not None}
-  samples = exp.task.sample(state.params, state.model_state, jax.random.PRNGKey(seed), num,
-                            **options)
+  samples = exp.task.sample(exp.model_params(state.params), state.model_state,
+                            jax.random.PRNGKey(seed), num, **options)
   title = f"{num} samples of {exp.config.model.name} on {exp.config.data.source}"
   files = save_samples(samples, os.path.join(workdir, SAMPLES_DIR), title=title)
   return samples, files, step

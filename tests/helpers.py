@@ -137,6 +137,20 @@ def tiny_config(*overrides: str, model: dict | None = None, num_devices: int | N
   return config_lib.finalize(c, overrides, num_devices)
 
 
+def update_of(task, total_steps: int | None = None):
+  """What an experiment assembles around ``task`` from the task's config (``train.update``), its
+  optimizer's schedule ``total_steps`` long (default ``train.steps``)."""
+  from deepflow.train.update import build_update
+  return build_update(task.config, task, total_steps or task.config.train.steps)
+
+
+def grads_of(task):
+  """The train step's gradient function of ``task`` (``train.step.gradient_fn``): ``(params,
+  model_state, batch, rng) -> (grads, model_state, metrics)``."""
+  from deepflow.train.step import gradient_fn
+  return gradient_fn(update_of(task))
+
+
 def reference_accuracy(workdir: str) -> float:
   """The eval-split accuracy of the run in ``workdir`` recomputed outside deepflow's evaluation
   (eval step, summarize): the restored model's argmax on every real example, against its label.
@@ -147,7 +161,8 @@ def reference_accuracy(workdir: str) -> float:
   exp, state, _, _ = Experiment.from_workdir(workdir)
   hits = []
   for batch in exp.pipeline.eval_batches(exp.config.data.eval_split):
-    logits, _ = exp.task.apply(state.params, state.model_state, batch[INPUTS], None, train=False)
+    logits, _ = exp.task.apply(exp.model_params(state.params), state.model_state, batch[INPUTS],
+                               None, train=False)
     real = np.asarray(batch[MASK]) > 0
     hits.append((np.argmax(np.asarray(logits), -1) == np.asarray(batch[TARGETS]))[real])
   return float(np.mean(np.concatenate(hits)))

@@ -4,6 +4,7 @@ policy included), writers and config file."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import types
 from typing import Any, Sequence
@@ -64,9 +65,9 @@ class Population:
   def __init__(self, configs: Sequence[ConfigDict]):
     from deepflow.data.text import make_pipeline
     from deepflow.registry import TASKS
-    from deepflow.tasks.base import Task
     from deepflow.train import tuning
     from deepflow.train.step import make_eval_step, make_train_step
+    from deepflow.train.update import build_update
 
     self.configs = list(configs)
     base = self.base = self.configs[0]
@@ -100,34 +101,35 @@ class Population:
     # The task, with the swept dropout layers marked; the optimizer built from traced options.
     overrides = [f"model.dropout={_SWEPT_DROPOUT}"] if "model.dropout" in swept else []
     self.task = task = TASKS.get(base.task.name)(trial_config(base, overrides), spec)
-    if type(task).optimizer is not Task.optimizer:
+    if task.learning_rates() is not None:
       raise ConfigError(f"--vectorize does not support task {base.task.name!r} (own optimizer)")
+    self.update = build_update(base, task, base.train.steps)
     self.hyper = {k: jnp.asarray([float(_get(c, k)) for c in self.configs], jnp.float32)
                   for k in swept if k != "seed"}
 
     def member_step(state, batch, hp):
       with traced_dropout(hp.get("model.dropout")):
-        return make_train_step(task, self.optimizer(hp), base.train.microbatches)(state, batch)
+        update = dataclasses.replace(self.update, tx=self.optimizer(hp))
+        return make_train_step(update)(state, batch)
 
     batch_axis = 0 if self.per_member_data else None
     options = tuning.step_options(base.train.xla_options, jax.default_backend()) or None
     self.train_step = jax.jit(jax.vmap(member_step, in_axes=(0, batch_axis, 0)),
                               donate_argnums=0, compiler_options=options)
-    self.eval_step = jax.jit(jax.vmap(make_eval_step(task), in_axes=(0, batch_axis)),
+    self.eval_step = jax.jit(jax.vmap(make_eval_step(self.update), in_axes=(0, batch_axis)),
                              compiler_options=options)
 
   def optimizer(self, hp: dict[str, jax.Array]):
     """The configured optax chain with the swept optimizer options taken from ``hp``."""
-    from deepflow.optim import build_optimizer
+    from deepflow.train.update import optimizer
     options = self.base.optimizer.to_dict()
     options.update({k.split(".", 1)[1]: v for k, v in hp.items() if k.startswith("optimizer.")})
-    return build_optimizer(types.SimpleNamespace(**options), self.base.train.steps,
-                           gradient=self.task.regularizer.gradient,
-                           projection=self.task.regularizer.projection)
+    return optimizer(types.SimpleNamespace(**options), self.base.train.steps,
+                     self.update.regularizer)
 
   def init(self):
     from deepflow.train.state import create_state
-    init = lambda seed, hp: create_state(self.task, self.optimizer(hp), seed)  # noqa: E731
+    init = lambda seed, hp: create_state(self.update, self.optimizer(hp), seed)  # noqa: E731
     return jax.jit(jax.vmap(init))(jnp.asarray(self.seeds), self.hyper)
 
   def batch(self, batches: dict[int, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

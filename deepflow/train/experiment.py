@@ -12,6 +12,7 @@ the experiment and restores a checkpoint. Every command that reads a run (``eval
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Iterable, Mapping, NamedTuple
 
@@ -19,15 +20,15 @@ import jax
 import numpy as np
 from etils import epath
 
-from deepflow import config as config_lib, parallel, pytree, tasks  # noqa: F401  (fills TASKS)
+from deepflow import config as config_lib, parallel, tasks  # noqa: F401  (tasks fills TASKS)
 from deepflow.data.pipeline import MASK
 from deepflow.data.text import make_pipeline
-from deepflow.optim.optimizers import selectors as optimizer_selectors
 from deepflow.registry import ConfigError, TASKS
 from deepflow.train import checkpoint as checkpoint_lib, early_stopping, tuning
 from deepflow.train.early_stopping import BEST_DIR
 from deepflow.train.state import TrainState, create_state
 from deepflow.train.step import compile_steps
+from deepflow.train.update import build_update, check_selectors
 
 CHECKPOINTS = ("best", "latest")  # or a step number
 DEFAULT_CHECKPOINT = "best"
@@ -42,14 +43,12 @@ class Experiment:
     self.early_stopping = early_stopping.from_config(config.regularizers)  # the loop's policy
     self.task = TASKS.get(config.task.name)(config, self.pipeline.spec)
     self.mesh = parallel.make_mesh(config.mesh, devices)
-    self.partition = self.task.partition
-    self.tx = self.partition.wrap(self.task.optimizer(config.train.steps))
+    # Around the task's objective: optimizer, frozen parameters, LoRA, DP-SGD, regularizers.
+    self.update = build_update(config, self.task, config.train.steps)
+    self.partition, self.tx = self.update.partition, self.update.tx
     self.abstract_state = jax.eval_shape(
-        functools.partial(create_state, self.task, self.tx, config.seed))
-    self.partition.check(self.abstract_state.params)
-    names = list(pytree.flatten(self.abstract_state.params))
-    for selector in (*self.task.regularizer.selectors, *optimizer_selectors(config.optimizer)):
-      selector.check(names)
+        functools.partial(create_state, self.update, self.tx, config.seed))
+    check_selectors(self.update, config, self.abstract_state.params)
     self.shardings = parallel.state_shardings(self.abstract_state, self.mesh, config.parallel)
     self.debug = debug
     # deepflow's per-platform defaults and train.xla_options; autotune's record goes over them.
@@ -99,15 +98,19 @@ class Experiment:
     return self._compile(options, task)[0]
 
   def _compile(self, options: dict, task=None):
-    return compile_steps(self.task if task is None else task, self.tx, self.mesh, self.shardings,
-                         self.config.train.microbatches, debug=self.debug,
+    update = self.update if task is None else dataclasses.replace(self.update, task=task)
+    return compile_steps(update, self.mesh, self.shardings, debug=self.debug,
                          compiler_options=options)
+
+  def model_params(self, params):
+    """The parameters the model itself takes (LoRA's adapters merged: ``Update.model_params``)."""
+    return self.update.model_params(params)
 
   def init_state(self, loaded: Mapping[str, jax.Array] | None = None) -> TrainState:
     """A fresh state, built under jit and placed by ``self.shardings``; ``loaded`` (flat
     variable names -> arrays) replaces those variables (``create_state``), the optimizer state
     being initialised from the result."""
-    init = functools.partial(create_state, self.task, self.tx, self.config.seed)
+    init = functools.partial(create_state, self.update, self.tx, self.config.seed)
     return jax.jit(init, out_shardings=self.shardings)(dict(loaded or {}))
 
   def restore(self, checkpointer, step: int | None = None):
@@ -124,7 +127,7 @@ class Experiment:
       mask = outputs.pop(MASK) > 0
       chunks.append({k: np.asarray(v)[mask] for k, v in outputs.items()})
     metrics = self.task.summarize({k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]})
-    return {**metrics, **self.task.extra_metrics(int(state.step))}
+    return {**metrics, **self.update.extra_metrics(int(state.step))}
 
 
 class Restored(NamedTuple):

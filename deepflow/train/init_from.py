@@ -56,7 +56,7 @@ def initial_state(exp: Experiment) -> TrainState:
     tensors = pytorch.from_state_dict(tensors)
   tensors = matching.rename(tensors, model.init_map)
   target = variables(exp.abstract_state)
-  fresh = lora_lib.is_adapter if exp.task.lora else (lambda name: False)
+  fresh = lora_lib.is_adapter if exp.update.lora else (lambda name: False)
   fitted = matching.fit(tensors, target, skip=model.init_skip, fresh=fresh,
                         source=f"model.init_from {model.init_from!r}")
   shardings = variables(exp.shardings)
@@ -88,7 +88,7 @@ def read_source(spec: str) -> dict[str, np.ndarray]:
       restored = Experiment.from_workdir(path, checkpoint=which)
     except FileNotFoundError as e:
       raise FileNotFoundError(f"model.init_from {spec!r}: {e}") from e
-    params = restored.experiment.task.model_params(restored.state.params)
+    params = restored.experiment.model_params(restored.state.params)
     return files.flatten(parallel.to_host({"params": params, **restored.state.model_state}))
   if which != "best" or path != spec:
     raise FileNotFoundError(f"model.init_from {spec!r}: {path} is not a deepflow run "

@@ -147,7 +147,7 @@ def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpoin
     means["learning_rate"] = float(schedule(step - 1))
     elapsed = time.perf_counter() - window_start
     means["steps_per_sec"] = len(host) / max(elapsed, 1e-9)
-    means.update(exp.task.extra_metrics(step))
+    means.update(exp.update.extra_metrics(step))
     window_start = time.perf_counter()
     writer.write(step, "train", means)
     writer.flush()

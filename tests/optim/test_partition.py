@@ -7,6 +7,7 @@ import pytest
 from deepflow import parallel
 from deepflow.registry import ConfigError
 from deepflow.train.experiment import Experiment
+from deepflow.train.step import gradient_fn
 from deepflow.weights import files
 from tests.helpers import tiny_config
 
@@ -87,11 +88,12 @@ THREE = dict(name="mlp", hidden=(16, 16))  # Dense_0 (64 -> 16), Dense_1 (16 -> 
 
 
 def grads_and_program(*overrides):
-  """(task.grads of the first batch, its lowered StableHLO text, its compiled flops)."""
+  """(the train step's gradient of the first batch, its lowered StableHLO text, its compiled
+  flops)."""
   exp = experiment(*overrides, model=THREE)
   state = exp.init_state()
   batch = next(exp.pipeline.train_iterator())
-  grads = jax.jit(exp.task.grads)
+  grads = jax.jit(gradient_fn(exp.update))
   args = (state.params, state.model_state, batch, jax.random.key(0))
   lowered = grads.lower(*args)
   return grads(*args), lowered.as_text(), lowered.compile().cost_analysis()["flops"]
