@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import types
 from typing import Any, Sequence
@@ -15,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from deepflow import parallel
 from deepflow.registry import ConfigError
 from deepflow.sweep.space import trial_config
 
@@ -138,63 +138,40 @@ class Population:
       return batches[self.seeds[0]]
     return {k: np.stack([batches[s][k] for s in self.seeds]) for k in batches[self.seeds[0]]}
 
-  def evaluate(self, state) -> list[dict[str, float]]:
-    """Each member's metrics over the whole eval split."""
-    from deepflow.data.pipeline import MASK
-    chunks = []
+  def evaluate(self, state, step: int) -> list[dict[str, float]]:
+    """Each member's metrics over the whole eval split, as ``Experiment.evaluate`` gives a
+    run's (the task's summaries and the update's ``extra_metrics`` at ``step``)."""
+    from deepflow.train.experiment import summarize_split
     split = self.base.data.eval_split
-    for batches in zip(*(p.eval_batches(split) for p in self.pipelines.values())):
-      out = jax.device_get(self.eval_step(state, self.batch(dict(zip(self.pipelines, batches)))))
-      mask = np.asarray(out.pop(MASK))[0] > 0  # the same rows for every member
-      chunks.append({k: np.asarray(v)[:, mask] for k, v in out.items()})
-    return [self.task.summarize({k: np.concatenate([c[k][i] for c in chunks]) for k in chunks[0]})
-            for i in range(len(self.configs))]
+    outputs = [jax.device_get(self.eval_step(state, self.batch(dict(zip(self.pipelines, b)))))
+               for b in zip(*(p.eval_batches(split) for p in self.pipelines.values()))]
+    return [summarize_split(self.update, ({k: v[i] for k, v in out.items()} for out in outputs),
+                            step) for i in range(len(self.configs))]
 
 
 def train_population(configs: Sequence[ConfigDict], workdirs: Sequence[str]
                      ) -> tuple[Any, list[dict[str, Any]]]:
-  """Trains every config as one member of a vmapped ``Population``, with the loop's pieces: each
-  member's ``config.json`` (``write_config``), ``metrics.jsonl`` (``MetricWriter``) and log
-  windows under the loop's non-finite policy (``window_means``). No checkpoints: a population is
-  rerun whole. Returns the stacked final TrainState and each member's result, as a sequential
-  trial records it: ``{"status": "ok", "metrics": final eval metrics}``, or a failed status for a
-  member that broke the non-finite policy (the others train on)."""
-  from deepflow.train.loop import window_means, write_config
+  """Trains every config as one member of a vmapped ``Population`` by the loop of several runs
+  in one program (``train.periodic.train_members``): each member's ``config.json``
+  (``write_config``), ``metrics.jsonl`` (``MetricWriter``) and log windows under the loop's
+  non-finite policy. No checkpoints: a population is rerun whole. Returns the stacked final
+  TrainState and each member's result, as a sequential trial records it: ``{"status": "ok",
+  "metrics": final eval metrics}``, or a failed status for a member that broke the non-finite
+  policy (the others train on)."""
+  from deepflow.train.loop import write_config
+  from deepflow.train.periodic import train_members
   from deepflow.train.writers import MetricWriter
   population = Population(configs)
-  cfg, split = population.base.train, population.base.data.eval_split
   for c, d in zip(configs, workdirs):
     write_config(c, d)
   writers = [MetricWriter(d) for d in workdirs]
-  failed: dict[int, str] = {}
-  state = population.init()
   iterators = {s: p.train_iterator() for s, p in population.pipelines.items()}
-  pending, in_flight = [], parallel.DispatchWindow()
+  batches = (population.batch({s: next(it) for s, it in iterators.items()})
+             for _ in itertools.count())
   try:
-    for step in range(1, cfg.steps + 1):
-      batch = population.batch({s: next(it) for s, it in iterators.items()})
-      state, metrics = population.train_step(state, batch, population.hyper)
-      pending.append(metrics)
-      in_flight.add(metrics)
-      if step % cfg.log_every == 0 or step == cfg.steps:
-        host = jax.device_get(pending)
-        pending.clear()
-        for i, writer in enumerate(writers):
-          if i in failed:
-            continue
-          means, broken = window_means([{k: v[i] for k, v in m.items()} for m in host], step, cfg)
-          if broken:
-            failed[i] = f"failed: loss or gradients became non-finite {broken}"
-          else:
-            writer.write(step, "train", means)
-      if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-        for i, (writer, m) in enumerate(zip(writers, population.evaluate(state))):
-          if i not in failed:
-            writer.write(step, split, m)
-    final = population.evaluate(state)
-    for i, (writer, m) in enumerate(zip(writers, final)):
-      if i not in failed:
-        writer.write(cfg.steps, split, m)
+    state, failed, final = train_members(
+        population.init(), lambda s, b: population.train_step(s, b, population.hyper), batches,
+        population.evaluate, writers, population.base.train, population.base.data.eval_split)
   finally:
     for writer in writers:
       writer.close()

@@ -28,7 +28,7 @@ from deepflow.train import checkpoint as checkpoint_lib, early_stopping, tuning
 from deepflow.train.early_stopping import BEST_DIR
 from deepflow.train.state import TrainState, create_state
 from deepflow.train.step import compile_steps
-from deepflow.train.update import build_update, check_selectors
+from deepflow.train.update import Update, build_update, check_selectors
 
 CHECKPOINTS = ("best", "latest")  # or a step number
 DEFAULT_CHECKPOINT = "best"
@@ -120,14 +120,23 @@ class Experiment:
   def evaluate(self, state: TrainState, split: str) -> dict[str, float]:
     """Metrics over every example of ``split`` (padding rows excluded), with the task's
     ``extra_metrics`` at the state's step."""
-    chunks = []
-    for batch in self.pipeline.eval_batches(split):
-      outputs = self._eval_step(state, parallel.global_batch(batch, self.mesh))
-      outputs = parallel.to_host(outputs)
-      mask = outputs.pop(MASK) > 0
-      chunks.append({k: np.asarray(v)[mask] for k, v in outputs.items()})
-    metrics = self.task.summarize({k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]})
-    return {**metrics, **self.update.extra_metrics(int(state.step))}
+    outputs = (parallel.to_host(self._eval_step(state, parallel.global_batch(batch, self.mesh)))
+               for batch in self.pipeline.eval_batches(split))
+    return summarize_split(self.update, outputs, int(state.step))
+
+
+def summarize_split(update: Update, outputs: Iterable[Mapping[str, Any]], step: int
+                    ) -> dict[str, float]:
+  """A split's metrics from its eval steps' outputs on the host (per-example values and the
+  mask): the real rows' values concatenated and reduced by the task's ``summarize``, with the
+  update's ``extra_metrics`` at ``step``."""
+  chunks = []
+  for out in outputs:
+    out = dict(out)
+    mask = np.asarray(out.pop(MASK)) > 0
+    chunks.append({k: np.asarray(v)[mask] for k, v in out.items()})
+  metrics = update.task.summarize({k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]})
+  return {**metrics, **update.extra_metrics(step)}
 
 
 class Restored(NamedTuple):

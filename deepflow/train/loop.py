@@ -1,4 +1,6 @@
-"""The training loop: the one place with effects (data, devices, files, signals, progress).
+"""The training loop: a run's effects (data, devices, files, signals, progress) around the pure
+steps. Its parts that any loop over steps shares (when a periodic action is due, the log window
+and its non-finite policy) are ``train.periodic``; early stopping is ``train.early_stopping``.
 
 ``train_and_evaluate(config, workdir)`` builds task, data, optimizer and mesh from the config,
 restores the latest checkpoint if the workdir has one (so re-running the same command resumes),
@@ -10,11 +12,9 @@ import contextlib
 import logging
 import signal
 import sys
-import time
 from typing import Any
 
 import jax
-import numpy as np
 import tqdm
 from etils import epath
 
@@ -24,6 +24,7 @@ from deepflow.train import (checkpoint as checkpoint_lib, early_stopping, init_f
                             tuning, workdir_lock)
 from deepflow.train.errors import NonFiniteLossError, Preempted
 from deepflow.train.experiment import Experiment
+from deepflow.train.periodic import LogWindow, is_time, window_means
 from deepflow.train.state import TrainState
 from deepflow.train.writers import MetricWriter
 
@@ -129,15 +130,11 @@ def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpoin
   # The logged learning rate as one compiled program, not a dozen op-by-op ones (each compiled,
   # or looked up in the compilation cache, before the first step's metrics are written).
   schedule = jax.jit(build_schedule(config.optimizer, cfg.steps))
-  pending: list[dict] = []
-  in_flight = parallel.DispatchWindow()
-  window_start = time.perf_counter()
+  window = LogWindow()
 
   def flush(step: int) -> dict[str, float]:
     """Fetches the window's metrics, enforces the non-finite policy, writes the means."""
-    nonlocal window_start
-    host = parallel.window_to_host(pending)
-    pending.clear()
+    host, elapsed = window.fetch()
     means, broken = window_means(host, step, cfg)
     if broken:
       latest = checkpointer.latest_step()
@@ -145,10 +142,8 @@ def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpoin
           f"loss or gradients became non-finite {broken}; the update was not applied; last "
           f"checkpoint: {'none' if latest is None else f'step {latest}'} (intact)")
     means["learning_rate"] = float(schedule(step - 1))
-    elapsed = time.perf_counter() - window_start
     means["steps_per_sec"] = len(host) / max(elapsed, 1e-9)
     means.update(exp.update.extra_metrics(step))
-    window_start = time.perf_counter()
     writer.write(step, "train", means)
     writer.flush()
     return means
@@ -167,27 +162,26 @@ def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpoin
         tuning.autotune(exp, state, batch)
       profiler.before(step)
       state, metrics = exp.train_step(state, batch)
-      pending.append(metrics)
-      in_flight.add(metrics)
+      window.add(metrics)
       step += 1
       profiler.after(step, metrics)
       progress.update(1)
       stop = preemption.reached(step)
-      save_now = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or stop
+      save_now = is_time(step, cfg.checkpoint_every) or stop
       # -- Log: the window's means (and the non-finite policy) every train.log_every steps.
-      if step % cfg.log_every == 0 or save_now or step == cfg.steps:
+      if is_time(step, cfg.log_every, cfg.steps, last=True) or save_now:
         means = flush(step)
         progress.set_postfix(loss=f"{means['loss']:.4f}", refresh=False)
       # -- Evaluate every train.eval_every steps; early stopping counts the evaluations.
       converged = False  # early stopping ran out of patience
-      if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+      if is_time(step, cfg.eval_every, cfg.steps, last=False):
         metrics = exp.evaluate(state, config.data.eval_split)
         writer.write(step, config.data.eval_split, metrics)
         if jax.process_index() == 0:
           progress.write(f"step {step}: {config.data.eval_split} " + _format(metrics))
         converged = best is not None and best.observe(step, state, metrics)
       # -- Checkpoint; stop on preemption or convergence.
-      if converged and pending:
+      if converged and len(window):
         flush(step)
       if save_now or converged:
         checkpointer.save(step, state, iterator.get_state(), force=stop or converged)
@@ -210,28 +204,6 @@ def write_config(config: Any, workdir: str) -> None:
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     (epath.Path(workdir) / "config.json").write_text(config_lib.to_json(config))
-
-
-def window_means(window: list[dict[str, Any]], step: int, cfg: Any
-                 ) -> tuple[dict[str, float], str | None]:
-  """A log window's train metrics on the host (one dict per step, the last at ``step``) -> the
-  means over the steps whose update was applied, with ``nonfinite_steps``; and where the window
-  broke the non-finite policy (``cfg``: ``train.nonfinite``, ``train.max_nonfinite``), e.g.
-  'at step 7 (3 steps in a row)', else None. The streak is the state's own count
-  (``TrainState.nonfinite``, checkpointed with it), so it spans windows and resumes."""
-  flags = [float(m["nonfinite"]) for m in window]
-  for i, (m, bad) in enumerate(zip(window, flags)):
-    streak = int(m["nonfinite_streak"])
-    if bad and (cfg.nonfinite == "stop" or streak > cfg.max_nonfinite):
-      at = f"at step {step - len(window) + i + 1}"
-      return {}, at if cfg.nonfinite == "stop" else f"{at} ({streak} steps in a row)"
-  good = [m for m, bad in zip(window, flags) if not bad] or window
-  means = {k: float(np.mean([m[k] for m in good])) for k in good[0] if k not in _STEP_FLAGS}
-  means["nonfinite_steps"] = float(sum(flags))
-  return means, None
-
-
-_STEP_FLAGS = ("nonfinite", "nonfinite_streak")  # per-step bookkeeping, not metrics to average
 
 
 def _format(metrics: dict[str, float]) -> str:
