@@ -26,6 +26,7 @@ from deepflow.data import sources, transforms as transforms_lib
 from deepflow.predict import (FORMAT, FORMAT_VERSION, MODEL_FILE, SIGNATURE_FILE,
                               WEIGHTS_FILE, sha256)
 from deepflow.registry import ConfigError
+from deepflow.train import DEFAULT_CHECKPOINT
 from deepflow.train.experiment import Experiment
 from deepflow.weights import files
 
@@ -93,7 +94,7 @@ def raw_example(exp: Experiment) -> np.ndarray:
 
 
 def export(workdir: str, out: str, *, overrides: Iterable[str] = (),
-           platforms: Sequence[str] = PLATFORMS, checkpoint: str | int = "best"
+           platforms: Sequence[str] = PLATFORMS, checkpoint: str | int = DEFAULT_CHECKPOINT
            ) -> dict[str, Any]:
   """Writes the inference artifact of a checkpoint of a run ('best', the default: the run's
   result; 'latest'; or a step: ``Experiment.from_workdir``) to ``out``; returns its signature."""
@@ -130,7 +131,8 @@ def export(workdir: str, out: str, *, overrides: Iterable[str] = (),
 
 
 def export_safetensors(workdir: str, out: str, *, overrides: Iterable[str] = (),
-                       checkpoint: str | int = "best") -> tuple[str, dict[str, np.ndarray], int]:
+                       checkpoint: str | int = DEFAULT_CHECKPOINT
+                       ) -> tuple[str, dict[str, np.ndarray], int]:
   """Writes a checkpoint's variables as a ``.safetensors`` file under their flat names
   (``params/...``, ``batch_stats/...``; LoRA adapters merged into their kernels), readable by
   the ``safetensors`` library and by ``model.init_from``. ``out`` is the file, or a directory

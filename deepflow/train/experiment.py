@@ -24,20 +24,19 @@ from deepflow import config as config_lib, parallel, tasks  # noqa: F401  (tasks
 from deepflow.data.pipeline import MASK
 from deepflow.data.text import make_pipeline
 from deepflow.registry import ConfigError, TASKS
-from deepflow.train import checkpoint as checkpoint_lib, early_stopping, tuning
+from deepflow.train import (CHECKPOINTS, DEFAULT_CHECKPOINT, checkpoint as checkpoint_lib,
+                            early_stopping, tuning)
 from deepflow.train.early_stopping import BEST_DIR
 from deepflow.train.state import TrainState, create_state
 from deepflow.train.step import compile_steps
 from deepflow.train.update import Update, build_update, check_selectors
 
-CHECKPOINTS = ("best", "latest")  # or a step number
-DEFAULT_CHECKPOINT = "best"
 
 
 class Experiment:
   """Everything built from a config that training and evaluation share."""
 
-  def __init__(self, config: Any, workdir: str | None, *, debug: bool = False, devices=None):
+  def __init__(self, config: Any, workdir: str | None, *, devices=None):
     self.config, self.workdir = config, workdir
     self.pipeline = make_pipeline(config, workdir)
     self.early_stopping = early_stopping.from_config(config.regularizers)  # the loop's policy
@@ -50,7 +49,6 @@ class Experiment:
         functools.partial(create_state, self.update, self.tx, config.seed))
     check_selectors(self.update, config, self.abstract_state.params)
     self.shardings = parallel.state_shardings(self.abstract_state, self.mesh, config.parallel)
-    self.debug = debug
     # deepflow's per-platform defaults and train.xla_options; autotune's record goes over them.
     self.base_options = tuning.step_options(config.train.xla_options,
                                             self.mesh.devices.flat[0].platform)
@@ -58,7 +56,7 @@ class Experiment:
 
   @classmethod
   def from_workdir(cls, workdir: str, overrides: Iterable[str] = (), *,
-                   checkpoint: str | int = DEFAULT_CHECKPOINT, debug: bool = False) -> Restored:
+                   checkpoint: str | int = DEFAULT_CHECKPOINT) -> Restored:
     """The run in ``workdir`` (a local path or a URL) reopened: its config (with ``overrides``,
     e.g. ``data.data_dir=...``), the experiment and the state of ``checkpoint`` (see the module
     docstring). A directory that is not a run, or has no such checkpoint, is a one-line
@@ -78,17 +76,20 @@ class Experiment:
         kept = ", ".join(map(str, sorted(checkpointer.manager.all_steps())))
         raise FileNotFoundError(f"no checkpoint of step {which} in {checkpointer.directory} "
                                 f"(kept: {kept})")
-      exp = cls(config, workdir, debug=debug)
+      exp = cls(config, workdir)
       tuning.apply_record(exp)  # the steps the run was trained and evaluated with
       state, _, step = exp.restore(checkpointer, which if isinstance(which, int) else None)
     finally:
       checkpointer.close()
     return Restored(exp, state, int(step), which if isinstance(which, str) else "step")
 
-  def use_compiler_options(self, options: dict) -> dict:
-    """Rebuilds the train and eval steps with XLA ``options`` (``deepflow.train.tuning``)."""
+  def use_compiler_options(self, options: dict, train_step=None) -> dict:
+    """Rebuilds the train and eval steps with XLA ``options`` (``deepflow.train.tuning``);
+    ``train_step``, if given, is that train step already compiled (``compiled_train_step``)."""
     self.compiler_options = dict(options)
     self.train_step, self._eval_step = self._compile(self.compiler_options)
+    if train_step is not None:
+      self.train_step = train_step
     return self.compiler_options
 
   def compiled_train_step(self, options: dict, task=None):
@@ -99,8 +100,7 @@ class Experiment:
 
   def _compile(self, options: dict, task=None):
     update = self.update if task is None else dataclasses.replace(self.update, task=task)
-    return compile_steps(update, self.mesh, self.shardings, debug=self.debug,
-                         compiler_options=options)
+    return compile_steps(update, self.mesh, self.shardings, compiler_options=options)
 
   def model_params(self, params):
     """The parameters the model itself takes (LoRA's adapters merged: ``Update.model_params``)."""

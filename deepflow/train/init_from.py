@@ -33,7 +33,8 @@ from etils import epath
 from deepflow import parallel, pytree
 from deepflow.models import lora as lora_lib
 from deepflow.registry import ConfigError
-from deepflow.train.experiment import CHECKPOINTS, Experiment
+from deepflow.train import CHECKPOINTS
+from deepflow.train.experiment import Experiment
 from deepflow.train.state import TrainState
 from deepflow.weights import files, matching, pytorch
 

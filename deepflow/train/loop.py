@@ -31,23 +31,23 @@ from deepflow.train.writers import MetricWriter
 log = logging.getLogger("deepflow")
 
 
-def train_and_evaluate(config: Any, workdir: str, *, debug: bool = False) -> dict[str, float]:
+def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
   """Trains (or resumes) the experiment in ``workdir``; returns the final eval metrics.
 
   The run holds the workdir's lock throughout: a second run on the same workdir is refused
   before it writes anything."""
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   with workdir_lock.hold(workdir):
-    return _train_and_evaluate(config, workdir, debug=debug)
+    return _train_and_evaluate(config, workdir)
 
 
-def _train_and_evaluate(config: Any, workdir: str, *, debug: bool) -> dict[str, float]:
+def _train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
   # -- Build: the config on disk first (every reader of the run starts there), then everything
   # built from it.
   write_config(config, workdir)
   cfg = config.train
   runtime.use_compilation_cache(cfg.compilation_cache)
-  exp = Experiment(config, workdir, debug=debug)
+  exp = Experiment(config, workdir)
   tuning.apply_record(exp)  # a tuned run resumes (or re-evaluates) with the programs it chose
   checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.keep_checkpoints)
   writer = MetricWriter(workdir)

@@ -84,14 +84,11 @@ def make_eval_step(u: Update) -> Callable[[TrainState, Batch], dict]:
   return eval_step
 
 
-def compile_steps(u: Update, mesh, state_sharding, *, debug: bool = False,
-                  compiler_options: dict | None = None):
+def compile_steps(u: Update, mesh, state_sharding, *, compiler_options: dict | None = None):
   """The jitted train step (state donated) and eval step, with explicit shardings and XLA's
-  ``compiler_options`` (``deepflow.train.tuning``). With ``debug`` the plain Python functions
-  are returned, to step through them eagerly."""
+  ``compiler_options`` (``deepflow.train.tuning``). Under ``jax.disable_jit`` (``--debug``) they
+  run as plain Python, to step through them eagerly."""
   train_step, eval_step = make_train_step(u), make_eval_step(u)
-  if debug:
-    return train_step, eval_step
   batch = parallel.batch_sharding(mesh)
   options = dict(compiler_options or {}) or None
   return (jax.jit(train_step, in_shardings=(state_sharding, batch),

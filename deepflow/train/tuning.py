@@ -103,7 +103,7 @@ def autotune(exp, state, batch) -> dict[str, Any]:
   if record:
     log.info("autotune: %s, as recorded in %s", record["choice"], _path(exp.workdir))
     return base
-  if exp.debug:
+  if jax.config.jax_disable_jit:
     log.info("autotune: nothing to tune in debug mode (the steps run eagerly)")
     return base
   if platform != "cpu":
@@ -123,9 +123,7 @@ def autotune(exp, state, batch) -> dict[str, Any]:
     write_atomic(_path(exp.workdir), json.dumps({
         "platform": platform, "choice": choice, "options": CPU_CANDIDATES[choice],
         "ms_per_step": {name: round(seconds[name] * 1e3, 3) for name in names}}, indent=2))
-  options = exp.use_compiler_options({**base, **CPU_CANDIDATES[choice]})
-  exp.train_step = steps[choice]  # the same program, already compiled
-  return options
+  return exp.use_compiler_options({**base, **CPU_CANDIDATES[choice]}, steps[choice])
 
 
 def recorded(workdir: str | None) -> dict | None:
