@@ -9,7 +9,11 @@ module that registers into it, and code that looks a name up imports that packag
 
   MODELS, ACTIVATIONS    deepflow.models
   TASKS                  deepflow.tasks
-  DATASETS, TRANSFORMS   deepflow.data
+  SOURCE_KINDS, DATASETS, TRANSFORMS
+                         deepflow.data (a ``data.source`` is ``KIND:REST``; the synthetic
+                         datasets are in DATASETS; the bundled ones, TFDS builders, register in
+                         ``deepflow.data.bundled.BUILDERS``, imported on first use so that
+                         TFDS loads only then)
   OPTIMIZERS, SCHEDULES  deepflow.optim
   REGULARIZERS           deepflow.regularizers
 """
@@ -68,6 +72,7 @@ class Registry(Generic[T]):
 
 MODELS: Registry = Registry("model")
 TASKS: Registry = Registry("task")
+SOURCE_KINDS: Registry = Registry("data source kind")
 DATASETS: Registry = Registry("dataset")
 TRANSFORMS: Registry = Registry("transform")
 OPTIMIZERS: Registry = Registry("optimizer")

@@ -7,6 +7,7 @@ import pytest
 
 from deepflow.data import sources
 from deepflow.data.pipeline import INPUTS, MASK, TARGETS, Pipeline
+from deepflow.registry import SOURCE_KINDS
 from tests.helpers import tiny_config
 
 
@@ -99,3 +100,22 @@ def test_unprepared_tfds_dataset_fails_fast(tmp_path, monkeypatch):
     Pipeline(tiny_config("data.source=tfds:mnist", f"data.data_dir={tmp_path}"))
   assert not attempts
 
+
+
+def test_a_new_source_kind_is_one_registration():
+  """``SOURCE_KINDS`` is where ``data.source``'s kinds come from: one registered here is checked
+  when the config is validated and opened by the pipeline, with no other change."""
+  opened = []
+
+  def check(rest):
+    if rest != "digits":
+      raise sources.ConfigError(f"unknown test dataset {rest!r}")
+
+  def open_kind(rest, data_dir, seed):
+    opened.append((rest, seed))
+    return sources.synthetic_images(seed=seed, train_size=64, test_size=32)
+  SOURCE_KINDS.register("test_kind")(sources.SourceKind(check, open_kind))
+  p = Pipeline(tiny_config("data.source=test_kind:digits"))
+  assert opened == [("digits", 0)] and p.spec.train_size == 64
+  with pytest.raises(sources.ConfigError, match="unknown test dataset 'nope'"):
+    tiny_config("data.source=test_kind:nope")
