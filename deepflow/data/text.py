@@ -25,8 +25,8 @@ from etils import epath
 
 from deepflow.atomic import atomic_path
 from deepflow.data import packing, sources, tokenizers
-from deepflow.data.pipeline import (MASK, DataSpec, Pipeline, TrainIterator, eval_rows, per_host,
-                                    step_batches)
+from deepflow.data.pipeline import (MASK, DataPipeline, DataSpec, Pipeline, TrainIterator,
+                                    eval_rows, per_host, step_batches)
 from deepflow.registry import ConfigError
 
 READ_CHUNK = 1024   # documents read and tokenized together in the counting pass
@@ -186,7 +186,7 @@ class TextPipeline:
     return batch
 
 
-def make_pipeline(config: Any, workdir: str | None = None) -> Pipeline | TextPipeline:
+def make_pipeline(config: Any, workdir: str | None = None) -> DataPipeline:
   """The pipeline a config asks for: examples as stored, or (``data.tokenizer``) a text corpus
   tokenized and packed into rows."""
   return (TextPipeline if config.data.tokenizer else Pipeline)(config, workdir)

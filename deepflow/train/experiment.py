@@ -21,7 +21,7 @@ import numpy as np
 from etils import epath
 
 from deepflow import config as config_lib, parallel, tasks  # noqa: F401  (tasks fills TASKS)
-from deepflow.data.pipeline import MASK
+from deepflow.data.pipeline import MASK, DataPipeline
 from deepflow.data.text import make_pipeline
 from deepflow.registry import ConfigError, TASKS
 from deepflow.train import (CHECKPOINTS, DEFAULT_CHECKPOINT, checkpoint as checkpoint_lib,
@@ -38,7 +38,7 @@ class Experiment:
 
   def __init__(self, config: Any, workdir: str | None, *, devices=None):
     self.config, self.workdir = config, workdir
-    self.pipeline = make_pipeline(config, workdir)
+    self.pipeline: DataPipeline = make_pipeline(config, workdir)
     self.early_stopping = early_stopping.from_config(config.regularizers)  # the loop's policy
     self.task = TASKS.get(config.task.name)(config, self.pipeline.spec)
     self.mesh = parallel.make_mesh(config.mesh, devices)

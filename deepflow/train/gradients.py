@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from deepflow.data.pipeline import MASK
 from deepflow.optim.partition import Partition
+from deepflow.tasks.base import Task
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]
@@ -68,7 +69,7 @@ def private(loss: Loss, privacy: Any, to_model: Callable[[PyTree], PyTree] = ide
   return grad_fn
 
 
-def own(task: Any, to_model: Callable[[PyTree], PyTree] = identity) -> GradFn:
+def own(task: Task, to_model: Callable[[PyTree], PyTree] = identity) -> GradFn:
   """The gradients a task computes itself (``Task.trained_grads``, e.g. one per GAN player),
   given how its trained parameters become the model's: ``params_of(trained)``."""
   def grad_fn(trained, frozen, model_state, batch, rng):

@@ -21,6 +21,7 @@ from deepflow.optim.partition import Partition
 from deepflow.pytree import flatten
 from deepflow.registry import ConfigError
 from deepflow.regularizers import Regularizer, build_regularizers
+from deepflow.tasks.base import Task
 
 PyTree = Any
 
@@ -32,7 +33,7 @@ class Update:
   off), ``privacy`` (a ``deepflow.privacy.DpSgd``, or None), ``regularizer`` (its batch changes
   and penalties; its gradient and projection hooks are in ``tx``), the number of
   ``microbatches`` and whether batch statistics stay as loaded (``freeze_batch_stats``)."""
-  task: Any
+  task: Task
   tx: optax.GradientTransformation
   partition: Partition
   regularizer: Regularizer
@@ -60,7 +61,7 @@ class Update:
     return self.privacy.metrics(step) if self.privacy is not None else {}
 
 
-def build_update(config: Any, task: Any, total_steps: int) -> Update:
+def build_update(config: Any, task: Task, total_steps: int) -> Update:
   """The update that ``config`` describes around ``task`` (``optimizer``, ``model.lora``,
   ``privacy``, ``regularizers``, ``train.microbatches``), its options checked."""
   lora = lora_lib.from_config(config.model.lora)
@@ -108,7 +109,7 @@ def check_selectors(update: Update, config: Any, params: PyTree) -> None:
     selector.check(names)
 
 
-def _privacy(config: Any, task: Any):
+def _privacy(config: Any, task: Task):
   """DP-SGD from ``config.privacy`` (a ``deepflow.privacy.DpSgd``), or None when it is off.
 
   Refused where examples are not independent (batch statistics, a loss that compares them:
