@@ -87,6 +87,14 @@ def some_names(names: list[str], limit: int = 8) -> str:
   return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "") or "none"
 
 
+def check_non_negative(owner: str, **values: object) -> None:
+  """A one-line ConfigError for an option of ``owner`` (e.g. "transform 'flip'") that is not a
+  number >= 0."""
+  for key, value in values.items():
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+      raise ConfigError(f"{owner}: {key} must be a number >= 0, got {value!r}")
+
+
 def compile_regex(pattern: str, key: str) -> re.Pattern:
   """A config value that must be a regex (``key`` names it in the one-line error)."""
   try:

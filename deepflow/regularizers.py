@@ -32,7 +32,7 @@ import optax
 from deepflow.data import augment
 from deepflow.data.pipeline import INPUTS, TARGETS
 from deepflow.pytree import Selector, path_name
-from deepflow.registry import ConfigError, REGULARIZERS
+from deepflow.registry import ConfigError, REGULARIZERS, check_non_negative
 from deepflow.train import early_stopping  # registers 'early_stopping', the loop's policy
 
 Batch = Mapping[str, jax.Array]
@@ -96,9 +96,7 @@ def _register(name: str):
 
 
 def _non_negative(name: str, **values: float) -> None:
-  for key, value in values.items():
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-      raise ConfigError(f"regularizer {name!r}: {key} must be a number >= 0, got {value!r}")
+  check_non_negative(f"regularizer {name!r}", **values)
 
 
 def _selector(name: str, pattern: str) -> Selector:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepflow.data.transforms import Transform
-from deepflow.registry import ConfigError, TRANSFORMS
+from deepflow.registry import ConfigError, TRANSFORMS, check_non_negative
 
 
 def _augmentation(fn, keys: tuple[str, ...]) -> Transform:
@@ -26,9 +26,7 @@ def _augmentation(fn, keys: tuple[str, ...]) -> Transform:
 
 
 def _check(name: str, **values: float) -> None:
-  for key, value in values.items():
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-      raise ConfigError(f"transform {name!r}: {key} must be a number >= 0, got {value!r}")
+  check_non_negative(f"transform {name!r}", **values)
 
 
 def _images(name: str, values: np.ndarray) -> None:

@@ -19,7 +19,7 @@ import jax
 from etils import epath
 
 from deepflow.atomic import write_atomic
-from deepflow.registry import ConfigError, REGULARIZERS
+from deepflow.registry import ConfigError, REGULARIZERS, check_non_negative
 from deepflow.train import checkpoint as checkpoint_lib
 
 NAME = "early_stopping"  # its name in config.regularizers
@@ -57,9 +57,7 @@ def early_stopping(metric: str = "loss", mode: str = "min", patience: int = 5,
   if not isinstance(patience, int) or patience < 1:
     raise ConfigError(f"regularizer 'early_stopping': patience must be an integer >= 1, "
                       f"got {patience!r}")
-  if not isinstance(min_delta, (int, float)) or isinstance(min_delta, bool) or min_delta < 0:
-    raise ConfigError(f"regularizer 'early_stopping': min_delta must be a number >= 0, got "
-                      f"{min_delta!r}")
+  check_non_negative(f"regularizer {NAME!r}", min_delta=min_delta)
   return EarlyStopping(metric, mode, patience, float(min_delta))
 
 
