@@ -29,6 +29,7 @@ import deepflow
 from deepflow import parallel
 from deepflow.optim.partition import Partition
 from deepflow.train.experiment import Experiment
+from deepflow.train.step import gradient_fn
 from dp_step import ROOT, machine, time_rounds  # noqa: E402  (the script's directory)
 
 SETTINGS = {
@@ -50,7 +51,7 @@ def build(path: str, overrides: list[str], way: str, workdir: str):
   config = deepflow.load_config(os.path.join(ROOT, "experiments", path), overrides)
   exp = Experiment(config, workdir)
   if way == "all_then_dropped":
-    exp.task.partition.split = lambda params: (params, {})
+    exp.partition.split = lambda params: (params, {})
   iterator = exp.pipeline.train_iterator()
   batches = [parallel.global_batch(next(iterator), exp.mesh) for _ in range(8)]
   state = exp.init_state()
@@ -64,14 +65,11 @@ def build(path: str, overrides: list[str], way: str, workdir: str):
 def clipping_seen(exp, state, batch) -> dict[str, float]:
   """Per-example norm entering clipping, clipped fraction and the noise-free clipped mean
   gradient's norm over the trained parameters, on one batch."""
-  task, noised = exp.task, exp.task.privacy
-  task.privacy = dataclasses.replace(noised, noise_multiplier=0.0)
-  try:
-    grads, _, metrics = jax.jit(task.grads)(state.params, state.model_state, batch,
-                                            jax.random.key(0))
-  finally:
-    task.privacy = noised
-  trained, _ = Partition.split(task.partition, grads)  # the class's split, never the patched one
+  noiseless = dataclasses.replace(exp.update, privacy=dataclasses.replace(
+      exp.update.privacy, noise_multiplier=0.0))
+  grads, _, metrics = jax.jit(gradient_fn(noiseless))(state.params, state.model_state, batch,
+                                                      jax.random.key(0))
+  trained, _ = Partition.split(exp.partition, grads)  # the class's split, never the patched one
   return {"example norm": float(metrics["privacy/example_grad_norm"]),
           "clipped": float(metrics["privacy/clipped_fraction"]),
           "signal": float(optax.global_norm(trained))}
@@ -94,7 +92,7 @@ def compare(name: str, steps: int, repeats: int) -> None:
             f"{flops[way] / 1e6:9.2f} MFLOP/step")
     print(f"  step time all/trained: {median[WAYS[1]] / median[WAYS[0]]:.2f}x, "
           f"flops all/trained: {flops[WAYS[1]] / flops[WAYS[0]]:.2f}x")
-    if exp.task.privacy is not None:
+    if exp.update.privacy is not None:
       for way, (run_exp, state, batches) in runs.items():
         seen = clipping_seen(run_exp, state, batches[0])
         print(f"  {way:>17}: " + ", ".join(f"{k} {v:.4g}" for k, v in seen.items()))

@@ -32,6 +32,7 @@ import deepflow
 from deepflow.data.pipeline import INPUTS, TARGETS, Pipeline
 from deepflow.registry import TASKS
 from deepflow.train import tuning
+from deepflow.train.update import build_update
 
 
 def deepflow_steps_per_sec(config, workdir: str) -> float:
@@ -46,7 +47,7 @@ def baseline_steps_per_sec(config, steps: int, window: int, key_in_step: bool = 
   before each call, or (``key_in_step``) inside the jitted step, which saves an eager op a step."""
   pipeline = Pipeline(config)
   task = TASKS.get(config.task.name)(config, pipeline.spec)
-  tx = task.optimizer(config.train.steps)
+  tx = build_update(config, task, config.train.steps).tx
   params, _ = task.init(jax.random.PRNGKey(0))
   opt_state = tx.init(params)
   train = {k: v for k, v in next(pipeline.eval_batches(config.data.train_split)).items()}

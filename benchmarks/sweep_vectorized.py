@@ -37,6 +37,7 @@ from deepflow.config import base_config, finalize
 from deepflow.registry import TASKS
 from deepflow.train.state import create_state
 from deepflow.train.step import make_train_step
+from deepflow.train.update import build_update
 
 RATES = "3e-4,1e-3,2e-3,3e-3,5e-3,1e-2,2e-2,3e-2"
 
@@ -72,9 +73,9 @@ def step_only(config, repeats: int) -> tuple[float, float]:
   singles = []
   for c in configs:
     task = TASKS.get(c.task.name)(c, population.pipelines[0].spec)
-    tx = task.optimizer(c.train.steps)
-    state = jax.jit(lambda task=task, tx=tx: create_state(task, tx, c.seed))()
-    singles.append([jax.jit(make_train_step(task, tx), donate_argnums=0), state])
+    update = build_update(c, task, c.train.steps)
+    state = jax.jit(lambda update=update: create_state(update, update.tx, c.seed))()
+    singles.append([jax.jit(make_train_step(update), donate_argnums=0), state])
 
   def sequential_round():
     for entry in singles:

@@ -18,17 +18,19 @@ import inspect
 import logging
 import os
 import sys
+from typing import Callable
 
 from absl import app, flags
 
+from deepflow.train import DEFAULT_CHECKPOINT  # the light part of deepflow.train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "Experiment file (train).")
 flags.DEFINE_string("workdir", None, "Run directory: config.json, metrics.jsonl, checkpoints/.")
 flags.DEFINE_string("split", None, "Split to evaluate (eval; default: the config's eval_split).")
-flags.DEFINE_string("checkpoint", "best", "eval, explain, sample, export: the run's checkpoint to "
-                    "read: best (the run's result: early stopping's best, else the latest), "
-                    "latest, or a step number.")
+flags.DEFINE_string("checkpoint", DEFAULT_CHECKPOINT, "eval, explain, sample, export: the run's "
+                    "checkpoint to read: best (the run's result: early stopping's best, else "
+                    "the latest), latest, or a step number.")
 flags.DEFINE_bool("debug", False, "No jit, NaN checks, full tracebacks.")
 flags.DEFINE_bool("distributed", False, "Join a multi-host run (jax.distributed.initialize; "
                   "auto-detected on Cloud TPU unless the three flags below are given).")
@@ -61,12 +63,20 @@ def _require(name: str) -> str:
   return value
 
 
-def command(*flag_names: str, example: str, args: str = "", config: bool = True):
-  """Marks a command function with the flags it reads, the words it takes after its name
-  (``args``, e.g. 'prepare NAME'; none by default), whether it takes ``--config`` overrides and
-  a typical call, for its --help."""
+# Each command is a function of the ``--config.KEY=VALUE`` overrides (and of the words after its
+# name, if it takes any), registered under its name by ``command``, in the order --help lists
+# them; its flags are the absl flags defined above, next to it (``--workdir``, ``--split``,
+# ``--checkpoint`` and ``--debug`` shared).
+COMMANDS: dict[str, Callable[..., None]] = {}
+
+
+def command(name: str, *flag_names: str, example: str, args: str = "", config: bool = True):
+  """Registers a command function as ``deepflow NAME``, with the flags it reads, the words it
+  takes after its name (``args``, e.g. 'prepare NAME'; none by default), whether it takes
+  ``--config`` overrides and a typical call, for its --help."""
   def mark(fn):
     fn.flag_names, fn.example, fn.args, fn.config = flag_names, example, args, config
+    COMMANDS[name] = fn
     return fn
   return mark
 
@@ -102,7 +112,8 @@ def main(argv: list[str], overrides: list[str]) -> None:
 
 
 def _with_debug(fn):
-  """Runs ``fn`` eagerly with NaN checks under --debug, jitted otherwise."""
+  """Runs ``fn`` eagerly with NaN checks under --debug, jitted otherwise: the one place --debug
+  acts (``jax.disable_jit`` makes every jitted step below run as plain Python)."""
   import jax
   if not FLAGS.debug:
     return fn()
@@ -111,7 +122,7 @@ def _with_debug(fn):
     return fn()
 
 
-@command("config", "workdir", example="deepflow train --config experiments/digits_cnn.py "
+@command("train", "config", "workdir", example="deepflow train --config experiments/digits_cnn.py "
          "--workdir runs/digits_cnn --config.train.steps=500")
 def _train(overrides: list[str]) -> None:
   """Train an experiment, or resume it: rerun the same command on the same workdir.
@@ -121,11 +132,11 @@ def _train(overrides: list[str]) -> None:
   import deepflow
   config = deepflow.load_config(_require("config"), overrides)
   workdir = _require("workdir")
-  metrics = _with_debug(lambda: deepflow.train_and_evaluate(config, workdir, debug=FLAGS.debug))
+  metrics = _with_debug(lambda: deepflow.train_and_evaluate(config, workdir))
   _print_metrics(config.data.eval_split, metrics)
 
 
-@command("workdir", "split", "checkpoint", "quantize",
+@command("eval", "workdir", "split", "checkpoint", "quantize",
          example="deepflow eval --workdir runs/digits_cnn --split train")
 def _eval(overrides: list[str]) -> None:
   """Evaluate a checkpoint of a run on a split (default: the config's eval_split).
@@ -135,8 +146,7 @@ def _eval(overrides: list[str]) -> None:
   from deepflow.train.experiment import Experiment
   from deepflow.train.writers import MetricWriter
   workdir = _require("workdir")
-  exp, state, step, _ = Experiment.from_workdir(workdir, overrides, checkpoint=FLAGS.checkpoint,
-                                                debug=FLAGS.debug)
+  exp, state, step, _ = Experiment.from_workdir(workdir, overrides, checkpoint=FLAGS.checkpoint)
   split = FLAGS.split or exp.config.data.eval_split
   metrics = _with_debug(lambda: exp.evaluate(state, split))
   writer = MetricWriter(workdir, tensorboard=False)
@@ -187,8 +197,8 @@ flags.DEFINE_integer("heartbeat", 60, "sweep: seconds between a study worker's h
                      "trial silent for twice that is retried by another worker.")
 
 
-@command("config", "workdir", "sweep", "trials", "sweep_seed", "vectorize", "metric", "mode",
-         "search", "prune", "study", "storage", "report", "population", "heartbeat",
+@command("sweep", "config", "workdir", "sweep", "trials", "sweep_seed", "vectorize", "metric",
+         "mode", "search", "prune", "study", "storage", "report", "population", "heartbeat",
          example="deepflow sweep --config experiments/digits_mlp.py --workdir runs/sweep "
          "--sweep optimizer.learning_rate=1e-3,3e-3 --sweep model.activation=relu,tanh")
 def _sweep(overrides: list[str]) -> None:
@@ -241,7 +251,7 @@ flags.DEFINE_string("output", None, "predict: write to .npy (the model's outputs
                     "classifier) or .json (records); default: one JSON line per example.")
 
 
-@command("workdir", "out", "format", "quantize", "platforms", "checkpoint",
+@command("export", "workdir", "out", "format", "quantize", "platforms", "checkpoint",
          example="deepflow export --workdir runs/digits_cnn --out artifacts/digits_cnn")
 def _export(overrides: list[str]) -> None:
   """Write a run's inference artifact (StableHLO, weights, preprocessing, signature.json).
@@ -281,14 +291,12 @@ def _export(overrides: list[str]) -> None:
         f"platforms {', '.join(signature['platforms'])}")
 
 
-@command("model", "input", "output",
+@command("predict", "model", "input", "output", config=False,
          example="deepflow predict --model artifacts/digits_cnn --input examples.npy")
 def _predict(overrides: list[str]) -> None:
   """Run an exported artifact on .npy/.json examples (needs no experiment file)."""
   import json
   from deepflow import predict as predict_lib
-  if overrides:
-    _fail("predict takes no --config overrides: the artifact holds everything it needs", 2)
   predictor = predict_lib.load(_require("model"))
   outputs = predictor(predict_lib.read_inputs(_require("input")))
   if FLAGS.output:
@@ -309,7 +317,7 @@ flags.DEFINE_multi_string("option", [], "explain: a method option KEY=VALUE (e.g
                           "baseline=mean, patch=2).")
 
 
-@command("workdir", "checkpoint", "method", "num_examples", "split", "target", "option",
+@command("explain", "workdir", "checkpoint", "method", "num_examples", "split", "target", "option",
          example="deepflow explain --workdir runs/digits_cnn --method saliency")
 def _explain(overrides: list[str]) -> None:
   """Feature attributions of a run's checkpoint: DIR/explain/METHOD.png and .npz."""
@@ -317,7 +325,7 @@ def _explain(overrides: list[str]) -> None:
   result = _with_debug(lambda: explain.explain(
       _require("workdir"), FLAGS.method, FLAGS.num_examples, split=FLAGS.split,
       target=FLAGS.target, options=explain.parse_options(FLAGS.option), overrides=overrides,
-      checkpoint=FLAGS.checkpoint, debug=FLAGS.debug))
+      checkpoint=FLAGS.checkpoint))
   print(f"{result.method} attributions of {len(result.inputs)} {result.split} examples at step "
         f"{result.step}: {result.png} {result.npz}")
 
@@ -332,7 +340,7 @@ flags.DEFINE_integer("top_k", None, "sample: draw among the k most likely tokens
 flags.DEFINE_integer("sample_seed", 0, "sample: seed of the draws.")
 
 
-@command("workdir", "checkpoint", "num", "prompt", "num_tokens", "temperature", "top_k",
+@command("sample", "workdir", "checkpoint", "num", "prompt", "num_tokens", "temperature", "top_k",
          "sample_seed",
          example="deepflow sample --workdir runs/text_transformer --prompt 'The ' --num 2")
 def _sample(overrides: list[str]) -> None:
@@ -340,7 +348,7 @@ def _sample(overrides: list[str]) -> None:
   from deepflow import sample
   samples, files, step = _with_debug(lambda: sample.sample_run(
       _require("workdir"), FLAGS.num, seed=FLAGS.sample_seed, overrides=overrides,
-      checkpoint=FLAGS.checkpoint, debug=FLAGS.debug, prompt=FLAGS.prompt,
+      checkpoint=FLAGS.checkpoint, prompt=FLAGS.prompt,
       num_tokens=FLAGS.num_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k))
   for i, text in enumerate(samples.get("text", ())):
     print(f"--- sample {i + 1} ---\n{text}")
@@ -360,7 +368,7 @@ flags.DEFINE_bool("remat_policies", False, "plan: also compile the train step un
                   "each saves.")
 
 
-@command("config", "topology", "json", "measure", "search_batch", "remat_policies",
+@command("plan", "config", "topology", "json", "measure", "search_batch", "remat_policies",
          example="deepflow plan --config experiments/gpt2_small.py --topology v5e:2x4")
 def _plan(overrides: list[str]) -> None:
   """Plan a run: memory per device, FLOPs, step time and sharding on a TPU slice or here.
@@ -392,7 +400,8 @@ flags.DEFINE_list("imports", [], "data prepare: modules to import first, which r
                   "builders of one's own.")
 
 
-@command("data_dir", "manual_dir", "imports", args="prepare NAME[/CONFIG][:VERSION]", config=False,
+@command("data", "data_dir", "manual_dir", "imports", args="prepare NAME[/CONFIG][:VERSION]",
+         config=False,
          example="deepflow data prepare cifar10 --data_dir /data/tfds")
 def _data(overrides: list[str], *args: str) -> None:
   """Prepare a TFDS dataset as ArrayRecord, where there is network (training never needs it).
@@ -406,22 +415,6 @@ def _data(overrides: list[str], *args: str) -> None:
   builder, now = prepare.prepare(args[1], data_dir, manual_dir=FLAGS.manual_dir,
                                  imports=FLAGS.imports)
   print(prepare.report(builder, args[1], data_dir, now))
-
-
-# Each command is a function of the ``--config.KEY=VALUE`` overrides (and of the words after its
-# name, if it takes any); its flags are the absl flags defined above, next to it (``--workdir``,
-# ``--split``, ``--checkpoint`` and ``--debug`` shared).
-COMMANDS = {
-    "train": _train,
-    "eval": _eval,
-    "sweep": _sweep,
-    "export": _export,
-    "predict": _predict,
-    "explain": _explain,
-    "sample": _sample,
-    "plan": _plan,
-    "data": _data,
-}
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 from deepflow.analysis import attributions as attributions_lib
 from deepflow.data.pipeline import INPUTS, MASK, TARGETS
 from deepflow.registry import ConfigError
+from deepflow.train import DEFAULT_CHECKPOINT
 
 TARGET_CLASSES = ("predicted", "label")
 
@@ -66,7 +67,7 @@ def first_examples(pipeline, split: str, count: int) -> dict[str, np.ndarray]:
 def explain(workdir: str, method: str = "integrated_gradients", num_examples: int = 16, *,
             split: str | None = None, target: str = "predicted",
             options: Mapping[str, Any] | None = None, overrides: Iterable[str] = (),
-            checkpoint: str | int = "best", debug: bool = False) -> Explanation:
+            checkpoint: str | int = DEFAULT_CHECKPOINT) -> Explanation:
   """Attributions of a checkpoint in ``workdir`` (see the module docstring).
 
   ``target``: attribute the model's 'predicted' class or the true 'label'. ``options`` go to
@@ -86,8 +87,7 @@ def explain(workdir: str, method: str = "integrated_gradients", num_examples: in
     raise ConfigError(f"target must be one of {', '.join(TARGET_CLASSES)}, got {target!r}")
   if not isinstance(num_examples, int) or num_examples < 1:
     raise ConfigError(f"num_examples must be a positive integer, got {num_examples!r}")
-  exp, state, step, _ = Experiment.from_workdir(workdir, overrides, checkpoint=checkpoint,
-                                                debug=debug)
+  exp, state, step, _ = Experiment.from_workdir(workdir, overrides, checkpoint=checkpoint)
   config = exp.config
   if not exp.task.spec.num_classes:
     raise ConfigError(f"deepflow explain attributes a class score; task "
@@ -99,12 +99,13 @@ def explain(workdir: str, method: str = "integrated_gradients", num_examples: in
 
   def attribute(params, model_state, x, targets):
     # The parameters are arguments, not constants baked into the program (see attributions).
+    params = exp.model_params(params)
     logits = lambda v: task.apply(params, model_state, v, None, train=False)[0]  # noqa: E731
     predictions = jnp.argmax(logits(x), -1)
     classes = predictions if targets is None else targets
     return attributions_lib.attribute(method, logits, x, classes, **options), predictions, classes
 
-  run = attribute if debug else jax.jit(attribute)
+  run = jax.jit(attribute)
   values, predictions, classes = jax.device_get(run(
       state.params, state.model_state, inputs, labels if target == "label" else None))
 

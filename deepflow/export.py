@@ -21,10 +21,12 @@ from flax import traverse_util
 
 import deepflow
 from deepflow import parallel
+from deepflow.atomic import atomic_path, write_atomic
 from deepflow.data import sources, transforms as transforms_lib
 from deepflow.predict import (FORMAT, FORMAT_VERSION, MODEL_FILE, SIGNATURE_FILE,
                               WEIGHTS_FILE, sha256)
 from deepflow.registry import ConfigError
+from deepflow.train import DEFAULT_CHECKPOINT
 from deepflow.train.experiment import Experiment
 from deepflow.weights import files
 
@@ -78,8 +80,8 @@ def inference_function(exp: Experiment, params: Any, model_state: Any
       x = t.apply(stats, x.astype(jnp.float32), None)  # numeric: apply_chain casts likewise
     variables = traverse_util.unflatten_dict(
         {k: v for k, v in weights.items() if not k.startswith(STATS_PREFIX)}, sep="/")
-    outputs, _ = exp.task.apply(variables["params"], variables.get("model_state", {}), x, None,
-                                train=False)
+    outputs, _ = exp.task.apply(exp.model_params(variables["params"]),
+                                variables.get("model_state", {}), x, None, train=False)
     return outputs
   return fn, weights
 
@@ -111,7 +113,7 @@ def exportable(exp: Experiment, state: Any
 
 
 def export(workdir: str, out: str, *, overrides: Iterable[str] = (),
-           platforms: Sequence[str] = PLATFORMS, checkpoint: str | int = "best",
+           platforms: Sequence[str] = PLATFORMS, checkpoint: str | int = DEFAULT_CHECKPOINT,
            quantize: str | None = None) -> dict[str, Any]:
   """Writes the inference artifact of a checkpoint of a run ('best', the default: the run's
   result; 'latest'; or a step: ``Experiment.from_workdir``) to ``out``; returns its signature.
@@ -130,10 +132,9 @@ def export(workdir: str, out: str, *, overrides: Iterable[str] = (),
                       f"{str(e).splitlines()[0]}") from e
 
   os.makedirs(out, exist_ok=True)
-  _write_atomic(os.path.join(out, MODEL_FILE), bytes(exported.serialize()))
-  tmp = os.path.join(out, WEIGHTS_FILE + ".tmp.npz")
-  np.savez(tmp, **weights)
-  os.replace(tmp, os.path.join(out, WEIGHTS_FILE))
+  write_atomic(os.path.join(out, MODEL_FILE), bytes(exported.serialize()))
+  with atomic_path(os.path.join(out, WEIGHTS_FILE)) as tmp:
+    np.savez(tmp, **weights)
   signature = signature_of(exp, exported.in_avals[-1], exported.out_avals[0], example, step,
                            which, workdir)
   signature["platforms"] = list(exported.platforms)
@@ -149,12 +150,13 @@ def export(workdir: str, out: str, *, overrides: Iterable[str] = (),
 
 def write_signature(out: str, signature: dict[str, Any]) -> None:
   """Written last: an export interrupted half-way leaves checksums that do not match."""
-  _write_atomic(os.path.join(out, SIGNATURE_FILE),
-                (json.dumps(signature, indent=2) + "\n").encode())
+  write_atomic(os.path.join(out, SIGNATURE_FILE),
+               (json.dumps(signature, indent=2) + "\n").encode())
 
 
 def export_safetensors(workdir: str, out: str, *, overrides: Iterable[str] = (),
-                       checkpoint: str | int = "best") -> tuple[str, dict[str, np.ndarray], int]:
+                       checkpoint: str | int = DEFAULT_CHECKPOINT
+                       ) -> tuple[str, dict[str, np.ndarray], int]:
   """Writes a checkpoint's variables as a ``.safetensors`` file under their flat names
   (``params/...``, ``batch_stats/...``; LoRA adapters merged into their kernels), readable by
   the ``safetensors`` library and by ``model.init_from``. ``out`` is the file, or a directory
@@ -163,7 +165,7 @@ def export_safetensors(workdir: str, out: str, *, overrides: Iterable[str] = (),
   path = out if out.endswith(".safetensors") else os.path.join(out, SAFETENSORS_FILE)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tensors = files.flatten(parallel.to_host(
-      {"params": exp.task.model_params(state.params), **state.model_state}))
+      {"params": exp.model_params(state.params), **state.model_state}))
   files.write_safetensors(tensors, path, metadata={
       "format": "deepflow", "model": exp.config.model.name, "step": str(step),
       "checkpoint": which})
@@ -230,9 +232,3 @@ def _class_names(dataset: sources.Dataset, num_classes: int) -> list[str]:
     if names and len(names) == num_classes:
       return [str(n) for n in names]
   return [str(i) for i in range(num_classes)]
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-  with open(path + ".tmp", "wb") as f:
-    f.write(data)
-  os.replace(path + ".tmp", path)

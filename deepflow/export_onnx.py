@@ -38,6 +38,7 @@ from deepflow import export, rewrite
 from deepflow.onnx_runtime import ONNX_FILE, RUNTIME
 from deepflow.predict import sha256
 from deepflow.registry import ConfigError, first_line
+from deepflow.train import DEFAULT_CHECKPOINT
 from deepflow.train.experiment import Experiment
 
 QUANTIZATIONS = ("int8",)
@@ -162,7 +163,7 @@ def quantize_int8(model_path: str, out_path: str) -> dict[str, Any]:
 
 
 def export_onnx(workdir: str, out: str, *, overrides: Iterable[str] = (),
-                checkpoint: str | int = "best", quantize: str | None = None) -> dict[str, Any]:
+                checkpoint: str | int = DEFAULT_CHECKPOINT, quantize: str | None = None) -> dict[str, Any]:
   """Writes the ONNX artifact of a checkpoint of a run to ``out`` (``model.onnx``,
   ``signature.json``); returns its signature. Nothing is written if the model cannot be
   converted."""

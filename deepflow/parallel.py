@@ -7,7 +7,6 @@ all-reduce itself: the same program as classic ``pmap`` data parallelism.
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -74,15 +73,20 @@ def state_shardings(abstract_state: Any, mesh: Mesh, parallel_config: Any) -> An
   3. with a ``model`` axis larger than 1, matrices' last (output) dimension is split over it
      when divisible (tensor parallelism for dense and conv kernels);
   everything else is replicated. The program is correct for any choice: XLA inserts the
-  collectives the shardings imply; only speed and memory change."""
-  from deepflow.pytree import path_name
-  rules = [(re.compile(pattern), P(*spec)) for pattern, spec in parallel_config.rules]
+  collectives the shardings imply; only speed and memory change. A rule whose regex matches no
+  leaf is a ConfigError."""
+  from deepflow.pytree import Selector, flatten, path_name
+  rules = [(Selector(pattern, "parallel.rules"), P(*spec))
+           for pattern, spec in parallel_config.rules]
+  names = list(flatten(abstract_state))
+  for selector, _ in rules:
+    selector.check(names, "variable")
   data, model = mesh.shape[DATA], mesh.shape[MODEL]
 
   def spec_for(path, leaf) -> P:
     name = path_name(path)
-    for regex, spec in rules:
-      if regex.search(name):
+    for selector, spec in rules:
+      if selector(name):
         return spec
     axes: list[Any] = [None] * len(leaf.shape)
     if model > 1 and len(leaf.shape) >= 2 and leaf.shape[-1] % model == 0:

@@ -126,7 +126,7 @@ def state_bytes(abstract_state, shardings) -> dict[str, int]:
 
 def sharding_table(abstract_state, shardings) -> list[dict[str, Any]]:
   """Every parameter: its path, global shape, PartitionSpec and bytes per device."""
-  from deepflow.optim.optimizers import path_name
+  from deepflow.pytree import path_name
   leaves = jax.tree_util.tree_leaves_with_path(abstract_state.params)
   return [{"name": path_name(path), "shape": list(leaf.shape),
            "spec": str(tuple(sharding.spec)), "bytes": _shard_bytes(leaf, sharding)}
@@ -316,7 +316,7 @@ def measure(config, steps: int) -> dict[str, Any]:
   exp = Experiment(config, None)
   iterator = exp.pipeline.train_iterator()
   batches = [next(iterator) for _ in range(steps)]
-  init = jax.jit(functools.partial(create_state, exp.task, exp.tx, config.seed),
+  init = jax.jit(functools.partial(create_state, exp.update, exp.tx, config.seed),
                  out_shardings=exp.shardings).lower().compile()
   state_args = _abstract_args(exp)
   step = exp.train_step.lower(state_args, exp.pipeline.abstract_batch(

@@ -174,8 +174,10 @@ def quantized_task(task: Any, scheme: str) -> Any:
 def evaluate(exp: Any, state: Any, split: str, scheme: str = "int8") -> dict[str, float]:
   """``exp.evaluate(state, split)`` with the model quantized: the same batches, padding rows and
   metrics, through the task's own eval step."""
+  import dataclasses
   from deepflow.train import step as step_lib
   quantized = copy.copy(exp)
   quantized.task = quantized_task(exp.task, scheme)
-  quantized._eval_step = jax.jit(step_lib.make_eval_step(quantized.task))
+  quantized.update = dataclasses.replace(exp.update, task=quantized.task)
+  quantized._eval_step = jax.jit(step_lib.make_eval_step(quantized.update))
   return quantized.evaluate(state, split)

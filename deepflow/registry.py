@@ -9,7 +9,11 @@ module that registers into it, and code that looks a name up imports that packag
 
   MODELS, ACTIVATIONS    deepflow.models
   TASKS                  deepflow.tasks
-  DATASETS, TRANSFORMS   deepflow.data
+  SOURCE_KINDS, DATASETS, TRANSFORMS
+                         deepflow.data (a ``data.source`` is ``KIND:REST``; the synthetic
+                         datasets are in DATASETS; the bundled ones, TFDS builders, register in
+                         ``deepflow.data.bundled.BUILDERS``, imported on first use so that
+                         TFDS loads only then)
   OPTIMIZERS, SCHEDULES  deepflow.optim
   REGULARIZERS           deepflow.regularizers
 """
@@ -68,6 +72,7 @@ class Registry(Generic[T]):
 
 MODELS: Registry = Registry("model")
 TASKS: Registry = Registry("task")
+SOURCE_KINDS: Registry = Registry("data source kind")
 DATASETS: Registry = Registry("dataset")
 TRANSFORMS: Registry = Registry("transform")
 OPTIMIZERS: Registry = Registry("optimizer")
@@ -80,6 +85,14 @@ def some_names(names: list[str], limit: int = 8) -> str:
   """The first ``limit`` of ``names`` for a one-line error, with how many there are in all."""
   shown = ", ".join(names[:limit])
   return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "") or "none"
+
+
+def check_non_negative(owner: str, **values: object) -> None:
+  """A one-line ConfigError for an option of ``owner`` (e.g. "transform 'flip'") that is not a
+  number >= 0."""
+  for key, value in values.items():
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+      raise ConfigError(f"{owner}: {key} must be a number >= 0, got {value!r}")
 
 
 def compile_regex(pattern: str, key: str) -> re.Pattern:

@@ -11,7 +11,9 @@ them combines into one record (``build_regularizers``), so they compose in any n
   clipping (gradient noise).
 - ``projection``: an optax transformation last in the optimizer chain that moves the updated
   parameters onto a constraint set (max-norm).
-- ``early_stopping``: read by the loop: stop when an eval metric stops improving, keep the best.
+
+``early_stopping`` is listed here too, but it is a policy of the training loop, not of the step:
+it lives in ``deepflow.train.early_stopping``, which registers it.
 
 Three regularizers are options of other sections, not entries here: dropout is every model's
 ``model.dropout``; decoupled weight decay is ``optimizer.weight_decay`` (masked by the regex
@@ -21,37 +23,20 @@ Three regularizers are options of other sections, not entries here: dropout is e
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from deepflow.data import augment
 from deepflow.data.pipeline import INPUTS, TARGETS
-from deepflow.pytree import path_name
-from deepflow.registry import ConfigError, REGULARIZERS
+from deepflow.pytree import Selector, path_name
+from deepflow.registry import ConfigError, REGULARIZERS, check_non_negative
+from deepflow.train import early_stopping  # registers 'early_stopping', the loop's policy
 
 Batch = Mapping[str, jax.Array]
 BatchFn = Callable[[Batch, jax.Array, "int | None"], Batch]
-
-
-@dataclasses.dataclass(frozen=True)
-class EarlyStopping:
-  """Stop when ``metric`` of the eval split has not improved by more than ``min_delta`` for
-  ``patience`` evaluations in a row; the loop keeps the best checkpoint and ends on it."""
-  metric: str = "loss"
-  mode: str = "min"
-  patience: int = 5
-  min_delta: float = 0.0
-
-  def improved(self, value: float, best: float | None) -> bool:
-    if best is None or math.isnan(best):
-      return not math.isnan(value)
-    if self.mode == "min":
-      return value < best - self.min_delta
-    return value > best + self.min_delta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,19 +46,25 @@ class Regularizer:
   penalty: Callable[[Any], jax.Array] | None = None
   gradient: optax.GradientTransformation | None = None
   projection: optax.GradientTransformation | None = None
-  early_stopping: EarlyStopping | None = None
+  # The parameter selections the hooks make, checked against the model once it is built.
+  selectors: tuple[Selector, ...] = ()
 
 
 def build_regularizers(entries: Sequence[Mapping[str, Any]]) -> Regularizer:
-  """The regularizers a config lists, built from the registry and combined into one."""
+  """The regularizers a config lists, built from the registry and combined into one. The loop's
+  policies listed there too (``early_stopping``: ``deepflow.train.early_stopping``) are built,
+  so their options are checked, and left to the loop."""
   parts = []
   for entry in entries:
     options = {k: v for k, v in dict(entry).items() if k != "name"}
     factory = REGULARIZERS.get(entry["name"])
     try:
-      parts.append(factory(**options))
+      part = factory(**options)
     except TypeError as e:
       raise ConfigError(f"regularizer {entry['name']!r}: {e}") from e
+    if isinstance(part, Regularizer):
+      parts.append(part)
+  early_stopping.from_config(entries)  # listed at most once
   return combine(parts)
 
 
@@ -83,9 +74,6 @@ def combine(parts: Sequence[Regularizer]) -> Regularizer:
   penalties = [p.penalty for p in parts if p.penalty]
   gradients = [p.gradient for p in parts if p.gradient]
   projections = [p.projection for p in parts if p.projection]
-  stopping = [p.early_stopping for p in parts if p.early_stopping]
-  if len(stopping) > 1:
-    raise ConfigError("regularizers list 'early_stopping' more than once")
 
   def batch(b, rng, num_classes):
     for i, fn in enumerate(batch_fns):
@@ -100,7 +88,7 @@ def combine(parts: Sequence[Regularizer]) -> Regularizer:
       penalty=penalty if penalties else None,
       gradient=optax.chain(*gradients) if gradients else None,
       projection=optax.chain(*projections) if projections else None,
-      early_stopping=stopping[0] if stopping else None)
+      selectors=tuple(s for p in parts for s in p.selectors))
 
 
 def _register(name: str):
@@ -108,22 +96,12 @@ def _register(name: str):
 
 
 def _non_negative(name: str, **values: float) -> None:
-  for key, value in values.items():
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-      raise ConfigError(f"regularizer {name!r}: {key} must be a number >= 0, got {value!r}")
+  check_non_negative(f"regularizer {name!r}", **values)
 
 
-def _selector(name: str, pattern: str) -> Callable[[Any], list[jax.Array]]:
-  """The leaves of a parameter tree whose '/'-joined path matches ``pattern`` (re.search)."""
-  try:
-    regex = re.compile(pattern)
-  except re.error as e:
-    raise ConfigError(f"regularizer {name!r}: params {pattern!r} is not a regex: {e}") from e
-
-  def select(params):
-    leaves = jax.tree_util.tree_leaves_with_path(params)
-    return [x for path, x in leaves if regex.search(path_name(path))]
-  return select
+def _selector(name: str, pattern: str) -> Selector:
+  """The parameters a regularizer's ``params`` regex selects."""
+  return Selector(pattern, f"regularizer {name!r}: params")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -136,7 +114,9 @@ def l2(amount: float, params: str = r"kernel$") -> Regularizer:
   weight matrix, no biases). Coupled to the loss, unlike ``optimizer.weight_decay``."""
   _non_negative("l2", amount=amount)
   select = _selector("l2", params)
-  return Regularizer(penalty=lambda p: amount * sum(jnp.sum(jnp.square(x)) for x in select(p)))
+  return Regularizer(penalty=lambda p: amount * sum(jnp.sum(jnp.square(x))
+                                                    for x in select.leaves(p)),
+                     selectors=(select,))
 
 
 @_register("l1")
@@ -144,7 +124,8 @@ def l1(amount: float, params: str = r"kernel$") -> Regularizer:
   """``amount * sum(|w|)`` over the parameters whose path matches ``params`` (sparsity)."""
   _non_negative("l1", amount=amount)
   select = _selector("l1", params)
-  return Regularizer(penalty=lambda p: amount * sum(jnp.sum(jnp.abs(x)) for x in select(p)))
+  return Regularizer(penalty=lambda p: amount * sum(jnp.sum(jnp.abs(x)) for x in select.leaves(p)),
+                     selectors=(select,))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -242,11 +223,8 @@ def device_crop(padding: int = 4) -> Regularizer:
   def batch(b, rng, num_classes):
     x = b[INPUTS]
     _device_images("device_crop", x)
-    n, h, w, c = x.shape
-    padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    offsets = jax.random.randint(rng, (n, 2), 0, 2 * padding + 1)
-    crop = jax.vmap(lambda image, o: jax.lax.dynamic_slice(image, (o[0], o[1], 0), (h, w, c)))
-    return {**b, INPUTS: crop(padded, offsets)}
+    offsets = jax.random.randint(rng, (x.shape[0], 2), 0, 2 * padding + 1)
+    return {**b, INPUTS: augment.crop_images(x, offsets[:, 0], offsets[:, 1], padding)}
   return Regularizer(batch=batch)
 
 
@@ -259,8 +237,8 @@ def device_flip(probability: float = 0.5) -> Regularizer:
   def batch(b, rng, num_classes):
     x = b[INPUTS]
     _device_images("device_flip", x)
-    chosen = jax.random.bernoulli(rng, probability, (x.shape[0], 1, 1, 1))
-    return {**b, INPUTS: jnp.where(chosen, x[:, :, ::-1], x)}
+    chosen = jax.random.bernoulli(rng, probability, (x.shape[0],))
+    return {**b, INPUTS: augment.flip_images(x, chosen, 2)}
   return Regularizer(batch=batch)
 
 
@@ -277,15 +255,13 @@ def gradient_noise(eta: float = 0.01, gamma: float = 0.55, seed: int = 0) -> Reg
   return Regularizer(gradient=optax.add_noise(eta, gamma, key=seed))
 
 
-def max_norm_projection(limit: float, pattern: str) -> optax.GradientTransformation:
+def max_norm_projection(limit: float, select: Selector) -> optax.GradientTransformation:
   """Changes the final updates so that every matched kernel's incoming weight vector of each
   unit (all axes but the last) has L2 norm <= ``limit`` after the update is applied.
 
   Written here because optax's projections act on whole trees or arrays, not per unit."""
-  regex = re.compile(pattern)
-
   def project(path, update, param):
-    if not regex.search(path_name(path)) or param.ndim < 2:
+    if not select(path_name(path)) or param.ndim < 2:
       return update
     new = param + update
     norms = jnp.sqrt(jnp.sum(jnp.square(new), axis=tuple(range(new.ndim - 1)), keepdims=True))
@@ -306,51 +282,5 @@ def max_norm(limit: float = 3.0, params: str = r"kernel$") -> Regularizer:
   after every update, each unit's incoming weights (a kernel's column) are rescaled to L2 norm
   ``limit`` if longer. ``params`` selects the kernels by regex."""
   _non_negative("max_norm", limit=limit)
-  _selector("max_norm", params)  # check the regex now
-  return Regularizer(projection=max_norm_projection(limit, params))
-
-
-# ------------------------------------------------------------------------------------------------
-# Early stopping (acted on by the training loop).
-# ------------------------------------------------------------------------------------------------
-
-@_register("early_stopping")
-def early_stopping(metric: str = "loss", mode: str = "min", patience: int = 5,
-                   min_delta: float = 0.0) -> Regularizer:
-  """Evaluates every ``train.eval_every`` steps; stops after ``patience`` evaluations without an
-  improvement of ``metric`` (``mode`` 'min' or 'max') by more than ``min_delta``. The best
-  checkpoint is kept in ``workdir/best/`` and the run's final metrics are the best one's."""
-  if mode not in ("min", "max"):
-    raise ConfigError(f"regularizer 'early_stopping': mode must be 'min' or 'max', got {mode!r}")
-  if not isinstance(patience, int) or patience < 1:
-    raise ConfigError(f"regularizer 'early_stopping': patience must be an integer >= 1, "
-                      f"got {patience!r}")
-  _non_negative("early_stopping", min_delta=min_delta)
-  return Regularizer(early_stopping=EarlyStopping(metric, mode, patience, float(min_delta)))
-
-
-@dataclasses.dataclass
-class StoppingRecord:
-  """Where early stopping stands in a run; the loop keeps it as ``workdir/best/stopping.json`` so
-  a resumed run goes on counting (and a stopped one stays stopped)."""
-  best: float | None = None
-  best_step: int = -1
-  bad_evals: int = 0
-  last_step: int = -1
-  stopped: bool = False
-
-  def update(self, rule: EarlyStopping, step: int, metrics: Mapping[str, float]) -> bool:
-    """Counts the evaluation at ``step``; True when it is the best so far."""
-    if rule.metric not in metrics:
-      raise ConfigError(f"early_stopping metric {rule.metric!r} is not an eval metric; "
-                        f"known: {', '.join(sorted(metrics))}")
-    if step <= self.last_step:  # already counted (a resumed run evaluating the same step again)
-      return False
-    self.last_step = step
-    value = float(metrics[rule.metric])
-    if rule.improved(value, self.best):
-      self.best, self.best_step, self.bad_evals = value, step, 0
-      return True
-    self.bad_evals += 1
-    self.stopped = self.bad_evals >= rule.patience
-    return False
+  select = _selector("max_norm", params)
+  return Regularizer(projection=max_norm_projection(limit, select), selectors=(select,))

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from deepflow.train import DEFAULT_CHECKPOINT
 from deepflow.train.experiment import Experiment
 
 SAMPLES_DIR = "samples"
@@ -22,18 +23,17 @@ TEXT_FILE, GRID_FILE, ARRAYS_FILE = "samples.txt", "samples.png", "samples.npz"
 
 
 def sample_run(workdir: str, num: int = 4, *, seed: int = 0, overrides: Iterable[str] = (),
-               checkpoint: str | int = "best", debug: bool = False, **options: Any
+               checkpoint: str | int = DEFAULT_CHECKPOINT, **options: Any
                ) -> tuple[dict[str, np.ndarray], list[str], int]:
   """(samples, files written, checkpoint step) for the run in ``workdir``.
 
   ``options`` go to the task's ``sample`` as given (None values dropped, so each task keeps its
   own defaults). The draws are a function of ``seed`` and the checkpoint ('best', 'latest' or a
   step: ``Experiment.from_workdir``), nothing else."""
-  exp, state, step, _ = Experiment.from_workdir(workdir, overrides, checkpoint=checkpoint,
-                                                debug=debug)
+  exp, state, step, _ = Experiment.from_workdir(workdir, overrides, checkpoint=checkpoint)
   options = {k: v for k, v in options.items() if v is not None}
-  samples = exp.task.sample(state.params, state.model_state, jax.random.PRNGKey(seed), num,
-                            **options)
+  samples = exp.task.sample(exp.model_params(state.params), state.model_state,
+                            jax.random.PRNGKey(seed), num, **options)
   title = f"{num} samples of {exp.config.model.name} on {exp.config.data.source}"
   files = save_samples(samples, os.path.join(workdir, SAMPLES_DIR), title=title)
   return samples, files, step

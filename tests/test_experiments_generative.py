@@ -45,5 +45,7 @@ def test_digits_simclr_runs(data_dir, tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   results = json.loads(out.stdout.strip().splitlines()[-1])
   assert set(results) == {"trained", "random init", "raw pixels"}
+  # Ten classes (chance 0.1); measured: raw pixels 0.97, the encoders' probes 0.59-0.71.
+  assert results["raw pixels"]["probe (train -> test)"] > 0.8
   for row in results.values():
-    assert all(0.0 <= accuracy <= 1.0 for accuracy in row.values())
+    assert all(accuracy > 0.35 for accuracy in row.values()), row

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import deepflow
+from tests.helpers import reference_accuracy
 
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir, "experiments")
 
@@ -27,7 +28,9 @@ def test_image_experiment_runs_on_generated_jpegs(name, smaller, image_data_dir,
       "train.checkpoint_every=0", "train.progress=False", "optimizer.warmup_steps=1",
       *smaller])
   metrics = deepflow.train_and_evaluate(config, str(tmp_path))
-  assert 0.0 <= metrics["accuracy"] <= 1.0 and np.isfinite(metrics["loss"])
+  # Tiny ResNets are at chance after 2 steps (and still after 12): check against a reference.
+  assert np.isfinite(metrics["loss"])
+  assert metrics["accuracy"] == pytest.approx(reference_accuracy(str(tmp_path)), abs=1e-6)
   with open(path) as f:
     doc = f.read().split('"""')[1]
   assert f"--config experiments/{name}.py" in doc and "NOT measured here" in doc

@@ -21,7 +21,8 @@ def test_experiment_runs(name, table, data_dir, tmp_path, monkeypatch):
   results = module.main(["--workdir", str(tmp_path), *seeds, *tiny(data_dir)])
   assert len(results) == 2
   if name == "overfitting":
-    assert all(0 <= m["train_accuracy"] <= 1 for m in results.values())
+    # Ten classes (chance 0.1) after 3 steps; measured: no regularization 0.66, mixup 0.23.
+    assert results[first]["train_accuracy"] > 0.4 and results[last]["train_accuracy"] > 0.15
   else:
     for metrics in results.values():
       assert {"accuracy", "precision", "recall", "f1", "auc"} <= set(metrics["test"])

@@ -3,8 +3,10 @@ written and trains a few steps at a tiny size through overrides."""
 import os
 
 import numpy as np
+import pytest
 
 import deepflow
+from tests.helpers import reference_accuracy
 
 
 def test_gpt2_small_file_validates_and_trains_at_a_tiny_size(data_dir, tmp_path):
@@ -31,4 +33,6 @@ def test_imagenet_vit_b16_file_validates_and_trains_at_a_tiny_size(tmp_path):
       "train.checkpoint_every=0", "train.progress=False", "train.compilation_cache=''",
       "train.compute_dtype=float32"])  # bfloat16 convolutions are emulated, slowly, on a CPU
   metrics = deepflow.train_and_evaluate(config, str(tmp_path))
-  assert np.isfinite(metrics["loss"]) and 0.0 <= metrics["accuracy"] <= 1.0
+  # 1000 classes after 2 steps are not above chance: check against a reference instead.
+  assert np.isfinite(metrics["loss"])
+  assert metrics["accuracy"] == pytest.approx(reference_accuracy(str(tmp_path)), abs=1e-6)

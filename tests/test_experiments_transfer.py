@@ -37,7 +37,8 @@ def test_digits_finetune_runs(data_dir, tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   results = json.loads(out.stdout.strip().splitlines()[-1])
   assert set(results) == {"scratch/seed0", "fine-tuned/seed0", "frozen/seed0"}
-  assert all(0.0 <= r["test"]["accuracy"] <= 1.0 for r in results.values())
+  # Ten classes after 2 steps: chance 0.1, a constant guess at most 0.11; measured 0.16-0.18.
+  assert all(r["test"]["accuracy"] > 0.13 for r in results.values()), results
   runs = tmp_path / "runs" / "digits_finetune"
   for name, source in (("scratch", ""), ("fine-tuned", "runs/digits_simclr")):
     with open(runs / name / "seed0" / "config.json") as f:

@@ -8,29 +8,19 @@ import optax
 import pytest
 
 import deepflow
-from deepflow import config as config_lib
 from deepflow.analysis.fairness import group_metrics, reweighing_weights
 from deepflow.data.pipeline import INPUTS, MASK, TARGETS, Pipeline
 from deepflow.registry import ConfigError, TASKS
 from deepflow.tasks.supervised import GROUP, reweighing_table
 from deepflow.train import checkpoint as checkpoint_lib
 from deepflow.train.experiment import Experiment
-from tests.helpers import experiment, tiny
+from tests.helpers import experiment, tiny, tiny_config
 
 
 def fair_config(data_dir, *overrides, source="bundled:fair"):
-  c = config_lib.base_config()
-  c.model = dict(name="mlp", hidden=(16,))
-  c.data.source = source
-  c.data.data_dir = data_dir
-  c.data.batch_size = 64
-  c.data.eval_batch_size = 256
-  c.train.steps = 20
-  c.train.log_every = 10
-  c.train.eval_every = 0
-  c.train.checkpoint_every = 0
-  c.train.progress = False
-  return config_lib.finalize(c, overrides)
+  return tiny_config(*overrides, model=dict(name="mlp", hidden=(16,)), data__source=source,
+                     data__data_dir=data_dir, data__batch_size=64, data__eval_batch_size=256,
+                     train__steps=20, train__log_every=10)
 
 
 def test_eval_reports_group_metrics_of_the_models_predictions(data_dir, tmp_path):

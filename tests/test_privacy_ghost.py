@@ -20,7 +20,8 @@ from deepflow.models.vit import ViT
 from deepflow.privacy import ghost, ghost_layers, token_norms
 from deepflow.registry import ConfigError, TASKS
 from deepflow.train.state import create_state
-from tests.helpers import tiny_config
+from deepflow.train.step import gradient_fn
+from tests.helpers import grads_of, tiny_config, update_of
 from tests.tasks.test_language import lm_config
 
 B = 12
@@ -272,9 +273,10 @@ def _task_grads(config, clipping):
   config.privacy.clipping = clipping
   config.lock()
   task = TASKS.get(config.task.name)(config, Pipeline(config).spec)
-  params = create_state(task, task.optimizer(config.train.steps), seed=0).params
+  update = update_of(task)
+  params = create_state(update, update.tx, seed=0).params
   batch = next(Pipeline(config).train_iterator())
-  return jax.jit(task.grads)(params, {}, batch, jax.random.key(4)), batch
+  return jax.jit(gradient_fn(update))(params, {}, batch, jax.random.key(4)), batch
 
 
 PRIVATE = ("privacy.enabled=True", "privacy.noise_multiplier=1.0", "privacy.clip_norm=0.1")
@@ -291,9 +293,9 @@ TASK_CONFIGS = {
 
 @pytest.mark.parametrize("name", TASK_CONFIGS)
 def test_the_private_train_step_is_the_same_with_ghost_clipping(name, data_dir, monkeypatch):
-  """Through ``Task.grads`` on Poisson-sampled, padded batches, noise included (same key); every
-  parameter covered but the LSTM's (its cells run inside ``nn.RNN``'s scan, which keeps nothing
-  for ghost clipping)."""
+  """Through the train step's gradient on Poisson-sampled, padded batches, noise included (same
+  key); every parameter covered but the LSTM's (its cells run inside ``nn.RNN``'s scan, which
+  keeps nothing for ghost clipping)."""
   (ref, _, ref_metrics), batch = _task_grads(TASK_CONFIGS[name](data_dir), "vmap")
   plans, plan = [], ghost.plan
   monkeypatch.setattr(ghost, "plan", lambda *args: plans.append(plan(*args)) or plans[-1])
@@ -332,7 +334,8 @@ def test_frozen_parameters_enter_neither_the_clipping_norms_nor_the_noise(clippi
   config = lambda *more: tiny_config(*PRIVATE, *FROZEN, f"privacy.clipping='{clipping}'",  # noqa
                                      *more, model=FROZEN_MLP)
   task = TASKS.get("classification")(config(), spec)
-  params = create_state(task, task.optimizer(8), seed=0).params
+  update = update_of(task, 8)
+  params = create_state(update, update.tx, seed=0).params
   batch = next(Pipeline(config()).train_iterator())
   trained = ("Dense_1", "Dense_2")
   kept, norms = jax.jit(functools.partial(_trained_example_grads, task.model, trained=trained))(
@@ -343,7 +346,7 @@ def test_frozen_parameters_enter_neither_the_clipping_norms_nor_the_noise(clippi
   def private_grads(noise):
     task = TASKS.get("classification")(
         config(f"privacy.clip_norm={clip}", f"privacy.noise_multiplier={noise}"), spec)
-    return jax.jit(task.grads)(params, {}, batch, jax.random.key(4))
+    return jax.jit(grads_of(task))(params, {}, batch, jax.random.key(4))
   (grads, _, metrics), (noisy, _, _) = private_grads(0.0), private_grads(1.0)
 
   factors = np.where(norms > clip, clip / np.maximum(norms, 1e-30), 1.0)

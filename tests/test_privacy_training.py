@@ -1,5 +1,4 @@
 """DP-SGD through the real train step and loop: equivalence, clipping, noise, accounting, errors."""
-import functools
 import importlib.util
 import json
 import math
@@ -23,9 +22,9 @@ from deepflow.registry import ConfigError, TASKS
 from deepflow.train import checkpoint as checkpoint_lib
 from deepflow.train.experiment import Experiment
 from deepflow.train.state import create_state
-from deepflow.train.step import accumulate_grads, compile_steps
+from deepflow.train.step import compile_steps, gradient_fn
 from deepflow.train.writers import read_metrics
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, update_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_SIZE, BATCH = 2048, 32  # synthetic:digits_like and tiny_config
@@ -68,13 +67,14 @@ def test_no_noise_and_huge_clip_trains_like_the_ordinary_step(tmp_path):
                                        f"train.microbatches={microbatches}"),
                            str(tmp_path / f"private{microbatches}"))
     assert_trees_close(private, ordinary)
-  start = jax.device_get(create_state(*_task_and_tx(tiny_config()), seed=0).params)
+  update = _update(tiny_config())
+  start = jax.device_get(create_state(update, update.tx, seed=0).params)
   assert not np.allclose(jax.tree.leaves(start)[0], jax.tree.leaves(ordinary)[0])  # it trained
 
 
-def _task_and_tx(config):
-  task = TASKS.get(config.task.name)(config, Pipeline(config).spec)
-  return task, task.optimizer(config.train.steps)
+def _update(config):
+  """What the experiment of ``config`` assembles around its task (``train.update``)."""
+  return update_of(TASKS.get(config.task.name)(config, Pipeline(config).spec))
 
 
 def test_small_clip_norm_clips_every_example_and_logs_it(tmp_path):
@@ -90,8 +90,9 @@ def test_small_clip_norm_clips_every_example_and_logs_it(tmp_path):
     assert record["grad_norm"] <= clip * (1 + 1e-5)  # the mean of clipped gradients, no noise
 
   # Step 1's mean per-example norm, by hand: one example at a time at the initial parameters.
-  task, tx = _task_and_tx(config)
-  params = create_state(task, tx, seed=config.seed).params
+  update = _update(config)
+  task = update.task
+  params = create_state(update, update.tx, seed=config.seed).params
   batch = next(Pipeline(config).train_iterator())
   one = jax.jit(lambda p, example: optax.tree.norm(jax.grad(
       lambda p: task.loss(p, {}, jax.tree.map(lambda x: x[None], example), None)[0])(p)))
@@ -120,12 +121,12 @@ def test_logged_epsilon_is_the_accountants(tmp_path):
 
 def test_target_epsilon_calibrates_the_noise():
   config = tiny_config(*PRIVATE, "privacy.target_epsilon=2.0", "train.steps=200")
-  task, _ = _task_and_tx(config)
+  update = _update(config)
   q = BATCH / TRAIN_SIZE
-  assert task.privacy.noise_multiplier == pytest.approx(
+  assert update.privacy.noise_multiplier == pytest.approx(
       deepflow.privacy.noise_multiplier_for_epsilon(2.0, q, 200, 1e-5))
-  assert task.extra_metrics(200)["privacy/epsilon"] == pytest.approx(2.0, rel=1e-2)
-  assert task.extra_metrics(200)["privacy/epsilon"] <= 2.0
+  assert update.extra_metrics(200)["privacy/epsilon"] == pytest.approx(2.0, rel=1e-2)
+  assert update.extra_metrics(200)["privacy/epsilon"] <= 2.0
 
 
 def test_a_run_that_would_exceed_the_target_refuses_to_start(tmp_path):
@@ -138,7 +139,7 @@ def test_a_run_that_would_exceed_the_target_refuses_to_start(tmp_path):
 
 def test_bad_privacy_configs_are_one_line_errors(tmp_path):
   with pytest.raises(ConfigError, match="layer or group norm"):
-    _task_and_tx(tiny_config(*PRIVATE, model=dict(name="resnet", stage_sizes=(1,), width=4)))
+    _update(tiny_config(*PRIVATE, model=dict(name="resnet", stage_sizes=(1,), width=4)))
   with pytest.raises(ConfigError, match="optimizer.clip_norm=0"):
     tiny_config(*PRIVATE, "optimizer.clip_norm=1.0")
   with pytest.raises(ConfigError, match="mixes examples"):
@@ -146,7 +147,7 @@ def test_bad_privacy_configs_are_one_line_errors(tmp_path):
   with pytest.raises(ConfigError, match="accountant"):
     tiny_config(*PRIVATE, "privacy.accountant='gdp'")
   with pytest.raises(ConfigError, match="below 1/train_size"):
-    _task_and_tx(tiny_config(*PRIVATE, "privacy.delta=0.001"))
+    _update(tiny_config(*PRIVATE, "privacy.delta=0.001"))
 
   # From the command line: one line on stderr, no traceback.
   experiment = tmp_path / "tiny.py"
@@ -172,12 +173,10 @@ def test_micro_batches_add_the_configured_noise_once():
     for noise in (0.0, sigma):
       config = tiny_config(*PRIVATE, f"privacy.noise_multiplier={noise}",
                            f"privacy.clip_norm={clip}", f"train.microbatches={microbatches}")
-      task, tx = _task_and_tx(config)
-      params = create_state(task, tx, seed=0).params
+      update = _update(config)
+      params = create_state(update, update.tx, seed=0).params
       batch = next(Pipeline(config).train_iterator())
-      grads[noise], _, _ = jax.jit(functools.partial(accumulate_grads, task,
-                                                     microbatches=microbatches))(
-          params, {}, batch, jax.random.key(3))
+      grads[noise], _, _ = jax.jit(gradient_fn(update))(params, {}, batch, jax.random.key(3))
     noise = np.concatenate([np.ravel(a - b) for a, b in zip(jax.tree.leaves(grads[sigma]),
                                                            jax.tree.leaves(grads[0.0]))])
     assert noise.size > 2000
@@ -188,16 +187,16 @@ def test_micro_batches_add_the_configured_noise_once():
 def test_sharded_private_step_equals_one_device():
   config = tiny_config(*PRIVATE, "privacy.noise_multiplier=1.0", "privacy.clip_norm=0.5",
                        "model.dropout=0.1")
-  task, tx = _task_and_tx(config)
+  update = _update(config)
   iterator = Pipeline(config).train_iterator()
   batches = [next(iterator) for _ in range(3)]
 
   def run(devices):
     mesh = Mesh(np.asarray(devices).reshape(len(devices), 1), ("data", "model"))
-    state = create_state(task, tx, seed=0)
+    state = create_state(update, update.tx, seed=0)
     shardings = jax.tree.map(lambda _: parallel.replicated(mesh), state)
     state = jax.device_put(state, shardings)
-    train_step, _ = compile_steps(task, tx, mesh, shardings)
+    train_step, _ = compile_steps(update, mesh, shardings)
     for batch in batches:
       state, metrics = train_step(state, parallel.global_batch(batch, mesh))
     assert float(metrics["privacy/clipped_fraction"]) > 0  # the clip is active
@@ -217,7 +216,8 @@ def test_private_digits_experiment_runs(data_dir, tmp_path):
   assert list(results) == list(module.VARIANTS)
   for name, metrics in results.items():
     test = metrics["test"]
-    assert 0 <= test["accuracy"] <= 1
+    # Ten classes after 3 steps: chance 0.1, a constant guess at most 0.11; measured 0.16-0.19.
+    assert test["accuracy"] > 0.13, (name, test)
     if name == "non_private":
       assert "privacy/epsilon" not in test
     else:
@@ -232,12 +232,13 @@ def test_a_poisson_batch_gives_its_real_examples_clipped_sum_over_the_expected_s
   """Padding rows contribute nothing; the sum is divided by batch_size (the expected size), not
   by how many examples were sampled."""
   config = tiny_config(*PRIVATE, "privacy.clip_norm=1e6", "model.dropout=0.0")
-  task, tx = _task_and_tx(config)
-  params = create_state(task, tx, seed=0).params
+  update = _update(config)
+  task = update.task
+  params = create_state(update, update.tx, seed=0).params
   batch = next(Pipeline(config).train_iterator())
   real = np.asarray(batch[MASK]) > 0
   assert 0 < real.sum() < len(real)  # some padding, so the check below is not vacuous
-  grads, _, metrics = jax.jit(task.grads)(params, {}, batch, jax.random.key(0))
+  grads, _, metrics = jax.jit(gradient_fn(update))(params, {}, batch, jax.random.key(0))
   examples = {k: v[real] for k, v in batch.items() if k != MASK}
 
   def summed_over_expected(p):
@@ -249,11 +250,11 @@ def test_a_poisson_batch_gives_its_real_examples_clipped_sum_over_the_expected_s
 
 
 def test_the_logs_say_how_to_read_epsilon_for_each_sampling():
-  poisson, _ = _task_and_tx(tiny_config(*PRIVATE, "privacy.noise_multiplier=1.0"))
+  poisson = _update(tiny_config(*PRIVATE, "privacy.noise_multiplier=1.0"))
   metrics = poisson.extra_metrics(8)
   assert 0 <= metrics["privacy/truncation_delta"] < 1e-2 * metrics["privacy/delta"]
   assert "privacy/epsilon_is_approximate" not in metrics
-  shuffled, _ = _task_and_tx(tiny_config(*SHUFFLED, "privacy.noise_multiplier=1.0"))
+  shuffled = _update(tiny_config(*SHUFFLED, "privacy.noise_multiplier=1.0"))
   metrics = shuffled.extra_metrics(8)
   assert metrics["privacy/epsilon_is_approximate"] == 1.0
   assert "privacy/truncation_delta" not in metrics

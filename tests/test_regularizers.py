@@ -17,7 +17,9 @@ from deepflow.config import base_config, finalize
 from deepflow.data.pipeline import INPUTS, TARGETS, DataSpec
 from deepflow.registry import ConfigError
 from deepflow.tasks.supervised import Classification, binary_metrics
+from deepflow.train import early_stopping
 from deepflow.train.writers import read_metrics
+from tests.helpers import grads_of
 
 PARAMS = {"dense": {"kernel": jnp.array([[1.0, -2.0], [3.0, 0.5]]), "bias": jnp.array([4.0, 5.0])},
           "head": {"kernel": jnp.array([[-1.0], [2.0]]), "bias": jnp.array([7.0])}}
@@ -132,14 +134,14 @@ def test_bad_entries_are_one_line_config_errors():
 
 
 def test_stopping_record_counts_patience():
-  rule = reg.EarlyStopping(metric="accuracy", mode="max", patience=2, min_delta=0.01)
-  record = reg.StoppingRecord()
+  rule = early_stopping.EarlyStopping(metric="accuracy", mode="max", patience=2, min_delta=0.01)
+  record = early_stopping.StoppingRecord()
   seen = [record.update(rule, s, {"accuracy": a}) for s, a in
           [(10, 0.5), (20, 0.6), (30, 0.605), (20, 0.9), (40, 0.55)]]
   assert seen == [True, True, False, False, False]  # +0.005 < min_delta; step 20 again ignored
   assert (record.best, record.best_step, record.stopped) == (0.6, 20, True)
   with pytest.raises(ConfigError, match="not an eval metric"):
-    reg.StoppingRecord().update(rule, 1, {"loss": 1.0})
+    early_stopping.StoppingRecord().update(rule, 1, {"loss": 1.0})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -165,8 +167,8 @@ BATCH = {INPUTS: jnp.array([[0.5, -1.0, 2.0], [1.0, 0.0, -0.5], [0.1, 0.2, 0.3]]
 def test_l2_penalty_enters_the_gradient_as_2_amount_w():
   plain, with_l2 = make_task(), make_task([dict(name="l2", amount=0.05)])
   params, state = plain.init(jax.random.key(0))
-  g0, _, m0 = plain.grads(params, state, BATCH, jax.random.key(1))
-  g1, _, m1 = with_l2.grads(params, state, BATCH, jax.random.key(1))
+  g0, _, m0 = grads_of(plain)(params, state, BATCH, jax.random.key(1))
+  g1, _, m1 = grads_of(with_l2)(params, state, BATCH, jax.random.key(1))
   expected = jax.tree_util.tree_map_with_path(
       lambda path, g, p: g + (0.1 * p if path[-1].key == "kernel" else 0), g0, params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, expected)
@@ -176,7 +178,7 @@ def test_l2_penalty_enters_the_gradient_as_2_amount_w():
 def test_soft_target_loss_is_cross_entropy_with_smoothed_labels():
   task = make_task([dict(name="label_smoothing", amount=0.2)])
   params, state = task.init(jax.random.key(0))
-  _, _, m = task.grads(params, state, BATCH, jax.random.key(1))
+  _, _, m = grads_of(task)(params, state, BATCH, jax.random.key(1))
   logits = task.model.apply({"params": params}, BATCH[INPUTS])
   targets = 0.8 * jax.nn.one_hot(BATCH[TARGETS], 2) + 0.1
   expected = -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits), -1))

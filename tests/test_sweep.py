@@ -12,11 +12,11 @@ import pytest
 
 import deepflow
 from deepflow import sweep
-from deepflow.config import base_config, finalize
 from deepflow.registry import ConfigError
 from deepflow.train import NonFiniteLossError, checkpoint as checkpoint_lib
 from deepflow.train.experiment import Experiment
 from deepflow.train.writers import read_metrics
+from tests.helpers import tiny_config
 
 
 def test_parse_axis():
@@ -44,23 +44,17 @@ def test_grid_and_random_trials():
     sweep.make_trials(ranged)
 
 
-def tiny_config(**train):
-  config = base_config()
-  config.data.source = "synthetic:digits_like"
-  config.data.batch_size = 64
-  config.model = dict(name="mlp", hidden=(32,))
-  config.train.steps = 20
-  config.train.eval_every = 10
-  config.train.log_every = 10
-  config.train.progress = False
-  config.train.update(train)
-  return finalize(config)
+def sweep_config(**train):
+  """The tiny experiment for 20 steps of batches of 64, evaluated every 10; ``train`` options
+  replace those of the ``train`` section."""
+  train = {"steps": 20, "eval_every": 10, "log_every": 10, **train}
+  return tiny_config(data__batch_size=64, **{f"train__{k}": v for k, v in train.items()})
 
 
 def test_sequential_sweep_writes_results_and_skips_finished_trials(tmp_path, monkeypatch):
   workdir = str(tmp_path)
   axes = [sweep.parse_axis("optimizer.learning_rate=1e-3,3e-2")]
-  rows = sweep.run_sweep(tiny_config(), workdir, axes)
+  rows = sweep.run_sweep(sweep_config(), workdir, axes)
   assert [r["trial"] for r in rows] == [1, 0]  # the larger rate learns more in 20 steps
   with open(os.path.join(workdir, "results.csv")) as f:
     table = list(csv.DictReader(f))
@@ -77,13 +71,13 @@ def test_sequential_sweep_writes_results_and_skips_finished_trials(tmp_path, mon
   def fail(*args, **kwargs):
     raise AssertionError("a finished trial was trained again")
   monkeypatch.setattr(deepflow, "train_and_evaluate", fail)
-  assert sweep.run_sweep(tiny_config(), workdir, axes) == rows
+  assert sweep.run_sweep(sweep_config(), workdir, axes) == rows
   with pytest.raises(ConfigError, match="different sweep"):
-    sweep.run_sweep(tiny_config(), workdir, [sweep.parse_axis("optimizer.learning_rate=0.5")])
+    sweep.run_sweep(sweep_config(), workdir, [sweep.parse_axis("optimizer.learning_rate=0.5")])
 
 
 def test_vectorized_members_equal_their_trials_trained_alone(tmp_path):
-  base = tiny_config(steps=30)
+  base = sweep_config(steps=30)
   points = sweep.make_trials([sweep.parse_axis("optimizer.learning_rate=2e-3,1e-2"),
                               sweep.parse_axis("model.dropout=0,0.3"),
                               sweep.parse_axis("optimizer.weight_decay=0,0.1"),
@@ -115,7 +109,7 @@ def test_vectorized_members_equal_their_trials_trained_alone(tmp_path):
 def test_a_diverging_member_fails_as_its_trial_alone_does(tmp_path, policy):
   """The population applies the loop's non-finite policy to each member: the diverging one is
   failed at the step where training it alone stops, the others train on."""
-  base = tiny_config(steps=20, log_every=1, eval_every=0, checkpoint_every=0,
+  base = sweep_config(steps=20, log_every=1, eval_every=0, checkpoint_every=0,
                      nonfinite=policy, max_nonfinite=2)
   configs = [sweep.trial_config(base, ["optimizer.name='sgd'", "optimizer.momentum=0.0",
                                        f"optimizer.learning_rate={lr}"]) for lr in (0.1, 1e30)]
@@ -131,16 +125,16 @@ def test_a_diverging_member_fails_as_its_trial_alone_does(tmp_path, policy):
 
 
 def test_vectorize_refuses_keys_that_change_the_program(tmp_path):
-  configs = [sweep.trial_config(tiny_config(), [f"model.hidden={h}"]) for h in ("(8,)", "(16,)")]
+  configs = [sweep.trial_config(sweep_config(), [f"model.hidden={h}"]) for h in ("(8,)", "(16,)")]
   with pytest.raises(ConfigError, match="cannot sweep model.hidden"):
     sweep.train_population(configs, [str(tmp_path)] * 2)
 
 
 def test_vectorize_refuses_autotune_and_checks_xla_options(tmp_path):
-  configs = [sweep.trial_config(tiny_config(autotune=True), [f"seed={s}"]) for s in (0, 1)]
+  configs = [sweep.trial_config(sweep_config(autotune=True), [f"seed={s}"]) for s in (0, 1)]
   with pytest.raises(ConfigError, match="does not support train.autotune"):
     sweep.train_population(configs, [str(tmp_path)] * 2)
-  bad = [sweep.trial_config(tiny_config(xla_options={"no_such_option": 1}), [f"seed={s}"])
+  bad = [sweep.trial_config(sweep_config(xla_options={"no_such_option": 1}), [f"seed={s}"])
          for s in (0, 1)]
   with pytest.raises(ConfigError, match="No such compile option: 'no_such_option'"):
     sweep.train_population(bad, [str(tmp_path)] * 2)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import threading
 from typing import Any
 
@@ -17,6 +16,7 @@ import optax
 from etils import epath
 
 from deepflow import models  # noqa: F401  (fills MODELS)
+from deepflow.atomic import write_atomic
 from deepflow.data import sources, transforms as transforms_lib
 from deepflow.registry import MODELS
 
@@ -89,11 +89,9 @@ class ReferenceClassifier:
     reference.train_mean, reference.train_cov = _moments(features)
     try:
       path.parent.mkdir(parents=True, exist_ok=True)
-      tmp = path.parent / f"{key}.tmp{os.getpid()}"
-      tmp.write_bytes(serialization.msgpack_serialize({
+      write_atomic(path, serialization.msgpack_serialize({
           "variables": jax.device_get(variables), "num_classes": num_classes,
           "train_mean": reference.train_mean, "train_cov": reference.train_cov}))
-      tmp.rename(path)
     except OSError as e:  # a read-only data dir: keep it in this process only
       log.warning("could not cache the reference classifier in %s: %s", path.parent, e)
     return reference

@@ -12,10 +12,11 @@ Images are (B, H, W, C); sequences are (B, T) or (B, T, C).
 """
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
 from deepflow.data.transforms import Transform
-from deepflow.registry import ConfigError, TRANSFORMS
+from deepflow.registry import ConfigError, TRANSFORMS, check_non_negative
 
 
 def _augmentation(fn, keys: tuple[str, ...]) -> Transform:
@@ -25,9 +26,7 @@ def _augmentation(fn, keys: tuple[str, ...]) -> Transform:
 
 
 def _check(name: str, **values: float) -> None:
-  for key, value in values.items():
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-      raise ConfigError(f"transform {name!r}: {key} must be a number >= 0, got {value!r}")
+  check_non_negative(f"transform {name!r}", **values)
 
 
 def _images(name: str, values: np.ndarray) -> None:
@@ -38,6 +37,26 @@ def _images(name: str, values: np.ndarray) -> None:
 # ------------------------------------------------------------------------------------------------
 # Images.
 # ------------------------------------------------------------------------------------------------
+
+def crop_images(x, dy, dx, padding: int, mode: str = "constant"):
+  """Each (H, W, C) image of ``x`` padded by ``padding`` pixels (``mode`` as in numpy.pad) and
+  cropped back to its size at the offset ``(dy[i], dx[i])``. One implementation for numpy arrays
+  on the host (``random_crop``) and JAX arrays inside the train step (the ``device_crop``
+  regularizer); only where the offsets are drawn differs."""
+  xp = np if isinstance(x, np.ndarray) else jnp
+  b, h, w, _ = x.shape
+  padded = xp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), mode=mode)
+  rows = dy[:, None] + xp.arange(h)[None, :]           # (B, H)
+  cols = dx[:, None] + xp.arange(w)[None, :]           # (B, W)
+  return padded[xp.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def flip_images(x, chosen, axis: int):
+  """The images of ``x`` with ``chosen[i]`` true mirrored along ``axis`` (2: left-right, 1:
+  top-bottom); numpy or JAX arrays alike (``flip`` and the ``device_flip`` regularizer)."""
+  xp = np if isinstance(x, np.ndarray) else jnp
+  return xp.where(xp.reshape(chosen, (-1, 1, 1, 1)), xp.flip(x, axis), x)
+
 
 @TRANSFORMS.register("random_crop")
 def random_crop(padding: int = 2, mode: str = "constant",
@@ -50,13 +69,9 @@ def random_crop(padding: int = 2, mode: str = "constant",
 
   def crop(x, rng):
     _images("random_crop", x)
-    b, h, w, _ = x.shape
-    padded = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), mode=mode)
-    dy = rng.integers(0, 2 * padding + 1, b)
-    dx = rng.integers(0, 2 * padding + 1, b)
-    rows = dy[:, None] + np.arange(h)[None, :]           # (B, H)
-    cols = dx[:, None] + np.arange(w)[None, :]           # (B, W)
-    return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    dy = rng.integers(0, 2 * padding + 1, x.shape[0])
+    dx = rng.integers(0, 2 * padding + 1, x.shape[0])
+    return crop_images(x, dy, dx, padding, mode)
   return _augmentation(crop, keys)
 
 
@@ -72,8 +87,7 @@ def flip(horizontal: bool = True, vertical: bool = False, probability: float = 0
     out = x
     for axis, on in ((2, horizontal), (1, vertical)):
       if on:
-        chosen = rng.random(x.shape[0]) < probability
-        out = np.where(chosen[:, None, None, None], np.flip(out, axis), out)
+        out = flip_images(out, rng.random(x.shape[0]) < probability, axis)
     return out
   return _augmentation(apply, keys)
 

@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import grain
 import jax
@@ -93,6 +93,22 @@ def step_batches(batch: Callable[[int], Any], start: int, num_threads: int, work
                                                      per_worker_buffer_size=2),
                         worker_init_fn=_exit_with_parent)
   return ds
+
+
+class DataPipeline(Protocol):
+  """What training, evaluation and every command read from an input pipeline; ``Pipeline``
+  (stored examples) and ``data.text.TextPipeline`` (a packed text corpus) both give it, and
+  ``data.text.make_pipeline`` picks one by the config."""
+  spec: DataSpec
+
+  def train_iterator(self, state: Mapping[str, Any] | None = None) -> "TrainIterator":
+    """Host-local training batches from the position ``state`` (a checkpoint's) on."""
+
+  def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
+    """Every example of ``split`` once, the last batch padded (``MASK`` 0)."""
+
+  def abstract_batch(self, global_size: int, *, train: bool) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes and dtypes of a global batch of ``global_size`` rows (``deepflow plan``)."""
 
 
 class TrainIterator:

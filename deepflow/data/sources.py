@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from deepflow.registry import ConfigError, DATASETS
+from deepflow.registry import ConfigError, DATASETS, SOURCE_KINDS
 
 
 class DatasetNotFoundError(ConfigError):
@@ -115,22 +115,22 @@ def decoded_size(source: Sequence, seed: int, sample: int = 16) -> tuple[float, 
 # Parsing 'kind:name[/config][:version]'.
 # ------------------------------------------------------------------------------------------------
 
-SOURCE_KINDS = ("bundled", "tfds", "synthetic")
+@dataclasses.dataclass(frozen=True)
+class SourceKind:
+  """One kind of ``data.source`` (``KIND:REST``), registered in ``SOURCE_KINDS``: ``check(rest)``
+  refuses a bad name when the config is validated (nothing is read), ``open(rest, data_dir,
+  seed)`` returns the ``Dataset``."""
+  check: Callable[[str], None]
+  open: Callable[[str, str, int], Dataset]
 
 
 def parse_source(spec: str) -> tuple[str, str]:
-  """Splits ``'kind:rest'`` and checks the kind (and, for bundled/synthetic, the name)."""
+  """Splits ``'kind:rest'`` and checks it (``SourceKind.check``)."""
   kind, sep, rest = str(spec).partition(":")
   if not sep or kind not in SOURCE_KINDS or not rest:
     raise ConfigError(f"data.source {spec!r} must look like one of "
                       f"{', '.join(k + ':NAME' for k in SOURCE_KINDS)}")
-  if kind == "bundled":
-    from deepflow.data.bundled import BUILDERS
-    name = rest.split("/")[0]
-    if name not in BUILDERS:
-      raise ConfigError(f"unknown bundled dataset {name!r}; known: {', '.join(sorted(BUILDERS))}")
-  if kind == "synthetic":
-    DATASETS.get(f"synthetic:{rest}")
+  SOURCE_KINDS.get(kind).check(rest)
   return kind, rest
 
 
@@ -141,16 +141,19 @@ def default_data_dir() -> str:
 def open_dataset(data_config: Any, *, seed: int = 0) -> Dataset:
   """The ``Dataset`` named by ``data.source``."""
   kind, rest = parse_source(data_config.source)
-  data_dir = data_config.data_dir or default_data_dir()
-  if kind == "synthetic":
-    return DATASETS.get(f"synthetic:{rest}")(seed=seed)
-  return _from_builder(_prepared_builder(kind, rest, data_dir), data_config.source)
+  return SOURCE_KINDS.get(kind).open(rest, data_config.data_dir or default_data_dir(), seed)
 
 
-def _prepared_builder(kind: str, rest: str, data_dir: str):
-  """The builder of a 'bundled' or 'tfds' source, a bundled one prepared on first use."""
-  if kind != "bundled":
-    return _tfds_builder(rest, data_dir)
+def _check_bundled(rest: str) -> None:
+  from deepflow.data.bundled import BUILDERS
+  name = rest.split("/")[0]
+  if name not in BUILDERS:
+    raise ConfigError(f"unknown bundled dataset {name!r}; known: {', '.join(sorted(BUILDERS))}")
+
+
+def _prepared_bundled(rest: str, data_dir: str):
+  """The builder of a bundled dataset, prepared into ``data_dir`` on first use (offline: the
+  data ships inside a Python package)."""
   builder = _bundled_builder(rest, data_dir)
   if not builder.is_prepared():
     import logging
@@ -158,8 +161,20 @@ def _prepared_builder(kind: str, rest: str, data_dir: str):
     logging.getLogger("deepflow").info("preparing bundled:%s into %s (offline, once)", rest,
                                        data_dir)
     tfds.display_progress_bar(False)
-    builder.download_and_prepare()  # offline: the data ships inside a Python package
+    builder.download_and_prepare()
   return builder
+
+
+def _open_bundled(rest: str, data_dir: str, seed: int) -> Dataset:
+  return _from_builder(_prepared_bundled(rest, data_dir), f"bundled:{rest}")
+
+
+def _open_tfds(rest: str, data_dir: str, seed: int) -> Dataset:
+  return _from_builder(_tfds_builder(rest, data_dir), f"tfds:{rest}")
+
+
+SOURCE_KINDS.register("bundled")(SourceKind(_check_bundled, _open_bundled))
+SOURCE_KINDS.register("tfds")(SourceKind(lambda rest: None, _open_tfds))
 
 
 def _bundled_builder(rest: str, data_dir: str):
@@ -216,7 +231,7 @@ def open_splits(spec: str, data_dir: str) -> tuple[Any, Mapping[str, Sequence]]:
   use), for readers of features other than the supervised keys (text corpora,
   ``deepflow.data.text``)."""
   kind, rest = parse_source(spec)
-  builder = _prepared_builder(kind, rest, data_dir)
+  builder = (_prepared_bundled if kind == "bundled" else _tfds_builder)(rest, data_dir)
   return builder, _TfdsSplits(builder, spec)
 
 
@@ -335,3 +350,11 @@ def synthetic_regression(seed: int = 0, train_size: int = 1024, test_size: int =
     return ArraySource({"features": x, "targets": y})
   return Dataset("synthetic:regression", {"train": split(train_size), "test": split(test_size)},
                  "features", "targets", None)
+
+
+def _check_synthetic(rest: str) -> None:
+  DATASETS.get(f"synthetic:{rest}")
+
+
+SOURCE_KINDS.register("synthetic")(SourceKind(
+    _check_synthetic, lambda rest, data_dir, seed: DATASETS.get(f"synthetic:{rest}")(seed=seed)))

@@ -24,9 +24,10 @@ import numpy as np
 import tqdm
 from etils import epath
 
+from deepflow.atomic import atomic_path
 from deepflow.data import packing, sources, tokenizers
-from deepflow.data.pipeline import (MASK, DataSpec, Pipeline, TrainIterator, eval_rows, per_host,
-                                    step_batches)
+from deepflow.data.pipeline import (MASK, DataPipeline, DataSpec, Pipeline, TrainIterator,
+                                    eval_rows, per_host, step_batches)
 from deepflow.registry import ConfigError
 
 READ_CHUNK = 1024   # documents read and tokenized together in the counting pass
@@ -135,9 +136,8 @@ class TextPipeline:
         out[start:start + len(ids)] = [len(t) + 1 for t in ids]
         bar.update(len(ids))
     if path is not None and self.process_index == 0:
-      tmp = epath.Path(f"{path}.tmp.npy")
-      np.save(tmp, out)
-      tmp.replace(path)
+      with atomic_path(path) as tmp:
+        np.save(tmp, out)
     return out
 
   def stream(self, split: str, *, train: bool) -> packing.PackedStream:
@@ -193,7 +193,7 @@ class TextPipeline:
     return batch
 
 
-def make_pipeline(config: Any, workdir: str | None = None) -> Pipeline | TextPipeline:
+def make_pipeline(config: Any, workdir: str | None = None) -> DataPipeline:
   """The pipeline a config asks for: examples as stored, or (``data.tokenizer``) a text corpus
   tokenized and packed into rows."""
   return (TextPipeline if config.data.tokenizer else Pipeline)(config, workdir)

@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from etils import epath
 
+from deepflow.atomic import write_atomic
 from deepflow.data import hf_tokenizer
 from deepflow.registry import ConfigError
 
@@ -201,9 +202,7 @@ def load_or_build(spec: str, workdir: str | None,
       if isinstance(tokenizer, hf_tokenizer.HfTokenizer):
         _save_directory(tokenizer.files(), saved.parent / HF_TOKENIZER_DIR)
       else:
-        tmp = epath.Path(str(saved) + ".tmp")
-        tmp.write_bytes(tokenizer.serialized())
-        tmp.replace(saved)  # whole or absent: a crash never leaves half a model
+        write_atomic(saved, tokenizer.serialized())  # whole or absent: never half a model
   return tokenizer
 
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 from etils import epath
 
+from deepflow.atomic import write_atomic
 from deepflow.registry import ConfigError, TRANSFORMS
 
 Stats = dict[str, np.ndarray]
@@ -356,9 +357,7 @@ def save_stats(path: str, stats: Sequence[Stats]) -> None:
   flat = {f"{i}/{k}": v for i, s in enumerate(stats) for k, v in s.items()}
   buffer = io.BytesIO()
   np.savez(buffer, __count__=np.array(len(stats)), **flat)
-  tmp = epath.Path(path + ".tmp")
-  tmp.write_bytes(buffer.getvalue())
-  tmp.replace(path)  # atomic, and overwrites (rename refuses an existing file)
+  write_atomic(path, buffer.getvalue())
 
 
 def load_stats(path: str) -> list[Stats]:

@@ -24,9 +24,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
 
-from deepflow.registry import ConfigError, compile_regex, some_names
+from deepflow import pytree
+from deepflow.registry import ConfigError, some_names
 
 ADAPTERS = ("lora_a", "lora_b")
 ADAPTER_PATTERN = re.compile(r"(^|/)lora_[ab]$")
@@ -51,7 +51,7 @@ def from_config(lora: Any) -> LoraConfig | None:
     return None
   if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
     raise ConfigError(f"model.lora.alpha must be a number > 0, got {alpha!r}")
-  compile_regex(targets, "model.lora.targets")
+  pytree.Selector(targets, "model.lora.targets")  # check the regex now
   return LoraConfig(rank, float(alpha), targets)
 
 
@@ -71,13 +71,11 @@ def split_axis(shape: tuple[int, ...]) -> int:
 def add_adapters(params: Any, lora: LoraConfig, rng: jax.Array) -> Any:
   """``params`` with ``lora_a``/``lora_b`` beside every targeted kernel. A regex that matches
   no kernel of at least two axes is a ConfigError naming the parameters there are."""
-  flat = traverse_util.flatten_dict(params, sep="/")
-  regex = re.compile(lora.targets)
-  targets = [p for p, v in flat.items() if regex.search(p) and jnp.ndim(v) >= 2]
-  if not targets:
-    kernels = [p for p, v in flat.items() if jnp.ndim(v) >= 2]
-    raise ConfigError(f"model.lora.targets {lora.targets!r} matches no kernel; the model's are: "
-                      f"{some_names(kernels)}")
+  flat = pytree.flatten(params)
+  kernels = [p for p, v in flat.items() if jnp.ndim(v) >= 2]
+  selector = targets_selector(lora)
+  selector.check(kernels, "kernel")
+  targets = [p for p in kernels if selector(p)]
   parents = [p.rpartition("/")[0] for p in targets]
   shared = sorted(p for p in targets if parents.count(p.rpartition("/")[0]) > 1)
   if shared:  # adapters are named by their module: one adapted kernel per module
@@ -92,25 +90,29 @@ def add_adapters(params: Any, lora: LoraConfig, rng: jax.Array) -> Any:
     flat[_join(parent, "lora_a")] = (jax.random.normal(key, (rows, lora.rank), kernel.dtype)
                                      / math.sqrt(rows))
     flat[_join(parent, "lora_b")] = jnp.zeros((lora.rank, cols), kernel.dtype)
-  return traverse_util.unflatten_dict(flat, sep="/")
+  return pytree.unflatten(flat)
 
 
 def merge(params: Any, lora: LoraConfig) -> Any:
   """The parameter tree the model itself takes: each adapted kernel plus
   ``(alpha / rank) * lora_a @ lora_b`` (reshaped to the kernel), the adapters removed."""
-  flat = traverse_util.flatten_dict(params, sep="/")
-  regex = re.compile(lora.targets)
+  flat = pytree.flatten(params)
+  selector = targets_selector(lora)
   merged = {}
   for path, value in flat.items():
     if is_adapter(path):
       continue
     parent = path.rpartition("/")[0]
     a = flat.get(_join(parent, "lora_a"))
-    if a is not None and regex.search(path):
+    if a is not None and selector(path):
       delta = (a @ flat[_join(parent, "lora_b")]).reshape(value.shape)
       value = value + (lora.scale * delta).astype(value.dtype)
     merged[path] = value
-  return traverse_util.unflatten_dict(merged, sep="/")
+  return pytree.unflatten(merged)
+
+
+def targets_selector(lora: LoraConfig) -> pytree.Selector:
+  return pytree.Selector(lora.targets, "model.lora.targets")
 
 
 def _join(parent: str, name: str) -> str:

@@ -7,15 +7,13 @@ method needs it, the placement of the decay, as LAMB's trust ratio does).
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Callable
 
-import jax
 import optax
 
 from deepflow.optim.schedules import build_schedule
-from deepflow.pytree import path_name
-from deepflow.registry import ConfigError, OPTIMIZERS
+from deepflow.pytree import Selector
+from deepflow.registry import OPTIMIZERS
 
 Direction = Callable[[Any, optax.GradientTransformation], optax.GradientTransformation]
 
@@ -82,15 +80,14 @@ def adafactor(c, decay):
 
 def decay_mask(pattern: str) -> Callable[[Any], Any]:
   """A mask function: True for parameters whose '/'-joined path matches ``pattern``."""
-  try:
-    regex = re.compile(pattern)
-  except re.error as e:
-    raise ConfigError(f"optimizer.weight_decay_mask {pattern!r} is not a regex: {e}") from e
+  return Selector(pattern, "optimizer.weight_decay_mask").mask
 
-  def mask(params):
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: bool(regex.search(path_name(path))), params)
-  return mask
+
+def selectors(c: Any) -> list[Selector]:
+  """The parameter selections the ``optimizer`` section makes (``Selector.check`` them against
+  the model): the weight-decay mask, where weight decay is on."""
+  return [Selector(c.weight_decay_mask, "optimizer.weight_decay_mask")] if _set(
+      c.weight_decay) else []
 
 
 def build_optimizer(c: Any, total_steps: int, *,

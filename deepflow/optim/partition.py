@@ -27,8 +27,8 @@ import optax
 from flax import traverse_util
 
 from deepflow.models.lora import is_adapter
-from deepflow.pytree import path_name
-from deepflow.registry import ConfigError, compile_regex, some_names
+from deepflow.pytree import Selector, flatten, path_name
+from deepflow.registry import ConfigError
 
 FROZEN, TRAINED = "frozen", "trained"
 
@@ -37,8 +37,7 @@ class Partition:
   """The trained/frozen split and the learning-rate groups of one config."""
 
   def __init__(self, optimizer: Any, lora_on: bool):
-    self.freeze = (compile_regex(optimizer.freeze, "optimizer.freeze") if optimizer.freeze
-                   else None)
+    self.freeze = Selector(optimizer.freeze, "optimizer.freeze") if optimizer.freeze else None
     self.lora_on = lora_on
     self.multipliers = []
     for rule in optimizer.lr_multipliers:
@@ -47,8 +46,7 @@ class Partition:
               and rule[1] >= 0):
         raise ConfigError(f"each optimizer.lr_multipliers entry must be (regex, factor >= 0), "
                           f"got {rule!r}")
-      self.multipliers.append((compile_regex(rule[0], "optimizer.lr_multipliers"),
-                               float(rule[1])))
+      self.multipliers.append((Selector(rule[0], "optimizer.lr_multipliers"), float(rule[1])))
 
   @property
   def active(self) -> bool:
@@ -58,8 +56,13 @@ class Partition:
   def freezes(self) -> bool:
     return bool(self.freeze or self.lora_on)
 
+  @property
+  def selectors(self) -> list[Selector]:
+    """The regexes this partition selects parameters by (``Selector.check`` them)."""
+    return [*([self.freeze] if self.freeze else []), *(s for s, _ in self.multipliers)]
+
   def frozen(self, path: str) -> bool:
-    return bool((self.freeze and self.freeze.search(path))
+    return bool((self.freeze and self.freeze(path))
                 or (self.lora_on and not is_adapter(path)))
 
   def labels(self, params: Any) -> Any:
@@ -93,7 +96,7 @@ class Partition:
   def factor_mask(self, index: int) -> Callable[[Any], Any]:
     """True where rule ``index`` is the first rule matching the parameter."""
     def first(path: str) -> bool:
-      hits = [i for i, (regex, _) in enumerate(self.multipliers) if regex.search(path)]
+      hits = [i for i, (selector, _) in enumerate(self.multipliers) if selector(path)]
       return bool(hits) and hits[0] == index
     return lambda params: jax.tree_util.tree_map_with_path(lambda p, _: first(path_name(p)),
                                                            params)
@@ -107,12 +110,11 @@ class Partition:
     return optax.multi_transform({TRAINED: scaled, FROZEN: optax.set_to_zero()}, self.labels)
 
   def check(self, params: Any) -> None:
-    """A freeze regex that names no parameter, or one that leaves none to train, is a
+    """A regex that names no parameter, or a freeze that leaves none to train, is a
     ConfigError (a typo would otherwise train everything, or nothing)."""
-    paths = [path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
-    if self.freeze and not any(self.freeze.search(p) for p in paths):
-      raise ConfigError(f"optimizer.freeze {self.freeze.pattern!r} matches no parameter; "
-                        f"the model's are: {some_names(paths)}")
+    paths = list(flatten(params))
+    for selector in self.selectors:
+      selector.check(paths)
     if self.active and all(self.frozen(p) for p in paths):
       raise ConfigError("every parameter is frozen (optimizer.freeze, model.lora): nothing "
                         "would train")

@@ -2,8 +2,8 @@
 
 ``DpSgd`` holds the noise multiplier (given, or calibrated to ``target_epsilon``), computes the
 per-example clipped and noised gradients of a (micro-)batch in the train step, and the epsilon
-spent after a number of steps on the host. ``Task.grads`` uses it when ``privacy.enabled`` is
-set; the loop logs ``privacy/epsilon`` with every train log and eval.
+spent after a number of steps on the host. The train step differentiates through it when
+``privacy.enabled`` is set (``deepflow.train.gradients.private``); the loop logs ``privacy/epsilon`` with every train log and eval.
 
 What is and is not accounted, stated honestly:
 
@@ -183,7 +183,8 @@ class DpSgd:
     A Poisson batch (one with a ``mask``) is divided by its expected size, ``batch_size /
     microbatches`` per micro-batch, not by how many examples it holds: that count depends on
     the private data, and the expected size is what DP-SGD's analysis divides by.
-    ``per_example_loss`` must give masked rows zero loss (``Task.private_grads`` does), so their
+    ``per_example_loss`` must give masked rows zero loss (``train.gradients.private`` does), so
+    their
     gradient is zero and they are never clipped."""
     mask = batch.get(MASK)
     denominator = None if mask is None else self.batch_size / self.microbatches

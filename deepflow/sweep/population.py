@@ -4,6 +4,8 @@ policy included), writers and config file."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
 import json
 import types
 from typing import Any, Callable, Sequence
@@ -14,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from deepflow import parallel
 from deepflow.registry import ConfigError
 from deepflow.sweep.space import trial_config
 
@@ -65,9 +66,9 @@ class Population:
   def __init__(self, configs: Sequence[ConfigDict]):
     from deepflow.data.text import make_pipeline
     from deepflow.registry import TASKS
-    from deepflow.tasks.base import Task
     from deepflow.train import runtime, tuning
     from deepflow.train.step import make_eval_step, make_train_step
+    from deepflow.train.update import build_update
 
     self.configs = list(configs)
     base = self.base = self.configs[0]
@@ -101,15 +102,16 @@ class Population:
     # The task, with the swept dropout layers marked; the optimizer built from traced options.
     overrides = [f"model.dropout={_SWEPT_DROPOUT}"] if "model.dropout" in swept else []
     self.task = task = TASKS.get(base.task.name)(trial_config(base, overrides), spec)
-    if type(task).optimizer is not Task.optimizer:
+    if task.learning_rates() is not None:
       raise ConfigError(f"--vectorize does not support task {base.task.name!r} (own optimizer)")
+    self.update = build_update(base, task, base.train.steps)
     self.hyper = {k: jnp.asarray([float(_get(c, k)) for c in self.configs], jnp.float32)
                   for k in swept if k != "seed"}
 
     def member_step(state, batch, hp):
       with traced_dropout(hp.get("model.dropout")):
-        new, metrics = make_train_step(task, self.optimizer(hp), base.train.microbatches)(
-            state, batch)
+        update = dataclasses.replace(self.update, tx=self.optimizer(hp))
+        new, metrics = make_train_step(update)(state, batch)
       if ACTIVE in hp:  # a stopped (pruned) member keeps its state
         new = jax.tree.map(lambda n, o: jnp.where(hp[ACTIVE], n, o), new, state)
       return new, metrics
@@ -119,21 +121,20 @@ class Population:
     options = tuning.step_options(base.train.xla_options, jax.default_backend()) or None
     self.train_step = jax.jit(jax.vmap(member_step, in_axes=(0, batch_axis, 0)),
                               donate_argnums=0, compiler_options=options)
-    self.eval_step = jax.jit(jax.vmap(make_eval_step(task), in_axes=(0, batch_axis)),
+    self.eval_step = jax.jit(jax.vmap(make_eval_step(self.update), in_axes=(0, batch_axis)),
                              compiler_options=options)
 
   def optimizer(self, hp: dict[str, jax.Array]):
     """The configured optax chain with the swept optimizer options taken from ``hp``."""
-    from deepflow.optim import build_optimizer
+    from deepflow.train.update import optimizer
     options = self.base.optimizer.to_dict()
     options.update({k.split(".", 1)[1]: v for k, v in hp.items() if k.startswith("optimizer.")})
-    return build_optimizer(types.SimpleNamespace(**options), self.base.train.steps,
-                           gradient=self.task.regularizer.gradient,
-                           projection=self.task.regularizer.projection)
+    return optimizer(types.SimpleNamespace(**options), self.base.train.steps,
+                     self.update.regularizer)
 
   def init(self):
     from deepflow.train.state import create_state
-    init = lambda seed, hp: create_state(self.task, self.optimizer(hp), seed)  # noqa: E731
+    init = lambda seed, hp: create_state(self.update, self.optimizer(hp), seed)  # noqa: E731
     return jax.jit(jax.vmap(init))(jnp.asarray(self.seeds), self.hyper)
 
   def batch(self, batches: dict[int, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -142,84 +143,64 @@ class Population:
       return batches[self.seeds[0]]
     return {k: np.stack([batches[s][k] for s in self.seeds]) for k in batches[self.seeds[0]]}
 
-  def evaluate(self, state) -> list[dict[str, float]]:
-    """Each member's metrics over the whole eval split."""
-    from deepflow.data.pipeline import MASK
-    chunks = []
+  def evaluate(self, state, step: int) -> list[dict[str, float]]:
+    """Each member's metrics over the whole eval split, as ``Experiment.evaluate`` gives a
+    run's (the task's summaries and the update's ``extra_metrics`` at ``step``)."""
+    from deepflow.train.experiment import summarize_split
     split = self.base.data.eval_split
-    for batches in zip(*(p.eval_batches(split) for p in self.pipelines.values())):
-      out = jax.device_get(self.eval_step(state, self.batch(dict(zip(self.pipelines, batches)))))
-      mask = np.asarray(out.pop(MASK))[0] > 0  # the same rows for every member
-      chunks.append({k: np.asarray(v)[:, mask] for k, v in out.items()})
-    return [self.task.summarize({k: np.concatenate([c[k][i] for c in chunks]) for k in chunks[0]})
-            for i in range(len(self.configs))]
+    outputs = [jax.device_get(self.eval_step(state, self.batch(dict(zip(self.pipelines, b)))))
+               for b in zip(*(p.eval_batches(split) for p in self.pipelines.values()))]
+    return [summarize_split(self.update, ({k: v[i] for k, v in out.items()} for out in outputs),
+                            step) for i in range(len(self.configs))]
 
 
 def train_population(configs: Sequence[ConfigDict], workdirs: Sequence[str],
                      on_eval: Callable[[int, dict[int, dict[str, float]]], set[int]] | None = None
                      ) -> tuple[Any, list[dict[str, Any]]]:
-  """Trains every config as one member of a vmapped ``Population``, with the loop's pieces: each
-  member's ``config.json`` (``write_config``), ``metrics.jsonl`` (``MetricWriter``) and log
-  windows under the loop's non-finite policy (``window_means``). No checkpoints: a population is
-  rerun whole. Returns the stacked final TrainState and each member's result, as a sequential
-  trial records it: ``{"status": "ok", "metrics": final eval metrics}``, or a failed status for a
-  member that broke the non-finite policy (the others train on).
+  """Trains every config as one member of a vmapped ``Population`` by the loop of several runs
+  in one program (``train.periodic.train_members``): each member's ``config.json``
+  (``write_config``), ``metrics.jsonl`` (``MetricWriter``) and log windows under the loop's
+  non-finite policy. No checkpoints: a population is rerun whole. Returns the stacked final
+  TrainState and each member's result, as a sequential trial records it: ``{"status": "ok",
+  "metrics": final eval metrics}``, or a failed status for a member that broke the non-finite
+  policy (the others train on).
 
   ``on_eval(step, {member: eval metrics})`` sees each periodic evaluation of the members still
   training and returns those to stop there (a sweep's pruner): a stopped member's state stops
   updating, its metrics end at that step and its result is ``{"status": "pruned at step N",
   "metrics": that evaluation}``. Training ends early once every member has stopped or failed."""
-  from deepflow.train.loop import window_means, write_config
+  from deepflow.train.loop import write_config
+  from deepflow.train.periodic import train_members
   from deepflow.train.writers import MetricWriter
   population = Population(configs)
-  cfg, split = population.base.train, population.base.data.eval_split
   for c, d in zip(configs, workdirs):
     write_config(c, d)
   writers = [MetricWriter(d) for d in workdirs]
-  failed: dict[int, str] = {}
-  stopped: dict[int, dict[str, Any]] = {}
+  prune = None
   if on_eval is not None:
     population.hyper[ACTIVE] = jnp.ones(len(configs), jnp.bool_)
-  state = population.init()
+    pruned: set[int] = set()
+
+    def prune(step: int, live: dict[int, dict[str, float]]) -> set[int]:
+      stop = set(on_eval(step, live))
+      pruned.update(stop)
+      population.hyper[ACTIVE] = jnp.asarray([i not in pruned for i in range(len(configs))])
+      return stop
   iterators = {s: p.train_iterator() for s, p in population.pipelines.items()}
-  pending, in_flight = [], parallel.DispatchWindow()
+  batches = (population.batch({s: next(it) for s, it in iterators.items()})
+             for _ in itertools.count())
   try:
-    for step in range(1, cfg.steps + 1):
-      batch = population.batch({s: next(it) for s, it in iterators.items()})
-      state, metrics = population.train_step(state, batch, population.hyper)
-      pending.append(metrics)
-      in_flight.add(metrics)
-      if step % cfg.log_every == 0 or step == cfg.steps:
-        host = jax.device_get(pending)
-        pending.clear()
-        for i, writer in enumerate(writers):
-          if i in failed or i in stopped:
-            continue
-          means, broken = window_means([{k: v[i] for k, v in m.items()} for m in host], step, cfg)
-          if broken:
-            failed[i] = f"failed: loss or gradients became non-finite {broken}"
-          else:
-            writer.write(step, "train", means)
-      if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-        live = {i: m for i, m in enumerate(population.evaluate(state))
-                if i not in failed and i not in stopped}
-        for i, m in live.items():
-          writers[i].write(step, split, m)
-        if on_eval is not None:
-          stopped.update({i: {"status": f"pruned at step {step}", "metrics": live[i]}
-                          for i in on_eval(step, live)})
-          population.hyper[ACTIVE] = jnp.asarray([i not in stopped for i in range(len(configs))])
-          if len(failed) + len(stopped) == len(configs):
-            break
-    final = population.evaluate(state)
-    for i, (writer, m) in enumerate(zip(writers, final)):
-      if i not in failed and i not in stopped:
-        writer.write(cfg.steps, split, m)
+    state, failed, stopped, final = train_members(
+        population.init(), lambda s, b: population.train_step(s, b, population.hyper), batches,
+        population.evaluate, writers, population.base.train, population.base.data.eval_split,
+        on_eval=prune)
   finally:
     for writer in writers:
       writer.close()
-  return state, [{"status": failed[i], "metrics": {}} if i in failed else stopped.get(i) or
-                 {"status": "ok", "metrics": m} for i, m in enumerate(final)]
+  return state, [{"status": failed[i], "metrics": {}} if i in failed else
+                 {"status": f"pruned at step {stopped[i][0]}", "metrics": stopped[i][1]}
+                 if i in stopped else {"status": "ok", "metrics": m}
+                 for i, m in enumerate(final)]
 
 
 def _get(config: ConfigDict, dotted: str) -> Any:

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 from etils import epath
 from ml_collections import ConfigDict
 
+from deepflow.atomic import write_atomic
 from deepflow.registry import ConfigError
 from deepflow.sweep.population import train_population
 from deepflow.sweep.results import RESULT, write_results
@@ -76,6 +77,4 @@ def _claim(trial_dir: str, point: dict[str, Any]) -> None:
 
 def _write_json(path: str, value: Any) -> None:
   """Written whole, then renamed over ``path`` (local or an object store's, e.g. ``gs://``)."""
-  tmp = epath.Path(path + ".tmp")
-  tmp.write_text(json.dumps(value, indent=1))
-  tmp.replace(path)
+  write_atomic(path, json.dumps(value, indent=1))

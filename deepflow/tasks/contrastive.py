@@ -42,6 +42,7 @@ class Contrastive(Task):
   OPTIONS = {"temperature": 0.5, "shift": 1.0, "rotation": 15.0, "scale": 0.15, "noise": 0.2,
              "probe_folds": 5}
   PER_EXAMPLE_LOSS = False  # NT-Xent compares the views of a batch: no DP-SGD
+  NO_BATCH_REGULARIZERS = ": it uses no labels, and mixed images are not views"
 
   def __init__(self, config, spec):
     super().__init__(config, spec)
@@ -51,9 +52,6 @@ class Contrastive(Task):
     if len(spec.input_shape) != 3:
       raise ConfigError(f"task 'contrastive' augments (H, W, C) images; {config.data.source} "
                         f"gives inputs of shape {tuple(spec.input_shape)}")
-    if self.regularizer.batch is not None:
-      raise ConfigError("task 'contrastive' takes no batch regularizers (label smoothing, mixup, "
-                        "cutmix): it uses no labels, and mixed images are not views")
     o = self.options
     for key in ("temperature", "shift", "rotation", "scale", "noise"):
       value = o[key]
@@ -89,7 +87,7 @@ class Contrastive(Task):
 
   def features(self, params, model_state, inputs: jax.Array) -> jax.Array:
     """The frozen representations of ``inputs`` (eval mode), float32."""
-    params, inputs = cast_floats((self.model_params(params), inputs), self.compute_dtype)
+    params, inputs = cast_floats((params, inputs), self.compute_dtype)
     out = self.model.apply({"params": params, **model_state}, inputs, train=False,
                            method="features")
     return out.astype(jnp.float32)

@@ -1,10 +1,10 @@
 """Generative adversarial training: a generator and a discriminator updated simultaneously in one
 jitted step, each by its own optimizer, and scored by a frozen reference classifier (``deepflow.analysis.reference``).
 
-The loop stays generic: ``grads`` returns ``{'generator': dG, 'discriminator': dD}`` (each
-player's gradient of its own loss, from one forward pass) and ``optimizer`` is an
-``optax.multi_transform`` that sends each sub-tree to its player's optimizer, so the loop's
-single ``tx.update`` is two optimizer steps.
+The step stays generic: ``trained_grads`` returns ``{'generator': dG, 'discriminator': dD}``
+(each player's gradient of its own loss, from one forward pass) and ``learning_rates`` names the
+two players, which the experiment gives an optimizer each (one ``optax.multi_transform``), so
+the step's single ``tx.update`` is two optimizer steps.
 """
 from __future__ import annotations
 
@@ -12,14 +12,11 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import optax
 
 from deepflow.analysis.reference import ReferenceClassifier
 from deepflow.data.pipeline import INPUTS, TARGETS
 from deepflow.models import gan as gan_lib
-from deepflow.optim import build_optimizer
 from deepflow.registry import ConfigError, TASKS
 from deepflow.tasks.base import Task
 
@@ -58,6 +55,7 @@ class GAN(Task):
 
   OPTIONS = {"loss": "non_saturating", "generator_learning_rate": None,
              "discriminator_learning_rate": None, "reference_steps": 500}
+  NO_BATCH_REGULARIZERS = ""
 
   def __init__(self, config, spec):
     super().__init__(config, spec)
@@ -77,8 +75,6 @@ class GAN(Task):
       raise ConfigError(f"model.num_classes={self.num_classes}: a class-conditional GAN needs the "
                         f"dataset's number of classes ({spec.num_classes}), or 0 for an "
                         f"unconditional one")
-    if self.regularizer.batch is not None:
-      raise ConfigError("task 'gan' takes no batch regularizers (label smoothing, mixup, cutmix)")
     self.rates = {p: self._rate(p) for p in PLAYERS}
     steps = self.options["reference_steps"]
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
@@ -99,19 +95,10 @@ class GAN(Task):
   def num_outputs(self) -> int:
     return self.spec.num_classes or 1  # unused by the model (see DCGAN)
 
-  def optimizer(self, total_steps: int) -> optax.GradientTransformation:
+  def learning_rates(self) -> dict[str, float]:
     """One optimizer per player (``optimizer`` with that player's learning rate), applied to
-    its own parameter sub-tree by ``multi_transform``."""
-    players = {}
-    for player, rate in self.rates.items():
-      if rate == 0:  # frozen; also spares schedules that divide by the rate (cosine's alpha)
-        players[player] = optax.set_to_zero()
-        continue
-      c = ml_collections.ConfigDict(self.config.optimizer.to_dict())
-      c.learning_rate = rate
-      players[player] = build_optimizer(c, total_steps, gradient=self.regularizer.gradient,
-                                        projection=self.regularizer.projection)
-    return optax.multi_transform(players, {p: p for p in PLAYERS})
+    its own parameter sub-tree (``deepflow.train.update.optimizer``)."""
+    return dict(self.rates)
 
   def example_args(self) -> tuple[jax.Array, ...]:
     return self.example_inputs(), jnp.zeros((1,), jnp.int32)  # images and their labels
@@ -131,7 +118,7 @@ class GAN(Task):
   def latents(self, rng: jax.Array, num: int) -> jax.Array:
     return jax.random.normal(rng, (num, self.model.latent_dim), jnp.float32)
 
-  def trained_grads(self, trained, frozen, model_state, batch, rng):
+  def trained_grads(self, trained, params_of, model_state, batch, rng):
     """Each player's gradient of its own loss w.r.t. its trained parameters, from one generator
     and one discriminator pass (real and generated images in one batch): one VJP of the same
     forward per player, so the updates are simultaneous. XLA drops the halves not kept (D's loss
@@ -146,10 +133,9 @@ class GAN(Task):
     interleave = lambda a, b: jnp.stack([a, b], axis=1).reshape(-1, *a.shape[1:])  # noqa: E731
 
     moving = {p: trained[p] for p in PLAYERS if p in trained and self.rates[p]}
-    fixed = self.partition.merge(frozen, {p: v for p, v in trained.items() if p not in moving})
 
     def losses(moving):
-      params = self.partition.merge(moving, fixed)
+      params = params_of({**trained, **moving})  # the players not moving are constants
       fake, g_state = self.run(params, model_state, "generate", z, labels, g_rng, train=True)
       logits, d_state = self.run(params, model_state, "discriminate", interleave(real, fake),
                                  both_labels, d_rng, train=True)
@@ -166,11 +152,7 @@ class GAN(Task):
            GENERATOR: (jnp.zeros_like(d_loss), jnp.ones_like(g_loss))}
     grads = {p: vjp(own[p])[0][p] if p in moving else jax.tree.map(jnp.zeros_like, trained[p])
              for p in trained}
-    loss = d_loss + g_loss
-    if self.regularizer.penalty is not None:  # separable: each player gets its own part
-      penalty, grads = self._add_penalty_grads(grads, trained, frozen)
-      loss, metrics = loss + penalty, {**metrics, "penalty": penalty}
-    return grads, new_state, {"loss": loss, **metrics}
+    return grads, new_state, {"loss": d_loss + g_loss, **metrics}
 
   # -- evaluation --------------------------------------------------------------------------------
 

@@ -198,7 +198,7 @@ class LanguageModel(Task):
           0, min(DEFAULT_NUM_TOKENS, room - len(prompt)))
     prompts = np.tile(prompt, (num, 1))
     decoding.check_lm(self.model, jnp.asarray(prompts), num_tokens)  # one-line errors first
-    variables = {"params": self.model_params(params), **model_state}
+    variables = {"params": params, **model_state}
     tokens = _SAMPLE(self.model, variables, prompts, num_tokens, rng,
                      temperature=float(options.get("temperature", 1.0)),
                      top_k=int(options.get("top_k", 0)))

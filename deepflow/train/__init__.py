@@ -4,6 +4,11 @@ The exceptions load eagerly (the CLI catches them around every command, ``predic
 the rest on first use, so importing them costs nothing of the training stack."""
 from deepflow.train.errors import NonFiniteLossError, Preempted  # noqa: F401
 
+# What every command that reads a run takes as ``--checkpoint`` (``Experiment.from_workdir``):
+# 'best' (early stopping's best, else the latest), 'latest', or a step number.
+CHECKPOINTS = ("best", "latest")
+DEFAULT_CHECKPOINT = "best"
+
 _LAZY = {"Experiment": "deepflow.train.experiment", "train_and_evaluate": "deepflow.train.loop",
          "TrainState": "deepflow.train.state"}
 

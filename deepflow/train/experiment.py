@@ -12,6 +12,7 @@ the experiment and restores a checkpoint. Every command that reads a run (``eval
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Iterable, Mapping, NamedTuple
 
@@ -20,33 +21,34 @@ import numpy as np
 from etils import epath
 
 from deepflow import config as config_lib, parallel, tasks  # noqa: F401  (tasks fills TASKS)
-from deepflow.data.pipeline import MASK
+from deepflow.data.pipeline import MASK, DataPipeline
 from deepflow.data.text import make_pipeline
 from deepflow.registry import ConfigError, TASKS
-from deepflow.train import checkpoint as checkpoint_lib, tuning
+from deepflow.train import (CHECKPOINTS, DEFAULT_CHECKPOINT, checkpoint as checkpoint_lib,
+                            early_stopping, tuning)
+from deepflow.train.early_stopping import BEST_DIR
 from deepflow.train.state import TrainState, create_state
 from deepflow.train.step import compile_steps
+from deepflow.train.update import Update, build_update, check_selectors
 
-CHECKPOINTS = ("best", "latest")  # or a step number
-DEFAULT_CHECKPOINT = "best"
-BEST_DIR = "best"  # early stopping's one-step checkpoint directory inside a workdir
 
 
 class Experiment:
   """Everything built from a config that training and evaluation share."""
 
-  def __init__(self, config: Any, workdir: str | None, *, debug: bool = False, devices=None):
+  def __init__(self, config: Any, workdir: str | None, *, devices=None):
     self.config, self.workdir = config, workdir
-    self.pipeline = make_pipeline(config, workdir)
+    self.pipeline: DataPipeline = make_pipeline(config, workdir)
+    self.early_stopping = early_stopping.from_config(config.regularizers)  # the loop's policy
     self.task = TASKS.get(config.task.name)(config, self.pipeline.spec)
     self.mesh = parallel.make_mesh(config.mesh, devices)
-    self.partition = self.task.partition
-    self.tx = self.partition.wrap(self.task.optimizer(config.train.steps))
+    # Around the task's objective: optimizer, frozen parameters, LoRA, DP-SGD, regularizers.
+    self.update = build_update(config, self.task, config.train.steps)
+    self.partition, self.tx = self.update.partition, self.update.tx
     self.abstract_state = jax.eval_shape(
-        functools.partial(create_state, self.task, self.tx, config.seed))
-    self.partition.check(self.abstract_state.params)
+        functools.partial(create_state, self.update, self.tx, config.seed))
+    check_selectors(self.update, config, self.abstract_state.params)
     self.shardings = parallel.state_shardings(self.abstract_state, self.mesh, config.parallel)
-    self.debug = debug
     # deepflow's per-platform defaults and train.xla_options; autotune's record goes over them.
     self.base_options = tuning.step_options(config.train.xla_options,
                                             self.mesh.devices.flat[0].platform)
@@ -54,7 +56,7 @@ class Experiment:
 
   @classmethod
   def from_workdir(cls, workdir: str, overrides: Iterable[str] = (), *,
-                   checkpoint: str | int = DEFAULT_CHECKPOINT, debug: bool = False) -> Restored:
+                   checkpoint: str | int = DEFAULT_CHECKPOINT) -> Restored:
     """The run in ``workdir`` (a local path or a URL) reopened: its config (with ``overrides``,
     e.g. ``data.data_dir=...``), the experiment and the state of ``checkpoint`` (see the module
     docstring). A directory that is not a run, or has no such checkpoint, is a one-line
@@ -74,17 +76,20 @@ class Experiment:
         kept = ", ".join(map(str, sorted(checkpointer.manager.all_steps())))
         raise FileNotFoundError(f"no checkpoint of step {which} in {checkpointer.directory} "
                                 f"(kept: {kept})")
-      exp = cls(config, workdir, debug=debug)
+      exp = cls(config, workdir)
       tuning.apply_record(exp)  # the steps the run was trained and evaluated with
       state, _, step = exp.restore(checkpointer, which if isinstance(which, int) else None)
     finally:
       checkpointer.close()
     return Restored(exp, state, int(step), which if isinstance(which, str) else "step")
 
-  def use_compiler_options(self, options: dict) -> dict:
-    """Rebuilds the train and eval steps with XLA ``options`` (``deepflow.train.tuning``)."""
+  def use_compiler_options(self, options: dict, train_step=None) -> dict:
+    """Rebuilds the train and eval steps with XLA ``options`` (``deepflow.train.tuning``);
+    ``train_step``, if given, is that train step already compiled (``compiled_train_step``)."""
     self.compiler_options = dict(options)
     self.train_step, self._eval_step = self._compile(self.compiler_options)
+    if train_step is not None:
+      self.train_step = train_step
     return self.compiler_options
 
   def compiled_train_step(self, options: dict, task=None):
@@ -94,15 +99,18 @@ class Experiment:
     return self._compile(options, task)[0]
 
   def _compile(self, options: dict, task=None):
-    return compile_steps(self.task if task is None else task, self.tx, self.mesh, self.shardings,
-                         self.config.train.microbatches, debug=self.debug,
-                         compiler_options=options)
+    update = self.update if task is None else dataclasses.replace(self.update, task=task)
+    return compile_steps(update, self.mesh, self.shardings, compiler_options=options)
+
+  def model_params(self, params):
+    """The parameters the model itself takes (LoRA's adapters merged: ``Update.model_params``)."""
+    return self.update.model_params(params)
 
   def init_state(self, loaded: Mapping[str, jax.Array] | None = None) -> TrainState:
     """A fresh state, built under jit and placed by ``self.shardings``; ``loaded`` (flat
     variable names -> arrays) replaces those variables (``create_state``), the optimizer state
     being initialised from the result."""
-    init = functools.partial(create_state, self.task, self.tx, self.config.seed)
+    init = functools.partial(create_state, self.update, self.tx, self.config.seed)
     return jax.jit(init, out_shardings=self.shardings)(dict(loaded or {}))
 
   def restore(self, checkpointer, step: int | None = None):
@@ -112,14 +120,23 @@ class Experiment:
   def evaluate(self, state: TrainState, split: str) -> dict[str, float]:
     """Metrics over every example of ``split`` (padding rows excluded), with the task's
     ``extra_metrics`` at the state's step."""
-    chunks = []
-    for batch in self.pipeline.eval_batches(split):
-      outputs = self._eval_step(state, parallel.global_batch(batch, self.mesh))
-      outputs = parallel.to_host(outputs)
-      mask = outputs.pop(MASK) > 0
-      chunks.append({k: np.asarray(v)[mask] for k, v in outputs.items()})
-    metrics = self.task.summarize({k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]})
-    return {**metrics, **self.task.extra_metrics(int(state.step))}
+    outputs = (parallel.to_host(self._eval_step(state, parallel.global_batch(batch, self.mesh)))
+               for batch in self.pipeline.eval_batches(split))
+    return summarize_split(self.update, outputs, int(state.step))
+
+
+def summarize_split(update: Update, outputs: Iterable[Mapping[str, Any]], step: int
+                    ) -> dict[str, float]:
+  """A split's metrics from its eval steps' outputs on the host (per-example values and the
+  mask): the real rows' values concatenated and reduced by the task's ``summarize``, with the
+  update's ``extra_metrics`` at ``step``."""
+  chunks = []
+  for out in outputs:
+    out = dict(out)
+    mask = np.asarray(out.pop(MASK)) > 0
+    chunks.append({k: np.asarray(v)[mask] for k, v in out.items()})
+  metrics = update.task.summarize({k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]})
+  return {**metrics, **update.extra_metrics(step)}
 
 
 class Restored(NamedTuple):

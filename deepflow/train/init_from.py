@@ -29,12 +29,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from flax import traverse_util
 
-from deepflow import parallel
+from deepflow import parallel, pytree
 from deepflow.models import lora as lora_lib
 from deepflow.registry import ConfigError
-from deepflow.train.experiment import CHECKPOINTS, Experiment
+from deepflow.train import CHECKPOINTS
+from deepflow.train.experiment import Experiment
 from deepflow.train.state import TrainState
 from deepflow.weights import files, matching, pytorch
 
@@ -57,7 +57,7 @@ def initial_state(exp: Experiment) -> TrainState:
     tensors = pytorch.from_state_dict(tensors)
   tensors = matching.rename(tensors, model.init_map)
   target = variables(exp.abstract_state)
-  fresh = lora_lib.is_adapter if exp.task.lora else (lambda name: False)
+  fresh = lora_lib.is_adapter if exp.update.lora else (lambda name: False)
   fitted = matching.fit(tensors, target, skip=model.init_skip, fresh=fresh,
                         source=f"model.init_from {model.init_from!r}")
   shardings = variables(exp.shardings)
@@ -70,7 +70,7 @@ def initial_state(exp: Experiment) -> TrainState:
 
 def variables(state: TrainState) -> dict[str, Any]:
   """A state's (or its shardings' or shapes') parameters and model state under flat names."""
-  return traverse_util.flatten_dict({"params": state.params, **state.model_state}, sep="/")
+  return pytree.flatten({"params": state.params, **state.model_state})
 
 
 def _place(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
@@ -89,7 +89,7 @@ def read_source(spec: str) -> dict[str, np.ndarray]:
       restored = Experiment.from_workdir(path, checkpoint=which)
     except FileNotFoundError as e:
       raise FileNotFoundError(f"model.init_from {spec!r}: {e}") from e
-    params = restored.experiment.task.model_params(restored.state.params)
+    params = restored.experiment.model_params(restored.state.params)
     return files.flatten(parallel.to_host({"params": params, **restored.state.model_state}))
   if which != "best" or path != spec:
     raise FileNotFoundError(f"model.init_from {spec!r}: {path} is not a deepflow run "

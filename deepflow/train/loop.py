@@ -1,4 +1,6 @@
-"""The training loop: the one place with effects (data, devices, files, signals, progress).
+"""The training loop: a run's effects (data, devices, files, signals, progress) around the pure
+steps. Its parts that any loop over steps shares (when a periodic action is due, the log window
+and its non-finite policy) are ``train.periodic``; early stopping is ``train.early_stopping``.
 
 ``train_and_evaluate(config, workdir)`` builds task, data, optimizer and mesh from the config,
 restores the latest checkpoint if the workdir has one (so re-running the same command resumes),
@@ -7,26 +9,22 @@ then alternates jitted train steps with periodic logging, evaluation and checkpo
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import logging
 import signal
 import sys
-import time
 from typing import Any, Callable
 
 import jax
-import numpy as np
 import tqdm
 from etils import epath
 
 from deepflow import config as config_lib, parallel
 from deepflow.optim import build_schedule
-from deepflow.registry import ConfigError
-from deepflow.regularizers import StoppingRecord
-from deepflow.train import checkpoint as checkpoint_lib, init_from, runtime, tuning, workdir_lock
+from deepflow.train import (checkpoint as checkpoint_lib, early_stopping, init_from, runtime,
+                            tuning, workdir_lock)
 from deepflow.train.errors import NonFiniteLossError, Preempted, Stopped
-from deepflow.train.experiment import BEST_DIR, Experiment
+from deepflow.train.experiment import Experiment
+from deepflow.train.periodic import LogWindow, is_time, window_means
 from deepflow.train.state import TrainState
 from deepflow.train.writers import MetricWriter
 
@@ -34,7 +32,7 @@ log = logging.getLogger("deepflow")
 EvalHook = Callable[[int, dict[str, float]], bool]  # (step, eval metrics) -> stop the run here
 
 
-def train_and_evaluate(config: Any, workdir: str, *, debug: bool = False,
+def train_and_evaluate(config: Any, workdir: str, *,
                        on_eval: EvalHook | None = None) -> dict[str, float]:
   """Trains (or resumes) the experiment in ``workdir``; returns the final eval metrics.
 
@@ -43,21 +41,22 @@ def train_and_evaluate(config: Any, workdir: str, *, debug: bool = False,
   returns True (a sweep's pruner), the loop saves a checkpoint there and raises ``Stopped``."""
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   with workdir_lock.hold(workdir):
-    return _train_and_evaluate(config, workdir, debug=debug, on_eval=on_eval)
+    return _train_and_evaluate(config, workdir, on_eval=on_eval)
 
 
-def _train_and_evaluate(config: Any, workdir: str, *, debug: bool,
+def _train_and_evaluate(config: Any, workdir: str, *,
                         on_eval: EvalHook | None = None) -> dict[str, float]:
   # -- Build: the config on disk first (every reader of the run starts there), then everything
   # built from it.
   write_config(config, workdir)
   cfg = config.train
   runtime.use_compilation_cache(cfg.compilation_cache)
-  exp = Experiment(config, workdir, debug=debug)
+  exp = Experiment(config, workdir)
   tuning.apply_record(exp)  # a tuned run resumes (or re-evaluates) with the programs it chose
   checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.keep_checkpoints)
   writer = MetricWriter(workdir)
-  best = _BestKeeper(exp, workdir) if exp.task.regularizer.early_stopping else None
+  best = (early_stopping.BestKeeper(exp, exp.early_stopping, workdir) if exp.early_stopping
+          else None)
   try:
     # -- Restore the latest checkpoint (a rerun resumes), or initialize (from model.init_from
     # when it is set: only here, so a resume never reloads it).
@@ -87,46 +86,6 @@ def _train_and_evaluate(config: Any, workdir: str, *, debug: bool,
     writer.close()
     if best:
       best.close()
-
-
-class _BestKeeper:
-  """Early stopping in the loop: counts evaluations, keeps the best state in ``workdir/best/``
-  (an Orbax checkpoint of one step, plus ``stopping.json``) and hands it back at the end."""
-
-  def __init__(self, exp: Experiment, workdir: str):
-    if not exp.config.train.eval_every:
-      raise ConfigError("regularizer 'early_stopping' needs train.eval_every > 0")
-    self.exp, self.rule = exp, exp.task.regularizer.early_stopping
-    self.directory = epath.Path(workdir) / BEST_DIR
-    self.path = self.directory / "stopping.json"
-    self.record = StoppingRecord()
-    if self.path.exists():
-      self.record = StoppingRecord(**json.loads(self.path.read_text()))
-    self.checkpointer = checkpoint_lib.Checkpointer(str(self.directory), keep=1)
-
-  def observe(self, step: int, state: TrainState, metrics: dict[str, float]) -> bool:
-    """Counts the evaluation at ``step`` (saving the state if it is the best); True = stop."""
-    if self.record.update(self.rule, step, metrics):
-      self.checkpointer.save(step, state, None, force=True)
-    if jax.process_index() == 0:
-      tmp = self.directory / "stopping.json.tmp"
-      tmp.write_text(json.dumps(dataclasses.asdict(self.record)))
-      tmp.replace(self.path)  # atomic: a crash never leaves half a record
-    return self.record.stopped
-
-  def restore_best(self, state: TrainState, metrics: dict[str, float]):
-    self.checkpointer.wait()
-    step = self.checkpointer.latest_step()
-    if step is None or step == int(state.step):
-      return state, metrics
-    state, _, _ = self.exp.restore(self.checkpointer, step)
-    metrics = self.exp.evaluate(state, self.exp.config.data.eval_split)
-    log.info("early stopping: the best %s=%.4f was at step %d; returning that checkpoint",
-             self.rule.metric, self.record.best, step)
-    return state, metrics
-
-  def close(self) -> None:
-    self.checkpointer.close()
 
 
 class _Preemption:
@@ -169,22 +128,18 @@ class _Preemption:
     return self.signal is not None
 
 def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpointer,
-           writer: MetricWriter, best: _BestKeeper | None = None,
+           writer: MetricWriter, best: early_stopping.BestKeeper | None = None,
            on_eval: EvalHook | None = None) -> TrainState:
   config, cfg = exp.config, exp.config.train
   iterator = exp.pipeline.train_iterator(data_state)
   # The logged learning rate as one compiled program, not a dozen op-by-op ones (each compiled,
   # or looked up in the compilation cache, before the first step's metrics are written).
   schedule = jax.jit(build_schedule(config.optimizer, cfg.steps))
-  pending: list[dict] = []
-  in_flight = parallel.DispatchWindow()
-  window_start = time.perf_counter()
+  window = LogWindow()
 
   def flush(step: int) -> dict[str, float]:
     """Fetches the window's metrics, enforces the non-finite policy, writes the means."""
-    nonlocal window_start
-    host = parallel.window_to_host(pending)
-    pending.clear()
+    host, elapsed = window.fetch()
     means, broken = window_means(host, step, cfg)
     if broken:
       latest = checkpointer.latest_step()
@@ -192,10 +147,8 @@ def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpoin
           f"loss or gradients became non-finite {broken}; the update was not applied; last "
           f"checkpoint: {'none' if latest is None else f'step {latest}'} (intact)")
     means["learning_rate"] = float(schedule(step - 1))
-    elapsed = time.perf_counter() - window_start
     means["steps_per_sec"] = len(host) / max(elapsed, 1e-9)
-    means.update(exp.task.extra_metrics(step))
-    window_start = time.perf_counter()
+    means.update(exp.update.extra_metrics(step))
     writer.write(step, "train", means)
     writer.flush()
     return means
@@ -214,20 +167,19 @@ def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpoin
         tuning.autotune(exp, state, batch)
       profiler.before(step)
       state, metrics = exp.train_step(state, batch)
-      pending.append(metrics)
-      in_flight.add(metrics)
+      window.add(metrics)
       step += 1
       profiler.after(step, metrics)
       progress.update(1)
       stop = preemption.reached(step)
-      save_now = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or stop
+      save_now = is_time(step, cfg.checkpoint_every) or stop
       # -- Log: the window's means (and the non-finite policy) every train.log_every steps.
-      if step % cfg.log_every == 0 or save_now or step == cfg.steps:
+      if is_time(step, cfg.log_every, cfg.steps, last=True) or save_now:
         means = flush(step)
         progress.set_postfix(loss=f"{means['loss']:.4f}", refresh=False)
       # -- Evaluate every train.eval_every steps; early stopping counts the evaluations.
       converged = halted = False  # early stopping ran out of patience; on_eval said stop
-      if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+      if is_time(step, cfg.eval_every, cfg.steps, last=False):
         metrics = exp.evaluate(state, config.data.eval_split)
         writer.write(step, config.data.eval_split, metrics)
         if jax.process_index() == 0:
@@ -235,7 +187,7 @@ def _train(exp: Experiment, state: TrainState, data_state, start: int, checkpoin
         converged = best is not None and best.observe(step, state, metrics)
         halted = on_eval is not None and on_eval(step, metrics)
       # -- Checkpoint; stop on preemption, convergence or the hook's word.
-      if (converged or halted) and pending:
+      if (converged or halted) and len(window):
         flush(step)
       if save_now or converged or halted:
         checkpointer.save(step, state, iterator.get_state(), force=stop or converged or halted)
@@ -261,28 +213,6 @@ def write_config(config: Any, workdir: str) -> None:
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     (epath.Path(workdir) / "config.json").write_text(config_lib.to_json(config))
-
-
-def window_means(window: list[dict[str, Any]], step: int, cfg: Any
-                 ) -> tuple[dict[str, float], str | None]:
-  """A log window's train metrics on the host (one dict per step, the last at ``step``) -> the
-  means over the steps whose update was applied, with ``nonfinite_steps``; and where the window
-  broke the non-finite policy (``cfg``: ``train.nonfinite``, ``train.max_nonfinite``), e.g.
-  'at step 7 (3 steps in a row)', else None. The streak is the state's own count
-  (``TrainState.nonfinite``, checkpointed with it), so it spans windows and resumes."""
-  flags = [float(m["nonfinite"]) for m in window]
-  for i, (m, bad) in enumerate(zip(window, flags)):
-    streak = int(m["nonfinite_streak"])
-    if bad and (cfg.nonfinite == "stop" or streak > cfg.max_nonfinite):
-      at = f"at step {step - len(window) + i + 1}"
-      return {}, at if cfg.nonfinite == "stop" else f"{at} ({streak} steps in a row)"
-  good = [m for m, bad in zip(window, flags) if not bad] or window
-  means = {k: float(np.mean([m[k] for m in good])) for k in good[0] if k not in _STEP_FLAGS}
-  means["nonfinite_steps"] = float(sum(flags))
-  return means, None
-
-
-_STEP_FLAGS = ("nonfinite", "nonfinite_streak")  # per-step bookkeeping, not metrics to average
 
 
 def _format(metrics: dict[str, float]) -> str:

@@ -23,15 +23,16 @@ class TrainState(struct.PyTreeNode):
   nonfinite: jax.Array
 
 
-def create_state(task, tx, seed: int, loaded: Mapping[str, jax.Array] | None = None
+def create_state(update, tx, seed: int, loaded: Mapping[str, jax.Array] | None = None
                  ) -> TrainState:
-  """A fresh state: parameters from ``task.init`` with a key derived from the seed. ``loaded``
+  """A fresh state: parameters from ``update.init`` (a ``train.update.Update``: the task's
+  model with any LoRA adapters) with a key derived from the seed. ``loaded``
   (flat variable names such as 'params/Dense_0/kernel' or 'batch_stats/...' -> arrays) replaces
   those variables before the optimizer state is built from the parameters; under jit, XLA drops
   the initialisation of every replaced variable as dead code."""
   rng = jax.random.PRNGKey(seed)
   init_rng, run_rng = jax.random.split(rng)
-  params, model_state = task.init(init_rng)
+  params, model_state = update.init(init_rng)
   if loaded:
     params = _replaced(params, loaded, "params/")
     model_state = _replaced(model_state, loaded, "")

@@ -33,6 +33,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
+from deepflow.atomic import write_atomic
 from deepflow.registry import ConfigError
 
 log = logging.getLogger("deepflow")
@@ -102,7 +103,7 @@ def autotune(exp, state, batch) -> dict[str, Any]:
   if record:
     log.info("autotune: %s, as recorded in %s", record["choice"], _path(exp.workdir))
     return base
-  if exp.debug:
+  if jax.config.jax_disable_jit:
     log.info("autotune: nothing to tune in debug mode (the steps run eagerly)")
     return base
   if platform != "cpu":
@@ -119,14 +120,10 @@ def autotune(exp, state, batch) -> dict[str, Any]:
       f"{name} {seconds[name] * 1e3:.1f} ms/step" for name in names),
       time.perf_counter() - began)
   if jax.process_index() == 0:  # written whole or not at all: a torn record stops a resume
-    tmp = _path(exp.workdir).parent / (RECORD + ".tmp")
-    tmp.write_text(json.dumps({
+    write_atomic(_path(exp.workdir), json.dumps({
         "platform": platform, "choice": choice, "options": CPU_CANDIDATES[choice],
         "ms_per_step": {name: round(seconds[name] * 1e3, 3) for name in names}}, indent=2))
-    tmp.replace(_path(exp.workdir))
-  options = exp.use_compiler_options({**base, **CPU_CANDIDATES[choice]})
-  exp.train_step = steps[choice]  # the same program, already compiled
-  return options
+  return exp.use_compiler_options({**base, **CPU_CANDIDATES[choice]}, steps[choice])
 
 
 def recorded(workdir: str | None) -> dict | None:

@@ -6,8 +6,9 @@ import os
 from typing import Any
 
 import numpy as np
-from flax import traverse_util
 
+from deepflow import pytree
+from deepflow.atomic import atomic_path
 from deepflow.registry import ConfigError
 
 FORMATS = (".safetensors", ".npz")
@@ -15,11 +16,8 @@ FORMATS = (".safetensors", ".npz")
 
 def flatten(variables: Any) -> dict[str, np.ndarray]:
   """``{'params': ..., 'batch_stats': ...}`` -> {'params/Dense_0/kernel': array, ...}."""
-  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(variables, sep="/").items()}
+  return {k: np.asarray(v) for k, v in pytree.flatten(variables).items()}
 
-
-def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def read(path: str) -> dict[str, np.ndarray]:
@@ -41,6 +39,6 @@ def write_safetensors(tensors: dict[str, np.ndarray], path: str,
                       metadata: dict[str, str] | None = None) -> None:
   """Writes ``tensors`` (contiguous host copies) atomically: a crash leaves no partial file."""
   from safetensors.numpy import save_file
-  tmp = path + ".tmp"
-  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=metadata)
-  os.replace(tmp, path)
+  with atomic_path(path) as tmp:
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
+              metadata=metadata)

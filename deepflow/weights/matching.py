@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from deepflow.pytree import Selector
 from deepflow.registry import ConfigError, compile_regex, some_names
 
 SHOWN = 6  # names listed per kind of mismatch in the one-line error
@@ -73,10 +74,12 @@ def fit(tensors: dict[str, np.ndarray], target: dict[str, Any], *, skip: str = "
   """``target`` (flat names -> arrays or shape structs of the configured model) with every
   variable not skipped taken from ``tensors``, cast to the target's dtype. ``fresh`` marks
   variables that no source can hold (LoRA adapters); they keep the target's values too."""
-  skipped = compile_regex(skip, "model.init_skip") if skip else None
-  keep = lambda name: bool(skipped and skipped.search(name)) or fresh(name)  # noqa: E731
+  skipped = Selector(skip, "model.init_skip") if skip else None
+  if skipped:
+    skipped.check(target, "variable")
+  keep = lambda name: bool(skipped and skipped(name)) or fresh(name)  # noqa: E731
   wanted = {k: v for k, v in target.items() if not keep(k)}
-  given = {k: v for k, v in tensors.items() if not (skipped and skipped.search(k))}
+  given = {k: v for k, v in tensors.items() if not (skipped and skipped(k))}
   missing = sorted(set(wanted) - set(given))
   unexpected = sorted(set(given) - set(wanted))
   shapes = sorted(f"{k} {tuple(np.shape(given[k]))} vs {tuple(wanted[k].shape)}"

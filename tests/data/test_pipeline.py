@@ -1,12 +1,13 @@
 """The input pipeline: deterministic, reshuffled per epoch, full eval coverage, per-host slices,
 train-only statistics, and offline TFDS behaviour."""
-import time
+import socket
 
 import numpy as np
 import pytest
 
 from deepflow.data import sources
 from deepflow.data.pipeline import INPUTS, MASK, TARGETS, Pipeline
+from deepflow.registry import SOURCE_KINDS
 from tests.helpers import tiny_config
 
 
@@ -84,9 +85,37 @@ def test_bundled_digits_is_prepared_offline(data_dir):
   assert abs(float(p.train_source.arrays["image"].mean()) - 4.88) < 0.1  # raw digits scale
 
 
-def test_unprepared_tfds_dataset_fails_fast(tmp_path):
-  started = time.time()
+def test_unprepared_tfds_dataset_fails_fast(tmp_path, monkeypatch):
+  """It fails before any network access (no download, no retries), not after a timeout."""
+  attempts = []
+
+  def refuse(*args, **kwargs):
+    attempts.append(args)
+    raise OSError("network access refused by the test")
+  for name in ("connect", "connect_ex"):
+    monkeypatch.setattr(socket.socket, name, refuse)
+  monkeypatch.setattr(socket, "create_connection", refuse)
+  monkeypatch.setattr(socket, "getaddrinfo", refuse)
   with pytest.raises(sources.DatasetNotFoundError, match="deepflow data prepare mnist --data_dir"):
     Pipeline(tiny_config("data.source=tfds:mnist", f"data.data_dir={tmp_path}"))
-  assert time.time() - started < 10
+  assert not attempts
 
+
+
+def test_a_new_source_kind_is_one_registration():
+  """``SOURCE_KINDS`` is where ``data.source``'s kinds come from: one registered here is checked
+  when the config is validated and opened by the pipeline, with no other change."""
+  opened = []
+
+  def check(rest):
+    if rest != "digits":
+      raise sources.ConfigError(f"unknown test dataset {rest!r}")
+
+  def open_kind(rest, data_dir, seed):
+    opened.append((rest, seed))
+    return sources.synthetic_images(seed=seed, train_size=64, test_size=32)
+  SOURCE_KINDS.register("test_kind")(sources.SourceKind(check, open_kind))
+  p = Pipeline(tiny_config("data.source=test_kind:digits"))
+  assert opened == [("digits", 0)] and p.spec.train_size == 64
+  with pytest.raises(sources.ConfigError, match="unknown test dataset 'nope'"):
+    tiny_config("data.source=test_kind:nope")

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 import deepflow
-from deepflow import export, parallel
+from deepflow import export, parallel, pytree
 from deepflow.models import lora
 from deepflow.registry import ConfigError
 from deepflow.train import init_from
 from deepflow.train.experiment import Experiment
+from deepflow.train.step import gradient_fn
 from deepflow.weights import files
 from tests.helpers import tiny_config
 
@@ -29,9 +30,9 @@ def test_adapted_forward_is_the_lora_formula():
   assert set(params["Dense_0"]) == {"kernel", "bias", "lora_a", "lora_b"}
   assert set(params["Dense_1"]) == {"kernel", "bias"}
   x = np.random.default_rng(0).normal(size=(5, 8, 8, 1)).astype(np.float32)
-  start, _ = exp.task.apply(params, {}, x, None, train=False)
+  start, _ = exp.task.apply(exp.model_params(params), {}, x, None, train=False)
   params["Dense_0"]["lora_b"] = jax.random.normal(jax.random.PRNGKey(1), (2, 16))
-  out, _ = exp.task.apply(params, {}, x, None, train=False)
+  out, _ = exp.task.apply(exp.model_params(params), {}, x, None, train=False)
   d0, d1 = params["Dense_0"], params["Dense_1"]
   flat = x.reshape(5, -1)
   hidden = flat @ d0["kernel"] + (4.0 / 2) * (flat @ d0["lora_a"]) @ d0["lora_b"] + d0["bias"]
@@ -50,15 +51,15 @@ def test_only_the_adapters_are_differentiated():
   params = jax.tree.map(lambda x: x + 0.1, state.params)  # lora_b off zero: both adapters move
   batch = next(exp.pipeline.train_iterator())
   args = (params, {}, batch, jax.random.PRNGKey(0))
-  grads, _, _ = jax.jit(exp.task.grads)(*args)
-  full = jax.grad(lambda p: exp.task.loss(p, {}, batch, args[-1])[0])(params)
+  grads, _, _ = jax.jit(gradient_fn(exp.update))(*args)
+  full = jax.grad(lambda p: exp.task.loss(exp.model_params(p), {}, batch, args[-1])[0])(params)
   for name in lora.ADAPTERS:
     np.testing.assert_allclose(grads["Dense_0"][name], full["Dense_0"][name], rtol=1e-5,
                                atol=1e-7)
     assert np.any(grads["Dense_0"][name])
   others = [grads["Dense_0"]["kernel"], grads["Dense_0"]["bias"], *grads["Dense_1"].values()]
   assert not any(np.any(leaf) for leaf in others)
-  text = jax.jit(exp.task.grads).lower(*args).as_text()
+  text = jax.jit(gradient_fn(exp.update)).lower(*args).as_text()
   assert not any("dot_general" in line and line.endswith("-> tensor<16x10xf32>")
                  for line in text.splitlines())
 
@@ -89,12 +90,13 @@ def test_only_adapters_train_and_the_merged_export_matches(tmp_path):
   state = init_from.initial_state(plain)
   x = np.random.default_rng(0).normal(size=(5, 8, 8, 1)).astype(np.float32)
   merged, _ = plain.task.apply(state.params, {}, x, None, train=False)
-  adapted, _ = restored.experiment.task.apply(parallel.to_host(trained), {}, x, None,
-                                              train=False)
+  adapted, _ = restored.experiment.task.apply(
+      restored.experiment.model_params(parallel.to_host(trained)), {}, x, None, train=False)
   np.testing.assert_allclose(merged, adapted, rtol=0, atol=1e-5)
   base = {k: v for k, v in files.flatten(jax.device_get(trained)).items()
           if not lora.is_adapter(k)}
-  assert not np.allclose(merged, plain.task.model.apply({"params": files.unflatten(base)}, x), atol=1e-4)
+  unadapted = plain.task.model.apply({"params": pytree.unflatten(base)}, x)
+  assert not np.allclose(merged, unadapted, atol=1e-4)
 
 
 def test_a_target_regex_that_matches_nothing_is_one_line():

@@ -7,6 +7,7 @@ import pytest
 from deepflow import parallel
 from deepflow.registry import ConfigError
 from deepflow.train.experiment import Experiment
+from deepflow.train.step import gradient_fn
 from deepflow.weights import files
 from tests.helpers import tiny_config
 
@@ -66,10 +67,20 @@ def test_batch_statistics_can_be_frozen():
     ("optimizer.freeze=Dense", "every parameter is frozen"),
     ("optimizer.freeze=(", "optimizer.freeze '(' is not a regex"),
     ("optimizer.lr_multipliers=[('x', -1.0)]", "(regex, factor >= 0)"),
+    # One rule for every selection by regex: a pattern that selects nothing names itself.
+    ("optimizer.lr_multipliers=[('^Dense_9/', 0.1)]",
+     "optimizer.lr_multipliers '^Dense_9/' matches no parameter; the model's are: "),
+    (("optimizer.weight_decay=0.1", "optimizer.weight_decay_mask=bais$"),
+     "optimizer.weight_decay_mask 'bais$' matches no parameter"),
+    ("regularizers=[{'name':'l2','amount':0.1,'params':'^body/'}]",
+     "regularizer 'l2': params '^body/' matches no parameter"),
+    ("regularizers=[{'name':'max_norm','params':'^body/'}]",
+     "regularizer 'max_norm': params '^body/' matches no parameter"),
+    ("parallel.rules=[('^params/body/',())]", "parallel.rules '^params/body/' matches no variable"),
 ])
 def test_bad_partitions_are_one_line(override, message):
   with pytest.raises(ConfigError) as error:
-    experiment(override)
+    experiment(*((override,) if isinstance(override, str) else override))
   assert message in str(error.value) and "\n" not in str(error.value)
 
 
@@ -77,11 +88,12 @@ THREE = dict(name="mlp", hidden=(16, 16))  # Dense_0 (64 -> 16), Dense_1 (16 -> 
 
 
 def grads_and_program(*overrides):
-  """(task.grads of the first batch, its lowered StableHLO text, its compiled flops)."""
+  """(the train step's gradient of the first batch, its lowered StableHLO text, its compiled
+  flops)."""
   exp = experiment(*overrides, model=THREE)
   state = exp.init_state()
   batch = next(exp.pipeline.train_iterator())
-  grads = jax.jit(exp.task.grads)
+  grads = jax.jit(gradient_fn(exp.update))
   args = (state.params, state.model_state, batch, jax.random.key(0))
   lowered = grads.lower(*args)
   return grads(*args), lowered.as_text(), lowered.compile().cost_analysis()["flops"]

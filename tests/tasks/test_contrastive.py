@@ -16,7 +16,7 @@ from deepflow.tasks import contrastive
 from deepflow.train.experiment import Experiment
 from deepflow.train.state import create_state
 from deepflow.train.step import make_train_step
-from tests.helpers import subprocess_environment
+from tests.helpers import subprocess_environment, update_of
 
 TINY_ENCODER = dict(name="contrastive_cnn", widths=(8, 16), projection_hidden=16,
                     projection_dim=8)
@@ -66,17 +66,18 @@ def test_training_lowers_nt_xent():
   config = contrastive_config()
   pipeline = Pipeline(config)
   task = TASKS.get("contrastive")(config, pipeline.spec)
-  tx = task.optimizer(30)
-  state = create_state(task, tx, seed=0)
+  update = update_of(task, 30)
+  state = create_state(update, update.tx, seed=0)
   batch = next(pipeline.train_iterator())
   key = jax.random.PRNGKey(7)
   loss = jax.jit(lambda s: task.loss(s.params, s.model_state, batch, key)[0])
   before = float(loss(state))
-  step = jax.jit(make_train_step(task, tx))
+  step = jax.jit(make_train_step(update))
   for _ in range(30):
     state, metrics = step(state, batch)
   assert float(loss(state)) < before - 0.3
-  assert 0.0 <= float(metrics["view_accuracy"]) <= 1.0
+  # A view's partner among the 2B - 1 = 127 others: chance 0.008; measured 0.055.
+  assert float(metrics["view_accuracy"]) > 0.025
 
 
 def probe_gain(data_dir: str, workdir: str) -> dict:
@@ -137,9 +138,9 @@ def test_cross_validated_probe():
     ([], "synthetic:regression", "augments \\(H, W, C\\) images"),
 ])
 def test_config_errors(overrides, source, message):
-  with pytest.raises(ConfigError, match=message):
+  with pytest.raises(ConfigError, match=message):  # from the task, or the update around it
     config = contrastive_config(*overrides, source=source)
-    TASKS.get("contrastive")(config, Pipeline(config).spec)
+    update_of(TASKS.get("contrastive")(config, Pipeline(config).spec))
 
 
 def test_a_model_without_features_is_refused():

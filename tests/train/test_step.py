@@ -1,4 +1,6 @@
 """The sharded train step against references: one device, and classic pmap + pmean."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,7 @@ from deepflow.data.pipeline import INPUTS, TARGETS, Pipeline
 from deepflow.registry import TASKS
 from deepflow.train.state import create_state
 from deepflow.train.step import compile_steps
-from tests.helpers import tiny_config
+from tests.helpers import grads_of, tiny_config, update_of
 
 
 def setup(microbatches=1, **model):
@@ -18,7 +20,7 @@ def setup(microbatches=1, **model):
                        model=dict(name="mlp", hidden=(32, 16), **model))
   pipeline = Pipeline(config)
   task = TASKS.get("classification")(config, pipeline.spec)
-  tx = task.optimizer(config.train.steps)
+  tx = update_of(task).tx
   it = pipeline.train_iterator()
   batches = [next(it) for _ in range(3)]
   return config, task, tx, batches
@@ -27,10 +29,11 @@ def setup(microbatches=1, **model):
 def run_sharded(task, tx, batches, devices, microbatches=1, parallel_config=None, model_axis=1):
   mesh = Mesh(np.asarray(devices).reshape(len(devices) // model_axis, model_axis),
               ("data", "model"))
-  state = create_state(task, tx, seed=0)
+  state = create_state(update_of(task), tx, seed=0)
   shardings = parallel.state_shardings(state, mesh, parallel_config or task.config.parallel)
   state = jax.device_put(state, shardings)
-  train_step, _ = compile_steps(task, tx, mesh, shardings, microbatches)
+  update = dataclasses.replace(update_of(task), tx=tx, microbatches=microbatches)
+  train_step, _ = compile_steps(update, mesh, shardings)
   for b in batches:
     state, _ = train_step(state, parallel.global_batch(b, mesh))
   run_sharded.last_state = state
@@ -48,7 +51,7 @@ def test_eight_devices_equal_one_device():
   one = run_sharded(task, tx, batches, jax.devices()[:1])
   eight = run_sharded(task, tx, batches, jax.devices())
   assert_trees_close(one, eight, 1e-5)
-  start = jax.device_get(create_state(task, tx, seed=0).params)
+  start = jax.device_get(create_state(update_of(task), tx, seed=0).params)
   assert not np.allclose(jax.tree.leaves(start)[0], jax.tree.leaves(one)[0])  # it trained
 
 
@@ -56,7 +59,7 @@ def test_equals_pmap_pmean_reference():
   """Classic data parallelism written by hand: per-device gradients averaged with pmean."""
   _, task, tx, batches = setup()
   n = jax.device_count()
-  params = create_state(task, tx, seed=0).params
+  params = create_state(update_of(task), tx, seed=0).params
   opt_state = tx.init(params)
 
   def loss_fn(p, x, y):
@@ -90,9 +93,9 @@ def test_microbatches_equal_the_large_batch_step():
 def test_nonfinite_update_is_not_applied():
   _, task, tx, batches = setup()
   mesh = Mesh(np.asarray(jax.devices()).reshape(8, 1), ("data", "model"))
-  state = create_state(task, tx, seed=0)
+  state = create_state(update_of(task), tx, seed=0)
   shardings = parallel.state_shardings(state, mesh, task.config.parallel)
-  train_step, _ = compile_steps(task, tx, mesh, shardings)
+  train_step, _ = compile_steps(update_of(task), mesh, shardings)
   bad = dict(batches[0])
   bad[INPUTS] = np.full_like(bad[INPUTS], np.nan)
   before = jax.device_get(state.params)
@@ -133,18 +136,18 @@ def test_bfloat16_compute_keeps_float32_master_params_and_converges():
                        model=dict(name="mlp", hidden=(64,)))
   pipeline = Pipeline(config)
   task = TASKS.get("classification")(config, pipeline.spec)
-  tx = task.optimizer(config.train.steps)
-  state = create_state(task, tx, seed=0)
+  tx = update_of(task).tx
+  state = create_state(update_of(task), tx, seed=0)
   batch = jax.tree.map(jnp.asarray, next(pipeline.train_iterator()))
   jaxpr = jax.make_jaxpr(lambda p: task.loss(p, {}, batch, jax.random.PRNGKey(0))[0])(
       state.params)
   dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
   assert dots and all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
-  grads, _, _ = task.grads(state.params, {}, batch, jax.random.PRNGKey(0))
+  grads, _, _ = grads_of(task)(state.params, {}, batch, jax.random.PRNGKey(0))
   assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
   mesh = Mesh(np.asarray(jax.devices()).reshape(8, 1), ("data", "model"))
   shardings = parallel.state_shardings(state, mesh, config.parallel)
-  train_step, eval_step = compile_steps(task, tx, mesh, shardings)
+  train_step, eval_step = compile_steps(update_of(task), mesh, shardings)
   state = jax.device_put(state, shardings)
   it, in_flight = pipeline.train_iterator(), parallel.DispatchWindow()
   for _ in range(config.train.steps):

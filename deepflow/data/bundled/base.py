@@ -18,6 +18,21 @@ if TYPE_CHECKING:  # pandas (about 0.4 s to import) loads only where a series is
   import pandas as pd
 
 
+# ``bundled:NAME`` -> its builder class, filled by ``register_builder`` in the modules that
+# ``deepflow.data.bundled`` imports.
+BUILDERS: dict[str, type] = {}
+
+
+def register_builder(name: str):
+  """Class decorator: the builder is the dataset ``bundled:NAME``."""
+  def add(cls: type) -> type:
+    if name in BUILDERS and BUILDERS[name] is not cls:
+      raise ValueError(f"bundled dataset {name!r} is already registered")
+    BUILDERS[name] = cls
+    return cls
+  return add
+
+
 class BundledBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base of deepflow's offline builders: ArrayRecord output, no download step."""
 

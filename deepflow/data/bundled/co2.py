@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from deepflow.data.bundled.base import WindowConfig, WindowedSeriesBuilder, time_split_indices
+from deepflow.data.bundled.base import (WindowConfig, WindowedSeriesBuilder,
+                                        register_builder, time_split_indices)
 
 if TYPE_CHECKING:
   import pandas as pd
@@ -49,6 +50,7 @@ def fill_gaps(series: pd.Series, cut: int) -> pd.Series:
   return filled
 
 
+@register_builder("co2")
 class DeepflowCo2(WindowedSeriesBuilder):
   """Mauna Loa CO2 (ppm), windows ``{'inputs': (window, 1), 'targets': (horizon,), 'time'}``.
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
-from deepflow.data.bundled.base import BundledBuilder
+from deepflow.data.bundled.base import BundledBuilder, register_builder
 
 
+@register_builder("digits")
 class DeepflowDigits(BundledBuilder):
   """Digits 0-9; pixel values 0..16 as float32 images of shape (8, 8, 1).
 

@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
-from deepflow.data.bundled.base import Table, TableBuilder
+from deepflow.data.bundled.base import Table, TableBuilder, register_builder
 
 GROUP_AGE = 32  # group 1: age >= 32; the survey's age bins are 17.5, 22, 27, 32, 37, 42
 GROUP_NAMES = ["under_32", "32_and_over"]
@@ -29,6 +29,7 @@ def raw_fair():
   return sm.datasets.fair.load_pandas().data
 
 
+@register_builder("fair")
 class DeepflowFair(TableBuilder):
   """``{'features': float32 (d,), 'label', 'group', 'row'}``: label 1 = any affair (``affairs > 0``;
   2,053 of 6,366 = 32.2%), group 1 = age >= 32 (2,496 women, 40.1% label 1) vs group 0 = under 32

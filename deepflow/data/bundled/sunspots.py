@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from deepflow.data.bundled.base import WindowConfig, WindowedSeriesBuilder
+from deepflow.data.bundled.base import WindowConfig, WindowedSeriesBuilder, register_builder
 
 if TYPE_CHECKING:
   import pandas as pd
@@ -19,6 +19,7 @@ def raw_sunspots() -> pd.Series:
                    name="sunspots")
 
 
+@register_builder("sunspots")
 class DeepflowSunspots(WindowedSeriesBuilder):
   """Yearly sunspot activity, windows ``{'inputs': (window, 1), 'targets': (horizon,), 'time'}``.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from deepflow.data.bundled.base import Table, TableBuilder
+from deepflow.data.bundled.base import Table, TableBuilder, register_builder
 
 MISSING_FRACTION = 0.1
 MISSING_SEED = 0
@@ -42,6 +42,7 @@ def keep_rare_positives(labels: np.ndarray, rate: float, seed: int) -> np.ndarra
   return np.sort(np.concatenate([negatives, chosen]))
 
 
+@register_builder("breast_cancer")
 class DeepflowBreastCancer(TableBuilder):
   """Wisconsin breast cancer: features float32 (30,), label 1 = malignant (212 of 569).
 
@@ -52,6 +53,7 @@ class DeepflowBreastCancer(TableBuilder):
     return breast_cancer()
 
 
+@register_builder("wine")
 class DeepflowWine(TableBuilder):
   """Wine recognition: features float32 (13,), label one of 3 cultivars (59 / 71 / 48 of 178).
 
@@ -65,6 +67,7 @@ class DeepflowWine(TableBuilder):
                  feature_names=list(data.feature_names), class_names=list(data.target_names))
 
 
+@register_builder("breast_cancer_missing")
 class DeepflowBreastCancerMissing(TableBuilder):
   """Breast cancer with 10% of the feature values missing (NaN), to exercise imputation.
 
@@ -82,6 +85,7 @@ class DeepflowBreastCancerMissing(TableBuilder):
     return table
 
 
+@register_builder("breast_cancer_rare")
 class DeepflowBreastCancerRare(TableBuilder):
   """Breast cancer with the positive (malignant) class made rare, "fraud-like": all 357 benign
   rows and 19 of the 212 malignant ones (fixed seed, ``keep_rare_positives``), 376 rows of which

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from deepflow.data.bundled.base import BundledBuilder, time_split_indices
+from deepflow.data.bundled.base import BundledBuilder, register_builder, time_split_indices
 
 
 def corpus() -> str:
@@ -46,6 +46,7 @@ class TextConfig(tfds.core.BuilderConfig):
                        f"{self.validation_fraction}, {self.test_fraction}")
 
 
+@register_builder("text")
 class DeepflowPydocText(BundledBuilder):
   """Non-overlapping character chunks ``{'inputs': int32 (seq_len,), 'targets': int32 (seq_len,),
   'offset': int32}``; targets are the inputs shifted by one character, ``offset`` is the index of
