@@ -78,6 +78,8 @@ def main(argv: list[str], overrides: list[str]) -> None:
     _fail(f"unexpected arguments: {' '.join(argv[2:])}", 2)
   if overrides and not COMMANDS[argv[1]].config:
     _fail(f"deepflow {argv[1]} takes no --config overrides", 2)
+  from deepflow import platforms
+  platforms.skip_absent_tpu()  # before JAX starts a backend: no libtpu where there is no TPU
   _setup_logging(FLAGS.debug)
   from deepflow.registry import ConfigError
   from deepflow.train.errors import NonFiniteLossError, Preempted, WorkdirLockedError
