@@ -24,7 +24,8 @@ from deepflow import config as config_lib, parallel
 from deepflow.optim import build_schedule
 from deepflow.registry import ConfigError
 from deepflow.regularizers import StoppingRecord
-from deepflow.train import checkpoint as checkpoint_lib, init_from, runtime, tuning, workdir_lock
+from deepflow.train import (checkpoint as checkpoint_lib, fit, init_from, runtime, tuning,
+                            workdir_lock)
 from deepflow.train.errors import NonFiniteLossError, Preempted
 from deepflow.train.experiment import BEST_DIR, Experiment
 from deepflow.train.state import TrainState
@@ -51,6 +52,8 @@ def _train_and_evaluate(config: Any, workdir: str, *, debug: bool) -> dict[str, 
   runtime.use_compilation_cache(cfg.compilation_cache)
   exp = Experiment(config, workdir, debug=debug)
   tuning.apply_record(exp)  # a tuned run resumes (or re-evaluates) with the programs it chose
+  if not debug:  # a run that will not fit stops here, before anything but config.json is written
+    fit.compile_checked(exp)
   checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.keep_checkpoints)
   writer = MetricWriter(workdir)
   best = _BestKeeper(exp, workdir) if exp.task.regularizer.early_stopping else None
