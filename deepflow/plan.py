@@ -137,30 +137,46 @@ def sharding_table(abstract_state, shardings) -> list[dict[str, Any]]:
           for (path, leaf), sharding in zip(leaves, jax.tree.leaves(shardings.params))]
 
 
-def largest_fitting(fits: Callable[[int], bool], unit: int, limit: int) -> int:
+def largest_fitting(fits: Callable[[int], bool], unit: int, limit: int,
+                    guess: int | None = None) -> int:
   """The largest multiple of ``unit`` up to ``limit`` for which ``fits`` holds (0 if none),
-  assuming that memory grows with the batch: doubling until it fails, then bisection."""
-  if not fits(unit):
-    return 0
-  good = 1
-  while good * unit * 2 <= limit and fits(good * 2 * unit):
-    good *= 2
-  bad = min(good * 2, limit // unit + 1)
+  assuming that memory grows with the batch: from ``guess`` (default ``unit``: plain doubling),
+  steps of doubling size up while it fits, or down while it does not, then bisection. A good
+  guess (memory is close to linear in the batch) needs two or three tries, each a compile."""
+  top = limit // unit
+  start = min(max(1, (guess or unit) // unit), top)
+  if fits(start * unit):
+    good, step = start, 1
+    while good + step <= top and fits((good + step) * unit):
+      good, step = good + step, step * 2
+    bad = min(good + step, top + 1)
+  else:
+    bad, step = start, 1
+    while bad - step >= 1 and not fits((bad - step) * unit):
+      bad, step = bad - step, step * 2
+    good = max(bad - step, 0)
   while bad - good > 1:
     middle = (good + bad) // 2
     good, bad = (middle, bad) if fits(middle * unit) else (good, middle)
   return good * unit
 
 
-def largest_batch(exp, fits: Callable[[int], bool]) -> tuple[int, bool]:
-  """The largest global batch of ``exp``'s run for which ``fits`` holds (a multiple of its
-  data-parallel width times its micro-batches), and whether that is the search's limit."""
+def batch_unit(exp) -> int:
+  """The step between global batches ``exp``'s run can take: its data-parallel width times its
+  micro-batches."""
+  return dict(exp.mesh.shape)[parallel.DATA] * exp.config.train.microbatches
+
+
+def largest_batch(exp, fits: Callable[[int], bool], guess: int | None = None
+                  ) -> tuple[int, bool]:
+  """The largest global batch of ``exp``'s run (a multiple of ``batch_unit``) for which
+  ``fits`` holds, searched from ``guess``, and whether that is the search's limit."""
   config = exp.config
-  unit = dict(exp.mesh.shape)[parallel.DATA] * config.train.microbatches
+  unit = batch_unit(exp)
   # The search stops at SEARCH_LIMIT times the configured batch: a tiny model would fit
   # millions of rows, and each try is a compile.
   limit = max(unit, SEARCH_LIMIT * config.data.batch_size // unit * unit)
-  largest = largest_fitting(fits, unit, limit)
+  largest = largest_fitting(fits, unit, limit, guess)
   return largest, largest == limit
 
 

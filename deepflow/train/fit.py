@@ -61,19 +61,21 @@ def compile_checked(exp) -> None:
   state = plan_lib.abstract_args(exp)
   platform = exp.mesh.devices.flat[0].platform
   options = plan_lib.oom_options(platform)
-  train = exp.train_step.lower(state, exp.pipeline.abstract_batch(
-      config.data.batch_size, train=True)).compile(options)
+  # The rows a train batch really has: data.batch_size, or a Poisson sampler's padded size.
+  rows = exp.pipeline.batch_size * exp.pipeline.process_count
+  train = exp.train_step.lower(state, exp.pipeline.abstract_batch(rows, train=True)).compile(
+      options)
   evaluation = exp._eval_step.lower(state, exp.pipeline.abstract_batch(
       config.data.eval_batch_size, train=False)).compile(options)
   limit, device = device_memory(exp.mesh.devices.flat[0])
   costs = {"train": plan_lib.step_cost(train), "eval": plan_lib.step_cost(evaluation)}
   too_large = [name for name, cost in costs.items() if limit is not None and cost.peak > limit]
   if too_large:
-    raise DoesNotFit(_message(exp, too_large[0], costs, limit, device, options))
+    raise DoesNotFit(_message(exp, too_large[0], costs, limit, device, options, rows))
   exp.train_step, exp._eval_step = train, evaluation
 
 
-def _message(exp, step: str, costs, limit: float, device: str, options) -> str:
+def _message(exp, step: str, costs, limit: float, device: str, options, rows: int) -> str:
   config = exp.config
   need = (f"{config.model.name} at global batch {config.data.batch_size} does not fit: the "
           f"{step} step needs "
@@ -81,18 +83,39 @@ def _message(exp, step: str, costs, limit: float, device: str, options) -> str:
   if step == "eval":
     return f"{need}; lower --config.data.eval_batch_size (now {config.data.eval_batch_size})"
   log.info("%s; finding the largest global batch that fits (a compile per try)", need)
-  state = plan_lib.abstract_args(exp)
-
-  def fits(batch_size: int) -> bool:
-    return plan_lib.compile_cost(exp.train_step, state, exp.pipeline.abstract_batch(
-        batch_size, train=True), compiler_options=options).peak <= limit
-  largest, _ = plan_lib.largest_batch(exp, fits)
+  largest = _largest_batch(exp, rows, costs["train"].peak, limit, options)
   batch = (f"the largest global batch that fits is {largest} "
            f"(--config.data.batch_size={largest})" if largest else
            "not even the smallest global batch fits")
   changes = _options(config)
   saving = f"; or save memory per example: {', '.join(changes)}" if changes else ""
   return f"{need}; {batch}{saving} (`deepflow plan` shows where the memory goes)"
+
+
+def _largest_batch(exp, rows: int, rows_peak: int, limit: float, options) -> int:
+  """The largest global batch whose train step fits in ``limit`` bytes per device, searched as
+  ``plan`` searches (a compile per try), from where memory linear in the batch would reach
+  ``limit``; ``rows_peak`` is the peak already compiled for ``rows`` rows."""
+  state = plan_lib.abstract_args(exp)
+  peaks = {rows: rows_peak}
+
+  def peak(batch_size: int) -> int:
+    if batch_size not in peaks:
+      batch = exp.pipeline.abstract_batch(batch_size, train=True)
+      peaks[batch_size] = plan_lib.compile_cost(exp.train_step, state, batch,
+                                                compiler_options=options).peak
+    return peaks[batch_size]
+  guess = _linear_guess(peak, rows, plan_lib.batch_unit(exp), limit)
+  return plan_lib.largest_batch(exp, lambda b: peak(b) <= limit, guess)[0]
+
+
+def _linear_guess(peak, rows: int, unit: int, limit: float) -> int:
+  """Where the search starts: the batch at which memory, taken as linear in the batch from its
+  peaks at ``unit`` and ``rows`` rows, reaches ``limit`` (the search then confirms it)."""
+  if rows <= unit:
+    return unit
+  per_row = (peak(rows) - peak(unit)) / (rows - unit)
+  return unit if per_row <= 0 else int(unit + (limit - peak(unit)) / per_row)
 
 
 def _options(config) -> list[str]:
