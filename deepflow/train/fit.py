@@ -120,9 +120,14 @@ def _linear_guess(peak, rows: int, unit: int, limit: float) -> int:
 
 def _options(config) -> list[str]:
   """The memory-saving changes ``deepflow plan`` suggests that this config does not make yet."""
+  from deepflow.models import model_options
+  from deepflow.registry import MODELS
+  model = {**model_options(MODELS.get(config.model.name)), **config.model}
   suggested = []
-  if config.model.get("remat_policy") not in (None, "full", "nothing_saveable"):
+  if model.get("remat_policy") not in (None, "full", "nothing_saveable"):
     suggested.append("--config.model.remat_policy=full")
+  if model.get("remat") is False:
+    suggested.append("--config.model.remat=True")
   if config.data.batch_size % (2 * config.train.microbatches) == 0:
     suggested.append(f"--config.train.microbatches={2 * config.train.microbatches}")
   if config.parallel.strategy != "fsdp" and jax.device_count() > 1:
