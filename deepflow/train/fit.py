@@ -6,9 +6,9 @@
 has: a GPU's or TPU's allocator limit (``memory_stats()['bytes_limit']``), or on the CPU the
 host's available memory (``MemAvailable``) shared by its CPU devices. A step that does not fit
 is one ``DoesNotFit`` error naming the need, the memory, the largest global batch that fits
-(found as ``plan`` finds it: compiling, doubling then bisecting) and the options that lower the
-memory per example. A step that fits is kept: the run calls these executables, so checking
-compiles nothing twice.
+(found by compiling, as ``plan`` finds it, starting where memory linear in the batch would
+reach the limit) and the options that lower the memory per example. Steps that fit are kept:
+the run calls these executables, so checking compiles nothing twice.
 """
 from __future__ import annotations
 
@@ -67,7 +67,8 @@ def compile_checked(exp) -> None:
       options)
   evaluation = exp._eval_step.lower(state, exp.pipeline.abstract_batch(
       config.data.eval_batch_size, train=False)).compile(options)
-  limit, device = device_memory(exp.mesh.devices.flat[0])
+  limit, device = device_memory(next(d for d in exp.mesh.devices.flat
+                                     if d.process_index == jax.process_index()))
   costs = {"train": plan_lib.step_cost(train), "eval": plan_lib.step_cost(evaluation)}
   too_large = [name for name, cost in costs.items() if limit is not None and cost.peak > limit]
   if too_large:
