@@ -53,7 +53,7 @@ def per_policy(config, devices) -> list[tuple[int, int]]:
     variant = copy.deepcopy(config)
     variant.model.remat_policy = policy
     exp = Experiment(variant, None, devices=devices)
-    cost = plan_lib.compile_cost(exp.train_step, plan_lib._abstract_args(exp),
+    cost = plan_lib.compile_cost(exp.train_step, plan_lib.abstract_args(exp),
                                  exp.pipeline.abstract_batch(config.data.batch_size, train=True))
     figures.append((cost.temporaries, cost.peak))
   return figures

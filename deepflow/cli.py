@@ -88,6 +88,8 @@ def main(argv: list[str], overrides: list[str]) -> None:
     _fail(f"unexpected arguments: {' '.join(argv[2:])}", 2)
   if overrides and not COMMANDS[argv[1]].config:
     _fail(f"deepflow {argv[1]} takes no --config overrides", 2)
+  from deepflow import platforms
+  platforms.skip_absent_tpu()  # before JAX starts a backend: no libtpu where there is no TPU
   _setup_logging(FLAGS.debug)
   from deepflow.registry import ConfigError
   from deepflow.train.errors import NonFiniteLossError, Preempted, WorkdirLockedError
@@ -109,6 +111,18 @@ def main(argv: list[str], overrides: list[str]) -> None:
     if FLAGS.debug:  # user errors: one line
       raise
     _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+  except Exception as e:  # noqa: BLE001  (an out-of-memory that passed the fit check: one line)
+    if FLAGS.debug or not _out_of_memory(e):
+      raise
+    _fail(f"out of memory while running ({str(e).splitlines()[0]}); checkpoints already saved "
+          f"are intact; `deepflow plan` shows what each step needs per device: try a smaller "
+          f"--config.data.batch_size or the memory-saving options it lists")
+
+
+def _out_of_memory(e: Exception) -> bool:
+  """A JAX runtime error for memory a device did not have (XLA's RESOURCE_EXHAUSTED)."""
+  import jax
+  return isinstance(e, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(e)
 
 
 def _with_debug(fn):

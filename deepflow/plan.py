@@ -103,7 +103,11 @@ class StepCost:
 
 
 def compile_cost(jitted, *abstract_args, compiler_options=None) -> StepCost:
-  compiled = jitted.lower(*abstract_args).compile(compiler_options)
+  return step_cost(jitted.lower(*abstract_args).compile(compiler_options))
+
+
+def step_cost(compiled) -> StepCost:
+  """The figures of a compiled step (``jax.stages.Compiled``)."""
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older JAX: one dict per program
@@ -133,22 +137,56 @@ def sharding_table(abstract_state, shardings) -> list[dict[str, Any]]:
           for (path, leaf), sharding in zip(leaves, jax.tree.leaves(shardings.params))]
 
 
-def largest_fitting(fits: Callable[[int], bool], unit: int, limit: int) -> int:
+def largest_fitting(fits: Callable[[int], bool], unit: int, limit: int,
+                    guess: int | None = None) -> int:
   """The largest multiple of ``unit`` up to ``limit`` for which ``fits`` holds (0 if none),
-  assuming that memory grows with the batch: doubling until it fails, then bisection."""
-  if not fits(unit):
-    return 0
-  good = 1
-  while good * unit * 2 <= limit and fits(good * 2 * unit):
-    good *= 2
-  bad = min(good * 2, limit // unit + 1)
+  assuming that memory grows with the batch: from ``guess`` (default ``unit``: plain doubling),
+  steps of doubling size up while it fits, or down while it does not, then bisection. A good
+  guess (memory is close to linear in the batch) needs two or three tries, each a compile."""
+  top = limit // unit
+  start = min(max(1, (guess or unit) // unit), top)
+  if fits(start * unit):
+    good, step = start, 1
+    while good + step <= top and fits((good + step) * unit):
+      good, step = good + step, step * 2
+    bad = min(good + step, top + 1)
+  else:
+    bad, step = start, 1
+    while bad - step >= 1 and not fits((bad - step) * unit):
+      bad, step = bad - step, step * 2
+    good = max(bad - step, 0)
   while bad - good > 1:
     middle = (good + bad) // 2
     good, bad = (middle, bad) if fits(middle * unit) else (good, middle)
   return good * unit
 
 
-def _abstract_args(exp):
+def batch_unit(exp) -> int:
+  """The step between global batches ``exp``'s run can take: its data-parallel width times its
+  micro-batches."""
+  return dict(exp.mesh.shape)[parallel.DATA] * exp.config.train.microbatches
+
+
+def largest_batch(exp, fits: Callable[[int], bool], guess: int | None = None
+                  ) -> tuple[int, bool]:
+  """The largest global batch of ``exp``'s run (a multiple of ``batch_unit``) for which
+  ``fits`` holds, searched from ``guess``, and whether that is the search's limit."""
+  config = exp.config
+  unit = batch_unit(exp)
+  # The search stops at SEARCH_LIMIT times the configured batch: a tiny model would fit
+  # millions of rows, and each try is a compile.
+  limit = max(unit, SEARCH_LIMIT * config.data.batch_size // unit * unit)
+  largest = largest_fitting(fits, unit, limit, guess)
+  return largest, largest == limit
+
+
+def oom_options(platform: str) -> dict | None:
+  """XLA options under which a program larger than the device still compiles, to be measured:
+  the TPU compiler refuses one otherwise; told not to, it reports its sizes."""
+  return {"xla_tpu_no_crash_on_oom": True} if platform == "tpu" else None
+
+
+def abstract_args(exp):
   """The train state as shapes, dtypes and shardings: what the steps are lowered with."""
   return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
                       exp.abstract_state, exp.shardings)
@@ -182,7 +220,7 @@ def remat_table(exp, compiler_options=None) -> list[dict[str, Any]]:
   config = exp.config
   if "remat_policy" not in config.model:
     raise ConfigError(f"model {config.model.name!r} has no remat_policy to compare")
-  state_args = _abstract_args(exp)
+  state_args = abstract_args(exp)
   batch = exp.pipeline.abstract_batch(config.data.batch_size, train=True)
   rows = []
   for policy in REMAT_COMPARED:
@@ -232,10 +270,9 @@ def make_plan(config, topology: str | None = None, *, search_batch: bool = True,
   exp = Experiment(config, None, devices=devices)
   hbm, chip = device_limits(devices[0])
   mesh_axes = dict(exp.mesh.shape)
-  state_args = _abstract_args(exp)
+  state_args = abstract_args(exp)
 
-  # The TPU compiler refuses a program larger than HBM; told not to, it reports its sizes.
-  options = {"xla_tpu_no_crash_on_oom": True} if devices[0].platform == "tpu" else None
+  options = oom_options(devices[0].platform)
 
   def train_cost(batch_size: int) -> StepCost:
     return compile_cost(exp.train_step, state_args,
@@ -246,7 +283,7 @@ def make_plan(config, topology: str | None = None, *, search_batch: bool = True,
   unrolled = _unrolled(config)
   if unrolled is not None:
     loopless = Experiment(unrolled, None, devices=devices)
-    counted = compile_cost(loopless.train_step, _abstract_args(loopless),
+    counted = compile_cost(loopless.train_step, abstract_args(loopless),
                            loopless.pipeline.abstract_batch(config.data.batch_size, train=True),
                            compiler_options=options)
     train = dataclasses.replace(train, flops=counted.flops, bytes_accessed=counted.bytes_accessed)
@@ -280,13 +317,8 @@ def make_plan(config, topology: str | None = None, *, search_batch: bool = True,
   plan["fits"] = None if hbm is None else peak <= hbm
   plan["free_bytes"] = None if hbm is None else hbm - peak
   if search_batch and hbm is not None:
-    unit = mesh_axes[parallel.DATA] * config.train.microbatches
-    # The search stops at SEARCH_LIMIT times the configured batch: a tiny model would fit
-    # millions of rows, and each try is a compile.
-    limit = max(unit, SEARCH_LIMIT * config.data.batch_size // unit * unit)
-    largest = largest_fitting(lambda b: train_cost(b).peak <= hbm, unit, limit)
-    plan["largest_batch"] = largest
-    plan["largest_batch_is_limit"] = largest == limit
+    plan["largest_batch"], plan["largest_batch_is_limit"] = largest_batch(
+        exp, lambda b: train_cost(b).peak <= hbm)
   if remat_policies:
     plan["remat"] = remat_table(exp, options)
   return plan
@@ -318,7 +350,7 @@ def measure(config, steps: int) -> dict[str, Any]:
   batches = [next(iterator) for _ in range(steps)]
   init = jax.jit(functools.partial(create_state, exp.update, exp.tx, config.seed),
                  out_shardings=exp.shardings).lower().compile()
-  state_args = _abstract_args(exp)
+  state_args = abstract_args(exp)
   step = exp.train_step.lower(state_args, exp.pipeline.abstract_batch(
       config.data.batch_size, train=True)).compile()
   device = jax.devices()[0]

@@ -7,6 +7,10 @@ real run.
 
 Plan:   deepflow plan --config experiments/gpt2_small.py --topology v5e:2x4
 Run:    deepflow train --config experiments/gpt2_small.py --workdir runs/gpt2_small
+        on a TPU slice (v5e-8 as planned below: 5.44 GiB per chip) or several GPUs. On one
+        device the global batch of 32 needs 39.4 GiB for its train step: on a CPU machine
+        ``deepflow train`` says so before it starts and names the largest batch that fits (12
+        on a 2-core x86_64 CPU machine with 17.6 GiB available).
 
 Planned, not trained (``deepflow plan --nosearch_batch``, compiled for TPU v5e-8 (v5e:2x4) on
 a 2-core CPU machine with libtpu 0.0.42, jax 0.10.2): 124,519,015 parameters; data parallel over

@@ -13,6 +13,11 @@ Prepare (once, where there is network and the manually downloaded archives; see 
         deepflow data prepare imagenet2012 --data_dir ~/tensorflow_datasets \\
             --manual_dir ~/imagenet_tars
 Run:    deepflow train --config experiments/imagenet_resnet50.py --workdir runs/resnet50
+        on a TPU slice (v5e-8 as planned below: 5.64 GiB per chip) or several GPUs. On one
+        device the global batch of 1024 needs 143 GiB for its train step: on a CPU machine
+        ``deepflow train`` says so before it starts and names the largest batch that fits (126
+        on a 2-core x86_64 CPU machine with 18.0 GiB available); without a prepared
+        ``tfds:imagenet2012`` it says that first.
 
 Planned, not trained (``deepflow plan --topology v5e:2x4 --nosearch_batch
 --config.data.source=synthetic:imagenet_like``, TPU v5e-8 compiled through libtpu on a CPU machine):

@@ -15,6 +15,10 @@ recipe, which adds RandAugment, CutMix and random erasing (Touvron et al., 2021)
 
 Plan:   deepflow plan --config experiments/imagenet_vit_b16.py --topology v5e:2x4
 Run:    deepflow train --config experiments/imagenet_vit_b16.py --workdir runs/imagenet_vit_b16
+        on a TPU slice (v5e-8 as planned below: 10.68 GiB per chip) or several GPUs. On one
+        device the global batch of 1024 needs 119 GiB for its train step: on a CPU machine
+        ``deepflow train`` says so before it starts and names the largest batch that fits (134
+        on a 2-core x86_64 CPU machine with 17.0 GiB available).
 
 Planned, not trained (``deepflow plan --nosearch_batch``, compiled for TPU v5e-8 (v5e:2x4) on
 a 2-core CPU machine with libtpu 0.0.42, jax 0.10.2): 86,567,656 parameters; data parallel over

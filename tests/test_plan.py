@@ -108,6 +108,18 @@ def test_largest_fitting_bisects_to_the_unit():
   assert plan_lib.largest_fitting(lambda b: b <= 100, 4, 60) == 60
 
 
+def test_largest_fitting_from_a_guess_finds_the_same_batch_in_fewer_tries():
+  """Against a brute-force scan, for thresholds and guesses below, at and above the answer."""
+  for unit, limit in ((1, 1), (4, 60), (3, 1000)):
+    for threshold in range(0, 1100, 13):
+      expected = max((b for b in range(unit, limit + 1, unit) if b <= threshold), default=0)
+      for guess in (None, 1, unit, 52, 400, 5000):
+        assert plan_lib.largest_fitting(lambda b: b <= threshold, unit, limit, guess) == expected
+  tries = []
+  assert plan_lib.largest_fitting(lambda b: tries.append(b) or b <= 125, 1, 4096, 124) == 125
+  assert len(tries) <= 4  # from 1 (no guess): 14 tries
+
+
 def test_topology_without_libtpu_is_one_line(monkeypatch):
   monkeypatch.setattr(plan_lib.importlib.util, "find_spec", lambda name: None)
   with pytest.raises(ConfigError, match=r"pip install 'deepflow\[tpu\]'"):

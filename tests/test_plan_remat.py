@@ -28,7 +28,7 @@ def test_remat_policies_order_the_memory_of_a_scanned_transformer():
 
   # One experiment serves every policy (only the task is rebuilt): each policy's train step is
   # the program an experiment built for that policy compiles, so its figures are that one's.
-  args = (plan_lib._abstract_args(exp), exp.pipeline.abstract_batch(256, train=True))
+  args = (plan_lib.abstract_args(exp), exp.pipeline.abstract_batch(256, train=True))
   for policy in plan_lib.REMAT_COMPARED:
     variant = copy.deepcopy(config)
     variant.model.remat_policy = policy

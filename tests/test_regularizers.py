@@ -20,6 +20,7 @@ from deepflow.tasks.supervised import Classification, binary_metrics
 from deepflow.train import early_stopping
 from deepflow.train.writers import read_metrics
 from tests.helpers import grads_of
+from tests.numerics import assert_same_math
 
 PARAMS = {"dense": {"kernel": jnp.array([[1.0, -2.0], [3.0, 0.5]]), "bias": jnp.array([4.0, 5.0])},
           "head": {"kernel": jnp.array([[-1.0], [2.0]]), "bias": jnp.array([7.0])}}
@@ -171,7 +172,7 @@ def test_l2_penalty_enters_the_gradient_as_2_amount_w():
   g1, _, m1 = grads_of(with_l2)(params, state, BATCH, jax.random.key(1))
   expected = jax.tree_util.tree_map_with_path(
       lambda path, g, p: g + (0.1 * p if path[-1].key == "kernel" else 0), g0, params)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, expected)
+  jax.tree.map(assert_same_math, g1, expected)
   np.testing.assert_allclose(m1["loss"] - m0["loss"], m1["penalty"], rtol=1e-5)
 
 

@@ -305,9 +305,10 @@ class Pipeline:
 
   def abstract_batch(self, global_size: int, *, train: bool) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes and dtypes of a global batch of ``global_size`` rows, from one preprocessed
-    example (eval batches carry ``mask``): what compiling a step needs, without the data."""
+    example (eval batches and Poisson train batches carry ``mask``): what compiling a step
+    needs, without the data."""
     example = self._batch(self.train_source, np.arange(1), train=train, step=0)
-    if not train:
+    if not train or isinstance(self.sampler, sampler_lib.PoissonBatches):  # padded: a mask
       example[MASK] = np.ones(1, np.float32)
     return {k: jax.ShapeDtypeStruct((global_size, *v.shape[1:]), v.dtype)
             for k, v in example.items()}

@@ -3,12 +3,13 @@ format deepflow reads without TensorFlow (``tfds:NAME`` sources).
 
 This is the one step that needs network (and, for the TFDS builders that parse their archives
 with it, TensorFlow); training on the prepared directory needs neither. Failures a user can fix
-(an unknown name, no network, files to download by hand, TensorFlow missing) are one-line
-``ConfigError``s saying what to do.
+(an unknown name, no network, files to download by hand, files other than those TFDS records
+the checksums of, TensorFlow missing) are one-line ``ConfigError``s saying what to do.
 """
 from __future__ import annotations
 
 import importlib
+import re
 import socket
 from typing import Any, Sequence
 
@@ -69,12 +70,29 @@ def _explain(error: BaseException, name: str, data_dir: str, manual_dir: str | N
     if _is_network_error(e):
       return (f"could not download {name!r} ({type(e).__name__}): preparing needs network to "
               f"the dataset's hosts; run this where there is network and copy {data_dir} over")
+    if type(e).__name__ == "NonMatchingChecksumError":  # tfds.core.download.download_manager
+      return _wrong_checksum(str(e), name, manual_dir)
     if isinstance(e, AssertionError) and "Manual directory" in str(e):
       where = f"--manual_dir {manual_dir} is empty or missing" if manual_dir else (
           "pass --manual_dir DIR")
       return (f"{name!r} needs files downloaded by hand (see its TFDS catalog page) in a "
               f"directory: {where}")
   return None
+
+
+def _wrong_checksum(message: str, name: str, manual_dir: str | None) -> str:
+  """TFDS ships the size and SHA-256 of every file a dataset is built from: a file that differs
+  (another mirror, recompressed, a newer release) is not the data the dataset describes."""
+  path = re.search(r"downloaded to (.+?), has wrong checksum", message)
+  sizes = re.findall(r"UrlInfo\(size=([^,]+),", message)
+  what = path.group(1) if path else "a file"
+  if len(sizes) == 2:
+    what += f" ({sizes[1]}; TFDS expects {sizes[0]})"
+  fix = (f"`tfds build {name} --manual_dir {manual_dir} --register_checksums` records theirs "
+         f"in place of TFDS's own") if manual_dir else "retry, or download them by hand"
+  return (f"{what} does not have the checksum TFDS records for {name!r}: the file comes from "
+          f"another source or was repackaged; use the original files (the dataset's TFDS "
+          f"catalog page names them) or, if these are right, {fix}")
 
 
 def _chain(error: BaseException):

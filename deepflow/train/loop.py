@@ -20,7 +20,7 @@ from etils import epath
 
 from deepflow import config as config_lib, parallel
 from deepflow.optim import build_schedule
-from deepflow.train import (checkpoint as checkpoint_lib, early_stopping, init_from, runtime,
+from deepflow.train import (checkpoint as checkpoint_lib, early_stopping, fit, init_from, runtime,
                             tuning, workdir_lock)
 from deepflow.train.errors import NonFiniteLossError, Preempted, Stopped
 from deepflow.train.experiment import Experiment
@@ -53,6 +53,8 @@ def _train_and_evaluate(config: Any, workdir: str, *,
   runtime.use_compilation_cache(cfg.compilation_cache)
   exp = Experiment(config, workdir)
   tuning.apply_record(exp)  # a tuned run resumes (or re-evaluates) with the programs it chose
+  if not jax.config.jax_disable_jit:  # --debug steps eagerly: nothing to compile or check
+    fit.compile_checked(exp)  # a run that will not fit stops here, before the run writes
   checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.keep_checkpoints)
   writer = MetricWriter(workdir)
   best = (early_stopping.BestKeeper(exp, exp.early_stopping, workdir) if exp.early_stopping

@@ -9,6 +9,7 @@ from deepflow.analysis import attributions as attr
 from deepflow.analysis.plots import save_attribution_grid
 from deepflow.models.mlp import MLP
 from deepflow.registry import ConfigError
+from tests.numerics import assert_same_math
 
 D, C, B = 8, 3, 4
 
@@ -81,8 +82,7 @@ def test_smoothgrad_without_noise_is_saliency_and_noise_changes_it():
   fn = lambda z: model.apply(v, z)
   x, t = _data()
   s = attr.saliency(fn, x, t)
-  np.testing.assert_allclose(attr.smoothgrad(fn, x, t, noise=0.0, samples=7, chunk_size=3), s,
-                             rtol=1e-5, atol=1e-7)
+  assert_same_math(attr.smoothgrad(fn, x, t, noise=0.0, samples=7, chunk_size=3), s)
   noisy = attr.smoothgrad(fn, x, t, noise=0.3, samples=8, rng=jax.random.key(3))
   assert not np.allclose(noisy, s)
   np.testing.assert_array_equal(noisy, attr.smoothgrad(fn, x, t, noise=0.3, samples=8,

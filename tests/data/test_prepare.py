@@ -1,6 +1,8 @@
 """`deepflow data prepare`: a TFDS builder prepared as ArrayRecord and trained on through
 ``tfds:NAME``, and the failures a user can fix as one line each."""
+import gzip
 import os
+import re
 import sys
 
 import pytest
@@ -65,6 +67,26 @@ def test_an_empty_manual_dir_is_named(tmp_path):
   builder, _ = prepare.prepare("deepflow_test_needs_manual_files", str(tmp_path),
                                manual_dir=str(tmp_path / "manual"), imports=IMPORTS)
   assert builder.info.splits["train"].num_examples == 1
+
+
+def test_files_from_another_source_are_named_with_what_to_do(tmp_path):
+  """Fashion-MNIST's four files in --manual_dir, but repackaged (gzip of other bytes): their
+  SHA-256 is not the one TFDS ships, so TFDS refuses them; deepflow says which and what next."""
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+               "t10k-labels-idx1-ubyte"):
+    with gzip.open(manual / f"{name}.gz", "wb") as f:
+      f.write(bytes(range(16)))
+  with pytest.raises(ConfigError) as error:
+    prepare.prepare("fashion_mnist", str(tmp_path / "tfds"), manual_dir=str(manual))
+  message = str(error.value)
+  assert "\n" not in message
+  assert re.fullmatch(
+      rf"{manual}/\S+-ubyte\.gz \(\d+ bytes; TFDS expects [\d.]+ MiB\) does not have the "
+      r"checksum TFDS records for 'fashion_mnist': the file comes from another source or was "
+      r"repackaged; .* `tfds build fashion_mnist --manual_dir \S+ --register_checksums` .*",
+      message), message
 
 
 def test_data_takes_no_config_overrides():
