@@ -19,7 +19,7 @@ from deepflow.registry import ConfigError
 from deepflow.tasks.supervised import Classification, binary_metrics
 from deepflow.train import early_stopping
 from deepflow.train.writers import read_metrics
-from tests.helpers import grads_of
+from tests.helpers import grads_of, tiny_config
 from tests.numerics import assert_same_math
 
 PARAMS = {"dense": {"kernel": jnp.array([[1.0, -2.0], [3.0, 0.5]]), "bias": jnp.array([4.0, 5.0])},
@@ -150,12 +150,9 @@ def test_stopping_record_counts_patience():
 # ------------------------------------------------------------------------------------------------
 
 def make_task(regularizers=(), class_weights=None, counts=(30, 10)):
-  config = base_config()
-  config.data.source = "synthetic:digits_like"
-  config.model = dict(name="mlp", hidden=(4,))
-  config.regularizers = [dict(r) for r in regularizers]
-  config.task.class_weights = class_weights
-  config = finalize(config)
+  config = tiny_config(model=dict(name="mlp", hidden=(4,)),
+                       regularizers=[dict(r) for r in regularizers],
+                       task__class_weights=class_weights)
   spec = DataSpec(input_shape=(3,), input_dtype=jnp.float32, target_shape=(), num_classes=2,
                   train_size=sum(counts), metadata={}, class_counts=tuple(counts))
   return Classification(config, spec)
@@ -220,16 +217,10 @@ def test_binary_metrics_match_their_definitions():
 # ------------------------------------------------------------------------------------------------
 
 def test_early_stopping_stops_and_returns_the_best_checkpoint(tmp_path):
-  config = base_config()
-  config.data.source = "synthetic:digits_like"
-  config.data.batch_size = 64
-  config.model = dict(name="mlp", hidden=(32,))
-  config.train.steps = 400
-  config.train.eval_every = 10
-  config.train.progress = False
   # Accuracy on this easy set soon reaches its ceiling: then it stops improving.
-  config.regularizers = [dict(name="early_stopping", metric="accuracy", mode="max", patience=2)]
-  config = finalize(config)
+  config = tiny_config(data__batch_size=64, train__steps=400, train__eval_every=10,
+                       regularizers=[dict(name="early_stopping", metric="accuracy", mode="max",
+                                          patience=2)])
   workdir = str(tmp_path / "run")
   final = deepflow.train_and_evaluate(config, workdir)
   with open(os.path.join(workdir, "best", "stopping.json")) as f:

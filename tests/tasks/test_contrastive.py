@@ -9,31 +9,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepflow import config as config_lib
 from deepflow.data.pipeline import Pipeline
 from deepflow.registry import ConfigError, TASKS
 from deepflow.tasks import contrastive
 from deepflow.train.experiment import Experiment
 from deepflow.train.state import create_state
 from deepflow.train.step import make_train_step
-from tests.helpers import subprocess_environment, update_of
+from tests.helpers import subprocess_environment, tiny_config, update_of
 
 TINY_ENCODER = dict(name="contrastive_cnn", widths=(8, 16), projection_hidden=16,
                     projection_dim=8)
 
 
 def contrastive_config(*overrides, source="synthetic:digits_like", data_dir="", model=None):
-  c = config_lib.base_config()
-  c.task.name = "contrastive"
-  c.model = model or TINY_ENCODER
-  c.data.source = source
-  c.data.data_dir = data_dir
-  c.data.batch_size = 64
-  c.data.eval_batch_size = 120
-  c.optimizer.learning_rate = 3e-3
-  c.train.steps = 4
-  c.train.progress = False
-  return config_lib.finalize(c, overrides)
+  return tiny_config(*overrides, model=model or TINY_ENCODER, task__name="contrastive",
+                     data__source=source, data__data_dir=data_dir, data__batch_size=64,
+                     data__eval_batch_size=120, optimizer__learning_rate=3e-3, train__steps=4)
 
 
 def images(n=6, seed=0):

@@ -6,27 +6,22 @@ import jax
 import numpy as np
 import pytest
 
-from deepflow import config as config_lib
 from deepflow.data import sources
 from deepflow.data.pipeline import INPUTS, TARGETS, Pipeline
 from deepflow.registry import ConfigError
 from deepflow.train.experiment import Experiment
+from tests.helpers import tiny_config
 
 SHARED = "[{'name': 'standardize', 'keys': ('input', 'target')}]"
 
 
 def forecast_config(data_dir, *overrides, source="bundled:co2"):
-  c = config_lib.base_config()
-  c.task = dict(name="forecasting", residual=True)
-  c.model = dict(name="rnn", cell="gru", hidden_size=8)
-  c.data.source = source
-  c.data.data_dir = data_dir
-  c.data.transforms = [dict(name="standardize", keys=("input", "target"))]
-  c.data.batch_size = 16
-  c.data.eval_batch_size = 32  # 105 test windows: the last batch is padded
-  c.train.steps = 2
-  c.train.progress = False
-  return config_lib.finalize(c, overrides)
+  # eval_batch_size 32: 105 test windows, so the last batch is padded.
+  return tiny_config(*overrides, model=dict(name="rnn", cell="gru", hidden_size=8),
+                     task=dict(name="forecasting", residual=True), data__source=source,
+                     data__data_dir=data_dir,
+                     data__transforms=[dict(name="standardize", keys=("input", "target"))],
+                     data__batch_size=16, data__eval_batch_size=32, train__steps=2)
 
 
 @pytest.mark.parametrize("residual", [True, False])

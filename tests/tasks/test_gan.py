@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepflow import config as config_lib, sample
+from deepflow import sample
 from deepflow.analysis import reference as reference_lib
 from deepflow.data.pipeline import INPUTS, TARGETS, Pipeline
 from deepflow.models import gan as gan_lib
@@ -15,23 +15,16 @@ from deepflow.registry import ConfigError, TASKS
 from deepflow.tasks import gan
 from deepflow.train.state import create_state
 from deepflow.train.step import make_train_step
-from tests.helpers import grads_of, update_of
+from tests.helpers import grads_of, tiny_config, update_of
 from tests.numerics import assert_same_math
 
 TINY_GAN = dict(name="dcgan", latent_dim=8, features=8, num_classes=10, embed_dim=4)
 
 
 def gan_config(*overrides, model=None, data_dir=""):
-  c = config_lib.base_config()
-  c.task = dict(name="gan", reference_steps=0)
-  c.model = model or TINY_GAN
-  c.data.source = "synthetic:digits_like"
-  c.data.data_dir = data_dir
-  c.data.batch_size = 32
-  c.data.eval_batch_size = 64
-  c.train.steps = 4
-  c.train.progress = False
-  return config_lib.finalize(c, overrides)
+  return tiny_config(*overrides, model=model or TINY_GAN,
+                     task=dict(name="gan", reference_steps=0), data__data_dir=data_dir,
+                     train__steps=4)
 
 
 def build(*overrides, model=None, data_dir=""):

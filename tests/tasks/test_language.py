@@ -10,28 +10,22 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 
-from deepflow import config as config_lib, sample
+from deepflow import sample
 from deepflow.data import sources
 from deepflow.data.pipeline import Pipeline
 from deepflow.registry import ConfigError
 from deepflow.train.experiment import Experiment
+from tests.helpers import tiny_config
 
 TINY_LM = dict(name="transformer_lm", d_model=16, num_heads=2, num_layers=1, mlp_dim=32,
                max_len=128)
 
 
 def lm_config(data_dir, *overrides, model=None):
-  c = config_lib.base_config()
-  c.task.name = "language_model"
-  c.model = model or TINY_LM
-  c.data.source = "bundled:text"
-  c.data.data_dir = data_dir
-  c.data.transforms = []
-  c.data.batch_size = 16
-  c.data.eval_batch_size = 64  # not a divisor of the test chunks: the last batch is padded
-  c.train.steps = 2
-  c.train.progress = False
-  return config_lib.finalize(c, overrides)
+  # eval_batch_size 64: not a divisor of the test chunks, so the last batch is padded.
+  return tiny_config(*overrides, model=model or TINY_LM, task__name="language_model",
+                     data__source="bundled:text", data__data_dir=data_dir, data__transforms=[],
+                     data__batch_size=16, data__eval_batch_size=64, train__steps=2)
 
 
 @pytest.fixture(scope="module")
