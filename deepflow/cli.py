@@ -182,9 +182,10 @@ def _sweep(overrides: list[str]) -> None:
 flags.DEFINE_string("out", None, "export: directory to write the inference artifact to.")
 flags.DEFINE_list("platforms", ["cpu", "cuda", "tpu"], "export: platforms the artifact is "
                   "lowered for.")
-flags.DEFINE_enum("format", "stablehlo", ["stablehlo", "safetensors"], "export: 'stablehlo' (an "
-                  "inference artifact for `deepflow predict`) or 'safetensors' (the weights "
-                  "under flat names, LoRA merged; --out FILE.safetensors or a directory).")
+flags.DEFINE_enum("format", "stablehlo", ["stablehlo", "safetensors", "hf"], "export: 'stablehlo' "
+                  "(an inference artifact for `deepflow predict`), 'safetensors' (the weights "
+                  "under flat names, LoRA merged; --out FILE.safetensors or a directory) or 'hf' "
+                  "(a Hugging Face checkpoint directory that transformers loads).")
 flags.DEFINE_string("model", None, "predict: an artifact directory written by `deepflow export`.")
 flags.DEFINE_string("input", None, "predict: examples as .npy or .json (a batch, or one example).")
 flags.DEFINE_string("output", None, "predict: write to .npy (the model's outputs: logits for a "
@@ -197,9 +198,17 @@ def _export(overrides: list[str]) -> None:
   """Write a run's inference artifact (StableHLO, weights, preprocessing, signature.json).
 
   With --format safetensors: its weights only, as named tensors (LoRA adapters merged), which
-  model.init_from and the safetensors library read."""
+  model.init_from and the safetensors library read. With --format hf: a Hugging Face checkpoint
+  (config.json, safetensors, the run's tokenizer files) for transformers and load_pretrained."""
   from deepflow import export
   out = _require("out")
+  if FLAGS.format == "hf":
+    from deepflow.hf import export as hf_export
+    written, step = hf_export.export_run(_require("workdir"), out, overrides=overrides,
+                                         checkpoint=FLAGS.checkpoint)
+    print(f"exported step {step} of {FLAGS.workdir} as a Hugging Face checkpoint to {out}: "
+          f"{', '.join(written)}")
+    return
   if FLAGS.format == "safetensors":
     path, tensors, step = export.export_safetensors(
         _require("workdir"), out, overrides=overrides, checkpoint=FLAGS.checkpoint)

@@ -18,7 +18,7 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh, Sharding, SingleDeviceSharding
 
-from deepflow import hf, parallel
+from deepflow import hf, models, parallel  # noqa: F401  (models fills MODELS)
 from deepflow.hf import files
 from deepflow.hf.rules import WeightRule
 from deepflow.registry import ConfigError, MODELS, some_names
