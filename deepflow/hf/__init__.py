@@ -1,7 +1,8 @@
-"""Hugging Face checkpoints in and out: ``load_pretrained(DIR)`` builds the deepflow model a
-checkpoint's ``config.json`` describes and loads its safetensors weights; ``write_pretrained``
-(and ``deepflow export --format hf``) writes a model back as a checkpoint ``transformers``
-loads.
+"""Hugging Face checkpoints in and out: ``load.load_pretrained(DIR)`` (``deepflow.load_pretrained``)
+builds the deepflow model a checkpoint's ``config.json`` describes and loads its safetensors
+weights; ``export.write_pretrained`` (and ``deepflow export --format hf``) writes a model back
+as a checkpoint ``transformers`` loads; ``model.init_from='hf:DIR'`` trains from one
+(``section``: the model section at config time, ``finetune``: the first state).
 
 A family module (``deepflow/hf/<family>.py``) knows one kind of checkpoint:
 
@@ -27,6 +28,9 @@ from types import ModuleType
 
 from deepflow.registry import ConfigError
 
+# Model fields a caller may set on a pretrained model: they change how it runs (and trains), not
+# what it computes.
+COMPATIBLE = ("dropout", "scan_layers", "remat_policy")
 FAMILIES = {"gpt2": "deepflow.hf.gpt2", "llama": "deepflow.hf.llama",
             "mistral": "deepflow.hf.llama", "qwen2": "deepflow.hf.llama",
             "qwen3": "deepflow.hf.llama", "vit": "deepflow.hf.vit",
@@ -52,13 +56,3 @@ def families() -> list[ModuleType]:
       if e.name != name:
         raise
   return found
-
-
-def __getattr__(name: str):
-  if name == "load_pretrained":
-    from deepflow.hf.load import load_pretrained
-    return load_pretrained
-  if name == "write_pretrained":
-    from deepflow.hf.export import write_pretrained
-    return write_pretrained
-  raise AttributeError(f"module 'deepflow.hf' has no attribute {name!r}")

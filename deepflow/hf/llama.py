@@ -105,9 +105,6 @@ def hf_config(model: Mapping) -> dict:
   """config.json for a ``llama`` model, as the family that computes the same."""
   if model["name"] != "llama":
     raise ConfigError(f"model {model['name']!r} is not a llama model")
-  if not model["tie_embeddings"] and model["num_outputs"] != model["vocab_size"]:
-    raise ConfigError(f"a llama model is written with a head over its vocabulary; this one's "
-                      f"has {model['num_outputs']} outputs for {model['vocab_size']} tokens")
   kind = _model_type(model)
   heads, head_dim = model["num_heads"], model["head_dim"] or model["d_model"] // model["num_heads"]
   rope = {"rope_type": model["rope_type"], "rope_theta": model["rope_theta"]}

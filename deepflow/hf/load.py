@@ -23,8 +23,6 @@ from deepflow.hf import files
 from deepflow.hf.rules import WeightRule
 from deepflow.registry import ConfigError, MODELS, some_names
 
-# Fields a caller may set on a loaded model: they change how it runs, not what it computes.
-COMPATIBLE = ("dropout", "scan_layers", "remat_policy")
 LAYER = re.compile(r"(^|/)block(\d+)/")
 
 
@@ -39,9 +37,9 @@ def load_pretrained(directory: str, *, dtype: Any = None, mesh: Mesh | None = No
   with deepflow's sharding rules (``parallel_config``, default the base config's ``parallel``
   section) over it; default: the first device. ``fields``: ``dropout``, ``scan_layers``,
   ``remat_policy``. Problems with the directory are one line naming the file and the fix."""
-  refused = sorted(set(fields) - set(COMPATIBLE))
+  refused = sorted(set(fields) - set(hf.COMPATIBLE))
   if refused:
-    raise ConfigError(f"load_pretrained takes {', '.join(COMPATIBLE)} (the checkpoint fixes "
+    raise ConfigError(f"load_pretrained takes {', '.join(hf.COMPATIBLE)} (the checkpoint fixes "
                       f"the rest), not {', '.join(refused)}")
   config = files.read_config(directory)
   family = hf.family(config["model_type"], f"{directory}/{files.CONFIG}")
@@ -63,19 +61,32 @@ def read_variables(directory: str, config: dict, family: Any, model: nn.Module, 
   """The model's variables, every one read from the checkpoint and placed."""
   example = getattr(family, "example_inputs", lambda c: np.zeros((1, 1), np.int32))(config)
   abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), example)
-  shardings = _shardings(abstract, mesh, parallel_config)
-  target = traverse_util.flatten_dict(abstract, sep="/")
+  flat = read_into(directory, config, family, traverse_util.flatten_dict(abstract, sep="/"),
+                   _shardings(abstract, mesh, parallel_config),
+                   scanned=getattr(model, "scan_layers", False), dtype=dtype)
+  return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def read_into(directory: str, config: dict, family: Any, target: dict[str, Any],
+              shardings: dict[str, Sharding], *, scanned: bool, dtype: Any = None,
+              fresh: Callable[[str], bool] = lambda path: False) -> dict[str, jax.Array]:
+  """Every variable of ``target`` (flat names -> shapes) but the ``fresh`` ones, read from the
+  checkpoint and placed with its sharding, in ``dtype``: None keeps the checkpoint's, 'model'
+  takes the target's (a training state's float32), else that dtype."""
   rules = family.weight_rules(config)
   reader = files.Reader(files.weight_files(directory))
   names = _match(rules, reader.files, getattr(family, "UNUSED", ()), directory)
-  groups = _groups(rules, getattr(model, "scan_layers", False))
-  missing = sorted(set(target) - set(groups))
-  if missing:
-    raise ConfigError(f"{directory}: the {config['model_type']} rules give no tensor for "
-                      f"{some_names(missing)} of the model")
-  flat = {path: _place(path, layers, target[path], shardings[path], reader, names, dtype)
-          for path, layers in groups.items()}
-  return traverse_util.unflatten_dict(flat, sep="/")
+  groups = _groups(rules, scanned)
+  missing = sorted(p for p in set(target) - set(groups) if not fresh(p))
+  unknown = sorted(set(groups) - set(target))
+  if missing or unknown:
+    raise ConfigError(f"{directory}: the {config['model_type']} checkpoint does not fit the "
+                      f"model (no tensor for {some_names(missing)}; no variable for "
+                      f"{some_names(unknown)})")
+  return {path: _place(path, layers, target[path], shardings[path], reader, names,
+                       target[path].dtype if isinstance(dtype, str) and dtype == "model"
+                       else dtype)
+          for path, layers in groups.items() if not fresh(path)}
 
 
 def _shardings(abstract: Any, mesh: Mesh | None, parallel_config: Any) -> dict[str, Sharding]:

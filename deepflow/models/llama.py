@@ -165,6 +165,9 @@ class LlamaBlock(nn.Module):
 class Llama(nn.Module):
   """Llama-family causal language model: tokens (B, T) -> logits (B, T, vocab_size).
 
+  The logits cover the whole vocabulary, tied head or not: a pretrained model keeps its
+  vocabulary when fine-tuned on data that uses part of it (``num_outputs``, the data's
+  vocabulary, only has to fit inside: the language-model task checks it).
   ``head_dim`` 0 means ``d_model // num_heads``; ``num_kv_heads`` 0 means ``num_heads``;
   ``sliding_window`` 0 attends to the whole prefix. ``max_len`` bounds the key/value cache
   (rotary positions themselves have no table)."""
@@ -242,4 +245,4 @@ class Llama(nn.Module):
     h = nn.RMSNorm(self.norm_eps, name="final_norm")(h)
     if self.tie_embeddings:
       return table.attend(h)
-    return nn.Dense(self.num_outputs, use_bias=False, name="head")(h)
+    return nn.Dense(self.vocab_size, use_bias=False, name="head")(h)

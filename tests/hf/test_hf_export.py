@@ -1,6 +1,6 @@
 """deepflow models out as Hugging Face checkpoints: written tensors are transformers' own
-(name, layout, value: checked against the fixtures transformers saved), shards get an index, and
-a trained run (LoRA merged) exports and loads back with its logits."""
+(name, layout, value: checked against the fixtures transformers saved) and shards get an index.
+A trained run's export is tests/hf/test_hf_finetune.py's."""
 import json
 import os
 
@@ -9,11 +9,8 @@ import numpy as np
 import pytest
 
 import deepflow
-from deepflow import config as config_lib
 from deepflow.hf import export as hf_export, files
 from deepflow.registry import ConfigError
-from deepflow.train.experiment import Experiment
-from tests.helpers import experiment, tiny
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "hf")
 
@@ -57,29 +54,3 @@ def test_models_without_a_transformers_family_are_one_line(tmp_path):
                                         "positions='sinusoidal'") as info:
     hf_export.write_pretrained(model, {}, str(tmp_path))
   assert "\n" not in str(info.value) and not os.listdir(tmp_path)
-
-
-def test_trained_run_with_lora_exports_and_loads_back(tmp_path, data_dir):
-  """A llama trained 2 steps with LoRA on the bundled text, exported (`deepflow export --format
-  hf`'s function): the checkpoint gives the run's own logits (adapters merged) and carries the
-  run's tokenizer files."""
-  config = experiment("text_transformer")[1].get_config()
-  config.model = dict(name="llama", d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=48,
-                      max_len=128, lora=dict(rank=2, alpha=1.0, targets=r"attn/(q|v)/kernel$"))
-  config = config_lib.finalize(config, [
-      *tiny(data_dir, steps=2), "train.eval_every=0", "data.batch_size=8",
-      "data.eval_split='test[:2%]'", "optimizer.warmup_steps=0", "optimizer.learning_rate=0.01"])
-  workdir, out = str(tmp_path / "run"), str(tmp_path / "hf")
-  deepflow.train_and_evaluate(config, workdir)
-  (tmp_path / "run" / "tokenizer.json").write_text("{}")
-  written, step = hf_export.export_run(workdir, out)
-  assert step == 2 and "tokenizer.json" in written and os.path.isfile(f"{out}/tokenizer.json")
-  exp, state, _, _ = Experiment.from_workdir(workdir)
-  tokens = np.arange(24, dtype=np.int32).reshape(2, 12) % exp.task.model.vocab_size
-  expected, _ = exp.task.apply(state.params, state.model_state, tokens, None, train=False)
-  q = state.params["block0"]["attn"]["q"]
-  merged = exp.task.model_params(state.params)["block0"]["attn"]["q"]["kernel"]
-  assert np.abs(merged - q["kernel"]).max() > 1e-3  # the adapters moved: merging matters
-  model, variables = deepflow.load_pretrained(out)
-  assert model.vocab_size == exp.task.model.vocab_size
-  np.testing.assert_allclose(model.apply(variables, tokens), expected, rtol=0, atol=1e-5)
