@@ -84,3 +84,20 @@ def test_finetuned_run_with_lora_exports_and_loads_back(tmp_path, data_dir, chec
   assert np.abs(merged - state.params["block0"]["attn"]["q"]["kernel"]).max() > 1e-3
   model, variables = deepflow.load_pretrained(out)
   np.testing.assert_allclose(model.apply(variables, tokens), expected, rtol=0, atol=1e-5)
+
+
+def test_finetune_experiment_trains_from_its_checkpoint(tmp_path, monkeypatch, data_dir,
+                                                         checkpoint):
+  """experiments/hf_finetune.py with a tiny llama where its CHECKPOINT lies (relative to the
+  working directory), on the bundled characters instead of the checkpoint's tokenizer: the
+  model section is the checkpoint's, LoRA adapts q and v, two steps train."""
+  import shutil
+  path, module = experiment("hf_finetune")
+  monkeypatch.chdir(tmp_path)
+  shutil.copytree(checkpoint, module.CHECKPOINT)
+  config = deepflow.load_config(path, [
+      *tiny(data_dir, steps=2), "data.source=bundled:text", "data.tokenizer=''",
+      "data.eval_split='test[:2%]'", "train.eval_every=0", "train.checkpoint_every=0"])
+  assert config.model.name == "llama" and config.model.d_model == 32
+  metrics = deepflow.train_and_evaluate(config, "runs/hf_finetune")
+  assert np.isfinite(metrics["loss"])
