@@ -89,9 +89,9 @@ def header(path: str) -> dict[str, dict]:
 
 
 class Reader:
-  """Reads tensors by name from a checkpoint's files, one at a time into its own buffer (no
-  memory map keeps the file's pages: host memory holds the tensor being placed, not the
-  checkpoint)."""
+  """Reads tensors by name from a checkpoint's files, one at a time: each is a read-only map of
+  its own bytes, unmapped when the caller drops it, so host memory holds the tensor being
+  placed, not the checkpoint (and nothing is copied before the placement's own copy)."""
 
   def __init__(self, files: dict[str, str]):
     self.files = files
@@ -126,12 +126,11 @@ class Reader:
     if end - begin != count * dtype.itemsize:
       raise ConfigError(f"{path}: tensor {name!r} holds {end - begin} bytes, not the "
                         f"{count * dtype.itemsize} of {shape} {dtype}; {DOWNLOAD}")
-    with open(path, "rb") as f:
-      f.seek(start + begin)
-      data = np.fromfile(f, dtype=dtype, count=count)
-    if data.size != count:
+    if start + end > os.path.getsize(path):
       raise ConfigError(f"{path} is truncated (tensor {name!r}); {DOWNLOAD}")
-    return data.reshape(shape)
+    if not count:
+      return np.zeros(shape, dtype)
+    return np.memmap(path, dtype, mode="r", offset=start + begin, shape=shape)
 
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:

@@ -166,7 +166,6 @@ def _place(path: str, layers: list[tuple[int, WeightRule]], target: Any, shardin
 
 
 def _put(value: np.ndarray, sharding: Sharding) -> jax.Array:
-  """A host array on its devices; each piece is copied from the host buffer, which is then
-  free (nothing keeps a view of it)."""
-  fetch: Callable = lambda index: np.array(value[index])  # noqa: E731
-  return jax.make_array_from_callback(value.shape, sharding, fetch)
+  """A host array on its devices, each device given its piece (a view: JAX copies it, or on
+  CPU may keep the host buffer as the device's, which nothing changes afterwards)."""
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
