@@ -80,15 +80,16 @@ def full_stepper(model: nn.Module, variables: Any, prompt: jax.Array, total: int
   return prefill, advance
 
 
-def cached_stepper(model: nn.Module, variables: Any, rng: jax.Array) -> Stepper:
-  """With a cache: the transformer's key/value cache, or the RNN's carried state."""
+def cached_stepper(model: nn.Module, variables: Any, rng: jax.Array, total: int) -> Stepper:
+  """With a cache: the transformer's key/value cache, holding the ``total`` positions this
+  sampling fills (attention reads no slot past them), or the RNN's carried state."""
   if isinstance(model, RNN):
     def run(carries, tokens):
       logits, carries = model.apply(variables, tokens, carries=carries, return_carries=True)
       return logits[:, -1], carries
     return (lambda prompt: run(None, prompt)), (lambda state, tok: run(state, tok[:, None]))
 
-  decoder = model.clone(decode=True)
+  decoder = model.clone(decode=True, cache_len=total)
 
   def run(cache, tokens):
     logits, updated = decoder.apply({**variables, "cache": cache}, tokens, mutable=["cache"])
@@ -119,7 +120,7 @@ def sample(model: nn.Module, variables: Any, prompt: jax.Array, num_tokens: int,
   variables = {k: v for k, v in variables.items() if k != "cache"}
   total = prompt.shape[1] + num_tokens
   if use_cache:
-    prefill, advance = cached_stepper(model, variables, rng)
+    prefill, advance = cached_stepper(model, variables, rng, total)
   else:
     prefill, advance = full_stepper(model, variables, prompt, total)
   keys = jax.random.split(rng, num_tokens)

@@ -197,6 +197,7 @@ class Llama(nn.Module):
   remat_policy: str = "none"
   scan_layers: bool = False
   decode: bool = False
+  cache_len: int = 0               # decode: positions the key/value cache holds (0 = max_len)
 
   def attention_fields(self) -> dict:
     """The attention's fields, sizes resolved and checked."""
@@ -214,7 +215,8 @@ class Llama(nn.Module):
     return dict(num_heads=self.num_heads, num_kv_heads=kv_heads, head_dim=head_dim,
                 frequencies=tuple(frequencies.tolist()), qkv_bias=self.qkv_bias,
                 out_bias=self.out_bias, qk_norm=self.qk_norm, norm_eps=self.norm_eps,
-                window=self.sliding_window, decode=self.decode, cache_len=self.max_len)
+                window=self.sliding_window, decode=self.decode,
+                cache_len=self.cache_len or self.max_len)
 
   @nn.compact
   def __call__(self, x: jax.Array, segments: jax.Array | None = None,

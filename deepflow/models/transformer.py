@@ -100,6 +100,7 @@ class TransformerLM(nn.Module):
   norm_eps: float = 1e-6       # the LayerNorms' epsilon
   tie_embeddings: bool = False  # the head is the token embedding's transpose
   decode: bool = False
+  cache_len: int = 0           # decode: positions the key/value cache holds (0 = max_len)
 
   @nn.compact
   def __call__(self, x: jax.Array, segments: jax.Array | None = None,
@@ -123,6 +124,6 @@ class TransformerLM(nn.Module):
                     remat_policy="none" if self.decode else self.remat_policy, segments=segments,
                     num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout,
                     activation=self.activation, causal=True, decode=self.decode,
-                    cache_len=self.max_len, norm_eps=self.norm_eps)
+                    cache_len=self.cache_len or self.max_len, norm_eps=self.norm_eps)
     x = nn.LayerNorm(self.norm_eps, name="final_norm")(x)
     return table.attend(x) if table else nn.Dense(self.num_outputs, name="head")(x)
