@@ -15,7 +15,7 @@ from deepflow.models.llama import Llama
 from deepflow.registry import ConfigError
 from deepflow.train import init_from
 from deepflow.train.experiment import Experiment
-from tests.helpers import experiment, tiny
+from tests.helpers import deepflow_cli, experiment, tiny
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "hf")
 
@@ -59,9 +59,9 @@ def test_data_outside_the_vocabulary_is_one_line(data_dir):
 
 
 def test_finetuned_run_with_lora_exports_and_loads_back(tmp_path, data_dir, checkpoint):
-  """The run's first state holds the checkpoint's weights exactly; after 2 LoRA steps the
-  export (`deepflow export --format hf`'s function) gives the run's logits (adapters merged)
-  and carries the run's tokenizer files."""
+  """The run's first state holds the checkpoint's weights exactly; after 2 LoRA steps
+  `deepflow export --format hf` writes a checkpoint that gives the run's logits (adapters
+  merged) and carries the run's tokenizer files."""
   config = text_config(data_dir, checkpoint, "optimizer.learning_rate=0.01",
                        lora=dict(rank=2, alpha=1.0, targets=r"attn/(q|v)/kernel$"))
   exp = Experiment(config, None)
@@ -75,8 +75,10 @@ def test_finetuned_run_with_lora_exports_and_loads_back(tmp_path, data_dir, chec
   workdir, out = str(tmp_path / "run"), str(tmp_path / "hf")
   deepflow.train_and_evaluate(config, workdir)
   (tmp_path / "run" / "tokenizer.json").write_text("{}")
-  written, step = hf_export.export_run(workdir, out)
-  assert step == 2 and "tokenizer.json" in written and os.path.isfile(f"{out}/tokenizer.json")
+  done = deepflow_cli("export", "--workdir", workdir, "--format", "hf", "--out", out)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "exported step 2" in done.stdout and "tokenizer.json" in done.stdout
+  assert os.path.isfile(f"{out}/tokenizer.json")
   exp, state, _, _ = Experiment.from_workdir(workdir)
   tokens = np.arange(24, dtype=np.int32).reshape(2, 12) % 103
   expected, _ = exp.task.apply(state.params, state.model_state, tokens, None, train=False)
