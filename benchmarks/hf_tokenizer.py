@@ -23,7 +23,7 @@ from deepflow.data.bundled.text import corpus
 from dp_step import cpu_name  # noqa: E402  (benchmarks/ is the script's directory)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(ROOT, "tests", "fixtures", "hf", "tokenizers")
+FIXTURES = os.path.join(ROOT, "tests", "fixtures", "hf_tokenizers")
 
 
 def contenders(texts: list[str]) -> dict:

@@ -13,7 +13,8 @@ __version__ = "0.1.0"
 # TFDS) that ``train_and_evaluate`` brings; ``deepflow.privacy`` loads dp-accounting and
 # ``deepflow.explain`` matplotlib.
 _LAZY_NAMES = {"base_config": "deepflow.config", "load_config": "deepflow.config",
-               "train_and_evaluate": "deepflow.train.loop"}
+               "train_and_evaluate": "deepflow.train.loop",
+               "load_pretrained": "deepflow.hf.load"}
 _LAZY_MODULES = ("config", "explain", "privacy")
 
 

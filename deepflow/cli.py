@@ -251,11 +251,12 @@ def _sweep(overrides: list[str]) -> None:
 flags.DEFINE_string("out", None, "export: directory to write the inference artifact to.")
 flags.DEFINE_list("platforms", ["cpu", "cuda", "tpu"], "export: platforms the artifact is "
                   "lowered for.")
-flags.DEFINE_enum("format", "stablehlo", ["stablehlo", "safetensors", "onnx"], "export: "
+flags.DEFINE_enum("format", "stablehlo", ["stablehlo", "safetensors", "hf", "onnx"], "export: "
                   "'stablehlo' (an inference artifact for `deepflow predict`), 'safetensors' (the "
-                  "weights under flat names, LoRA merged; --out FILE.safetensors or a directory) "
-                  "or 'onnx' (DIR/model.onnx for ONNX Runtime; `deepflow predict` runs it without "
-                  "JAX; needs deepflow[edge]).")
+                  "weights under flat names, LoRA merged; --out FILE.safetensors or a directory), "
+                  "'hf' (a Hugging Face checkpoint directory that transformers loads) or 'onnx' "
+                  "(DIR/model.onnx for ONNX Runtime; `deepflow predict` runs it without JAX; needs "
+                  "deepflow[edge]).")
 flags.DEFINE_enum("quantize", None, ["int8"], "export: int8 weights, activations quantized at "
                   "run time (qwix for stablehlo, ONNX Runtime for onnx); eval: also report the "
                   "metrics of the int8 model (qwix) beside the float ones.")
@@ -271,13 +272,22 @@ def _export(overrides: list[str]) -> None:
   """Write a run's inference artifact (StableHLO, weights, preprocessing, signature.json).
 
   With --format safetensors: its weights only, as named tensors (LoRA adapters merged), which
-  model.init_from and the safetensors library read. With --format onnx: DIR/model.onnx and
-  signature.json. --quantize int8: the int8 model, in either format."""
+  model.init_from and the safetensors library read. With --format hf: a Hugging Face checkpoint
+  (config.json, safetensors, the run's tokenizer files) for transformers and load_pretrained.
+  With --format onnx: DIR/model.onnx and signature.json. --quantize int8: the int8 model, as
+  stablehlo or onnx."""
   out = _require("out")
-  if FLAGS.quantize and FLAGS.format == "safetensors":
-    _fail("--quantize writes an inference artifact (--format stablehlo or onnx), not "
-          "safetensors", 2)
+  if FLAGS.quantize and FLAGS.format in ("safetensors", "hf"):
+    _fail(f"--quantize writes an inference artifact (--format stablehlo or onnx), not "
+          f"{FLAGS.format}", 2)
   from deepflow import export
+  if FLAGS.format == "hf":
+    from deepflow.hf import export as hf_export
+    written, step = hf_export.export_run(_require("workdir"), out, overrides=overrides,
+                                         checkpoint=FLAGS.checkpoint)
+    print(f"exported step {step} of {FLAGS.workdir} as a Hugging Face checkpoint to {out}: "
+          f"{', '.join(written)}")
+    return
   if FLAGS.format == "onnx":
     from deepflow import export_onnx
     signature = export_onnx.export_onnx(_require("workdir"), out, overrides=overrides,

@@ -39,7 +39,9 @@ def base_config() -> ConfigDict:
       "name": "mlp",                # see the model registry
       "init_from": "",              # start from trained weights (deepflow.train.init_from): a run 'RUN',
                                     # 'RUN:STEP' or 'RUN:best', an Orbax checkpoint directory, a
-                                    # .safetensors or .npz file; '' = a fresh initialisation
+                                    # .safetensors or .npz file, 'hf:DIR' a Hugging Face
+                                    # checkpoint (which sets the model's name and fields);
+                                    # '' = a fresh initialisation
       "init_map": [],               # [(regex, replacement), ...]: renames the source's tensor
                                     # names ('params/...', 'batch_stats/...'), in order
       "init_skip": "",              # regex: parameters left freshly initialised (and source
@@ -266,6 +268,10 @@ def _with_defaults(config: ConfigDict) -> ConfigDict:
   merged = base_config()
   _merge(merged, config)
   _fill(merged.model, {k: v for k, v in base_config().model.items() if k in TRANSFER_KEYS})
+  if str(merged.model.init_from).startswith("hf:"):  # the checkpoint's architecture
+    from deepflow.hf import section
+    section.fill_model_section(merged.model)
+    section.fill_tokenizer(merged.data, merged.model)
   if merged.model.name in MODELS:
     for key, value in model_options(MODELS.get(merged.model.name)).items():
       if key not in merged.model:

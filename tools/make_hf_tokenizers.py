@@ -1,4 +1,4 @@
-"""Writes tests/fixtures/hf/tokenizers/{gpt2_bpe,llama_bpe}/, once: two small Hugging Face
+"""Writes tests/fixtures/hf_tokenizers/{gpt2_bpe,llama_bpe}/, once: two small Hugging Face
 tokenizers trained with the ``tokenizers`` library on the bundled text (Python's help topics),
 laid out as a model directory has them (``tokenizer.json``, ``tokenizer_config.json``), and what
 ``transformers`` reads from each directory (``transformers_reference.json``: the special ids and
@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from deepflow.data.bundled.text import corpus  # noqa: E402  (after the path is set)
 
-OUT = os.path.join(ROOT, "tests", "fixtures", "hf", "tokenizers")
+OUT = os.path.join(ROOT, "tests", "fixtures", "hf_tokenizers")
 VOCAB = 1000
 SAMPLES = ["The for statement is used to iterate over the elements of a sequence.",
            "  leading spaces, tabs\tand\r\nline ends  ", "naïve café, 日本語, emoji 🤖",

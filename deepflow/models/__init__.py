@@ -8,7 +8,7 @@ layers draw from the ``'dropout'`` RNG stream; mutable state (batch norm) lives 
 import dataclasses
 from typing import Any
 
-from deepflow.models import cnn, contrastive, decoding, gan, layers, lora, mlp, resnet, rnn, transformer, vit  # noqa: F401,E501  (registration)
+from deepflow.models import cnn, contrastive, decoding, gan, layers, llama, lora, mlp, resnet, rnn, transformer, vit  # noqa: F401,E501  (registration)
 
 
 # The model section's keys that are not the architecture's fields: where its weights start

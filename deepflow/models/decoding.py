@@ -1,5 +1,5 @@
 """Autoregressive decoding: sampling tokens from deepflow's language models (``transformer_lm``,
-and ``rnn`` with ``per_step=True``).
+``llama``, and ``rnn`` with ``per_step=True``).
 
 The prompt is consumed in one call (prefill), then one token per step inside ``lax.scan``, so
 ``sample`` compiles to one program; wrap it as
@@ -14,9 +14,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from deepflow.models.llama import Llama
 from deepflow.models.rnn import RNN
 from deepflow.models.transformer import TransformerLM
 from deepflow.registry import ConfigError
+
+# Decoders with a key/value cache (a ``decode`` field) bounded by their ``max_len``.
+CACHED = (TransformerLM, Llama)
 
 # prefill(prompt) -> (last logits, state); advance(state, token) -> (logits, state)
 Stepper = tuple[Callable[[jax.Array], tuple[jax.Array, Any]],
@@ -37,13 +41,13 @@ def choose(logits: jax.Array, rng: jax.Array, temperature: float, top_k: int) ->
 
 def check_lm(model: nn.Module, prompt: jax.Array, num_tokens: int) -> None:
   """ConfigError unless ``model`` can generate ``num_tokens`` after ``prompt`` (B, T) ints."""
-  if isinstance(model, TransformerLM):
+  if isinstance(model, CACHED):
     vocab = model.vocab_size
   elif isinstance(model, RNN) and model.per_step and not model.bidirectional:
     vocab = model.vocab_size
   else:
-    raise ConfigError(f"sample needs a generative language model (transformer_lm, or rnn with "
-                      f"per_step=True), got {type(model).__name__}")
+    raise ConfigError(f"sample needs a generative language model (transformer_lm, llama, or rnn "
+                      f"with per_step=True), got {type(model).__name__}")
   if vocab < model.num_outputs:
     raise ConfigError(f"sample needs token inputs with vocab_size >= num_outputs, got "
                       f"vocab_size={vocab}, num_outputs={model.num_outputs}")
@@ -53,7 +57,7 @@ def check_lm(model: nn.Module, prompt: jax.Array, num_tokens: int) -> None:
   if num_tokens < 0:
     raise ConfigError(f"num_tokens must be >= 0, got {num_tokens}")
   total = prompt.shape[1] + num_tokens
-  if isinstance(model, TransformerLM) and total > model.max_len:
+  if isinstance(model, CACHED) and total > model.max_len:
     raise ConfigError(f"prompt length {prompt.shape[1]} + num_tokens {num_tokens} = {total} "
                       f"exceeds the model's max_len {model.max_len}")
 
@@ -76,15 +80,16 @@ def full_stepper(model: nn.Module, variables: Any, prompt: jax.Array, total: int
   return prefill, advance
 
 
-def cached_stepper(model: nn.Module, variables: Any, rng: jax.Array) -> Stepper:
-  """With a cache: the transformer's key/value cache, or the RNN's carried state."""
+def cached_stepper(model: nn.Module, variables: Any, rng: jax.Array, total: int) -> Stepper:
+  """With a cache: the transformer's key/value cache, holding the ``total`` positions this
+  sampling fills (attention reads no slot past them), or the RNN's carried state."""
   if isinstance(model, RNN):
     def run(carries, tokens):
       logits, carries = model.apply(variables, tokens, carries=carries, return_carries=True)
       return logits[:, -1], carries
     return (lambda prompt: run(None, prompt)), (lambda state, tok: run(state, tok[:, None]))
 
-  decoder = model.clone(decode=True)
+  decoder = model.clone(decode=True, cache_len=total)
 
   def run(cache, tokens):
     logits, updated = decoder.apply({**variables, "cache": cache}, tokens, mutable=["cache"])
@@ -115,7 +120,7 @@ def sample(model: nn.Module, variables: Any, prompt: jax.Array, num_tokens: int,
   variables = {k: v for k, v in variables.items() if k != "cache"}
   total = prompt.shape[1] + num_tokens
   if use_cache:
-    prefill, advance = cached_stepper(model, variables, rng)
+    prefill, advance = cached_stepper(model, variables, rng, total)
   else:
     prefill, advance = full_stepper(model, variables, prompt, total)
   keys = jax.random.split(rng, num_tokens)

@@ -233,49 +233,54 @@ REMAT_POLICIES = ("none", "full", *sorted(
     name for name in dir(jax.checkpoint_policies) if name.endswith("saveable")))
 
 
-def transformer_block(remat_policy: str = "none") -> type[TransformerBlock]:
-  """The block class, wrapped in ``nn.remat`` unless ``remat_policy`` is 'none': 'full'
+def transformer_block(remat_policy: str = "none", cls: type[nn.Module] = TransformerBlock
+                      ) -> type[nn.Module]:
+  """The block class ``cls``, wrapped in ``nn.remat`` unless ``remat_policy`` is 'none': 'full'
   recomputes every activation in the backward pass, a ``jax.checkpoint_policies`` name (e.g.
   'dots_saveable': keep matmul outputs) recomputes only what the policy does not save."""
   if remat_policy not in REMAT_POLICIES:
     raise ConfigError(f"unknown remat_policy {remat_policy!r}; known: {', '.join(REMAT_POLICIES)}")
   if remat_policy == "none":
-    return TransformerBlock
+    return cls
   policy = None if remat_policy == "full" else getattr(jax.checkpoint_policies, remat_policy)
-  return nn.remat(TransformerBlock, static_argnums=(2,), policy=policy)
+  return nn.remat(cls, static_argnums=(2,), policy=policy)
 
 
 class _ScannedBlock(nn.Module):
-  """One block as a ``nn.scan`` body: (carry, segments) -> (carry, what a listener kept in it:
-  ``scan_taps``)."""
+  """One block as a ``nn.scan`` body: (carry, segments, *extra) -> (carry, what a listener
+  kept in it: ``scan_taps``)."""
   block: dict
   remat_policy: str
   train: bool
+  block_cls: type = TransformerBlock
 
   @nn.compact
-  def __call__(self, x: jax.Array, segments: jax.Array | None) -> tuple[jax.Array, dict]:
-    block = transformer_block(self.remat_policy)(**self.block, name="block")
+  def __call__(self, x: jax.Array, segments: jax.Array | None,
+               *extra: jax.Array) -> tuple[jax.Array, dict]:
+    block = transformer_block(self.remat_policy, self.block_cls)(**self.block, name="block")
     with scan_taps.body() as kept:  # values a listener keeps (none without one)
-      x = block(x, self.train, segments)
+      x = block(x, self.train, segments, *extra)
     return x, kept
 
 
 def block_stack(x: jax.Array, train: bool, *, num_layers: int, scan: bool, remat_policy: str,
-                segments: jax.Array | None = None, **block) -> jax.Array:
-  """``num_layers`` transformer blocks (fields ``block``) applied in turn; call inside a compact
-  method. With ``scan`` one block is traced and ``nn.scan`` repeats it over parameters stacked
-  on a leading layer axis (``blocks/block/...``): compile time stays flat with depth; what a
-  listener keeps inside the body leaves as its stacked outputs (``scan_taps``). Otherwise each
-  block is its own submodule ``block{i}``. ``segments``: see ``SelfAttention``."""
+                segments: jax.Array | None = None, block_cls: type = TransformerBlock,
+                extra: tuple = (), **block) -> jax.Array:
+  """``num_layers`` blocks (``block_cls``, called ``(x, train, segments, *extra)``; fields
+  ``block``) applied in turn; call inside a compact method. With ``scan`` one block is traced
+  and ``nn.scan`` repeats it over parameters stacked on a leading layer axis
+  (``blocks/block/...``): compile time stays flat with depth; what a listener keeps inside the
+  body leaves as its stacked outputs (``scan_taps``). Otherwise each block is its own
+  submodule ``block{i}``. ``segments``: see ``SelfAttention``."""
   if not scan:
-    cls = transformer_block(remat_policy)
+    cls = transformer_block(remat_policy, block_cls)
     for i in range(num_layers):
-      x = cls(**block, name=f"block{i}")(x, train, segments)
+      x = cls(**block, name=f"block{i}")(x, train, segments, *extra)
     return x
   stack = nn.scan(_ScannedBlock, variable_axes={"params": 0, "cache": 0},
                   split_rngs={"params": True, "dropout": True}, in_axes=nn.broadcast,
                   length=num_layers)
-  x, kept = stack(block, remat_policy, train, name="blocks")(x, segments)
+  x, kept = stack(block, remat_policy, train, block_cls, name="blocks")(x, segments, *extra)
   scan_taps.emit(kept)
   return x
 

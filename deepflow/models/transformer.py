@@ -18,14 +18,16 @@ from deepflow.registry import ConfigError, MODELS
 POOLINGS = ("mean", "cls")
 
 
-def embed_inputs(x: jax.Array, vocab_size: int, d_model: int) -> jax.Array:
-  """Tokens (B, T) through an embedding table, or float features projected to ``d_model``.
+def embed_inputs(x: jax.Array, vocab_size: int, d_model: int,
+                 table: nn.Embed | None = None) -> jax.Array:
+  """Tokens (B, T) through an embedding table (``table``, or a new one), or float features
+  projected to ``d_model``.
 
   Call inside a compact method; the created submodule is named ``embed``."""
   if vocab_size > 0:
     if not jnp.issubdtype(x.dtype, jnp.integer):
       raise ConfigError(f"vocab_size={vocab_size} expects int tokens, got {x.dtype} inputs")
-    return nn.Embed(vocab_size, d_model, name="embed")(x)
+    return (table or nn.Embed(vocab_size, d_model, name="embed"))(x)
   return nn.Dense(d_model, name="embed")(as_sequence(x))
 
 
@@ -78,7 +80,11 @@ class TransformerLM(nn.Module):
 
   Packed rows (``deepflow.data.packing``) pass ``segments`` (B, T): a token attends only to
   earlier tokens of its own segment (document; 0 is padding), and ``positions`` (B, T): its
-  position inside that segment, so each document is computed as if it were alone."""
+  position inside that segment, so each document is computed as if it were alone.
+
+  ``tie_embeddings``: the head is the token embedding's transpose (no bias; logits over the
+  ``vocab_size`` tokens), as in GPT-2, which is this model with ``norm_eps=1e-5``
+  (``deepflow.hf.gpt2``)."""
   num_outputs: int
   vocab_size: int = 0
   d_model: int = 64
@@ -91,7 +97,10 @@ class TransformerLM(nn.Module):
   dropout: float = 0.0
   remat_policy: str = "none"   # none, full, or a jax.checkpoint_policies name (dots_saveable)
   scan_layers: bool = False    # nn.scan over the blocks: stacked parameters, flat compile time
+  norm_eps: float = 1e-6       # the LayerNorms' epsilon
+  tie_embeddings: bool = False  # the head is the token embedding's transpose
   decode: bool = False
+  cache_len: int = 0           # decode: positions the key/value cache holds (0 = max_len)
 
   @nn.compact
   def __call__(self, x: jax.Array, segments: jax.Array | None = None,
@@ -105,13 +114,16 @@ class TransformerLM(nn.Module):
       if ready:
         offset = position.value
         position.value = offset + x.shape[1]
-    x = embed_inputs(x, self.vocab_size, self.d_model)
+    if self.tie_embeddings and self.vocab_size <= 0:
+      raise ConfigError("transformer_lm: tie_embeddings needs token inputs (vocab_size > 0)")
+    table = nn.Embed(self.vocab_size, self.d_model, name="embed") if self.tie_embeddings else None
+    x = embed_inputs(x, self.vocab_size, self.d_model, table)
     x = PositionalEmbedding(self.positions, self.max_len, name="positions")(x, offset, positions)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = block_stack(x, train, num_layers=self.num_layers, scan=self.scan_layers,
                     remat_policy="none" if self.decode else self.remat_policy, segments=segments,
                     num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout,
                     activation=self.activation, causal=True, decode=self.decode,
-                    cache_len=self.max_len)
-    x = nn.LayerNorm(name="final_norm")(x)
-    return nn.Dense(self.num_outputs, name="head")(x)
+                    cache_len=self.cache_len or self.max_len, norm_eps=self.norm_eps)
+    x = nn.LayerNorm(self.norm_eps, name="final_norm")(x)
+    return table.attend(x) if table else nn.Dense(self.num_outputs, name="head")(x)

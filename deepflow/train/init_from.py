@@ -12,6 +12,8 @@ The source is one of:
   FILE.safetensors, FILE.npz            named tensors (``deepflow export --format safetensors``
                                         writes them; ``model.init_layout='pytorch'`` reads a
                                         PyTorch state_dict)
+  hf:DIR                                a Hugging Face checkpoint, which also gives the model
+                                        section (``deepflow.hf.finetune``)
 
 Tensors are fitted by name (``deepflow.weights.matching``: ``model.init_map``, ``model.init_skip``,
 one-line errors). Parameters and batch statistics are loaded; the step, the optimizer state
@@ -52,6 +54,11 @@ def initial_state(exp: Experiment) -> TrainState:
   model = exp.config.model
   if not model.init_from:
     return exp.init_state()
+  if model.init_from.startswith("hf:"):  # a Hugging Face checkpoint: deepflow.hf.finetune
+    from deepflow.hf import finetune
+    return exp.init_state(finetune.initial_variables(
+        model, variables(exp.abstract_state), variables(exp.shardings),
+        scanned=getattr(exp.task.model, "scan_layers", False), lora=exp.update.lora is not None))
   tensors = read_source(model.init_from)
   if model.init_layout == "pytorch":
     tensors = pytorch.from_state_dict(tensors)

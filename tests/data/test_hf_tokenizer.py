@@ -15,8 +15,7 @@ from deepflow.data import hf_tokenizer, packing, tokenizers
 from deepflow.data.bundled.text import corpus
 from deepflow.registry import ConfigError
 
-FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "hf",
-                        "tokenizers")
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "hf_tokenizers")
 NAMES = ("gpt2_bpe", "llama_bpe")
 UNICODE = [
     "naïve café, déjà vu, Ærøskøbing", "日本語のテキストと漢字", "한국어 문장", "Ελληνικά κείμενα",

@@ -23,7 +23,7 @@ from deepflow.train.experiment import Experiment
 from tests.helpers import deepflow_cli, write_experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
-GPT2_TOKENIZER = os.path.join(ROOT, "tests", "fixtures", "hf", "tokenizers", "gpt2_bpe")
+GPT2_TOKENIZER = os.path.join(ROOT, "tests", "fixtures", "hf_tokenizers", "gpt2_bpe")
 
 
 def paragraphs() -> list[tuple[str, str]]:
