@@ -20,6 +20,7 @@ from deepflow.models import model_options
 from deepflow.models.resnet import ResNet
 
 MODEL_TYPES = ("resnet",)
+HEAD = vision.HEAD  # started fresh on another label set
 ARCHITECTURE = "ResNetForImageClassification"
 LAYER_TYPES = {"basic": 1, "bottleneck": 4}  # -> output channels per unit of block width
 UNUSED = (r"\.num_batches_tracked$",)  # read by nothing: see fixed_tensors

@@ -12,6 +12,8 @@ from deepflow.registry import ConfigError
 ACTIVATIONS = {"gelu": "gelu_exact", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu",
                "relu": "relu", "silu": "silu", "swish": "silu", "tanh": "tanh",
                "sigmoid": "sigmoid"}
+# The classifier's variables: a run on another label set starts them fresh (deepflow.hf.finetune).
+HEAD = r"^params/head/"
 HF_ACTIVATIONS = {"gelu_exact": "gelu", "gelu": "gelu_new", "relu": "relu",
                   "silu": "silu", "tanh": "tanh", "sigmoid": "sigmoid"}
 

@@ -20,6 +20,7 @@ from deepflow.models import model_options
 from deepflow.models.vit import ViT
 
 MODEL_TYPES = ("vit",)
+HEAD = vision.HEAD  # started fresh on another label set
 ARCHITECTURE = "ViTForImageClassification"
 
 

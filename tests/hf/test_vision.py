@@ -136,3 +136,29 @@ def test_resnet_layout_remats():
   model = build(family, config, remat=True)
   logits = jax.jit(model.apply)(load(family, config, tensors), reference["images"])
   np.testing.assert_allclose(logits, reference["logits"], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["resnet_basic", "vit_no_qkv_bias"])
+def test_a_new_label_set_starts_a_fresh_head(name, caplog):
+  """init_from='hf:DIR' on a dataset with other classes: every variable but the classifier's
+  is the checkpoint's, the head starts fresh and the log says so; on the checkpoint's own
+  classes the head is loaded too."""
+  import types
+  from jax.sharding import SingleDeviceSharding
+  from deepflow.hf import finetune
+  family, config, tensors, _ = read(name)
+  checkpoint = traverse_util.flatten_dict(load(family, config, tensors), sep="/")
+  section = types.SimpleNamespace(init_from=f"hf:{os.path.join(FIXTURES, name)}", init_skip="")
+  one = SingleDeviceSharding(jax.devices()[0])
+  theirs = family.model_section(config)["num_outputs"]
+  for outputs, fresh in ((theirs + 2, ["params/head/bias", "params/head/kernel"]), (theirs, [])):
+    caplog.clear()
+    model = build(family, config, num_outputs=outputs)
+    target = traverse_util.flatten_dict(
+        jax.eval_shape(model.init, jax.random.key(0), family.example_inputs(config)), sep="/")
+    loaded = finetune.initial_variables(section, target, dict.fromkeys(target, one),
+                                        scanned=False, lora=False)
+    assert sorted(set(target) - set(loaded)) == fresh
+    for path, value in loaded.items():
+      np.testing.assert_array_equal(value, checkpoint[path], err_msg=path)
+    assert (f"new classifier head of {outputs} outputs" in caplog.text) == bool(fresh)
