@@ -14,7 +14,10 @@ Export:  deepflow export --workdir runs/hf_finetune --format hf --out exported/s
 
 ``model.init_from='hf:DIR'`` sets the whole model section from DIR/config.json (no sizes are
 typed here) and the first state from its weights; ``data.tokenizer='hf:DIR'`` tokenizes with
-the checkpoint's own tokenizer, so the data's ids are the model's. Another checkpoint of a
+the checkpoint's own tokenizer, so the data's ids are the model's (with ``init_from='hf:DIR'``
+it is the default when DIR has a tokenizer.json). A prepared TFDS text corpus instead of the
+bundled one: ``--config.data.source=tfds:wikitext/wikitext-103-raw-v1`` (``deepflow data
+prepare`` it first; ``data.text_feature`` names its text feature). Another checkpoint of a
 supported family (GPT-2, Llama, Mistral, Qwen2, Qwen3, TinyLlama) is another ``CHECKPOINT``.
 Not measured here: this machine has no network for the weights.
 """

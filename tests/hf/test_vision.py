@@ -162,3 +162,31 @@ def test_a_new_label_set_starts_a_fresh_head(name, caplog):
     for path, value in loaded.items():
       np.testing.assert_array_equal(value, checkpoint[path], err_msg=path)
     assert (f"new classifier head of {outputs} outputs" in caplog.text) == bool(fresh)
+
+
+def test_vit_finetune_experiment_trains_a_new_head(tmp_path, monkeypatch, image_data_dir,
+                                                   caplog):
+  """experiments/hf_vit_finetune.py with a tiny ViT where its CHECKPOINT lies, on generated
+  16x16 JPEGs of 10 classes (the checkpoint has 5): the model section is the checkpoint's, the
+  head starts fresh, two steps train, and the accuracy is the restored model's."""
+  import importlib.util
+  import shutil
+  import deepflow
+  from tests.helpers import reference_accuracy
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "experiments",
+                      "hf_vit_finetune.py")
+  spec = importlib.util.spec_from_file_location("hf_vit_finetune", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  monkeypatch.chdir(tmp_path)
+  shutil.copytree(os.path.join(FIXTURES, "vit_base_layout"), module.CHECKPOINT)
+  config = deepflow.load_config(path, [
+      "data.source=tfds:gen_jpeg", f"data.data_dir={image_data_dir}", "data.batch_size=16",
+      "data.eval_batch_size=32", "data.transforms=[{'name': 'resize', 'size': (16, 16)}, "
+      "{'name': 'minmax', 'per': 'global', 'low': -1.0, 'high': 1.0}]", "train.steps=2",
+      "train.eval_every=0", "train.checkpoint_every=0", "train.progress=False",
+      "train.compute_dtype=float32", "optimizer.warmup_steps=1"])
+  assert (config.model.name, config.model.image_size, config.model.split_qkv) == ("vit", 16, True)
+  metrics = deepflow.train_and_evaluate(config, "run")
+  assert "new classifier head of 10 outputs" in caplog.text
+  assert metrics["accuracy"] == pytest.approx(reference_accuracy("run"), abs=1e-6)
