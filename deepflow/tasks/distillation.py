@@ -3,7 +3,7 @@ and on a trained teacher's softened outputs.
 
 ``task.teacher`` is any deepflow run directory, reopened through ``Experiment.from_workdir``
 (its own config, so its own model: the teacher may have another architecture than the
-student); its parameters enter the train step as constants, so the teacher is evaluated inside
+student), which the experiment hands the task (``Task.open_runs``: tasks do not import train/); its parameters enter the train step as constants, so the teacher is evaluated inside
 the same jitted step on the same batch (no second pass over the data), is never in the optimizer
 state and is never trained. The teacher run must exist whenever the student's experiment is
 built (training, and the commands that reopen the student's run).
@@ -47,18 +47,20 @@ class Distillation(Classification):
   def __init__(self, config, spec):
     super().__init__(config, spec)
     self.temperature, self.hard_weight = _check_options(self.options)
-    self.teacher, self.teacher_params, self.teacher_state = self._load_teacher(
-        self.options["teacher"])
+    self.teacher = self.teacher_params = self.teacher_state = None  # set by ``open_runs``
 
-  def _load_teacher(self, teacher: str) -> tuple[Any, Any, Any]:
+  def open_runs(self, reopen):
+    self.teacher, self.teacher_params, self.teacher_state = self._load_teacher(
+        self.options["teacher"], reopen)
+
+  def _load_teacher(self, teacher: str, reopen) -> tuple[Any, Any, Any]:
     """(the teacher's task, its model parameters and model state on the host), checked to
     give this task's classes from its inputs."""
-    from deepflow.train.experiment import Experiment  # the experiment builds tasks
     if teacher.startswith(HF_PREFIX):
       raise ConfigError(f"task.teacher={teacher!r}: Hugging Face teachers need the hf: "
                         f"checkpoint loader, which this deepflow lacks; give a deepflow run")
     try:
-      exp, state, _, _ = Experiment.from_workdir(teacher)
+      exp, state, _, _ = reopen(teacher)
     except FileNotFoundError as e:
       raise ConfigError(f"task.teacher: {e}") from None
     other = exp.task

@@ -41,6 +41,7 @@ class Experiment:
     self.pipeline: DataPipeline = make_pipeline(config, workdir)
     self.early_stopping = early_stopping.from_config(config.regularizers)  # the loop's policy
     self.task = TASKS.get(config.task.name)(config, self.pipeline.spec)
+    self.task.open_runs(Experiment.from_workdir)  # e.g. a distillation teacher
     self.mesh = parallel.make_mesh(config.mesh, devices)
     # Around the task's objective: optimizer, frozen parameters, LoRA, DP-SGD, regularizers.
     self.update = build_update(config, self.task, config.train.steps)
