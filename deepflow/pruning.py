@@ -118,5 +118,10 @@ def layer_sparsity(params: PyTree, select: Selector) -> dict[str, jax.Array]:
   return metrics
 
 
+def is_pruned(config: Any) -> bool:
+  """Whether ``config`` lists the ``pruning`` regularizer (its export compresses the weights)."""
+  return any(dict(entry).get("name") == "pruning" for entry in config.regularizers)
+
+
 def _number(value) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)

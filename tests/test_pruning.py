@@ -3,13 +3,14 @@ pruned weights stay exactly zero, a run killed mid-schedule resumes bit-identica
 options are one-line errors."""
 import os
 import signal
+import zipfile
 
 import jax
 import numpy as np
 import pytest
 
 import deepflow
-from deepflow import parallel
+from deepflow import export, parallel, predict
 from deepflow.pruning import PruningState
 from deepflow.pytree import flatten
 from deepflow.registry import ConfigError
@@ -89,6 +90,24 @@ def test_a_pruned_run_killed_mid_schedule_resumes_bit_identically(tmp_path):
   assert int(got.step) == steps
   assert_bit_identical((want.params, want.opt_state), (got.params, got.opt_state))
   assert_masks_follow_schedule(got, 0.8, 50, 400, 25)
+  assert_export_compresses_the_zeros(workdir, str(tmp_path / "artifact"))
+
+
+def assert_export_compresses_the_zeros(workdir, out):
+  """The artifact's weights.npz deflates a pruned run's zeros and stores the kernels exactly;
+  ``deepflow.predict`` reads it as it is."""
+  export.export(workdir, out, platforms=("cpu",))
+  with zipfile.ZipFile(os.path.join(out, "weights.npz")) as archive:
+    infos = archive.infolist()
+  assert all(info.compress_type == zipfile.ZIP_DEFLATED for info in infos)
+  assert sum(i.compress_size for i in infos) < 0.6 * sum(i.file_size for i in infos)
+  stored = dict(np.load(os.path.join(out, "weights.npz")))
+  exp, state, _, _ = Experiment.from_workdir(workdir)
+  kernel = flatten(jax.device_get(state.params))["Dense_0/kernel"]
+  [name] = [k for k in stored if k.endswith("Dense_0/kernel")]
+  np.testing.assert_array_equal(stored[name], kernel)
+  outputs = predict.load(out)(export.raw_example(exp))
+  assert outputs.shape == (1, 10) and np.all(np.isfinite(outputs))
 
 
 @pytest.mark.parametrize("options, message", [
