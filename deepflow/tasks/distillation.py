@@ -1,9 +1,10 @@
 """Knowledge distillation (Hinton et al., 2015): a classifier (the student) trained on its labels
 and on a trained teacher's softened outputs.
 
-``task.teacher`` is any deepflow run directory, reopened through ``Experiment.from_workdir``
-(its own config, so its own model: the teacher may have another architecture than the
-student), which the experiment hands the task (``Task.open_runs``: tasks do not import train/); its parameters enter the train step as constants, so the teacher is evaluated inside
+``task.teacher`` is any deepflow run directory, reopened through ``Experiment.from_workdir``,
+which the experiment hands the task (``Task.open_runs``: tasks do not import train/). The run
+brings its own config, so its own model: the teacher may have another architecture than the
+student. Its parameters enter the train step as constants, so the teacher is evaluated inside
 the same jitted step on the same batch (no second pass over the data), is never in the optimizer
 state and is never trained. The teacher run must exist whenever the student's experiment is
 built (training, and the commands that reopen the student's run).
