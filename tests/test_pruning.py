@@ -78,12 +78,12 @@ def test_a_pruned_run_killed_mid_schedule_resumes_bit_identically(tmp_path):
   process.send_signal(signal.SIGKILL)
   process.communicate()
   assert 150 <= logged_step(workdir) < steps
-  checkpointer = Checkpointer(workdir, read_only=True)
-  kept = checkpointer.manager.all_steps()
-  checkpointer.close()
-  for step in kept:  # the masks at every checkpoint the killed run left
-    assert_masks_follow_schedule(Experiment.from_workdir(workdir, checkpoint=step).state,
-                                 0.8, 50, 400, 25)
+  exp, checkpointer = Experiment(config, None), Checkpointer(workdir, read_only=True)
+  try:
+    for step in checkpointer.manager.all_steps():  # every checkpoint the killed run left
+      assert_masks_follow_schedule(exp.restore(checkpointer, step)[0], 0.8, 50, 400, 25)
+  finally:
+    checkpointer.close()
   loop.train_and_evaluate(config, workdir)
   want = Experiment.from_workdir(str(tmp_path / "reference"), checkpoint="latest").state
   got = Experiment.from_workdir(workdir, checkpoint="latest").state
