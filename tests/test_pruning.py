@@ -50,9 +50,16 @@ def assert_masks_follow_schedule(state, final, start, end, frequency):
 
 
 def test_masks_follow_the_schedule_and_pruned_weights_stay_zero():
+  """Under FSDP (kernels split over the 8 devices), each mask is sharded like its kernel."""
   prune = dict(name="pruning", sparsity=0.8, start_step=2, end_step=11, frequency=3)
-  exp = Experiment(tiny_config(regularizers=[prune], train__steps=14), None)
+  exp = Experiment(tiny_config("parallel.strategy='fsdp'", "parallel.fsdp_min_size=64",
+                               regularizers=[prune], train__steps=14), None)
   state = exp.init_state()
+  masks = flatten(pruning_state(state).masks)
+  for name, kernel in flatten(state.params).items():
+    if name.endswith("kernel"):
+      assert masks[name].sharding.is_equivalent_to(kernel.sharding, kernel.ndim)
+      assert not kernel.sharding.is_fully_replicated
   batch = parallel.global_batch(next(iter(exp.pipeline.eval_batches("test"))), exp.mesh)
   for _ in range(14):
     state, metrics = exp.train_step(state, batch)
