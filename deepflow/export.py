@@ -20,7 +20,7 @@ import numpy as np
 from flax import traverse_util
 
 import deepflow
-from deepflow import parallel
+from deepflow import parallel, pruning
 from deepflow.atomic import atomic_path, write_atomic
 from deepflow.data import sources, transforms as transforms_lib
 from deepflow.predict import (FORMAT, FORMAT_VERSION, MODEL_FILE, SIGNATURE_FILE,
@@ -134,7 +134,8 @@ def export(workdir: str, out: str, *, overrides: Iterable[str] = (),
   os.makedirs(out, exist_ok=True)
   write_atomic(os.path.join(out, MODEL_FILE), bytes(exported.serialize()))
   with atomic_path(os.path.join(out, WEIGHTS_FILE)) as tmp:
-    np.savez(tmp, **weights)
+    # A pruned model's zeros deflate (zip's own compression, which np.load reads as is).
+    (np.savez_compressed if pruning.is_pruned(exp.config) else np.savez)(tmp, **weights)
   signature = signature_of(exp, exported.in_avals[-1], exported.out_avals[0], example, step,
                            which, workdir)
   signature["platforms"] = list(exported.platforms)

@@ -237,13 +237,13 @@ def remat_table(exp, compiler_options=None) -> list[dict[str, Any]]:
 
 def _train_step_with(exp, remat_policy: str):
   """``exp``'s jitted train step (its XLA options too) with the model under ``remat_policy``."""
-  from deepflow.registry import TASKS
+  from deepflow.train.experiment import build_task
   if remat_policy == exp.config.model.remat_policy:
     return exp.train_step
   config = copy.deepcopy(exp.config)
   config.model.remat_policy = remat_policy
   return exp.compiled_train_step(exp.compiler_options,
-                                 TASKS.get(config.task.name)(config, exp.pipeline.spec))
+                                 build_task(config, exp.pipeline.spec))
 
 
 def format_remat(rows: list[dict[str, Any]], current: str | None) -> list[str]:

@@ -10,7 +10,9 @@ them combines into one record (``build_regularizers``), so they compose in any n
 - ``gradient``: an optax transformation on the raw gradients, first in the optimizer chain after
   clipping (gradient noise).
 - ``projection``: an optax transformation last in the optimizer chain that moves the updated
-  parameters onto a constraint set (max-norm).
+  parameters onto a constraint set (max-norm, pruning's masks).
+- ``metrics(params) -> dict``: values of the updated parameters added to the train step's
+  metrics (pruning's sparsity per layer).
 
 ``early_stopping`` is listed here too, but it is a policy of the training loop, not of the step:
 it lives in ``deepflow.train.early_stopping``, which registers it.
@@ -29,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from deepflow import pruning as pruning_lib
 from deepflow.data import augment
 from deepflow.data.pipeline import INPUTS, TARGETS
 from deepflow.pytree import Selector, path_name
@@ -46,6 +49,7 @@ class Regularizer:
   penalty: Callable[[Any], jax.Array] | None = None
   gradient: optax.GradientTransformation | None = None
   projection: optax.GradientTransformation | None = None
+  metrics: Callable[[Any], dict[str, jax.Array]] | None = None
   # The parameter selections the hooks make, checked against the model once it is built.
   selectors: tuple[Selector, ...] = ()
 
@@ -74,6 +78,7 @@ def combine(parts: Sequence[Regularizer]) -> Regularizer:
   penalties = [p.penalty for p in parts if p.penalty]
   gradients = [p.gradient for p in parts if p.gradient]
   projections = [p.projection for p in parts if p.projection]
+  metric_fns = [p.metrics for p in parts if p.metrics]
 
   def batch(b, rng, num_classes):
     for i, fn in enumerate(batch_fns):
@@ -83,11 +88,15 @@ def combine(parts: Sequence[Regularizer]) -> Regularizer:
   def penalty(params):
     return sum(fn(params) for fn in penalties)
 
+  def metrics(params):
+    return {k: v for fn in metric_fns for k, v in fn(params).items()}
+
   return Regularizer(
       batch=batch if batch_fns else None,
       penalty=penalty if penalties else None,
       gradient=optax.chain(*gradients) if gradients else None,
       projection=optax.chain(*projections) if projections else None,
+      metrics=metrics if metric_fns else None,
       selectors=tuple(s for p in parts for s in p.selectors))
 
 
@@ -284,3 +293,21 @@ def max_norm(limit: float = 3.0, params: str = r"kernel$") -> Regularizer:
   _non_negative("max_norm", limit=limit)
   select = _selector("max_norm", params)
   return Regularizer(projection=max_norm_projection(limit, select), selectors=(select,))
+
+
+@_register("pruning")
+def pruning(sparsity: float, end_step: int, start_step: int = 0, frequency: int = 100,
+            initial_sparsity: float = 0.0, power: float = 3.0,
+            params: str = r"kernel$") -> Regularizer:
+  """Magnitude pruning (Zhu & Gupta, 2017; ``deepflow.pruning``): the kernels ``params`` selects
+  reach ``sparsity`` (a fraction of exact zeros per array, in [0, 1)) at ``end_step`` on the
+  polynomial schedule from ``initial_sparsity`` at ``start_step``, masks recomputed every
+  ``frequency`` steps and applied after every update; the train metrics report each layer's
+  ``sparsity/NAME``. Last in the chain: a ``optimizer.lr_multipliers`` factor scales the
+  masking update of the step that prunes a weight, which is then zeroed at the next step."""
+  schedule = pruning_lib.Schedule(sparsity, start_step, end_step, frequency, initial_sparsity,
+                                  power)
+  select = _selector("pruning", params)
+  return Regularizer(projection=pruning_lib.pruning(schedule, select),
+                     metrics=lambda p: pruning_lib.layer_sparsity(p, select),
+                     selectors=(select,))

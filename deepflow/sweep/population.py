@@ -65,8 +65,8 @@ class Population:
 
   def __init__(self, configs: Sequence[ConfigDict]):
     from deepflow.data.text import make_pipeline
-    from deepflow.registry import TASKS
     from deepflow.train import runtime, tuning
+    from deepflow.train.experiment import build_task
     from deepflow.train.step import make_eval_step, make_train_step
     from deepflow.train.update import build_update
 
@@ -101,7 +101,7 @@ class Population:
 
     # The task, with the swept dropout layers marked; the optimizer built from traced options.
     overrides = [f"model.dropout={_SWEPT_DROPOUT}"] if "model.dropout" in swept else []
-    self.task = task = TASKS.get(base.task.name)(trial_config(base, overrides), spec)
+    self.task = task = build_task(trial_config(base, overrides), spec)
     if task.learning_rates() is not None:
       raise ConfigError(f"--vectorize does not support task {base.task.name!r} (own optimizer)")
     self.update = build_update(base, task, base.train.steps)

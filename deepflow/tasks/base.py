@@ -67,6 +67,11 @@ class Task:
               for k, v in model_fields(model_config).items()}
     return MODELS.get(model_config.name)(num_outputs=num_outputs, **fields)
 
+  def open_runs(self, reopen: Callable[[str], Any]) -> None:
+    """Called once by the experiment that built the task, with its one reader of finished runs
+    (``Experiment.from_workdir``: tasks do not import train/); a task that reads another run (a
+    distillation teacher) opens it here. The default reads none."""
+
   def learning_rates(self) -> dict[str, float] | None:
     """Parameter groups (top-level sub-trees) that the experiment gives optimizers of their own,
     with their learning rates (0 freezes one), e.g. a GAN's two players; None: one optimizer."""

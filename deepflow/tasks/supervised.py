@@ -92,6 +92,13 @@ class Classification(Task):
   def loss(self, params, model_state, batch, rng):
     self._check_group(batch)
     logits, model_state = self.apply(params, model_state, batch[INPUTS], rng, train=True)
+    per_example, labels = self.hard_loss(logits, batch)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return per_example.mean(), ({"accuracy": accuracy}, model_state)
+
+  def hard_loss(self, logits, batch) -> tuple[jax.Array, jax.Array]:
+    """(per-example weighted cross-entropy against the batch's labels or soft targets, the
+    integer labels): the training objective before the batch mean."""
     targets = batch[TARGETS]
     if jnp.issubdtype(targets.dtype, jnp.floating) and targets.ndim == logits.ndim:
       per_example = optax.softmax_cross_entropy(logits, targets)  # soft targets
@@ -105,8 +112,7 @@ class Classification(Task):
       per_example = per_example * weights
     if self.group_weights is not None:  # fairness reweighing: one weight per (group, label)
       per_example = per_example * self.group_weights[batch[GROUP].astype(jnp.int32), labels]
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
-    return per_example.mean(), ({"accuracy": accuracy}, model_state)
+    return per_example, labels
 
   def eval_outputs(self, params, model_state, batch):
     self._check_group(batch)

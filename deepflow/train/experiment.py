@@ -40,7 +40,7 @@ class Experiment:
     self.config, self.workdir = config, workdir
     self.pipeline: DataPipeline = make_pipeline(config, workdir)
     self.early_stopping = early_stopping.from_config(config.regularizers)  # the loop's policy
-    self.task = TASKS.get(config.task.name)(config, self.pipeline.spec)
+    self.task = build_task(config, self.pipeline.spec)
     self.mesh = parallel.make_mesh(config.mesh, devices)
     # Around the task's objective: optimizer, frozen parameters, LoRA, DP-SGD, regularizers.
     self.update = build_update(config, self.task, config.train.steps)
@@ -123,6 +123,14 @@ class Experiment:
     outputs = (parallel.to_host(self._eval_step(state, parallel.global_batch(batch, self.mesh)))
                for batch in self.pipeline.eval_batches(split))
     return summarize_split(self.update, outputs, int(state.step))
+
+
+def build_task(config: Any, spec) -> Any:
+  """The task ``config`` names, with the finished runs it reads opened (``Task.open_runs``, e.g.
+  a distillation teacher): every place that builds a task from a config goes through here."""
+  task = TASKS.get(config.task.name)(config, spec)
+  task.open_runs(Experiment.from_workdir)
+  return task
 
 
 def summarize_split(update: Update, outputs: Iterable[Mapping[str, Any]], step: int

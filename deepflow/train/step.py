@@ -69,6 +69,8 @@ def make_train_step(u: Update) -> Callable[[TrainState, Batch], tuple[TrainState
         model_state=keep(model_state, state.model_state),
         nonfinite=jnp.where(finite, 0, state.nonfinite + 1))
     # The streak the loop's non-finite policy reads is the state's (it survives a resume).
+    if u.regularizer.metrics is not None:  # e.g. pruning's sparsity per layer
+      metrics = {**metrics, **u.regularizer.metrics(new_state.params)}
     metrics = {**metrics, "grad_norm": optax.global_norm(grads),
                "nonfinite": 1.0 - finite.astype(jnp.float32),
                "nonfinite_streak": new_state.nonfinite.astype(jnp.float32)}
