@@ -40,7 +40,8 @@ class Experiment:
 
   def __init__(self, config: Any, workdir: str | None, *, devices=None):
     self.config, self.workdir = config, workdir
-    self.pipeline: DataPipeline = make_pipeline(config, workdir)
+    self.pipeline: DataPipeline = make_pipeline(config, workdir,
+                                                progress=bool(config.train.progress))
     self.early_stopping = early_stopping.from_config(config.regularizers)  # the loop's policy
     self.task = TASKS.get(config.task.name)(config, self.pipeline.spec)
     self.mesh = parallel.make_mesh(config.mesh, devices)
