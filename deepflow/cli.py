@@ -136,6 +136,13 @@ def _with_debug(fn):
     return fn()
 
 
+def _run_source(overrides: list[str]):
+  """The run (--workdir), its config ``overrides`` and --checkpoint, as every command reading a
+  finished run takes them."""
+  from deepflow.train.experiment import RunSource
+  return RunSource(_require("workdir"), tuple(overrides), FLAGS.checkpoint)
+
+
 @command("train", "config", "workdir", example="deepflow train --config experiments/digits_cnn.py "
          "--workdir runs/digits_cnn --config.train.steps=500")
 def _train(overrides: list[str]) -> None:
@@ -157,13 +164,12 @@ def _eval(overrides: list[str]) -> None:
 
   With --quantize int8: the int8 model's metrics too (qwix, deepflow.quantize), on the same
   examples, on a second line."""
-  from deepflow.train.experiment import Experiment
   from deepflow.train.writers import MetricWriter
-  workdir = _require("workdir")
-  exp, state, step, _ = Experiment.from_workdir(workdir, overrides, checkpoint=FLAGS.checkpoint)
+  source = _run_source(overrides)
+  exp, state, step, _ = source.open()
   split = FLAGS.split or exp.config.data.eval_split
   metrics = _with_debug(lambda: exp.evaluate(state, split))
-  writer = MetricWriter(workdir, tensorboard=False)
+  writer = MetricWriter(source.workdir, tensorboard=False)
   writer.write(step, split, metrics)
   _print_metrics(split, metrics, step)
   if FLAGS.quantize:
@@ -281,31 +287,27 @@ def _export(overrides: list[str]) -> None:
     _fail(f"--quantize writes an inference artifact (--format stablehlo or onnx), not "
           f"{FLAGS.format}", 2)
   from deepflow import export
+  source = _run_source(overrides)
   if FLAGS.format == "hf":
     from deepflow.hf import export as hf_export
-    written, step = hf_export.export_run(_require("workdir"), out, overrides=overrides,
-                                         checkpoint=FLAGS.checkpoint)
+    written, step = hf_export.export_run(source, out)
     print(f"exported step {step} of {FLAGS.workdir} as a Hugging Face checkpoint to {out}: "
           f"{', '.join(written)}")
     return
   if FLAGS.format == "onnx":
     from deepflow import export_onnx
-    signature = export_onnx.export_onnx(_require("workdir"), out, overrides=overrides,
-                                        checkpoint=FLAGS.checkpoint, quantize=FLAGS.quantize)
+    signature = export_onnx.export_onnx(source, out, quantize=FLAGS.quantize)
     path = os.path.join(out, export_onnx.ONNX_FILE)
     print(f"exported step {signature['source']['step']} of {FLAGS.workdir} to {path} "
           f"({os.path.getsize(path) / 1024:.0f} KiB"
           f"{', int8' if FLAGS.quantize else ''}); input {signature['input']['shape']}")
     return
   if FLAGS.format == "safetensors":
-    path, tensors, step = export.export_safetensors(
-        _require("workdir"), out, overrides=overrides, checkpoint=FLAGS.checkpoint)
+    path, tensors, step = export.export_safetensors(source, out)
     print(f"exported the weights of step {step} of {FLAGS.workdir} to {path}: {len(tensors)} "
           f"tensors, {os.path.getsize(path) / 1024:.0f} KiB")
     return
-  signature = export.export(_require("workdir"), out, overrides=overrides,
-                            platforms=FLAGS.platforms, checkpoint=FLAGS.checkpoint,
-                            quantize=FLAGS.quantize)
+  signature = export.export(source, out, platforms=FLAGS.platforms, quantize=FLAGS.quantize)
   source, spec = signature["source"], signature["input"]
   sizes = ", ".join(f"{name} {os.path.getsize(os.path.join(out, name)) / 1024:.0f} KiB"
                     for name in (export.MODEL_FILE, export.WEIGHTS_FILE))
@@ -347,9 +349,8 @@ def _explain(overrides: list[str]) -> None:
   """Feature attributions of a run's checkpoint: DIR/explain/METHOD.png and .npz."""
   from deepflow import explain
   result = _with_debug(lambda: explain.explain(
-      _require("workdir"), FLAGS.method, FLAGS.num_examples, split=FLAGS.split,
-      target=FLAGS.target, options=explain.parse_options(FLAGS.option), overrides=overrides,
-      checkpoint=FLAGS.checkpoint))
+      _run_source(overrides), FLAGS.method, FLAGS.num_examples, split=FLAGS.split,
+      target=FLAGS.target, options=explain.parse_options(FLAGS.option)))
   print(f"{result.method} attributions of {len(result.inputs)} {result.split} examples at step "
         f"{result.step}: {result.png} {result.npz}")
 
@@ -371,8 +372,7 @@ def _sample(overrides: list[str]) -> None:
   """Draw from a trained generative model: text (language models), PNG grids (GANs)."""
   from deepflow import sample
   samples, files, step = _with_debug(lambda: sample.sample_run(
-      _require("workdir"), FLAGS.num, seed=FLAGS.sample_seed, overrides=overrides,
-      checkpoint=FLAGS.checkpoint, prompt=FLAGS.prompt,
+      _run_source(overrides), FLAGS.num, seed=FLAGS.sample_seed, prompt=FLAGS.prompt,
       num_tokens=FLAGS.num_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k))
   for i, text in enumerate(samples.get("text", ())):
     print(f"--- sample {i + 1} ---\n{text}")

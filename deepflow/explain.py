@@ -20,7 +20,7 @@ import numpy as np
 from deepflow.analysis import attributions as attributions_lib
 from deepflow.data.pipeline import INPUTS, MASK, TARGETS
 from deepflow.registry import ConfigError
-from deepflow.train import DEFAULT_CHECKPOINT
+from deepflow.train.experiment import RunSource
 
 TARGET_CLASSES = ("predicted", "label")
 
@@ -64,19 +64,16 @@ def first_examples(pipeline, split: str, count: int) -> dict[str, np.ndarray]:
   return {k: np.concatenate([c[k] for c in chunks])[:count] for k in chunks[0]}
 
 
-def explain(workdir: str, method: str = "integrated_gradients", num_examples: int = 16, *,
-            split: str | None = None, target: str = "predicted",
-            options: Mapping[str, Any] | None = None, overrides: Iterable[str] = (),
-            checkpoint: str | int = DEFAULT_CHECKPOINT) -> Explanation:
-  """Attributions of a checkpoint in ``workdir`` (see the module docstring).
+def explain(run: RunSource | str, method: str = "integrated_gradients", num_examples: int = 16,
+            *, split: str | None = None, target: str = "predicted",
+            options: Mapping[str, Any] | None = None) -> Explanation:
+  """Attributions of a checkpoint of ``run`` (a workdir, or a ``RunSource``: its config
+  overrides and which checkpoint; see the module docstring).
 
   ``target``: attribute the model's 'predicted' class or the true 'label'. ``options`` go to
-  the method (e.g. ``steps`` for integrated gradients, ``patch`` for occlusion); ``overrides``
-  are ``KEY=VALUE`` changes to the run's config (e.g. ``data.data_dir=...``); ``checkpoint`` is
-  'best', 'latest' or a step (``Experiment.from_workdir``). A workdir with no checkpoint is a
-  ``FileNotFoundError``; a bad method, option or target a ``ConfigError``.
+  the method (e.g. ``steps`` for integrated gradients, ``patch`` for occlusion). A workdir with
+  no checkpoint is a ``FileNotFoundError``; a bad method, option or target a ``ConfigError``.
   """
-  from deepflow.train.experiment import Experiment
   options = dict(options or {})
   known = attributions_lib.method_options(method)  # unknown method: ConfigError listing them
   unknown = sorted(set(options) - set(known))
@@ -87,7 +84,8 @@ def explain(workdir: str, method: str = "integrated_gradients", num_examples: in
     raise ConfigError(f"target must be one of {', '.join(TARGET_CLASSES)}, got {target!r}")
   if not isinstance(num_examples, int) or num_examples < 1:
     raise ConfigError(f"num_examples must be a positive integer, got {num_examples!r}")
-  exp, state, step, _ = Experiment.from_workdir(workdir, overrides, checkpoint=checkpoint)
+  source = RunSource.of(run)
+  exp, state, step, _ = source.open()
   config = exp.config
   if not exp.task.spec.num_classes:
     raise ConfigError(f"deepflow explain attributes a class score; task "
@@ -109,7 +107,7 @@ def explain(workdir: str, method: str = "integrated_gradients", num_examples: in
   values, predictions, classes = jax.device_get(run(
       state.params, state.model_state, inputs, labels if target == "label" else None))
 
-  directory = os.path.join(workdir, "explain")
+  directory = os.path.join(source.workdir, "explain")
   os.makedirs(directory, exist_ok=True)
   npz = os.path.join(directory, f"{method}.npz")
   arrays = dict(inputs=np.asarray(inputs, np.float32), attributions=np.asarray(values, np.float32),

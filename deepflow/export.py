@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +26,7 @@ from deepflow.data import sources, transforms as transforms_lib
 from deepflow.predict import (FORMAT, FORMAT_VERSION, MODEL_FILE, SIGNATURE_FILE,
                               WEIGHTS_FILE, sha256)
 from deepflow.registry import ConfigError
-from deepflow.train import DEFAULT_CHECKPOINT
-from deepflow.train.experiment import Experiment
+from deepflow.train.experiment import Experiment, RunSource
 from deepflow.weights import files
 
 SAFETENSORS_FILE = "model.safetensors"
@@ -112,13 +111,13 @@ def exportable(exp: Experiment, state: Any
       shape, jax.dtypes.canonicalize_dtype(example.dtype))
 
 
-def export(workdir: str, out: str, *, overrides: Iterable[str] = (),
-           platforms: Sequence[str] = PLATFORMS, checkpoint: str | int = DEFAULT_CHECKPOINT,
+def export(run: RunSource | str, out: str, *, platforms: Sequence[str] = PLATFORMS,
            quantize: str | None = None) -> dict[str, Any]:
-  """Writes the inference artifact of a checkpoint of a run ('best', the default: the run's
-  result; 'latest'; or a step: ``Experiment.from_workdir``) to ``out``; returns its signature.
-  ``quantize='int8'``: its matmuls and convolutions in int8 (``deepflow.quantize``)."""
-  exp, state, step, which = Experiment.from_workdir(workdir, overrides, checkpoint=checkpoint)
+  """Writes the inference artifact of a checkpoint of ``run`` (a workdir: its 'best' checkpoint,
+  the run's result; or a ``RunSource`` naming 'latest' or a step) to ``out``; returns its
+  signature. ``quantize='int8'``: its matmuls and convolutions in int8 (``deepflow.quantize``)."""
+  source = RunSource.of(run)
+  exp, state, step, which = source.open()
   fn, weights, example, input_spec = exportable(exp, state)
   if quantize:
     from deepflow import quantize as quantize_lib
@@ -137,7 +136,7 @@ def export(workdir: str, out: str, *, overrides: Iterable[str] = (),
     # A pruned model's zeros deflate (zip's own compression, which np.load reads as is).
     (np.savez_compressed if pruning.is_pruned(exp.config) else np.savez)(tmp, **weights)
   signature = signature_of(exp, exported.in_avals[-1], exported.out_avals[0], example, step,
-                           which, workdir)
+                           which, source.workdir)
   signature["platforms"] = list(exported.platforms)
   if quantize:
     signature["quantization"] = quantize_lib.DESCRIPTION
@@ -155,14 +154,13 @@ def write_signature(out: str, signature: dict[str, Any]) -> None:
                (json.dumps(signature, indent=2) + "\n").encode())
 
 
-def export_safetensors(workdir: str, out: str, *, overrides: Iterable[str] = (),
-                       checkpoint: str | int = DEFAULT_CHECKPOINT
+def export_safetensors(run: RunSource | str, out: str
                        ) -> tuple[str, dict[str, np.ndarray], int]:
   """Writes a checkpoint's variables as a ``.safetensors`` file under their flat names
   (``params/...``, ``batch_stats/...``; LoRA adapters merged into their kernels), readable by
   the ``safetensors`` library and by ``model.init_from``. ``out`` is the file, or a directory
   to write ``model.safetensors`` in. Returns (path, tensors, step)."""
-  exp, state, step, which = Experiment.from_workdir(workdir, overrides, checkpoint=checkpoint)
+  exp, state, step, which = RunSource.of(run).open()
   path = out if out.endswith(".safetensors") else os.path.join(out, SAFETENSORS_FILE)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tensors = files.flatten(parallel.to_host(

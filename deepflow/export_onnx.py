@@ -27,7 +27,7 @@ import collections
 import os
 import re
 import tempfile
-from typing import Any, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +38,7 @@ from deepflow import export, rewrite
 from deepflow.onnx_runtime import ONNX_FILE, RUNTIME
 from deepflow.predict import sha256
 from deepflow.registry import ConfigError, first_line
-from deepflow.train import DEFAULT_CHECKPOINT
-from deepflow.train.experiment import Experiment
+from deepflow.train.experiment import Experiment, RunSource
 
 QUANTIZATIONS = ("int8",)
 OPSET = 21  # ONNX Runtime 1.20+ runs it; the dynamic quantizer's per-channel form needs >= 13
@@ -162,14 +161,16 @@ def quantize_int8(model_path: str, out_path: str) -> dict[str, Any]:
           "quantized_ops": quantized}
 
 
-def export_onnx(workdir: str, out: str, *, overrides: Iterable[str] = (),
-                checkpoint: str | int = DEFAULT_CHECKPOINT, quantize: str | None = None) -> dict[str, Any]:
-  """Writes the ONNX artifact of a checkpoint of a run to ``out`` (``model.onnx``,
+def export_onnx(run: RunSource | str, out: str, *, quantize: str | None = None
+                ) -> dict[str, Any]:
+  """Writes the ONNX artifact of a checkpoint of ``run`` (a workdir or a ``RunSource``) to
+  ``out`` (``model.onnx``,
   ``signature.json``); returns its signature. Nothing is written if the model cannot be
   converted."""
   if quantize not in (None, *QUANTIZATIONS):
     raise ConfigError(f"unknown quantization {quantize!r}; known: {', '.join(QUANTIZATIONS)}")
-  exp, state, step, which = Experiment.from_workdir(workdir, overrides, checkpoint=checkpoint)
+  source = RunSource.of(run)
+  exp, state, step, which = source.open()
   fn, weights, example, input_spec = export.exportable(exp, state)
   proto, outputs = onnx_model(exp, fn, weights, input_spec)
   os.makedirs(out, exist_ok=True)
@@ -177,7 +178,8 @@ def export_onnx(workdir: str, out: str, *, overrides: Iterable[str] = (),
     path = os.path.join(tmp, ONNX_FILE)
     with open(path, "wb") as f:
       f.write(proto.SerializeToString())
-    signature = export.signature_of(exp, input_spec, outputs, example, step, which, workdir)
+    signature = export.signature_of(exp, input_spec, outputs, example, step, which,
+                                    source.workdir)
     optimize(path)
     if quantize:
       signature["quantization"] = quantize_int8(path, path + ".int8")

@@ -9,33 +9,32 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import jax
 import numpy as np
 from etils import epath
 
-from deepflow.train import DEFAULT_CHECKPOINT
-from deepflow.train.experiment import Experiment
+from deepflow.train.experiment import RunSource
 
 SAMPLES_DIR = "samples"
 TEXT_FILE, GRID_FILE, ARRAYS_FILE = "samples.txt", "samples.png", "samples.npz"
 
 
-def sample_run(workdir: str, num: int = 4, *, seed: int = 0, overrides: Iterable[str] = (),
-               checkpoint: str | int = DEFAULT_CHECKPOINT, **options: Any
+def sample_run(run: RunSource | str, num: int = 4, *, seed: int = 0, **options: Any
                ) -> tuple[dict[str, np.ndarray], list[str], int]:
-  """(samples, files written, checkpoint step) for the run in ``workdir``.
+  """(samples, files written, checkpoint step) for ``run`` (a workdir or a ``RunSource``).
 
   ``options`` go to the task's ``sample`` as given (None values dropped, so each task keeps its
   own defaults). The draws are a function of ``seed`` and the checkpoint ('best', 'latest' or a
   step: ``Experiment.from_workdir``), nothing else."""
-  exp, state, step, _ = Experiment.from_workdir(workdir, overrides, checkpoint=checkpoint)
+  source = RunSource.of(run)
+  exp, state, step, _ = source.open()
   options = {k: v for k, v in options.items() if v is not None}
   samples = exp.task.sample(exp.model_params(state.params), state.model_state,
                             jax.random.PRNGKey(seed), num, **options)
   title = f"{num} samples of {exp.config.model.name} on {exp.config.data.source}"
-  files = save_samples(samples, os.path.join(workdir, SAMPLES_DIR), title=title)
+  files = save_samples(samples, os.path.join(source.workdir, SAMPLES_DIR), title=title)
   return samples, files, step
 
 

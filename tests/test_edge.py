@@ -16,11 +16,11 @@ pytest.importorskip("jax2onnx")
 pytest.importorskip("qwix")
 
 import deepflow  # noqa: E402
-from deepflow import config as config_lib, export, export_onnx, predict, quantize  # noqa: E402
+from deepflow import export, export_onnx, predict, quantize  # noqa: E402
 from deepflow.data import sources  # noqa: E402
 from deepflow.registry import ConfigError  # noqa: E402
 from deepflow.train.experiment import Experiment  # noqa: E402
-from tests.helpers import deepflow_cli, one_line_error  # noqa: E402
+from tests.helpers import deepflow_cli, one_line_error, tiny_config  # noqa: E402
 from tests.test_export import in_framework  # noqa: E402
 
 RUNS = {
@@ -45,18 +45,13 @@ def trained(data_dir, tmp_path_factory):
   def get(name):
     if name not in done:
       run = RUNS[name]
-      c = config_lib.base_config()
-      c.task.name = run.get("task", c.task.name)
-      c.model = run["model"]
-      c.data.source = run.get("source", "bundled:digits")
-      c.data.data_dir = data_dir
-      c.data.transforms = run.get("transforms", [])
-      c.data.batch_size, c.data.eval_batch_size = 16, 32
-      c.train.steps = c.train.log_every = 3
-      c.train.eval_every = c.train.checkpoint_every = 0
-      c.train.progress = False
+      config = tiny_config(
+          model=run["model"], task__name=run.get("task", "classification"),
+          data__source=run.get("source", "bundled:digits"), data__data_dir=data_dir,
+          data__transforms=run.get("transforms", []), data__batch_size=16,
+          data__eval_batch_size=32, train__steps=3, train__log_every=3)
       done[name] = str(tmp_path_factory.mktemp(name))
-      deepflow.train_and_evaluate(config_lib.finalize(c), done[name])
+      deepflow.train_and_evaluate(config, done[name])
     return done[name]
   return get
 

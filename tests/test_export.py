@@ -13,7 +13,7 @@ from deepflow import config as config_lib, export, predict
 from deepflow.data import sources, transforms as transforms_lib
 from deepflow.data.pipeline import INPUTS
 from deepflow.train.experiment import Experiment
-from tests.helpers import deepflow_cli, one_line_error
+from tests.helpers import deepflow_cli, one_line_error, tiny_config
 
 RUNS = {
     "mlp": dict(model=dict(name="mlp", hidden=(32,)), source="bundled:digits",
@@ -29,19 +29,8 @@ RUNS = {
 
 def run_config(name, data_dir):
   run = RUNS[name]
-  c = config_lib.base_config()
-  c.model = run["model"]
-  c.data.source = run["source"]
-  c.data.data_dir = data_dir
-  c.data.transforms = run["transforms"]
-  c.data.batch_size = 32
-  c.data.eval_batch_size = 64
-  c.train.steps = 3
-  c.train.log_every = 3
-  c.train.eval_every = 0
-  c.train.checkpoint_every = 0
-  c.train.progress = False
-  return config_lib.finalize(c)
+  return tiny_config(model=run["model"], data__source=run["source"], data__data_dir=data_dir,
+                     data__transforms=run["transforms"], train__steps=3, train__log_every=3)
 
 
 @pytest.fixture(scope="module")

@@ -11,24 +11,11 @@ import numpy as np
 import deepflow
 from deepflow.train.checkpoint import Checkpointer
 from deepflow.train.experiment import Experiment
-from tests.helpers import free_port, write_experiment
+from tests.helpers import TINY, experiment_text, free_port, write_experiment
 
-EXPERIMENT = """
-from deepflow.config import base_config
-
-def get_config():
-  c = base_config()
-  c.model = dict(name="mlp", hidden=(16,), dropout=0.1)
-  c.data.source = "synthetic:digits_like"
-  c.data.batch_size = 32
-  c.data.eval_batch_size = 64
-  c.train.steps = 20
-  c.train.log_every = 5
-  c.train.eval_every = 10
-  c.train.checkpoint_every = 10
-  c.train.progress = False
-  return c
-"""
+EXPERIMENT = experiment_text({
+    **TINY, "model": dict(name="mlp", hidden=(16,), dropout=0.1), "train.steps": 20,
+    "train.log_every": 5, "train.eval_every": 10, "train.checkpoint_every": 10})
 
 
 def launch(experiment, workdir, devices, process_id=None, num_processes=None, port=None):

@@ -7,7 +7,8 @@ import pytest
 
 from deepflow import config as config_lib, plan as plan_lib
 from deepflow.registry import ConfigError
-from tests.helpers import deepflow_cli as deepflow, tiny_config, write_experiment
+from tests.helpers import (deepflow_cli as deepflow, experiment_text, tiny_config,
+                           write_experiment)
 
 pytest.importorskip("libtpu", reason="needs the deepflow[tpu] extra")
 
@@ -75,11 +76,10 @@ def test_scanned_and_accumulated_steps_count_every_layer_and_micro_batch(data_di
             max_len=16)
   results = []
   for scan, micro in ((False, 1), (True, 2)):
-    c = config_lib.base_config()
-    c.task.name, c.model, c.data.transforms, c.data.data_dir = "language_model", lm, [], data_dir
-    c.data.source, c.data.batch_size, c.data.eval_batch_size = "bundled:text/seq_len=16", 32, 32
-    config = config_lib.finalize(c, [f"model.scan_layers={scan}", f"train.microbatches={micro}"],
-                                 num_devices=4)
+    config = tiny_config(f"model.scan_layers={scan}", f"train.microbatches={micro}", model=lm,
+                         num_devices=4, task__name="language_model", data__transforms=[],
+                         data__data_dir=data_dir, data__source="bundled:text/seq_len=16",
+                         data__batch_size=32, data__eval_batch_size=32)
     results.append(plan_lib.make_plan(config, "v5e:2x2", search_batch=False))
   unrolled, looped = results
   assert looped["costs_from"].startswith("its unrolled equivalent")
@@ -131,16 +131,8 @@ def test_unknown_topology_is_a_config_error():
     plan_lib.target_devices("v5e:banana")
 
 
-BIG_EXPERIMENT = f"""
-from deepflow.config import base_config
-
-def get_config():
-  c = base_config()
-  c.model = dict(name="mlp", hidden={BIG})
-  c.data.source = "synthetic:digits_like"
-  c.data.batch_size = 32
-  return c
-"""
+BIG_EXPERIMENT = experiment_text({"model": dict(name="mlp", hidden=BIG),
+                                  "data.source": "synthetic:digits_like", "data.batch_size": 32})
 
 
 def test_cli_exits_non_zero_when_it_does_not_fit(tmp_path):
@@ -154,17 +146,9 @@ def test_cli_exits_non_zero_when_it_does_not_fit(tmp_path):
   assert "TPU_ACCELERATOR_TYPE" not in out.stderr
 
 
-MEASURED_EXPERIMENT = """
-from deepflow.config import base_config
-
-def get_config():
-  c = base_config()
-  c.model = dict(name="mlp", hidden=(2048, 2048, 2048))
-  c.data.source = "synthetic:digits_like"
-  c.data.batch_size = 64
-  c.data.transforms = []
-  return c
-"""
+MEASURED_EXPERIMENT = experiment_text({
+    "model": dict(name="mlp", hidden=(2048, 2048, 2048)), "data.source": "synthetic:digits_like",
+    "data.batch_size": 64, "data.transforms": []})
 
 
 def test_local_plan_measures_real_steps(tmp_path):

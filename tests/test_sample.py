@@ -13,19 +13,13 @@ from tests.helpers import deepflow_cli as deepflow_run, one_line_error, tiny_con
 @pytest.fixture(scope="module")
 def lm_run(data_dir, tmp_path_factory):
   """A tiny character Transformer LM trained for two steps (in this process: it is faster)."""
-  c = config_lib.base_config()
-  c.task.name = "language_model"
-  c.model = dict(name="transformer_lm", d_model=16, num_heads=2, num_layers=1, mlp_dim=32,
-                 max_len=128)
-  c.data.source = "bundled:text"
-  c.data.data_dir = data_dir
-  c.data.transforms = []
-  c.data.batch_size = 16
-  c.data.eval_batch_size = 128
-  c.train.steps = 2
-  c.train.progress = False
+  config = tiny_config(
+      model=dict(name="transformer_lm", d_model=16, num_heads=2, num_layers=1, mlp_dim=32,
+                 max_len=128),
+      task__name="language_model", data__source="bundled:text", data__data_dir=data_dir,
+      data__transforms=[], data__batch_size=16, data__eval_batch_size=128, train__steps=2)
   workdir = str(tmp_path_factory.mktemp("lm_run"))
-  deepflow.train_and_evaluate(config_lib.finalize(c), workdir)
+  deepflow.train_and_evaluate(config, workdir)
   return workdir
 
 

@@ -16,7 +16,7 @@ from deepflow.registry import ConfigError
 from deepflow.train import NonFiniteLossError, checkpoint as checkpoint_lib
 from deepflow.train.experiment import Experiment
 from deepflow.train.writers import read_metrics
-from tests.helpers import tiny_config
+from tests.helpers import experiment_text, tiny_config
 
 
 def test_parse_axis():
@@ -142,14 +142,9 @@ def test_vectorize_refuses_autotune_and_checks_xla_options(tmp_path):
 
 def test_cli_vectorized_sweep(tmp_path):
   experiment = tmp_path / "tiny.py"
-  experiment.write_text(
-      "from deepflow.config import base_config\n"
-      "def get_config():\n"
-      "  c = base_config()\n"
-      "  c.data.source = 'synthetic:digits_like'\n"
-      "  c.model = dict(name='mlp', hidden=(16,))\n"
-      "  c.train.steps = 5\n"
-      "  return c\n")
+  experiment.write_text(experiment_text({"data.source": "synthetic:digits_like",
+                                         "model": dict(name="mlp", hidden=(16,)),
+                                         "train.steps": 5}))
   workdir = tmp_path / "sweep"
   out = subprocess.run(
       [sys.executable, "-m", "deepflow", "sweep", f"--config={experiment}", f"--workdir={workdir}",

@@ -154,15 +154,16 @@ def eval_rows(n: int, global_size: int, host_size: int, process_index: int
 
 
 class Pipeline:
-  """Train iterator and eval batches for one config (``config.data`` + ``seed``)."""
+  """Train iterator and eval batches for one config (``config.data`` + ``seed``). ``progress``:
+  show bars for the slow one-off passes (caching a split, fitting statistics) on process 0."""
 
-  def __init__(self, config: Any, workdir: str | None = None):
+  def __init__(self, config: Any, workdir: str | None = None, *, progress: bool = False):
     data = config.data
     self.seed = config.seed
     self.dataset = sources.open_dataset(data, seed=config.seed)
     self.cache, self.cache_budget_gb = data.cache, data.cache_budget_gb
     self.stats_examples = data.stats_examples
-    self.progress = bool(config.train.progress) and jax.process_index() == 0
+    self.progress = progress and jax.process_index() == 0
     self.train_source = self._split(data.train_split)
     self.eval_sources: dict[str, Any] = {}
     self.num_threads, self.workers = data.num_threads, data.workers

@@ -55,7 +55,7 @@ def text_feature(features: Mapping[str, Any], name: str, spec: str) -> str:
 class TextPipeline:
   """Train iterator and eval batches of packed token rows for one config."""
 
-  def __init__(self, config: Any, workdir: str | None = None):
+  def __init__(self, config: Any, workdir: str | None = None, *, progress: bool = False):
     data = config.data
     kind, _ = sources.parse_source(data.source)
     if kind == "synthetic":
@@ -63,6 +63,7 @@ class TextPipeline:
                         f"(data.source='tfds:NAME' or 'bundled:text/documents'), got "
                         f"{data.source!r}")
     self.config, self.workdir, self.seed = config, workdir, config.seed
+    self.progress = progress and jax.process_index() == 0
     self.builder, self.splits = sources.open_splits(data.source, data.data_dir or
                                                     sources.default_data_dir())
     self.feature = text_feature(self.builder.info.features, data.text_feature, data.source)
@@ -128,7 +129,7 @@ class TextPipeline:
     n = len(self._source(split))
     out = np.empty(n, np.int32)
     bar = tqdm.tqdm(total=n, unit="doc", desc=f"counting tokens of {split}",
-                    disable=not (self.config.train.progress and self.process_index == 0))
+                    disable=not self.progress)
     with bar:
       for start in range(0, n, READ_CHUNK):
         docs = range(start, min(start + READ_CHUNK, n))
@@ -193,7 +194,9 @@ class TextPipeline:
     return batch
 
 
-def make_pipeline(config: Any, workdir: str | None = None) -> DataPipeline:
+def make_pipeline(config: Any, workdir: str | None = None, *, progress: bool = False
+                  ) -> DataPipeline:
   """The pipeline a config asks for: examples as stored, or (``data.tokenizer``) a text corpus
-  tokenized and packed into rows."""
-  return (TextPipeline if config.data.tokenizer else Pipeline)(config, workdir)
+  tokenized and packed into rows. ``progress``: bars for their slow one-off passes (the caller's
+  choice, e.g. ``train.progress``)."""
+  return (TextPipeline if config.data.tokenizer else Pipeline)(config, workdir, progress=progress)

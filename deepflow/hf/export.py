@@ -13,7 +13,7 @@ import glob
 import json
 import os
 import shutil
-from typing import Any, Iterable
+from typing import Any
 
 import flax.linen as nn
 import numpy as np
@@ -25,7 +25,7 @@ from deepflow.data import tokenizers
 from deepflow.hf import files
 from deepflow.hf.load import LAYER
 from deepflow.registry import ConfigError, MODELS, some_names
-from deepflow.train import DEFAULT_CHECKPOINT
+from deepflow.train.experiment import RunSource
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 MAX_SHARD_BYTES = 5 * 2 ** 30  # transformers' default shard size
@@ -117,18 +117,17 @@ def _write_json(path: str, value: dict) -> None:
   write_atomic(path, json.dumps(value, indent=2) + "\n")
 
 
-def export_run(workdir: str, out: str, *, overrides: Iterable[str] = (),
-               checkpoint: str | int = DEFAULT_CHECKPOINT, dtype: Any = None,
+def export_run(run: RunSource | str, out: str, *, dtype: Any = None,
                max_shard_bytes: int = MAX_SHARD_BYTES) -> tuple[list[str], int]:
-  """A run's checkpoint (``Experiment.from_workdir``; LoRA merged) as a Hugging Face
+  """A checkpoint of ``run`` (a workdir or a ``RunSource``; LoRA merged) as a Hugging Face
   checkpoint in ``out``, with the run's Hugging Face tokenizer (``data.tokenizer='hf:...'``: the
   copy in its workdir) beside it. Returns (files written, step)."""
-  from deepflow.train.experiment import Experiment
-  exp, state, step, _ = Experiment.from_workdir(workdir, overrides, checkpoint=checkpoint)
+  source = RunSource.of(run)
+  exp, state, step, _ = source.open()
   variables = {"params": exp.model_params(state.params), **state.model_state}
   written = write_pretrained(exp.task.model, variables, out, dtype=dtype,
                              max_shard_bytes=max_shard_bytes)
-  saved = os.path.join(workdir, tokenizers.HF_TOKENIZER_DIR)  # data.tokenizer='hf:...' copy
+  saved = os.path.join(source.workdir, tokenizers.HF_TOKENIZER_DIR)  # data.tokenizer's copy
   for name in TOKENIZER_FILES:
     if os.path.isfile(os.path.join(saved, name)):
       shutil.copyfile(os.path.join(saved, name), os.path.join(out, name))

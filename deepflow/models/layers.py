@@ -142,6 +142,29 @@ class MlpBlock(nn.Module):
     return nn.Dense(x.shape[-1])(y)
 
 
+def decode_cache(module: nn.Module, k: jax.Array, v: jax.Array, cache_len: int
+                 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Autoregressive decoding's key/value cache in ``module``'s collection ``'cache'``: this
+  call's keys and values (B, T, heads, head_dim) written at the cache's index, and (keys, values,
+  query positions, key positions) to attend with: the whole cache, the queries at their place in
+  it. The first call (``init``) only creates the cache (zeros, index 0) and attends as given."""
+  batch, length = k.shape[:2]
+  q_pos = k_pos = jnp.arange(length)
+  ready = module.has_variable("cache", "key")
+  shape = (batch, cache_len, *k.shape[2:])
+  cached_k = module.variable("cache", "key", jnp.zeros, shape, k.dtype)
+  cached_v = module.variable("cache", "value", jnp.zeros, shape, v.dtype)
+  index = module.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
+  if ready:
+    start = index.value
+    cached_k.value = lax.dynamic_update_slice(cached_k.value, k, (0, start, 0, 0))
+    cached_v.value = lax.dynamic_update_slice(cached_v.value, v, (0, start, 0, 0))
+    index.value = start + length
+    k, v = cached_k.value, cached_v.value
+    q_pos, k_pos = start + jnp.arange(length), jnp.arange(cache_len)
+  return k, v, q_pos, k_pos
+
+
 class SelfAttention(nn.Module):
   """Multi-head self-attention, optionally causal, with a key/value cache when ``decode``.
 
@@ -178,18 +201,7 @@ class SelfAttention(nn.Module):
     causal = self.causal
     if self.decode:
       causal = True
-      ready = self.has_variable("cache", "key")
-      shape = (batch, self.cache_len, self.num_heads, head_dim)
-      cached_k = self.variable("cache", "key", jnp.zeros, shape, k.dtype)
-      cached_v = self.variable("cache", "value", jnp.zeros, shape, v.dtype)
-      index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
-      if ready:
-        start = index.value
-        cached_k.value = lax.dynamic_update_slice(cached_k.value, k, (0, start, 0, 0))
-        cached_v.value = lax.dynamic_update_slice(cached_v.value, v, (0, start, 0, 0))
-        index.value = start + length
-        k, v = cached_k.value, cached_v.value
-        q_pos, k_pos = start + jnp.arange(length), jnp.arange(self.cache_len)
+      k, v, q_pos, k_pos = decode_cache(self, k, v, self.cache_len)
     # Unwritten cache slots lie after every query, so the causal mask hides them too.
     mask = (k_pos[None, :] <= q_pos[:, None])[None, None] if causal else None
     if segments is not None:  # (B, 1, queries, keys): same segment only

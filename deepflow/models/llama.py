@@ -21,9 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
-from deepflow.models.layers import block_stack
+from deepflow.models.layers import block_stack, decode_cache
 from deepflow.registry import ConfigError, MODELS
 
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -109,18 +108,7 @@ class Attention(nn.Module):
     q, k = apply_rope(q, positions, frequencies), apply_rope(k, positions, frequencies)
     q_pos = k_pos = jnp.arange(length)
     if self.decode:
-      ready = self.has_variable("cache", "key")
-      shape = (batch, self.cache_len, self.num_kv_heads, self.head_dim)
-      cached_k = self.variable("cache", "key", jnp.zeros, shape, k.dtype)
-      cached_v = self.variable("cache", "value", jnp.zeros, shape, v.dtype)
-      index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
-      if ready:
-        start = index.value
-        cached_k.value = lax.dynamic_update_slice(cached_k.value, k, (0, start, 0, 0))
-        cached_v.value = lax.dynamic_update_slice(cached_v.value, v, (0, start, 0, 0))
-        index.value = start + length
-        k, v = cached_k.value, cached_v.value
-        q_pos, k_pos = start + jnp.arange(length), jnp.arange(self.cache_len)
+      k, v, q_pos, k_pos = decode_cache(self, k, v, self.cache_len)
     # Unwritten cache slots lie after every query, so the causal mask hides them too.
     mask = attention_mask(q_pos, k_pos, self.window, segments)
     out = jax.nn.dot_product_attention(q, k, v, mask=mask)

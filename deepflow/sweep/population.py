@@ -94,7 +94,8 @@ class Population:
 
     # Data: one pipeline per distinct seed (the seed orders the batches, and may make the data).
     self.seeds = [int(c.seed) for c in self.configs]
-    self.pipelines = {s: make_pipeline(trial_config(base, [f"seed={s}"]))
+    self.pipelines = {s: make_pipeline(trial_config(base, [f"seed={s}"]),
+                                       progress=bool(base.train.progress))
                       for s in dict.fromkeys(self.seeds)}
     self.per_member_data = len(self.pipelines) > 1
     spec = self.pipelines[self.seeds[0]].spec

@@ -21,6 +21,7 @@ from etils import epath
 from deepflow.atomic import write_atomic
 from deepflow.registry import ConfigError, REGULARIZERS, check_non_negative
 from deepflow.train import checkpoint as checkpoint_lib
+from deepflow.train.protocols import Evaluating
 
 NAME = "early_stopping"  # its name in config.regularizers
 BEST_DIR = "best"  # the best state's one-step checkpoint directory inside a workdir
@@ -104,9 +105,9 @@ class StoppingRecord:
 
 class BestKeeper:
   """Early stopping in the loop: counts evaluations, keeps the best state in ``workdir/best/``
-  and hands it back at the end. ``exp`` restores and evaluates it (a ``train.Experiment``)."""
+  and hands it back at the end. ``exp`` restores and evaluates it (an ``Experiment``)."""
 
-  def __init__(self, exp: Any, rule: EarlyStopping, workdir: str):
+  def __init__(self, exp: Evaluating, rule: EarlyStopping, workdir: str):
     if not exp.config.train.eval_every:
       raise ConfigError("regularizer 'early_stopping' needs train.eval_every > 0")
     self.exp, self.rule = exp, rule

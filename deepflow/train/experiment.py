@@ -3,7 +3,9 @@ reading a finished run share, and the one way to reopen a run from its workdir.
 
 ``Experiment.from_workdir(workdir, overrides, checkpoint=...)`` reads ``config.json``, rebuilds
 the experiment and restores a checkpoint. Every command that reads a run (``eval``, ``explain``,
-``sample``, ``export``) goes through it and takes ``--checkpoint`` with the same default:
+``sample``, ``export``) goes through it: those after training take the run as one
+``RunSource(workdir, overrides, checkpoint)`` (or a bare workdir) and ``--checkpoint`` has the
+same default everywhere:
 
   best    the run's result: the early-stopping best checkpoint (``workdir/best/``) when the run
           kept one, otherwise the latest; what ``train_and_evaluate`` returned (the default)
@@ -38,7 +40,8 @@ class Experiment:
 
   def __init__(self, config: Any, workdir: str | None, *, devices=None):
     self.config, self.workdir = config, workdir
-    self.pipeline: DataPipeline = make_pipeline(config, workdir)
+    self.pipeline: DataPipeline = make_pipeline(config, workdir,
+                                                progress=bool(config.train.progress))
     self.early_stopping = early_stopping.from_config(config.regularizers)  # the loop's policy
     self.task = build_task(config, self.pipeline.spec)
     self.mesh = parallel.make_mesh(config.mesh, devices)
@@ -145,6 +148,24 @@ def summarize_split(update: Update, outputs: Iterable[Mapping[str, Any]], step: 
     chunks.append({k: np.asarray(v)[mask] for k, v in out.items()})
   metrics = update.task.summarize({k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]})
   return {**metrics, **update.extra_metrics(step)}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSource:
+  """Which run, and which checkpoint of it, a command reads: what ``explain``, ``sample`` and
+  the exports take instead of repeating (workdir, overrides, checkpoint) in each signature."""
+  workdir: str
+  overrides: tuple[str, ...] = ()  # 'KEY=VALUE' changes to its config, e.g. data.data_dir=...
+  checkpoint: str | int = DEFAULT_CHECKPOINT
+
+  @classmethod
+  def of(cls, run: RunSource | str) -> RunSource:
+    """``run`` itself, or the default checkpoint of the run in the directory ``run``."""
+    return run if isinstance(run, RunSource) else cls(run)
+
+  def open(self) -> Restored:
+    """The run reopened: ``Experiment.from_workdir`` of these fields."""
+    return Experiment.from_workdir(self.workdir, self.overrides, checkpoint=self.checkpoint)
 
 
 class Restored(NamedTuple):

@@ -35,6 +35,7 @@ from jax.experimental import multihost_utils
 
 from deepflow.atomic import write_atomic
 from deepflow.registry import ConfigError
+from deepflow.train.protocols import Compiling
 
 log = logging.getLogger("deepflow")
 
@@ -82,7 +83,7 @@ def step_options(xla_options: Mapping[str, Any], platform: str) -> dict[str, Any
   return {**PLATFORM_DEFAULTS.get(platform, {}), **check_options(xla_options, platform)}
 
 
-def apply_record(exp) -> dict | None:
+def apply_record(exp: Compiling) -> dict | None:
   """Compiles ``exp``'s steps with the options ``autotune`` recorded in its workdir (over the
   config's own ``train.xla_options``), if it recorded any for this platform; returns the
   record. Every reader of a tuned run calls this: the loop (so a resumed or finished run runs
@@ -93,7 +94,7 @@ def apply_record(exp) -> dict | None:
   return record
 
 
-def autotune(exp, state, batch) -> dict[str, Any]:
+def autotune(exp: Compiling, state: Any, batch: Mapping[str, Any]) -> dict[str, Any]:
   """Sets ``exp``'s steps to the fastest candidate's options (see the module docstring) and
   returns them; ``state`` and ``batch`` are the run's first, only read. A run that has a record
   was set up from it by ``apply_record`` and is not timed again."""

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from deepflow.config import base_config, finalize
 from deepflow.data import augment
 from deepflow.data.pipeline import INPUTS, Pipeline
 from deepflow.registry import ConfigError
+from tests.helpers import tiny_config
 
 IMAGES = np.random.default_rng(0).normal(size=(16, 9, 9, 2)).astype(np.float32)
 
@@ -95,16 +95,11 @@ def test_bad_options_and_shapes_are_config_errors():
 
 
 def pipeline_config(seed=0, augmentations=True):
-  config = base_config()
-  config.seed = seed
-  config.data.source = "synthetic:digits_like"
-  config.data.batch_size = 16
-  config.data.num_threads = 1
-  config.data.transforms = [dict(name="standardize")] + ([
+  return tiny_config(seed=seed, data__batch_size=16, data__num_threads=1, data__transforms=[
+      dict(name="standardize")] + ([
       dict(name="random_crop", padding=1), dict(name="affine", rotation=10, scale=0.1),
       dict(name="brightness_contrast"), dict(name="gaussian_noise", std=0.1)]
-      if augmentations else [])
-  return finalize(config)
+      if augmentations else []))
 
 
 def take(iterator, n):

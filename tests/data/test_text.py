@@ -20,7 +20,7 @@ from deepflow.data.bundled.text import corpus
 from deepflow.models import transformer
 from deepflow.registry import ConfigError
 from deepflow.train.experiment import Experiment
-from tests.helpers import deepflow_cli, write_experiment
+from tests.helpers import TINY, deepflow_cli, experiment_text, tiny_config, write_experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 GPT2_TOKENIZER = os.path.join(ROOT, "tests", "fixtures", "hf_tokenizers", "gpt2_bpe")
@@ -59,36 +59,20 @@ def text_dir(tmp_path_factory):
   return data_dir
 
 
-EXPERIMENT = """
-from deepflow.config import base_config
-
-def get_config():
-  c = base_config()
-  c.task.name = "language_model"
-  c.model = dict(name="transformer_lm", d_model=16, num_heads=2, num_layers=1, mlp_dim=32,
-                 max_len=64)
-  c.data.source = "tfds:pydoc_paragraphs"
-  c.data.text_feature = "text"
-  c.data.tokenizer = "sentencepiece:bpe:1000"
-  c.data.seq_len = 64
-  c.data.transforms = []
-  c.data.batch_size = 8
-  c.data.eval_batch_size = 16
-  c.train.steps = 2
-  c.train.log_every = 2
-  c.train.eval_every = 0
-  c.train.checkpoint_every = 2
-  c.train.progress = False
-  c.train.compilation_cache = ""
-  return c
-"""
+# The tiny experiment as a language model on the paragraphs (config paths -> values).
+TEXT = {
+    **TINY, "task.name": "language_model",
+    "model": dict(name="transformer_lm", d_model=16, num_heads=2, num_layers=1, mlp_dim=32,
+                  max_len=64),
+    "data.source": "tfds:pydoc_paragraphs", "data.text_feature": "text",
+    "data.tokenizer": "sentencepiece:bpe:1000", "data.seq_len": 64, "data.transforms": [],
+    "data.batch_size": 8, "data.eval_batch_size": 16, "train.steps": 2, "train.log_every": 2,
+    "train.checkpoint_every": 2, "train.compilation_cache": ""}
+EXPERIMENT = experiment_text(TEXT)
 
 
 def text_config(data_dir, *overrides):
-  namespace = {}
-  exec(EXPERIMENT, namespace)
-  return config_lib.finalize(namespace["get_config"](), [f"data.data_dir={data_dir}",
-                                                         *overrides])
+  return tiny_config(f"data.data_dir={data_dir}", *overrides, **TEXT)
 
 
 # -- packing against a hand reference ---------------------------------------------------------

@@ -5,10 +5,10 @@ import os
 import numpy as np
 import pytest
 
-from deepflow.config import base_config, finalize
 from deepflow.data import transforms as T
 from deepflow.data.pipeline import INPUTS, STATS_FILE, Pipeline
 from deepflow.registry import ConfigError
+from tests.helpers import tiny_config
 
 RNG = np.random.default_rng(0)
 TRAIN = RNG.normal(3.0, 2.0, (50, 4)).astype(np.float32)
@@ -170,13 +170,8 @@ def test_chain_fits_in_chunks_and_checks_nan_in_the_same_passes():
 
 
 def missing_config(data_dir, transforms):
-  config = base_config()
-  config.data.source = "bundled:breast_cancer_missing"
-  config.data.data_dir = data_dir
-  config.data.batch_size = 40
-  config.data.eval_batch_size = 40
-  config.data.transforms = transforms
-  return finalize(config)
+  return tiny_config(data__source="bundled:breast_cancer_missing", data__data_dir=data_dir,
+                     data__batch_size=40, data__eval_batch_size=40, data__transforms=transforms)
 
 
 def test_pipeline_keeps_train_statistics_in_the_workdir(data_dir, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import deepflow
 from deepflow.registry import ConfigError
 from deepflow.train.checkpoint import Checkpointer
-from deepflow.train.experiment import Experiment, parse_checkpoint
+from deepflow.train.experiment import Experiment, RunSource, parse_checkpoint
 from tests.helpers import deepflow_cli, one_line_error, tiny_config
 
 
@@ -80,6 +80,21 @@ def test_every_reading_command_takes_the_same_flag(stopped_run, tmp_path):
     assert f"final test metrics at step {step}:" in out.stdout
   message = one_line_error(deepflow_cli("explain", "--workdir", workdir, "--checkpoint", "first"))
   assert "--checkpoint must be best, latest or a step number, got 'first'" in message
+
+
+def test_functions_reading_a_run_take_a_run_source(stopped_run, tmp_path):
+  """A bare workdir is its best checkpoint; a RunSource names another one and config overrides."""
+  from deepflow import export
+  workdir, record = stopped_run
+  _, tensors, step = export.export_safetensors(workdir, str(tmp_path / "best"))
+  assert step == record["best_step"]
+  same(tensors["params/Dense_0/kernel"], direct(workdir, step, "best")["Dense_0"]["kernel"])
+  source = RunSource(workdir, ("data.eval_batch_size=16",), checkpoint="latest")
+  exp, state, step, which = source.open()
+  assert (step, which, exp.config.data.eval_batch_size) == (record["last_step"], "latest", 16)
+  _, tensors, step = export.export_safetensors(source, str(tmp_path / "latest"))
+  assert step == record["last_step"]
+  same(tensors["params/Dense_0/kernel"], direct(workdir, step)["Dense_0"]["kernel"])
 
 
 def test_parse_checkpoint():

@@ -11,23 +11,15 @@ import pytest
 from deepflow import plan as plan_lib
 from deepflow.train import fit
 from deepflow.train.experiment import Experiment
-from tests.helpers import deepflow_cli, one_line_error, subprocess_environment, write_experiment
+from tests.helpers import (deepflow_cli, experiment_text, one_line_error, subprocess_environment,
+                           write_experiment)
 
 # Two hidden layers of 2^18 units: 2^36 parameters in the middle kernel alone, 256 GiB in
 # float32, three times that with AdamW's two moments: more than any machine the suite runs on.
 HUGE = 2 ** 18
-TOO_LARGE = f"""
-from deepflow.config import base_config
-
-def get_config():
-  c = base_config()
-  c.model = dict(name="mlp", hidden=({HUGE}, {HUGE}))
-  c.data.source = "synthetic:digits_like"
-  c.data.batch_size = 8
-  c.data.eval_batch_size = 8
-  c.train.steps = 3
-  return c
-"""
+TOO_LARGE = experiment_text({
+    "model": dict(name="mlp", hidden=(HUGE, HUGE)), "data.source": "synthetic:digits_like",
+    "data.batch_size": 8, "data.eval_batch_size": 8, "train.steps": 3})
 
 
 def one_device_experiment(batch_size: int) -> Experiment:

@@ -6,29 +6,18 @@ import signal
 import psutil
 
 import deepflow
-from tests.helpers import deepflow_cli, deepflow_process, write_experiment
+from tests.helpers import (TINY, deepflow_cli, deepflow_process, experiment_text,
+                           write_experiment)
 from tests.train.test_fault_tolerance import (assert_bit_identical, logged_step, params_of,
                                               wait_for_step)
 
-IMAGE_EXPERIMENT = """
-from deepflow.config import base_config
-
-def get_config():
-  c = base_config()
-  c.model = dict(name="mlp", hidden=(16,))
-  c.data.source = "tfds:gen_jpeg"
-  c.data.cache = False  # streamed, as a large dataset is: workers are used only then
-  c.data.batch_size = 32
-  c.data.eval_batch_size = 64
-  c.data.transforms = [dict(name="random_resized_crop", size=12, scale=(0.5, 1.0)),
-                       dict(name="flip"), dict(name="standardize")]
-  c.train.steps = 120
-  c.train.log_every = 10
-  c.train.eval_every = 0
-  c.train.checkpoint_every = 20
-  c.train.progress = False
-  return c
-"""
+# data.cache=False: streamed, as a large dataset is (workers are used only then).
+IMAGE_EXPERIMENT = experiment_text({
+    **TINY, "model": dict(name="mlp", hidden=(16,)), "data.source": "tfds:gen_jpeg",
+    "data.cache": False,
+    "data.transforms": [dict(name="random_resized_crop", size=12, scale=(0.5, 1.0)),
+                        dict(name="flip"), dict(name="standardize")],
+    "train.steps": 120, "train.log_every": 10, "train.checkpoint_every": 20})
 
 
 def test_sigkill_with_workers_then_resume_is_bit_identical(tmp_path, image_data_dir):
