@@ -23,8 +23,9 @@ def unset_platforms() -> dict:
   loaded by another process (a parallel test's plan --topology) holds /tmp/libtpu_lockfile, and a
   second load then fails without a word; ALLOW_MULTIPLE_LIBTPU_LOAD lets it start (and print)
   whatever else runs, so the control always sees the lines and the check always could."""
-  env = subprocess_environment()
-  env.pop("JAX_PLATFORMS")
+  env = {k: v for k, v in subprocess_environment().items()
+         # plan's topology compiles set TPU_* in this process (libtpu is quiet with them)
+         if k != "JAX_PLATFORMS" and not k.startswith("TPU_")}
   env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
   return env
 
