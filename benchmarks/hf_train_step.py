@@ -4,15 +4,16 @@ loss, gradients, AdamW, the non-finite guard, metrics) vs ``transformers``' ``GP
 with ``torch.optim.AdamW``, eager and under ``torch.compile``, on the same weights, batches and
 hyperparameters, side by side in one process.
 
-Both sides start from the checkpoint ``transformers`` saved (dropout 0 on both: deepflow's GPT-2
-has no attention dropout), train on the same fixed batches (the run's own pipeline:
+Every contender starts from the checkpoint ``transformers`` saved (dropout 0: deepflow's GPT-2
+has no attention dropout), trains on the same fixed batches (the run's own pipeline:
 ``bundled:text`` rows of ``--seq`` tokens, inputs and targets shifted by one) with the same
 AdamW (learning rate, betas, epsilon, weight decay on every parameter, as ``torch.optim.AdamW``
-decays them all) and the same loss (mean next-token cross-entropy over all positions). Before
-timing, the losses are compared: the initial weights' loss on the first batch (deepflow's
-``load_pretrained`` forward vs torch's) and the second step's (after one AdamW update on each
-side), so the timed computation is the same (within ``TOLERANCE``, else it stops). Then
-``--rounds`` interleaved rounds, the median counts. PyTorch is limited to ``--threads`` threads; XLA uses the machine's cores.
+decays them all) and the same loss (mean next-token cross-entropy over all positions). A fourth
+contender, the same step hand-written in JAX, separates deepflow's own cost from XLA's. Before
+timing, the losses are compared: the first step's (the initial weights on the first batch) and
+the second step's (after one AdamW update), so every contender computes the same step (within
+``TOLERANCE``, else it stops). Then ``--rounds`` interleaved rounds; the median counts. PyTorch
+is limited to ``--threads`` threads; XLA uses the machine's cores.
 
     python benchmarks/hf_train_step.py [--seq 256] [--batch 8] [--rounds 3] [--steps 1]
                                        [--no-compile]
@@ -22,6 +23,7 @@ Needs torch and transformers.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import tempfile
 import time
@@ -82,12 +84,34 @@ def torch_step(directory: str, host: list, compiled: bool):
   return step, lambda loss: loss.item(), losses
 
 
-def initial_loss(directory: str, batch) -> float:
-  """The checkpoint's mean next-token loss on ``batch``, through ``deepflow.load_pretrained``."""
+def jax_step(directory: str, host: list):
+  """(step, sync, first two losses): the same step hand-written in JAX (``jax.jit`` of loss,
+  gradients and ``optax.adamw`` on ``deepflow.load_pretrained``'s model, state donated), the
+  baseline that separates deepflow's own cost from XLA's."""
   model, variables = deepflow.load_pretrained(directory)
-  logits = jax.jit(model.apply)(variables, batch["inputs"])
-  return float(optax.softmax_cross_entropy_with_integer_labels(
-      logits, batch["targets"].astype(np.int32)).mean())
+  opt = optax.adamw(ADAMW["lr"], b1=ADAMW["b1"], b2=ADAMW["b2"], eps=ADAMW["eps"],
+                    weight_decay=ADAMW["weight_decay"], mask=None)
+
+  def loss_fn(params, batch):
+    logits = model.apply({"params": params}, batch["inputs"])
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, batch["targets"].astype(np.int32)).mean()
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def update(params, opt_state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  batches = [jax.device_put(b) for b in host]
+  state = [variables["params"], opt.init(variables["params"]), 0]
+
+  def step():
+    state[0], state[1], loss = update(state[0], state[1], batches[state[2] % len(batches)])
+    state[2] += 1
+    return loss
+  losses = [float(step()), float(step())]
+  return step, jax.block_until_ready, losses
 
 
 def main(argv=None):
@@ -106,29 +130,33 @@ def main(argv=None):
   print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs; jax {jax.__version__}, torch "
         f"{torch.__version__} ({torch.get_num_threads()} threads), transformers "
         f"{transformers.__version__}; load average {os.getloadavg()}", flush=True)
-  reference = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+  pretrained = transformers.GPT2LMHeadModel(transformers.GPT2Config(
       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
   with tempfile.TemporaryDirectory() as tmp:
     directory = os.path.join(tmp, "gpt2")
-    reference.save_pretrained(directory)
-    del reference
+    pretrained.save_pretrained(directory)
+    del pretrained
     start = time.perf_counter()
     df_step, df_sync, host = deepflow_step(deepflow_config(directory, args.seq, args.batch),
                                            os.path.join(tmp, "run"))
     print(f"deepflow: built and compiled in {time.perf_counter() - start:.1f} s", flush=True)
-    df_losses = [initial_loss(directory, host[0]), float(df_sync(df_step())["loss"])]
     contenders = {"deepflow": (df_step, df_sync)}
-    for name, compiled in (("torch eager", False), ("torch.compile", True)):
-      if compiled and not args.compiled:
+    df_loss = float(df_sync(df_step())["loss"])  # its second step's (the first compiled it)
+    reference = None
+    for name, make in (("jax + optax by hand", lambda: jax_step(directory, host)),
+                       ("torch eager", lambda: torch_step(directory, host, False)),
+                       ("torch.compile", lambda: torch_step(directory, host, True))):
+      if name == "torch.compile" and not args.compiled:
         print("torch.compile: skipped (--no-compile)")
         continue
       start = time.perf_counter()
-      step, sync, losses = torch_step(directory, host, compiled)
+      step, sync, losses = make()
+      reference = reference or [losses[0], df_loss]  # the hand-written step's first loss
       print(f"{name}: first two steps (with compilation) {time.perf_counter() - start:.1f} s; "
-            f"losses {losses[0]:.6f}, {losses[1]:.6f} vs deepflow's {df_losses[0]:.6f}, "
-            f"{df_losses[1]:.6f} (differences {abs(losses[0] - df_losses[0]):.1e}, "
-            f"{abs(losses[1] - df_losses[1]):.1e})", flush=True)
-      if not np.allclose(losses, df_losses, rtol=TOLERANCE, atol=0.0):
+            f"losses {losses[0]:.6f}, {losses[1]:.6f} vs {reference[0]:.6f}, {reference[1]:.6f} "
+            f"(differences {abs(losses[0] - reference[0]):.1e}, "
+            f"{abs(losses[1] - reference[1]):.1e})", flush=True)
+      if not np.allclose(losses, reference, rtol=TOLERANCE, atol=0.0):
         raise SystemExit(f"{name} does not compute deepflow's step: losses differ")
       contenders[name] = (step, sync)
     times = {name: [] for name in contenders}
