@@ -6,20 +6,21 @@ import time
 
 import jax
 
-from deepflow.train import tuning
+from deepflow.train import init_from, tuning
 from deepflow.train.experiment import Experiment
 
 
 def deepflow_step(config, workdir: str, num_batches: int = 4):
   """(step, sync, host batches): ``step()`` runs ``Experiment.train_step`` once on the next of
   ``num_batches`` batches from the config's own pipeline, put on the device beforehand; it is
-  compiled (run once) before it is returned. With ``train.autotune`` its XLA options are
+  compiled (run once) before it is returned. The first state is the loop's (from
+  ``model.init_from`` when set). With ``train.autotune`` its XLA options are
   chosen first, as the loop chooses them."""
   exp = Experiment(config, workdir)
   iterator = exp.pipeline.train_iterator()
   host = [next(iterator) for _ in range(num_batches)]
   batches = [jax.device_put(b) for b in host]
-  state = [exp.init_state(), 0]
+  state = [init_from.initial_state(exp), 0]
   if config.train.autotune:  # as the loop does on its first batch (records in workdir)
     tuning.autotune(exp, state[0], batches[0])
 
