@@ -18,6 +18,7 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 
+from deepflow.atomic import atomic_path
 from deepflow.registry import ConfigError
 
 CONFIG = "config.json"
@@ -135,7 +136,7 @@ class Reader:
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
   """Writes ``tensors`` as a safetensors file (metadata ``format: pt``, which ``transformers``
-  requires) through a temporary file, so a crash leaves no partial file."""
+  requires) through ``deepflow.atomic``, so a crash leaves no partial file."""
   entries, offset = {"__metadata__": {"format": "pt"}}, 0
   for name, value in tensors.items():
     entries[name] = {"dtype": NAMES[value.dtype], "shape": list(value.shape),
@@ -143,11 +144,10 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
     offset += value.nbytes
   text = json.dumps(entries, separators=(",", ":")).encode()
   text += b" " * (-len(text) % 8)
-  with open(path + ".tmp", "wb") as f:
+  with atomic_path(path) as tmp, tmp.open("wb") as f:
     f.write(struct.pack("<Q", len(text)) + text)
     for value in tensors.values():
       f.write(np.ascontiguousarray(value).tobytes())
-  os.replace(path + ".tmp", path)
 
 
 def shards(sizes: list[tuple[str, int]], max_bytes: int) -> Iterator[list[str]]:
