@@ -5,9 +5,11 @@ qwix int8 StableHLO artifacts (``deepflow export [--quantize int8]``) and evalua
 
 For each model: artifact bytes (ONNX and StableHLO, float32 and int8), test-split
 accuracy (and perplexity for the language model) of each, ONNX Runtime latency at batch 1 and
-64 (float and int8 interleaved, median of many calls, one thread), and the time to the first prediction in a
-fresh process: ``deepflow.predict`` on the ONNX artifact (no JAX import) against the StableHLO
-artifact (JAX), both measured as the whole subprocess's wall time and as the time inside it.
+64 (float and int8 interleaved, median of many calls, one thread), where the batch-1 time goes
+(ONNX Runtime's profiler: each op type's share of the kernel time, and the graph's node count as
+a session runs it), and the time to the first prediction in a fresh process: ``deepflow.predict``
+on the ONNX artifact (no JAX import) against the StableHLO artifact (JAX), both measured as the
+whole subprocess's wall time and as the time inside it.
 
 Run:  python benchmarks/edge.py [--steps_scale 1.0] [--root /tmp/deepflow_edge]
 The runs train with the experiments' own settings (digits_cnn.py: 1000 steps; text_transformer.py:
@@ -16,11 +18,13 @@ The runs train with the experiments' own settings (digits_cnn.py: 1000 steps; te
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -75,13 +79,45 @@ def run_batched(predictor, inputs: np.ndarray, batch: int = 64) -> np.ndarray:
   return np.concatenate([predictor(inputs[i:i + batch]) for i in range(0, len(inputs), batch)])
 
 
-def timer(path: str, x: np.ndarray):
-  """A function timing one ONNX Runtime call on ``x`` (one thread, warmed up)."""
+def session(path: str, **settings):
+  """An ONNX Runtime session on one thread (batch-1 latency on a 2-core machine), ``settings``
+  set on its options."""
   import onnxruntime
   options = onnxruntime.SessionOptions()
   options.intra_op_num_threads = options.inter_op_num_threads = 1
   options.log_severity_level = 3
-  sess = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+  for k, v in settings.items():
+    setattr(options, k, v)
+  return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def kernel_shares(path: str, x: np.ndarray, calls: int = 200) -> dict:
+  """Each op type's share of the kernel time on ``x`` (ONNX Runtime's profiler, each node's
+  median call; fused kernels under their own names), largest first, and the nodes the session
+  runs."""
+  import onnx
+  with tempfile.TemporaryDirectory() as tmp:
+    sess = session(path, enable_profiling=True, profile_file_prefix=os.path.join(tmp, "p"),
+                   optimized_model_filepath=os.path.join(tmp, "optimized.onnx"))
+    for _ in range(calls):
+      sess.run(None, {sess.get_inputs()[0].name: x})
+    with open(sess.end_profiling()) as f:
+      events = json.load(f)
+    nodes = len(onnx.load(os.path.join(tmp, "optimized.onnx")).graph.node)
+  runs = collections.defaultdict(list)  # node -> its kernel's durations, one per call
+  for e in events:
+    if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+      runs[e["name"], e["args"]["op_name"]].append(e["dur"])
+  time = collections.Counter()
+  for (_, op), durations in runs.items():  # medians: a preempted call would skew a sum
+    time[op] += statistics.median(durations)
+  total = sum(time.values())
+  return {"nodes": nodes, "shares": {k: round(v / total, 3) for k, v in time.most_common(6)}}
+
+
+def timer(path: str, x: np.ndarray):
+  """A function timing one ONNX Runtime call on ``x`` (one thread, warmed up)."""
+  sess = session(path)
   feed = {sess.get_inputs()[0].name: x}
   for _ in range(10):
     sess.run(None, feed)
@@ -139,6 +175,7 @@ def bench(name: str, root: str, steps_scale: float) -> dict:
   files = {k: os.path.join(out[k], onnx_file) for k in ("onnx", "int8")}
   row["latency_s"] = latencies(files, inputs[:1])
   row["latency_batch64_s"] = latencies(files, inputs[:64], calls=60)
+  row["kernels"] = {k: kernel_shares(p, inputs[:1]) for k, p in files.items()}
   x_path = os.path.join(root, f"{name}_x.npy")
   np.save(x_path, inputs[:1])
   trials = {k: [first_prediction(out[k], x_path) for _ in range(3)]
@@ -166,6 +203,9 @@ def summary(row: dict) -> str:
            f"  int8 {lat['int8'] * 1e3:.3f} ms ({lat['int8'] / lat['onnx']:.2f}x); batch 64: "
            f"{lat64['onnx'] * 1e3:.2f} ms, {lat64['int8'] * 1e3:.2f} ms "
            f"({lat64['int8'] / lat64['onnx']:.2f}x)",
+           *(f"  {k} batch 1: {v['nodes']} nodes run; kernel time " + ", ".join(
+               f"{op} {share:.0%}" for op, share in v["shares"].items())
+             for k, v in row["kernels"].items()),
            "  first prediction in a fresh process (wall / from first import): " + "  ".join(
                f"{k} {v['wall']:.2f} s / {v['inside']:.2f} s (jax imported: {v['imports_jax']})"
                for k, v in first.items())]

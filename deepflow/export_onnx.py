@@ -8,27 +8,28 @@ its batch dimension symbolic. It is traced to a jaxpr of lax primitives first an
 that by jax2onnx, with ``lax.platform_dependent`` taking its portable branch
 (``rewrite.portable_rule``): ONNX Runtime gets plain convolutions, not deepflow's CPU forms.
 Per-example image steps (``host_preprocessing``) stay on the host, as for the StableHLO artifact.
+The graph is laid out for ONNX Runtime's kernels: attention and layer norms as its fused ops
+(``_fused_layers``), matmuls with their weights as constants, ReLU and max pooling as Relu and
+MaxPool (the rules below), then its offline optimizations (``optimize``).
 
-Measured coverage (``tests/test_export_onnx.py``): mlp, cnn, resnet, vit, transformer_encoder and
+Measured coverage (``tests/test_edge.py``): mlp, cnn, resnet, vit, transformer_encoder and
 transformer_lm convert and match; the rnn family does not (flax's RNN draws its initial carry with
 ``random_split``, which jax2onnx cannot convert): refused with one line naming the op and layer.
 
-``--quantize int8`` is ONNX Runtime's dynamic quantization (``quantize_dynamic``): the weights of
-MatMul in int8 per output channel, of Conv in int8 per tensor (its dynamic ConvInteger takes one
-scale), symmetric; their input activations quantized at run time per tensor to uint8 with a zero
-point (DynamicQuantizeLinear has no int8 form). Nothing needs calibration. ONNX Runtime's
-ConvInteger is slow: the int8 digits CNN takes 10x the float model's time at batch 64
-(``benchmarks/edge.py``); static QDQ quantization, measured against it, was level in time and
-lost 2.4% perplexity on the text Transformer.
+``--quantize int8`` is ONNX Runtime's own quantization (``quantize_int8``): static, calibrated,
+integer end to end for convolutional networks; dynamic (int8 weights per output channel, uint8
+activations quantized at run time) for the others.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import re
 import tempfile
 from typing import Any
 
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,6 +42,10 @@ from deepflow.registry import ConfigError, first_line
 from deepflow.train.experiment import Experiment, RunSource
 
 QUANTIZATIONS = ("int8",)
+INTEGER_OPS = ("MatMulInteger", "DynamicQuantizeMatMul", "ConvInteger", "QLinearConv",
+               "QLinearMatMul", "QGemm")
+CALIBRATION_EXAMPLES, CALIBRATION_SEED = 256, 0
+INT8_CONSTANT_SIZE = 1024  # elements: smaller float tensors (biases, norms' scales) stay float
 OPSET = 21  # ONNX Runtime 1.20+ runs it; the dynamic quantizer's per-channel form needs >= 13
 
 
@@ -59,9 +64,13 @@ def onnx_model(exp: Experiment, fn, weights: dict[str, np.ndarray],
   one-line ``ConfigError`` naming the op (and the layer that emits it) jax2onnx cannot convert."""
   jax2onnx = _require_edge()
   constants = {k: jnp.asarray(v) for k, v in weights.items()}
-  # Traced here, outside jax2onnx's patches of flax layers: it converts lax primitives only.
-  closed = jax.make_jaxpr(lambda x: fn(constants, x))(input_spec)
-  rule = rewrite.chain(rewrite.portable_rule, matmul_rule, conv_rule)
+  # Traced here, outside jax2onnx's patches of flax layers but those of _fused_layers: the rules
+  # below see lax primitives.
+  with _fused_layers():
+    closed = jax.make_jaxpr(lambda x: fn(constants, x))(input_spec)
+  rule = rewrite.inlining_custom_derivatives(rewrite.chain(
+      rewrite.portable_rule, matmul_rule, conv_rule, relu_rule,
+      max_pool_rule))
   portable = lambda x: rewrite.evaluate(closed.jaxpr, closed.consts, [x], rule)[0]  # noqa: E731
   name = exp.config.model.name
   try:
@@ -77,6 +86,24 @@ def onnx_model(exp: Experiment, fn, weights: dict[str, np.ndarray],
         f"{f' (from {where})' if where else ''}; ONNX covers mlp, cnn, resnet, vit and "
         f"transformer models") from e
   return proto, jax.ShapeDtypeStruct(closed.out_avals[0].shape, closed.out_avals[0].dtype)
+
+
+@contextlib.contextmanager
+def _fused_layers():
+  """``jax.nn.dot_product_attention`` and flax's ``LayerNorm`` traced as one equation each, which
+  jax2onnx converts to ONNX Runtime's fused kernels (MatMul, Softmax, MatMul; LayerNormalization),
+  using its own plugins' patches. Traced through, they are the lax primitives of their XLA
+  formulation: batched products that jax2onnx writes as Einsums, a softmax of elementwise Exp and
+  reductions, a layer norm of a dozen elementwise nodes: the float text Transformer took 3.1x as
+  long at batch 1 in ONNX Runtime."""
+  from jax2onnx.plugins._patching import apply_patches
+  from jax2onnx.plugins.flax.linen.layer_norm import LayerNormPlugin
+  from jax2onnx.plugins.jax.nn.dot_product_attention import DotProductAttentionPlugin
+  plugins = (DotProductAttentionPlugin, LayerNormPlugin)
+  for plugin in plugins:
+    plugin.ensure_abstract_eval_bound()
+  with apply_patches([spec for plugin in plugins for spec in plugin.binding_specs()]):
+    yield
 
 
 def matmul_rule(eqn: core.JaxprEqn, inputs: list[Any]) -> list[Any] | None:
@@ -100,6 +127,43 @@ def matmul_rule(eqn: core.JaxprEqn, inputs: list[Any]) -> list[Any] | None:
       *[x.shape[d] for d in x_free], k)
   out = jnp.matmul(rows, matrix, preferred_element_type=eqn.params["preferred_element_type"])
   return [out.reshape(*[x.shape[d] for d in x_free], *[w.shape[d] for d in w_free])]
+
+
+def relu_rule(eqn: core.JaxprEqn, inputs: list[Any]) -> list[Any] | None:
+  """``max(x, 0)`` as an ONNX Relu (jax2onnx writes Max): ONNX Runtime fuses a Relu into the
+  convolution or matmul before it, and its quantizer folds it into their integer forms."""
+  if eqn.primitive.name != "max":
+    return None
+  zero = [i for i, v in enumerate(eqn.invars)
+          if isinstance(v, core.Literal) and np.ndim(v.val) == 0 and v.val == 0]
+  if len(zero) != 1 or not isinstance(inputs[1 - zero[0]], jax.core.Tracer):
+    return None
+  return [jax.nn.relu(inputs[1 - zero[0]])]
+
+
+def max_pool_rule(eqn: core.JaxprEqn, inputs: list[Any]) -> list[Any] | None:
+  """A call (``models.pooling``'s max pool, window == stride) whose body reshapes (B, H, W, ..., C)
+  into blocks (B, H / k, k, W / l, l, ..., C) and takes the max over the window axes, as a
+  max pool of its input: an ONNX MaxPool, in the convolutions' layout, so that ONNX Runtime
+  removes the transposes around it and fuses each convolution with its bias and ReLU, in int8
+  too (converted as it is, Reshape and ReduceMax: the float digits CNN took 1.4x as long)."""
+  if eqn.primitive.name != "custom_vjp_call":
+    return None
+  body = eqn.params["call_jaxpr"].jaxpr
+  if [e.primitive.name for e in body.eqns] != ["reshape", "reduce_max"] or len(inputs) != 1:
+    return None
+  x, (blocked, window_max) = inputs[0], body.eqns
+  shape = blocked.params["new_sizes"]
+  window = tuple(shape[2:-1:2])
+  if (len(shape) != 2 * x.ndim - 2 or not _static(*shape[1:])
+      or tuple(window_max.params["axes"]) != tuple(range(2, len(shape) - 1, 2))
+      or tuple(x.shape[1:-1]) != tuple(n * k for n, k in zip(shape[1:-1:2], window))):
+    return None
+  return [flax.linen.max_pool(x, window_shape=window, strides=window)]  # jax2onnx: MaxPool
+
+
+def _static(*dims) -> bool:
+  return all(isinstance(d, (int, np.integer)) for d in dims)
 
 
 def conv_rule(eqn: core.JaxprEqn, inputs: list[Any]) -> list[Any] | None:
@@ -129,8 +193,9 @@ def _layer_of(jaxpr, primitive: str) -> str | None:
 
 def optimize(path: str) -> None:
   """ONNX Runtime's offline graph optimizations in place: the basic level a session applies at
-  load (constant folding, e.g. the shapes of constants, and redundant nodes: 436 -> 268 nodes in
-  the text Transformer), in standard ONNX ops, then shape inference, as its quantizer asks."""
+  load (constant folding, e.g. the shapes of constants, transposes cancelled, a convolution's bias
+  and ReLU fused into it: 173 -> 92 nodes in the text Transformer, 31 -> 14 in the digits CNN),
+  in standard ONNX ops, then shape inference, as its quantizer asks."""
   from onnxruntime.quantization.shape_inference import quant_pre_process
   quant_pre_process(path, path, skip_symbolic_shape=True)
 
@@ -144,21 +209,88 @@ def _drop_value_info(path: str) -> None:
   onnx.save(model, path)
 
 
-def quantize_int8(model_path: str, out_path: str) -> dict[str, Any]:
-  """Writes ``model_path``'s dynamic int8 form to ``out_path``; returns what was quantized."""
+def calibration_inputs(exp: Experiment) -> np.ndarray:
+  """``CALIBRATION_EXAMPLES`` training inputs as the artifact takes them, drawn with a fixed
+  seed: the sample static quantization measures activation ranges on."""
+  train = exp.pipeline.train_source
+  rng = np.random.default_rng(CALIBRATION_SEED)
+  indices = np.sort(rng.choice(len(train), min(CALIBRATION_EXAMPLES, len(train)), replace=False))
+  examples = exp.pipeline.examples(train, indices, train=False, step=0)
+  return np.asarray(examples[exp.pipeline.dataset.input_key])
+
+
+class _Calibration:
+  """ONNX Runtime's ``CalibrationDataReader`` protocol over ``inputs``, one example a call."""
+
+  def __init__(self, name: str, inputs: np.ndarray):
+    self._feeds = iter([{name: inputs[i:i + 1]} for i in range(len(inputs))])
+
+  def get_next(self) -> dict[str, np.ndarray] | None:
+    return next(self._feeds, None)
+
+
+def quantize_int8(model_path: str, out_path: str, calibration: np.ndarray) -> dict[str, Any]:
+  """Writes ``model_path``'s int8 form to ``out_path``; returns what was quantized.
+
+  A convolutional network (convolutions, no attention) is quantized statically (QOperator):
+  activations' scales measured on ``calibration``, integer from the input's QuantizeLinear
+  through QLinearConv, pooling and QGemm to the output's DequantizeLinear. ONNX Runtime's
+  dynamic ConvInteger took 3x the float convolution's time at batch 1 and 6.5x at 64
+  (``benchmarks/edge.py``). Other models are quantized dynamically (no calibration): static
+  quantization of attention (its softmax, its activation products) cost the text Transformer
+  2.4% perplexity. Float tensors the quantizer leaves (a position table, an attention mask) are
+  stored in int8 too (``_int8_constants``)."""
   import onnx
-  from onnxruntime.quantization import QuantType, quantize_dynamic
-  quantize_dynamic(model_path, out_path, per_channel=True, weight_type=QuantType.QInt8)
-  ops = collections.Counter(n.op_type for n in onnx.load(out_path).graph.node)
-  quantized = {op: ops[op] for op in ("MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul")
-               if ops[op]}
+  from onnxruntime import quantization as q
+  graph = onnx.load(model_path).graph
+  ops = {n.op_type for n in graph.node}
+  if "Conv" in ops and "Softmax" not in ops:
+    q.quantize_static(model_path, out_path, _Calibration(graph.input[0].name, calibration),
+                      quant_format=q.QuantFormat.QOperator, per_channel=False,
+                      activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8)
+    scheme = {"tool": "onnxruntime.quantization.quantize_static (QOperator)",
+              "weights": "int8, symmetric, per tensor",
+              "activations": f"uint8, per tensor, static: ranges of {len(calibration)} "
+                             f"training inputs (seed {CALIBRATION_SEED})"}
+  else:
+    q.quantize_dynamic(model_path, out_path, per_channel=True, weight_type=q.QuantType.QInt8)
+    scheme = {"tool": "onnxruntime.quantization.quantize_dynamic",
+              "weights": "int8, symmetric, per output channel",
+              "activations": "uint8, per tensor, dynamic (computed at run time)"}
+  model = onnx.load(out_path)
+  ops = collections.Counter(n.op_type for n in model.graph.node)
+  quantized = {op: ops[op] for op in INTEGER_OPS if ops[op]}
   if not quantized:
     raise ConfigError("the model has no MatMul or Conv with constant weights that ONNX Runtime "
                       "can quantize to int8")
-  return {"scheme": "int8", "tool": "onnxruntime.quantization.quantize_dynamic",
-          "weights": "int8, symmetric: per output channel (MatMul), per tensor (Conv)",
-          "activations": "uint8, per tensor, dynamic (computed at run time)",
-          "quantized_ops": quantized}
+  constants = _int8_constants(model)
+  onnx.save(model, out_path)
+  return {"scheme": "int8", **scheme, "quantized_ops": quantized,
+          **({"int8_constants": constants} if constants else {})}
+
+
+def _int8_constants(model) -> list[str]:
+  """Each float initializer of at least ``INT8_CONSTANT_SIZE`` elements the quantizer left
+  (inputs of additions, masks) stored as int8 with one symmetric scale, read through a
+  DequantizeLinear (24K elements a run in the text Transformer, not measurable in its latency);
+  returns their names."""
+  import onnx
+  from onnx import numpy_helper
+  graph, names = model.graph, []
+  for init in list(graph.initializer):
+    if init.data_type != onnx.TensorProto.FLOAT or np.prod(init.dims) < INT8_CONSTANT_SIZE:
+      continue
+    values = numpy_helper.to_array(init)
+    scale = np.float32(np.abs(values).max() / 127 or 1)
+    graph.initializer.remove(init)
+    graph.initializer.extend([
+        numpy_helper.from_array(np.clip(np.rint(values / scale), -127, 127).astype(np.int8),
+                                f"{init.name}_int8"),
+        numpy_helper.from_array(scale, f"{init.name}_int8_scale")])
+    graph.node.insert(0, onnx.helper.make_node(
+        "DequantizeLinear", [f"{init.name}_int8", f"{init.name}_int8_scale"], [init.name]))
+    names.append(init.name)
+  return names
 
 
 def export_onnx(run: RunSource | str, out: str, *, quantize: str | None = None
@@ -182,7 +314,7 @@ def export_onnx(run: RunSource | str, out: str, *, quantize: str | None = None
                                     source.workdir)
     optimize(path)
     if quantize:
-      signature["quantization"] = quantize_int8(path, path + ".int8")
+      signature["quantization"] = quantize_int8(path, path + ".int8", calibration_inputs(exp))
       os.replace(path + ".int8", path)
     _drop_value_info(path)
     os.replace(path, os.path.join(out, ONNX_FILE))

@@ -8,7 +8,9 @@ matmuls and convolutions that read a weight for integer ones, and the ONNX expor
 constant-weight matmuls in the form ONNX Runtime's quantizer reads (``deepflow.export_onnx``).
 Each is a ``rule(eqn, inputs)`` for ``evaluate``, which runs a jaxpr (traced with symbolic batch
 dimensions, if any) on the caller's values, ``None`` from the rule meaning: bind the equation
-unchanged. Nested ``jit`` calls are entered, so a rule sees every equation of the program.
+unchanged. Nested ``jit`` calls are entered, so a rule sees every equation of the program but
+those inside functions with custom derivatives, which an export enters too
+(``inlining_custom_derivatives``).
 """
 from __future__ import annotations
 
@@ -60,6 +62,19 @@ def chain(*rules: Rule) -> Rule:
   def rule(eqn, inputs):
     return next((out for r in rules if (out := r(eqn, inputs)) is not None), None)
   return rule
+
+
+def inlining_custom_derivatives(rule: Rule) -> Rule:
+  """``rule``, also inside ``custom_jvp``/``custom_vjp`` calls (a ReLU, a pooling with its own
+  gradient), whose bodies it inlines: for a program that is evaluated, never differentiated (an
+  export), so that the rule sees their equations too."""
+  def inlined(eqn, inputs):
+    outputs = rule(eqn, inputs)
+    if outputs is None and eqn.primitive.name in ("custom_jvp_call", "custom_vjp_call"):
+      closed = eqn.params["call_jaxpr"]
+      return evaluate(closed.jaxpr, closed.consts, inputs, inlined)
+    return outputs
+  return inlined
 
 
 def source(eqn: core.JaxprEqn) -> str:

@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("jax2onnx")
 pytest.importorskip("qwix")
+onnx = pytest.importorskip("onnx")
 
 import deepflow  # noqa: E402
 from deepflow import export, export_onnx, predict, quantize  # noqa: E402
@@ -33,6 +34,7 @@ RUNS = {
     # Integer arithmetic checked against numpy: one matmul layer after another, one conv.
     "mlp_raw": dict(model=dict(name="mlp", hidden=(16,))),
     "conv_raw": dict(model=dict(name="cnn", features=(4,), pooling="none", dense=())),
+    "conv_pool_raw": dict(model=dict(name="cnn", features=(4,), dense=())),  # conv, ReLU, pool
     "lstm": dict(task="regression", source="bundled:sunspots", model=dict(name="rnn", cell="lstm", hidden_size=8)),
 }
 
@@ -56,21 +58,27 @@ def trained(data_dir, tmp_path_factory):
   return get
 
 
+# ONNX Runtime's own kernels for each layer, not jax2onnx's elementwise forms of XLA's.
+KERNELS = {"cnn": {"Conv", "Relu", "MaxPool", "Gemm"}, "resnet": {"Conv", "Relu"},
+           "transformer_lm": {"MatMul", "Softmax", "LayerNormalization"}}
+
+
 @pytest.mark.parametrize("name", ["cnn", "resnet", "transformer_lm"])
 def test_onnx_outputs_equal_deepflow(name, trained, tmp_path):
   """Float32 throughout: differences are summation order, a few ulps of the largest logit."""
   workdir = trained(name)
   signature = export_onnx.export_onnx(workdir, str(tmp_path))
   assert signature["runtime"] == "onnxruntime" and signature["input"]["shape"][0] is None
+  ops = {n.op_type for n in onnx.load(os.path.join(str(tmp_path), "model.onnx")).graph.node}
+  assert KERNELS[name] <= ops and not ops & {"Einsum", "ReduceMax", "Exp", "Max"}, ops
   inputs, expected = in_framework(workdir, 5)
   predictor = predict.load(str(tmp_path))
   for n in (1, 5):  # one symbolic batch dimension
     np.testing.assert_allclose(predictor(inputs[:n]), expected[:n], rtol=1e-5, atol=1e-5)
 
 
-def _int8_weights(w, axis=None):
-  """ONNX Runtime's symmetric int8: scale = max|w| / 127 per channel along ``axis`` (MatMul),
-  or over the whole tensor (Conv: its dynamic ConvInteger takes one scale)."""
+def _int8_weights(w, axis):
+  """ONNX Runtime's symmetric int8 per output channel: scale = max|w| / 127 along ``axis``."""
   reduce = tuple(d for d in range(w.ndim) if d != axis)
   scale = np.abs(w).max(axis=reduce, keepdims=True) / 127
   return np.clip(np.rint(w / scale), -127, 127).astype(np.int32), scale.astype(np.float32)
@@ -90,34 +98,77 @@ def _dense(x, kernel, bias):
   return (qx @ qw).astype(np.float32) * (sx * sw) + bias
 
 
-def _conv_same_3x3(x, kernel, bias):
-  qx, sx = _uint8_activations(x)
-  qw, sw = _int8_weights(kernel)
-  padded = np.pad(qx, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  windows = np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(1, 2))
-  acc = np.einsum("nhwcij,ijco->nhwo", windows, qw)  # int32: exact
-  return acc.astype(np.float32) * (sx * sw.reshape(())) + bias
-
-
-@pytest.mark.parametrize("name", ["mlp_raw", "conv_raw"])
-def test_int8_is_onnx_runtimes_integer_arithmetic(name, trained, tmp_path):
-  """int8 weights (per channel for a matmul), per-tensor uint8 activations with a zero point, int32
-  accumulation, rescaled: recomputed in numpy from the checkpoint's float weights."""
-  workdir = trained(name)
+def test_dynamic_int8_is_onnx_runtimes_integer_arithmetic(trained, tmp_path):
+  """A model without convolutions: int8 weights per channel, per-tensor uint8 activations with a
+  zero point computed at run time, int32 accumulation, rescaled: recomputed in numpy from the
+  checkpoint's float weights."""
+  workdir = trained("mlp_raw")
   signature = export_onnx.export_onnx(workdir, str(tmp_path), quantize="int8")
+  assert signature["quantization"]["quantized_ops"] == {"MatMulInteger": 2}
   inputs, floats = in_framework(workdir, 6)
   params = Experiment.from_workdir(workdir)[1].params
-  x = inputs.astype(np.float32)
-  if name == "mlp_raw":
-    assert signature["quantization"]["quantized_ops"] == {"MatMulInteger": 2}
-    h = np.maximum(_dense(x.reshape(6, -1), *_kb(params["Dense_0"])), 0)
-    expected = _dense(h, *_kb(params["Dense_1"]))
-  else:
-    assert signature["quantization"]["quantized_ops"] == {"MatMulInteger": 1, "ConvInteger": 1}
-    h = np.maximum(_conv_same_3x3(x, *_kb(params["Conv_0"])), 0)
-    expected = _dense(h.reshape(6, -1), *_kb(params["Dense_0"]))
+  h = np.maximum(_dense(inputs.astype(np.float32).reshape(6, -1), *_kb(params["Dense_0"])), 0)
+  expected = _dense(h, *_kb(params["Dense_1"]))
   got = predict.load(str(tmp_path))(inputs)
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(got, floats, rtol=1e-5, atol=1e-5)  # really quantized
+
+
+def test_dynamic_int8_stores_the_float_constants_it_leaves_in_int8(trained, tmp_path):
+  """The Transformer's learned positions (an addition's input, which the quantizer leaves) and
+  its attention mask are stored as int8 with one scale: max |w| / 127, the mask exactly."""
+  workdir = trained("transformer_lm")
+  signature = export_onnx.export_onnx(workdir, str(tmp_path), quantize="int8")
+  model = onnx.load(os.path.join(str(tmp_path), export_onnx.ONNX_FILE))
+  tensors = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+  assert all(t.dtype != np.float32 or t.size < export_onnx.INT8_CONSTANT_SIZE
+             for t in tensors.values())
+  stored = {name: tensors[f"{name}_int8"] * tensors[f"{name}_int8_scale"]
+            for name in signature["quantization"]["int8_constants"]}
+  table = np.asarray(Experiment.from_workdir(workdir)[1].params["positions"]["embedding"])
+  positions = [v for v in stored.values() if v.shape[-2:] == table.shape]
+  assert len(positions) == 1 and len(stored) == 2
+  np.testing.assert_allclose(positions[0].reshape(table.shape), table,
+                             atol=np.abs(table).max() / 254 * 1.0001)
+  mask = [v for v in stored.values() if v.shape[-2:] != table.shape][0]
+  np.testing.assert_array_equal(mask.reshape(mask.shape[-2:]), np.tril(np.ones((128, 128))))
+  inputs, floats = in_framework(workdir, 2)
+  got = predict.load(str(tmp_path))(inputs)
+  assert (got.argmax(-1) == floats.argmax(-1)).mean() > 0.9
+
+
+def _uint8(x, scale, zero):
+  """QuantizeLinear, and the requantization of an int32 accumulator: round half to even."""
+  return np.clip(np.rint(x * scale) + zero, 0, 255).astype(np.int32)
+
+
+def test_static_int8_of_a_conv_model_is_onnx_runtimes_integer_arithmetic(trained, tmp_path):
+  """A model with convolutions is integer from input to output: QuantizeLinear with the
+  calibration sample's range, QLinearConv (its bias in int32, the ReLU in its output range), max
+  pool on uint8, QGemm, DequantizeLinear; recomputed in numpy from the stored int8 tensors and
+  scales, bit for bit."""
+  workdir = trained("conv_pool_raw")
+  signature = export_onnx.export_onnx(workdir, str(tmp_path), quantize="int8")
+  assert signature["quantization"]["quantized_ops"] == {"QLinearConv": 1, "QGemm": 1}
+  model = onnx.load(os.path.join(str(tmp_path), export_onnx.ONNX_FILE))
+  tensors = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+  node = {n.op_type: [tensors.get(i) for i in n.input] for n in model.graph.node}
+  assert "ConvInteger" not in node and "DynamicQuantizeLinear" not in node
+  _, xs, xz, wq, ws, wz, ys, yz, bias = node["QLinearConv"]
+  exp = Experiment.from_workdir(workdir)[0]
+  assert xs == np.float32(export_onnx.calibration_inputs(exp).max() / 255) and xz == wz == 0
+  inputs, floats = in_framework(workdir, 6)
+  qx = _uint8(inputs.astype(np.float32), 1 / xs, xz)  # (6, 8, 8, 1): NHWC
+  windows = np.lib.stride_tricks.sliding_window_view(
+      np.pad(qx - xz, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2))
+  acc = np.einsum("nhwcij,ocij->nhwo", windows, wq.astype(np.int32)) + bias
+  h = _uint8(acc.astype(np.float32), np.float32(xs * ws / ys), yz)
+  h = h.reshape(6, 4, 2, 4, 2, 4).max(axis=(2, 4)).reshape(6, -1)  # 2x2 max pool, flattened
+  _, hs, hz, kq, ks, kz, bias, os_, oz = node["QGemm"]
+  acc = (h - hz) @ kq.astype(np.int32) + bias
+  expected = (_uint8(acc.astype(np.float32), np.float32(hs * ks / os_), oz) - oz) * os_
+  got = predict.load(str(tmp_path))(inputs)
+  np.testing.assert_array_equal(got, expected.astype(np.float32))
   assert not np.allclose(got, floats, rtol=1e-5, atol=1e-5)  # really quantized
 
 
