@@ -27,7 +27,7 @@ import contextlib
 import os
 import re
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen
 import jax
@@ -136,9 +136,10 @@ def relu_rule(eqn: core.JaxprEqn, inputs: list[Any]) -> list[Any] | None:
     return None
   zero = [i for i, v in enumerate(eqn.invars)
           if isinstance(v, core.Literal) and np.ndim(v.val) == 0 and v.val == 0]
-  if len(zero) != 1 or not isinstance(inputs[1 - zero[0]], jax.core.Tracer):
+  x = inputs[1 - zero[0]] if len(zero) == 1 else None
+  if not isinstance(x, jax.core.Tracer) or not jnp.issubdtype(x.dtype, jnp.floating):
     return None
-  return [jax.nn.relu(inputs[1 - zero[0]])]
+  return [jax.nn.relu(x)]
 
 
 def max_pool_rule(eqn: core.JaxprEqn, inputs: list[Any]) -> list[Any] | None:
@@ -229,28 +230,30 @@ class _Calibration:
     return next(self._feeds, None)
 
 
-def quantize_int8(model_path: str, out_path: str, calibration: np.ndarray) -> dict[str, Any]:
+def quantize_int8(model_path: str, out_path: str, calibration: Callable[[], np.ndarray]
+                  ) -> dict[str, Any]:
   """Writes ``model_path``'s int8 form to ``out_path``; returns what was quantized.
 
   A convolutional network (convolutions, no attention) is quantized statically (QOperator):
-  activations' scales measured on ``calibration``, integer from the input's QuantizeLinear
-  through QLinearConv, pooling and QGemm to the output's DequantizeLinear. ONNX Runtime's
-  dynamic ConvInteger took 3x the float convolution's time at batch 1 and 6.5x at 64
+  activations' scales measured on the inputs ``calibration()`` returns, integer from the input's
+  QuantizeLinear through QLinearConv, pooling and QGemm to the output's DequantizeLinear. ONNX
+  Runtime's dynamic ConvInteger took 3x the float convolution's time at batch 1 and 6.5x at 64
   (``benchmarks/edge.py``). Other models are quantized dynamically (no calibration): quantized
   statically, the text Transformer's attention (its softmax, masks, activation products) ran
-  1.65x slower and its perplexity rose from 4.7 to 34. Float tensors the quantizer leaves (a position table, an attention mask) are
-  stored in int8 too (``_int8_constants``)."""
+  1.65x slower and its perplexity rose from 4.7 to 34. Float tensors the quantizer leaves (a
+  position table, an attention mask) are stored in int8 too (``_int8_constants``)."""
   import onnx
   from onnxruntime import quantization as q
   graph = onnx.load(model_path).graph
   ops = {n.op_type for n in graph.node}
   if "Conv" in ops and "Softmax" not in ops:
-    q.quantize_static(model_path, out_path, _Calibration(graph.input[0].name, calibration),
+    sample = calibration()
+    q.quantize_static(model_path, out_path, _Calibration(graph.input[0].name, sample),
                       quant_format=q.QuantFormat.QOperator, per_channel=False,
                       activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8)
     scheme = {"tool": "onnxruntime.quantization.quantize_static (QOperator)",
               "weights": "int8, symmetric, per tensor",
-              "activations": f"uint8, per tensor, static: ranges of {len(calibration)} "
+              "activations": f"uint8, per tensor, static: ranges of {len(sample)} "
                              f"training inputs (seed {CALIBRATION_SEED})"}
   else:
     q.quantize_dynamic(model_path, out_path, per_channel=True, weight_type=q.QuantType.QInt8)
@@ -314,7 +317,8 @@ def export_onnx(run: RunSource | str, out: str, *, quantize: str | None = None
                                     source.workdir)
     optimize(path)
     if quantize:
-      signature["quantization"] = quantize_int8(path, path + ".int8", calibration_inputs(exp))
+      signature["quantization"] = quantize_int8(path, path + ".int8",
+                                                lambda: calibration_inputs(exp))
       os.replace(path + ".int8", path)
     _drop_value_info(path)
     os.replace(path, os.path.join(out, ONNX_FILE))
