@@ -131,7 +131,7 @@ def test_dynamic_int8_stores_the_float_constants_it_leaves_in_int8(trained, tmp_
   np.testing.assert_allclose(positions[0].reshape(table.shape), table,
                              atol=np.abs(table).max() / 254 * 1.0001)
   mask = [v for v in stored.values() if v.shape[-2:] != table.shape][0]
-  np.testing.assert_array_equal(mask.reshape(mask.shape[-2:]), np.tril(np.ones((128, 128))))
+  np.testing.assert_array_equal(mask.reshape(mask.shape[-2:]), np.tril(np.ones(mask.shape[-2:])))
   inputs, floats = in_framework(workdir, 2)
   got = predict.load(str(tmp_path))(inputs)
   assert (got.argmax(-1) == floats.argmax(-1)).mean() > 0.9
