@@ -14,8 +14,9 @@ example for a convolution) computed at run time, so nothing needs calibration. P
 activations (attention scores), embedding lookups, normalizations and LoRA-merged kernels stay
 float. ``lax.platform_dependent`` takes its portable branch, so deepflow's CPU form of a
 few-channel convolution is a convolution here too. With ``trainable`` each rewritten layer is
-differentiable: its forward pass is the same integer op, its gradient the float layer's at the
-dequantized operands (``straight_through``).
+differentiable: its forward pass is the same integer op (a convolution's integer products summed
+in float32, exact below 2^24: ``_in_float``), its gradient the float layer's at the dequantized
+operands (``straight_through``).
 
 qwix rather than AQT (not measured against it): qwix's design follows AQT's (its README), it is
 released against current JAX (AQT's latest release, aqtp 0.9.0, dates from August 2025), and its
@@ -76,6 +77,15 @@ def _widened(q: Any) -> Any:
   if q.qvalue.dtype != jnp.int4:
     return q
   return _qwix().QArray(q.qvalue.astype(jnp.int8), q.scale, qtype=jnp.int8)
+
+
+def _in_float(q: Any) -> Any:
+  """A QArray whose integers are stored as floats of its scale's dtype, which qwix's convolution
+  sums in that type (a float32 convolution) before rescaling as it rescales the int32 sums.
+  The sums are the same as long as every partial sum of products stays below 2^24 in magnitude,
+  float32's exact integers: always for windows of up to 1024 values (kernel height x width x
+  input channels, |product| <= 128 * 128 = 2^14), and in practice far beyond."""
+  return _qwix().QArray(q.qvalue.astype(q.scale.dtype), q.scale, qtype=q.qtype)
 
 
 def straight_through(eqn: Any, quantize: Callable, compute: Callable) -> Callable:
@@ -146,8 +156,11 @@ def quantized_rule(weights: dict[int, int], scheme: str, stored: dict[int, Any],
       x, w = inputs
       params = dict(eqn.params)
       numbers = params.pop("dimension_numbers")
+      # Training: XLA:CPU's integer convolution made a train step 4-5x slower (digits CNN);
+      # the same integers summed in float32 are exact (see ``_in_float``).
+      operands = _in_float if trainable else lambda q: q  # noqa: E731
       conv = lambda xq, wq: qwix.conv_general_dilated(  # noqa: E731
-          xq, wq, params["window_strides"], params["padding"],
+          operands(xq), operands(wq), params["window_strides"], params["padding"],
           lhs_dilation=params["lhs_dilation"], rhs_dilation=params["rhs_dilation"],
           dimension_numbers=numbers, feature_group_count=params["feature_group_count"],
           batch_group_count=params["batch_group_count"])

@@ -42,9 +42,11 @@ def _inputs(exp, n):
 
 @pytest.mark.parametrize("name,bits", [("mlp_raw", 8), ("conv_raw", 8), ("mlp_raw", 4)])
 def test_qat_forward_is_the_ptq_forward_and_its_integer_arithmetic(name, bits):
-  """Exact: both are qwix's integer op on the same integers (products summed in int32, exact),
-  rescaled by the same float32 scales in the same order, so no tolerance applies. The numpy
-  model rescales the same integers in its own order: 1e-5 covers float32 rounding of that."""
+  """Exact: both are qwix's op on the same integers, rescaled by the same float32 scales in the
+  same order. A matmul's products are summed in int32 in both; QAT sums a convolution's in
+  float32, which is exact while every partial sum is below 2^24 (here at most 9 * 128 * 128 =
+  147,456), so no tolerance applies. The numpy model rescales the same integers in its own
+  order: 1e-5 covers float32 rounding of that."""
   trained = _experiment(MODELS[name], SCHEMES[bits])
   plain = _experiment(MODELS[name])
   params = _positive_maxima(jax.device_get(trained.init_state().params))
