@@ -2,8 +2,9 @@
 quantized model's (deepflow.quantize, qwix) and qwix's integer arithmetic recomputed in numpy;
 its gradient is the float layer's at the dequantized operands (the straight-through estimator),
 against a numpy formula and JAX's float convolution; a run trains, resumes bit-identically,
-exports its integer model without --quantize and predict computes what its evaluation did;
-int4 weights are integers in [-8, 7] stored two a byte; bad input is refused in one line."""
+exports its integer model without --quantize (ONNX: ONNX Runtime's int8) and predict computes
+what its evaluation did; int4 weights are integers in [-8, 7] stored two a byte (no ONNX form);
+bad input is refused in one line."""
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ import pytest
 pytest.importorskip("qwix")
 
 import deepflow  # noqa: E402
-from deepflow import export, predict, quantize  # noqa: E402
+from deepflow import export, export_onnx, predict, quantize  # noqa: E402
 from deepflow.registry import ConfigError  # noqa: E402
 from deepflow.train.experiment import Experiment  # noqa: E402
 from tests.helpers import deepflow_cli, one_line_error, tiny_config  # noqa: E402
@@ -137,6 +138,8 @@ def test_a_qat_run_trains_resumes_exports_int8_and_predict_computes_its_eval(tmp
                                         r"--quantize int4 contradicts it$"):
     export.export(a, str(tmp_path / "int4"), quantize="int4")
   assert not os.path.exists(tmp_path / "int4")
+  signature = export_onnx.export_onnx(a, str(tmp_path / "onnx"))  # ONNX Runtime's own int8
+  assert signature["quantization"]["quantized_ops"] == {"MatMulInteger": 1, "ConvInteger": 1}
 
 
 def test_int4_artifact_stores_weights_in_minus8_to_7_two_a_byte(tmp_path):
@@ -160,6 +163,8 @@ def test_int4_artifact_stores_weights_in_minus8_to_7_two_a_byte(tmp_path):
                              rtol=1e-5, atol=1e-5)
   signature = export.export(workdir, str(tmp_path / "art"), platforms=("cpu",))
   assert signature["quantization"]["scheme"] == "int4"
+  with pytest.raises(ConfigError, match=r"^this format writes int8 models, not int4 \(the run"):
+    export_onnx.export_onnx(workdir, str(tmp_path / "onnx"))
   assert signature["quantization"]["training"].startswith("quantization-aware")
   fn_q, stored = quantize.quantized_function(*export.exportable(exp, state)[:2], spec, "int4")
   np.testing.assert_allclose(predict.load(str(tmp_path / "art"))(x),
