@@ -157,6 +157,8 @@ def test_int4_artifact_stores_weights_in_minus8_to_7_two_a_byte(tmp_path):
   assert "params/Dense_0/kernel" not in stored
   values = np.asarray(quantize._unpack("params/Dense_0/kernel", stored, kernel.shape), np.int32)
   assert values.min() >= -8 and values.max() == 7
+  every = np.arange(-8, 7).reshape(3, 5).astype(jnp.int4)  # every value, an odd count
+  np.testing.assert_array_equal(quantize._unpack("w", quantize._pack("w", every), (3, 5)), every)
   np.testing.assert_array_equal(values, _qwix_int8(kernel, (0,), 4)[0])
   x = _inputs(exp, 6)
   np.testing.assert_allclose(jax.jit(fn_q)(stored, x), _qwix_reference("mlp_raw", params, x, 4),
