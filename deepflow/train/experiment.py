@@ -130,10 +130,11 @@ class Experiment:
 
 def build_task(config: Any, spec) -> Any:
   """The task ``config`` names, with the finished runs it reads opened (``Task.open_runs``, e.g.
-  a distillation teacher) and, with ``model.quantization``, trained quantized: every place that builds a task from a config goes through here."""
+  a distillation teacher) and, with ``model.quantization``, its forward pass quantized
+  (``deepflow.qat``): every place that builds a task from a config goes through here."""
   task = TASKS.get(config.task.name)(config, spec)
   task.open_runs(Experiment.from_workdir)
-  return qat.quantization_aware(task, config)  # model.quantization: the quantized forward
+  return qat.quantization_aware(task, config)
 
 
 def summarize_split(update: Update, outputs: Iterable[Mapping[str, Any]], step: int
