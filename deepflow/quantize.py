@@ -13,7 +13,8 @@ in [-8, 7]), the activation symmetric int8 with a scale per row (per example and
 example for a convolution) computed at run time, so nothing needs calibration. Products of two
 activations (attention scores), embedding lookups, normalizations and LoRA-merged kernels stay
 float. ``lax.platform_dependent`` takes its portable branch, so deepflow's CPU form of a
-few-channel convolution is a convolution here too. With ``trainable`` each rewritten layer is
+few-channel convolution is a convolution here too; a block under ``jax.checkpoint``
+(``nn.remat``) is entered and checkpointed again. With ``trainable`` each rewritten layer is
 differentiable: its forward pass is the same integer op (a convolution's integer products summed
 in float32, exact below 2^24: ``_in_float``), its gradient the float layer's at the dequantized
 operands (``straight_through``).
@@ -134,12 +135,23 @@ def quantized_rule(weights: dict[int, int], scheme: str, stored: dict[int, Any],
       return straight_through(eqn, quantize, compute)(x, w)
     return compute(*quantize(x, w))
 
+  def rematerialized(eqn, inputs):
+    """A block under ``jax.checkpoint`` (``nn.remat``: a Transformer's ``remat_policy``)
+    entered, so the rule reaches its weights, and checkpointed again with its own policy."""
+    def block(*args):
+      weights.update({id(a): weights[id(x)] for a, x in zip(args, inputs) if id(x) in weights})
+      return rewrite.evaluate(eqn.params["jaxpr"], (), args, rule)
+    return jax.checkpoint(block, prevent_cse=eqn.params["prevent_cse"],
+                          policy=eqn.params["policy"])(*inputs)
+
   def rule(eqn, inputs):
     name = eqn.primitive.name
     if name in _LOOPS and any(id(x) in weights for x in inputs):
       raise ConfigError(f"{scheme} quantization cannot reach the weights a loop reads ({name} "
                         f"from {rewrite.source(eqn)}); quantize a model without recurrent or "
                         f"scanned layers")
+    if name == "remat2" and any(id(x) in weights for x in inputs):
+      return rematerialized(eqn, inputs)
     if name in _PASS_THROUGH and id(inputs[0]) in weights:
       out = eqn.primitive.bind(*inputs, **eqn.params)
       weights[id(out)] = weights[id(inputs[0])]

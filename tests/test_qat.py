@@ -104,6 +104,25 @@ def test_ste_gradient_of_a_convolution_is_the_float_gradient_at_dequantized_oper
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("policy", [None, jax.checkpoint_policies.dots_saveable])
+def test_rematerialized_layers_are_quantized_like_plain_ones(policy):
+  """``nn.remat`` (a Transformer's remat_policy) puts a block's matmuls inside one
+  ``jax.checkpoint`` equation; the rewrite enters it: the weight is quantized, with the same
+  output and STE gradients as without the checkpoint."""
+  rng = np.random.default_rng(2)
+  params = {"w": rng.normal(size=(6, 4)).astype(np.float32)}
+  x = np.abs(rng.normal(size=(3, 6))).astype(np.float32)
+  layer = lambda w, x: jnp.tanh(x @ w)  # noqa: E731
+  plain = lambda p, x: layer(p["w"], x)  # noqa: E731
+  remat = lambda p, x: jax.checkpoint(layer, policy=policy)(p["w"], x)  # noqa: E731
+  assert quantize.quantized_axes(remat, "int8", params, x) == {0: (1,)}
+  results = [jax.value_and_grad(lambda p, x: quantize.quantized(f, trainable=True)(p, x).sum(),
+                                argnums=(0, 1))(params, x) for f in (plain, remat)]
+  for got, expected in zip(jax.tree.leaves(results[1]), jax.tree.leaves(results[0])):
+    np.testing.assert_array_equal(got, expected)
+  assert not np.allclose(results[0][0], plain(params, x).sum(), rtol=1e-5)  # quantized
+
+
 def test_a_qat_run_trains_resumes_exports_int8_and_predict_computes_its_eval(tmp_path):
   config = tiny_config("train.steps=12", "train.checkpoint_every=6",
                        "optimizer.schedule=cosine", model={**MODELS["conv_raw"],
