@@ -3,20 +3,20 @@ trains, from the first step, the integer model that ``deepflow.quantize`` comput
 training, so the weights learn to sit where the rounding leaves them.
 
 The experiment's task runs every forward pass (train and eval steps alike) through
-``quantize.quantized_task(task, scheme, trainable=True)``: each matmul and convolution that
-reads a weight is qwix's integer op (activations int8 per row at run time, weights int8 or int4
-per output channel), the same ops on the same integers as ``deepflow eval --quantize`` and the
-exported artifact, so every evaluation during training reports the deployed model's metrics.
-Two caveats on "the same": a convolution's integer products are summed in float32, exact while
-partial sums stay below 2^24 (the digits CNN's train step took 1.3x the float one's that way,
-4.8x with XLA:CPU's integer convolution); and XLA fuses the float ops between layers (a layer
-norm, a softmax) differently in different programs, which may move an activation that lies on a
-rounding boundary by one step (jitted, the tests' models and a ViT and a Transformer LM gave
-equal outputs). Its gradient is the straight-through estimator: the float layer's gradient at
-the dequantized activations and weights, each rounding passed as the identity. Only the forward
-pass changes: the parameters, optimizer state and checkpoints stay float32 master weights, so
-resuming, ``init_from`` and early stopping work as in any run, and ``deepflow export`` of the
-run writes the quantized artifact (``export_scheme``) from them.
+``quantize.quantized_task(task, scheme, trainable=True)``: each matmul and convolution that reads a
+weight is qwix's integer op (activations int8 per row at run time, weights int8 or int4 per output
+channel), the same ops on the same integers as ``deepflow eval --quantize`` and the exported
+artifact, so every evaluation during training reports the deployed model's metrics. Two caveats on
+"the same": a convolution's integer products are summed in float32, exact while partial sums stay
+below 2^24 (the digits CNN's train step took 1.3x the float one's that way, 4.8x with XLA:CPU's
+integer convolution); and XLA fuses the float ops between layers (a layer norm, a softmax)
+differently in different programs, which may move an activation that lies on a rounding boundary by
+one step (jitted, the tests' models and a ViT and a Transformer LM gave equal outputs; a one-layer
+Llama's logits, up to 3.8, moved by up to 0.05). Its gradient is the straight-through estimator:
+the float layer's gradient at the dequantized activations and weights, each rounding passed as the
+identity. Only the forward pass changes: the parameters, optimizer state and checkpoints stay
+float32 master weights, so resuming, ``init_from`` and early stopping work as in any run, and
+``deepflow export`` of the run writes the quantized artifact (``export_scheme``) from them.
 
 Forward passes outside the task's ``apply`` stay float: a language model's ``deepflow sample``
 (its decoding calls the model itself) and the contrastive task's probe features.

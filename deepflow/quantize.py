@@ -7,17 +7,17 @@ int8`` writes the StableHLO artifact of that model, its weights stored as intege
 
 ``quantized(fn, scheme)`` rewrites a function of the parameters (``rewrite.evaluate``): every
 ``dot_general`` and ``conv_general_dilated`` that reads a parameter as its weight (Dense,
-DenseGeneral, attention projections, tied embeddings, convolutions) becomes qwix's integer op on
-qwix-quantized operands: the weight symmetric per output channel (``int8``, or ``int4``: values
-in [-8, 7]), the activation symmetric int8 with a scale per row (per example and position; per
-example for a convolution) computed at run time, so nothing needs calibration. Products of two
-activations (attention scores), embedding lookups, normalizations and LoRA-merged kernels stay
-float. ``lax.platform_dependent`` takes its portable branch, so deepflow's CPU form of a
-few-channel convolution is a convolution here too; a block under ``jax.checkpoint``
-(``nn.remat``) is entered and checkpointed again. With ``trainable`` each rewritten layer is
-differentiable: its forward pass is the same integer op (a convolution's integer products summed
-in float32, exact below 2^24: ``_in_float``), its gradient the float layer's at the dequantized
-operands (``straight_through``).
+DenseGeneral, attention projections, convolutions) becomes qwix's integer op on qwix-quantized
+operands: the weight symmetric per output channel (``int8``, or ``int4``: values in [-8, 7]), the
+activation symmetric int8 with a scale per row (per example and position; per example for a
+convolution) computed at run time, so nothing needs calibration. Products of two activations
+(attention scores), embedding lookups, a tied embedding's output projection (it reads the
+transposed table), normalizations and LoRA-merged kernels stay float. ``lax.platform_dependent``
+takes its portable branch, so deepflow's CPU form of a few-channel convolution is a convolution
+here too; a block under ``jax.checkpoint`` (``nn.remat``) is entered and checkpointed again. With
+``trainable`` each rewritten layer is differentiable: its forward pass is the same integer op (a
+convolution's integer products summed in float32, exact below 2^24: ``_in_float``), its gradient
+the float layer's at the dequantized operands (``straight_through``).
 
 qwix rather than AQT (not measured against it): qwix's design follows AQT's (its README), it is
 released against current JAX (AQT's latest release, aqtp 0.9.0, dates from August 2025), and its
