@@ -162,7 +162,7 @@ def _train(overrides: list[str]) -> None:
 def _eval(overrides: list[str]) -> None:
   """Evaluate a checkpoint of a run on a split (default: the config's eval_split).
 
-  With --quantize int8: the int8 model's metrics too (qwix, deepflow.quantize), on the same
+  With --quantize int8 (or int4): that model's metrics too (qwix, deepflow.quantize), on the same
   examples, on a second line."""
   from deepflow.train.writers import MetricWriter
   source = _run_source(overrides)
@@ -173,9 +173,10 @@ def _eval(overrides: list[str]) -> None:
   writer.write(step, split, metrics)
   _print_metrics(split, metrics, step)
   if FLAGS.quantize:
-    from deepflow import quantize
-    quantized = _with_debug(lambda: quantize.evaluate(exp, state, split, FLAGS.quantize))
-    _print_metrics(f"{split} {FLAGS.quantize}", quantized, step)
+    from deepflow import qat, quantize
+    scheme = qat.export_scheme(exp.config, FLAGS.quantize)  # refuses a contradiction
+    quantized = _with_debug(lambda: quantize.evaluate(exp, state, split, scheme))
+    _print_metrics(f"{split} {scheme}", quantized, step)
 
 
 def _print_metrics(split: str, metrics: dict, step: int | None = None) -> None:
@@ -263,9 +264,10 @@ flags.DEFINE_enum("format", "stablehlo", ["stablehlo", "safetensors", "hf", "onn
                   "'hf' (a Hugging Face checkpoint directory that transformers loads) or 'onnx' "
                   "(DIR/model.onnx for ONNX Runtime; `deepflow predict` runs it without JAX; needs "
                   "deepflow[edge]).")
-flags.DEFINE_enum("quantize", None, ["int8"], "export: int8 weights, activations quantized at "
-                  "run time (qwix for stablehlo, ONNX Runtime for onnx); eval: also report the "
-                  "metrics of the int8 model (qwix) beside the float ones.")
+flags.DEFINE_enum("quantize", None, ["int8", "int4"], "export: int8 (or int4) weights, int8 "
+                  "activations quantized at run time (qwix for stablehlo; ONNX Runtime's int8 for "
+                  "onnx); eval: also report the metrics of that model (qwix) beside the float "
+                  "ones. A run trained with model.quantization exports quantized without it.")
 flags.DEFINE_string("model", None, "predict: an artifact directory written by `deepflow export`.")
 flags.DEFINE_string("input", None, "predict: examples as .npy or .json (a batch, or one example).")
 flags.DEFINE_string("output", None, "predict: write to .npy (the model's outputs: logits for a "
@@ -281,7 +283,8 @@ def _export(overrides: list[str]) -> None:
   model.init_from and the safetensors library read. With --format hf: a Hugging Face checkpoint
   (config.json, safetensors, the run's tokenizer files) for transformers and load_pretrained.
   With --format onnx: DIR/model.onnx and signature.json. --quantize int8: the int8 model, as
-  stablehlo or onnx."""
+  stablehlo or onnx (int4: stablehlo); a run trained with model.quantization is exported so by
+  default."""
   out = _require("out")
   if FLAGS.quantize and FLAGS.format in ("safetensors", "hf"):
     _fail(f"--quantize writes an inference artifact (--format stablehlo or onnx), not "
@@ -300,7 +303,8 @@ def _export(overrides: list[str]) -> None:
     path = os.path.join(out, export_onnx.ONNX_FILE)
     print(f"exported step {signature['source']['step']} of {FLAGS.workdir} to {path} "
           f"({os.path.getsize(path) / 1024:.0f} KiB"
-          f"{', int8' if FLAGS.quantize else ''}); input {signature['input']['shape']}")
+          f"{', int8' if 'quantization' in signature else ''}); input "
+          f"{signature['input']['shape']}")
     return
   if FLAGS.format == "safetensors":
     path, tensors, step = export.export_safetensors(source, out)
@@ -314,7 +318,8 @@ def _export(overrides: list[str]) -> None:
   shape = ", ".join("batch" if d is None else str(d) for d in spec["shape"])
   print(f"exported step {source['step']} ({source['checkpoint']} checkpoint) of {FLAGS.workdir} "
         f"to {out}: {sizes}; input ({shape}) {spec['dtype']}; "
-        f"platforms {', '.join(signature['platforms'])}")
+        f"platforms {', '.join(signature['platforms'])}"
+        f"{'; ' + signature['quantization']['scheme'] if 'quantization' in signature else ''}")
 
 
 @command("predict", "model", "input", "output", config=False,

@@ -53,6 +53,8 @@ def base_config() -> ConfigDict:
           "alpha": 1.0,             # the update is (alpha / rank) * A @ B
           "targets": r"kernel$",    # regex on parameter paths: the Dense/attention kernels adapted
       }),
+      "quantization": "",           # quantization-aware training (deepflow.qat): 'int8' or 'int4'
+                                    # weights, int8 activations; '' = float
   })
   c.data = ConfigDict({
       "source": "bundled:digits",   # 'bundled:NAME', 'tfds:NAME[/CONFIG][:VERSION]', 'synthetic:NAME'

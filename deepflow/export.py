@@ -20,7 +20,7 @@ import numpy as np
 from flax import traverse_util
 
 import deepflow
-from deepflow import parallel, pruning
+from deepflow import parallel, pruning, qat, quantize as quantize_lib
 from deepflow.atomic import atomic_path, write_atomic
 from deepflow.data import sources, transforms as transforms_lib
 from deepflow.predict import (FORMAT, FORMAT_VERSION, MODEL_FILE, SIGNATURE_FILE,
@@ -79,8 +79,10 @@ def inference_function(exp: Experiment, params: Any, model_state: Any
       x = t.apply(stats, x.astype(jnp.float32), None)  # numeric: apply_chain casts likewise
     variables = traverse_util.unflatten_dict(
         {k: v for k, v in weights.items() if not k.startswith(STATS_PREFIX)}, sep="/")
-    outputs, _ = exp.task.apply(exp.model_params(variables["params"]),
-                                variables.get("model_state", {}), x, None, train=False)
+    # The float model: a quantization-aware run's integer form is written by ``export``.
+    outputs, _ = quantize_lib.float_task(exp.task).apply(
+        exp.model_params(variables["params"]), variables.get("model_state", {}), x, None,
+        train=False)
     return outputs
   return fn, weights
 
@@ -115,13 +117,15 @@ def export(run: RunSource | str, out: str, *, platforms: Sequence[str] = PLATFOR
            quantize: str | None = None) -> dict[str, Any]:
   """Writes the inference artifact of a checkpoint of ``run`` (a workdir: its 'best' checkpoint,
   the run's result; or a ``RunSource`` naming 'latest' or a step) to ``out``; returns its
-  signature. ``quantize='int8'``: its matmuls and convolutions in int8 (``deepflow.quantize``)."""
+  signature. ``quantize='int8'`` or ``'int4'``: its matmuls and convolutions on integers
+  (``deepflow.quantize``); a run trained with ``model.quantization`` is quantized so by
+  default (``qat.export_scheme``)."""
   source = RunSource.of(run)
   exp, state, step, which = source.open()
+  scheme = qat.export_scheme(exp.config, quantize)
   fn, weights, example, input_spec = exportable(exp, state)
-  if quantize:
-    from deepflow import quantize as quantize_lib
-    fn, weights = quantize_lib.int8_function(fn, weights, input_spec, quantize)
+  if scheme:
+    fn, weights = quantize_lib.quantized_function(fn, weights, input_spec, scheme)
   weight_specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in weights.items()}
   try:
     exported = jax.export.export(jax.jit(fn), platforms=tuple(platforms))(
@@ -138,8 +142,9 @@ def export(run: RunSource | str, out: str, *, platforms: Sequence[str] = PLATFOR
   signature = signature_of(exp, exported.in_avals[-1], exported.out_avals[0], example, step,
                            which, source.workdir)
   signature["platforms"] = list(exported.platforms)
-  if quantize:
-    signature["quantization"] = quantize_lib.DESCRIPTION
+  if scheme:
+    signature["quantization"] = {**quantize_lib.description(scheme),
+                                 "training": qat.training(exp.config)}
   signature["call"] = (f"jax.export.deserialize(<{MODEL_FILE} bytes>).call(dict(numpy.load("
                        f"'{WEIGHTS_FILE}')), inputs)")
   signature["files"] = {name: sha256(os.path.join(out, name))

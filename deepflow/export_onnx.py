@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core
 
-from deepflow import export, rewrite
+from deepflow import export, qat, rewrite
 from deepflow.onnx_runtime import ONNX_FILE, RUNTIME
 from deepflow.predict import sha256
 from deepflow.registry import ConfigError, first_line
@@ -306,6 +306,7 @@ def export_onnx(run: RunSource | str, out: str, *, quantize: str | None = None
     raise ConfigError(f"unknown quantization {quantize!r}; known: {', '.join(QUANTIZATIONS)}")
   source = RunSource.of(run)
   exp, state, step, which = source.open()
+  quantize = qat.export_scheme(exp.config, quantize, QUANTIZATIONS)  # a QAT run: int8 by default
   fn, weights, example, input_spec = export.exportable(exp, state)
   proto, outputs = onnx_model(exp, fn, weights, input_spec)
   os.makedirs(out, exist_ok=True)

@@ -234,33 +234,35 @@ def test_export_command(trained, tmp_path):
 # deepflow eval --quantize int8: qwix
 # ------------------------------------------------------------------------------------------------
 
-def _qwix_int8(x, axes):
-  """qwix's symmetric int8: scale = max|x| / 127.5 over ``axes``, round half to even, clip."""
-  scale = np.abs(x).max(axis=axes, keepdims=True) / np.float32(127.5)
-  return np.clip(np.rint(x / scale), -128, 127).astype(np.int32), scale
+def _qwix_int8(x, axes, bits=8):
+  """qwix's symmetric int8 (or int``bits``): scale = max|x| / 127.5 (2^(bits-1) - 0.5) over
+  ``axes``, round half to even, clip to the type's range."""
+  top = 2 ** (bits - 1)
+  scale = np.abs(x).max(axis=axes, keepdims=True) / np.float32(top - 0.5)
+  return np.clip(np.rint(x / scale), -top, top - 1).astype(np.int32), scale
 
 
-def _qwix_dense(x, kernel, bias):
-  """Activations per row, weights per output column."""
-  (qx, sx), (qw, sw) = _qwix_int8(x, (1,)), _qwix_int8(kernel, (0,))
+def _qwix_dense(x, kernel, bias, bits=8):
+  """Activations per row (int8), weights per output column (int``bits``)."""
+  (qx, sx), (qw, sw) = _qwix_int8(x, (1,)), _qwix_int8(kernel, (0,), bits)
   return (qx @ qw).astype(np.float32) * sx * sw + bias
 
 
-def _qwix_conv(x, kernel, bias):
+def _qwix_conv(x, kernel, bias, bits=8):
   """Activations per example, weights per output channel; SAME 3x3."""
-  (qx, sx), (qw, sw) = _qwix_int8(x, (1, 2, 3)), _qwix_int8(kernel, (0, 1, 2))
+  (qx, sx), (qw, sw) = _qwix_int8(x, (1, 2, 3)), _qwix_int8(kernel, (0, 1, 2), bits)
   padded = np.pad(qx, ((0, 0), (1, 1), (1, 1), (0, 0)))
   windows = np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(1, 2))
   acc = np.einsum("nhwcij,ijco->nhwo", windows, qw)
   return acc.astype(np.float32) * sx * sw.reshape(-1) + bias
 
 
-def _qwix_reference(name, params, x):
+def _qwix_reference(name, params, x, bits=8):
   if name == "mlp_raw":
-    h = np.maximum(_qwix_dense(x.reshape(len(x), -1), *_kb(params["Dense_0"])), 0)
-    return _qwix_dense(h, *_kb(params["Dense_1"]))
-  h = np.maximum(_qwix_conv(x, *_kb(params["Conv_0"])), 0)
-  return _qwix_dense(h.reshape(len(x), -1), *_kb(params["Dense_0"]))
+    h = np.maximum(_qwix_dense(x.reshape(len(x), -1), *_kb(params["Dense_0"]), bits), 0)
+    return _qwix_dense(h, *_kb(params["Dense_1"]), bits)
+  h = np.maximum(_qwix_conv(x, *_kb(params["Conv_0"]), bits), 0)
+  return _qwix_dense(h.reshape(len(x), -1), *_kb(params["Dense_0"]), bits)
 
 
 def _positive_maxima(params):
@@ -324,7 +326,7 @@ def test_int8_artifact_stores_int8_weights_and_runs_qwix_arithmetic(trained, tmp
   fn, weights, _, spec = export.exportable(exp, state)
   params = _positive_maxima(state.params)
   weights.update({f"params/{layer}/{k}": v for layer, d in params.items() for k, v in d.items()})
-  fn_int8, stored = quantize.int8_function(fn, weights, spec)
+  fn_int8, stored = quantize.quantized_function(fn, weights, spec)
   kernel = stored["params/Dense_0/kernel"]
   assert kernel.dtype == np.int8 and stored["params/Dense_0/kernel:scale"].shape == (1, 16)
   np.testing.assert_allclose(jax.jit(fn_int8)(stored, inputs),
@@ -332,6 +334,6 @@ def test_int8_artifact_stores_int8_weights_and_runs_qwix_arithmetic(trained, tmp
                              rtol=1e-5, atol=1e-5)
   signature = export.export(workdir, str(tmp_path), platforms=("cpu",), quantize="int8")
   assert signature["quantization"]["tool"] == "qwix"
-  fn_int8, stored = quantize.int8_function(*export.exportable(exp, state)[:2], spec)
+  fn_int8, stored = quantize.quantized_function(*export.exportable(exp, state)[:2], spec)
   np.testing.assert_allclose(predict.load(str(tmp_path))(inputs),
                              jax.jit(fn_int8)(stored, inputs), rtol=1e-6, atol=1e-6)

@@ -12,8 +12,9 @@ from deepflow.models import cnn, contrastive, decoding, gan, layers, llama, lora
 
 
 # The model section's keys that are not the architecture's fields: where its weights start
-# (deepflow.train.init_from) and its adapters (deepflow.models.lora).
-TRANSFER_KEYS = ("init_from", "init_map", "init_skip", "init_layout", "lora")
+# (deepflow.train.init_from), its adapters (deepflow.models.lora) and the integer form it trains
+# for (deepflow.qat).
+TRANSFER_KEYS = ("init_from", "init_map", "init_skip", "init_layout", "lora", "quantization")
 
 
 def model_fields(model_config: Any) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from deepflow import config as config_lib, parallel, tasks  # noqa: F401  (tasks fills TASKS)
+from deepflow import config as config_lib, parallel, qat, tasks  # noqa: F401  (tasks fills TASKS)
 from deepflow.data.pipeline import MASK, DataPipeline
 from deepflow.data.text import make_pipeline
 from deepflow.registry import ConfigError, TASKS
@@ -130,10 +130,11 @@ class Experiment:
 
 def build_task(config: Any, spec) -> Any:
   """The task ``config`` names, with the finished runs it reads opened (``Task.open_runs``, e.g.
-  a distillation teacher): every place that builds a task from a config goes through here."""
+  a distillation teacher) and, with ``model.quantization``, its forward pass quantized
+  (``deepflow.qat``): every place that builds a task from a config goes through here."""
   task = TASKS.get(config.task.name)(config, spec)
   task.open_runs(Experiment.from_workdir)
-  return task
+  return qat.quantization_aware(task, config)
 
 
 def summarize_split(update: Update, outputs: Iterable[Mapping[str, Any]], step: int
