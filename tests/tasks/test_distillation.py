@@ -1,16 +1,30 @@
-"""Distillation: the soft term's gradient is Hinton et al.'s closed form, the teacher is frozen
-and evaluated inside the step, and bad teachers or options are one-line errors."""
+"""Distillation: the soft term's gradient is Hinton et al.'s closed form (per example for a
+classifier, per scored token for a language model), the teacher (a deepflow run or a Hugging
+Face checkpoint) is frozen and evaluated inside the step, and bad teachers or options are
+one-line errors."""
+import hashlib
+import os
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+import deepflow
+from deepflow import config as config_lib
 from deepflow.data.pipeline import INPUTS, TARGETS
+from deepflow.hf import export as hf_export
+from deepflow.models.transformer import TransformerLM
 from deepflow.registry import ConfigError
-from deepflow.tasks.distillation import soft_loss
+from deepflow.tasks.distillation import soft_loss, token_loss
 from deepflow.train import loop
 from deepflow.train.experiment import Experiment
-from tests.helpers import TINY, deepflow_cli, experiment_text, tiny_config, write_experiment
+from tests.helpers import (TINY, deepflow_cli, experiment, experiment_text, tiny, tiny_config,
+                           write_experiment)
+
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures")
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +101,8 @@ def test_bad_teachers_and_options(teacher, tmp_path):
                                       train__checkpoint_every=2), regression)
   cases = {(regression,): "does not match the student's task",
            (str(tmp_path / "missing"),): "task.teacher: .* is not a deepflow run",
-           ("hf:/some/dir",): "Hugging Face teachers",
+           ("hf:/some/dir",): "task.teacher: /some/dir: no such directory",
+           (f"hf:{FIXTURES}/hf/gpt2",): "cannot read the student's inputs of shape",
            (teacher, "task.temperature=0.0"): "task.temperature must be a number > 0",
            (teacher, "task.hard_weight=1.5"): r"task.hard_weight must be a number in \[0, 1\]"}
   for (path, *overrides), message in cases.items():
@@ -96,3 +111,116 @@ def test_bad_teachers_and_options(teacher, tmp_path):
     assert "\n" not in str(e.value)
   with pytest.raises(ConfigError, match="needs task.teacher"):
     Experiment(tiny_config(task=dict(name="distillation")), None)
+
+
+# -- language models, from a Hugging Face teacher ------------------------------------------------
+
+@pytest.mark.parametrize("temperature,hard_weight", [(1.0, 0.0), (3.0, 0.3)])
+def test_token_gradient_is_the_closed_form(temperature, hard_weight):
+  """d/dz of token_loss at a scored token t (weight w_t, n scored tokens) is
+  w_t / n * (h (softmax(z) - onehot(y)) + (1 - h) T (softmax(z/T) - softmax(z_t/T))); unscored
+  tokens get none."""
+  z_s, z_t = jax.random.normal(jax.random.PRNGKey(0), (2, 2, 3, 5)) * 3
+  targets = jnp.asarray([[1, 4, 0], [2, 2, 3]])
+  weights = jnp.asarray([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+
+  def loss(z):
+    nll = optax.softmax_cross_entropy_with_integer_labels(z, targets) * weights
+    return token_loss(z, z_t, nll, weights, temperature, hard_weight)[0]
+
+  p = lambda z, t=1.0: np.exp(z / t) / np.exp(z / t).sum(-1, keepdims=True)  # noqa: E731
+  z, zt = np.asarray(z_s, np.float64), np.asarray(z_t, np.float64)
+  expected = (hard_weight * (p(z) - np.eye(5)[np.asarray(targets)])
+              + (1 - hard_weight) * temperature * (p(z, temperature) - p(zt, temperature)))
+  expected *= np.asarray(weights)[..., None] / 4
+  np.testing.assert_allclose(jax.grad(loss)(z_s), expected, atol=1e-6)
+
+
+def write_gpt2(path, vocab: int) -> str:
+  """A one-layer GPT-2 checkpoint of ``vocab`` tokens and 128 positions (the text's chunks)."""
+  model = TransformerLM(num_outputs=vocab, vocab_size=vocab, d_model=32, num_heads=4,
+                        num_layers=1, mlp_dim=64, max_len=128, tie_embeddings=True)
+  variables = model.init(jax.random.PRNGKey(3), np.zeros((1, 4), np.int32))
+  hf_export.write_pretrained(model, variables, str(path))
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def gpt2_teacher(tmp_path_factory):
+  """A GPT-2 checkpoint whose vocabulary (128) holds the bundled text's 103 characters."""
+  return write_gpt2(tmp_path_factory.mktemp("hf") / "gpt2", 128)
+
+
+def lm_student(data_dir, teacher, *overrides):
+  """A smaller transformer_lm (one layer of 16) on the bundled text, distilled from
+  ``teacher``."""
+  config = experiment("text_transformer")[1].get_config()
+  config.model = dict(name="transformer_lm", d_model=16, num_heads=2, num_layers=1, mlp_dim=32,
+                      max_len=128)
+  config.task = dict(name="distillation", teacher=teacher, temperature=3.0, hard_weight=0.25)
+  return config_lib.finalize(config, [*tiny(data_dir, steps=3), "train.eval_every=0",
+                                      "data.batch_size=8", "data.eval_split='test[:2%]'",
+                                      "optimizer.warmup_steps=0", *overrides])
+
+
+def test_lm_loss_uses_the_pretrained_teacher(data_dir, gpt2_teacher):
+  """The step's loss is the mean over tokens of 0.25 * NLL + 0.75 * 9 KL, with the teacher's
+  logits those of ``deepflow.load_pretrained`` on the same tokens, cut to the text's 103
+  characters, in numpy."""
+  exp = Experiment(lm_student(data_dir, f"hf:{gpt2_teacher}"), None)
+  batch = next(iter(exp.pipeline.eval_batches("test")))
+  params, model_state = exp.task.init(jax.random.PRNGKey(1))
+  loss, (metrics, _) = exp.task.loss(params, model_state, batch, jax.random.PRNGKey(2))
+  model, variables = deepflow.load_pretrained(gpt2_teacher)
+  z_t = np.asarray(model.apply(variables, batch[INPUTS]), np.float64)[..., :103]
+  z_s = np.asarray(exp.task.apply(params, model_state, batch[INPUTS], None, train=False)[0],
+                   np.float64)
+  log_softmax = lambda z: z - np.log(np.exp(z).sum(-1, keepdims=True))  # noqa: E731
+  targets = np.asarray(batch[TARGETS])
+  nll = -np.take_along_axis(log_softmax(z_s), targets[..., None], -1)[..., 0]
+  lt, ls = log_softmax(z_t / 3), log_softmax(z_s / 3)
+  soft = 9 * (np.exp(lt) * (lt - ls)).sum(-1)
+  np.testing.assert_allclose(metrics["soft_loss"], soft.mean(), rtol=1e-5)
+  np.testing.assert_allclose(loss, np.mean(0.25 * nll + 0.75 * soft), rtol=1e-5)
+
+
+def test_lm_distilled_from_hf_leaves_the_checkpoint_bit_unchanged(data_dir, gpt2_teacher,
+                                                                    tmp_path):
+  """A student trains from the checkpoint for 3 steps; the teacher variables the run holds are
+  the checkpoint's, bit for bit, and its files are untouched."""
+  digest = lambda: {f: hashlib.sha256(open(os.path.join(gpt2_teacher, f), "rb").read()  # noqa
+                                      ).hexdigest() for f in sorted(os.listdir(gpt2_teacher))}
+  before = digest()
+  metrics = deepflow.train_and_evaluate(lm_student(data_dir, f"hf:{gpt2_teacher}"),
+                                        str(tmp_path / "run"))
+  assert np.isfinite(metrics["perplexity"])
+  restored = Experiment.from_workdir(str(tmp_path / "run"))
+  assert restored.experiment.task.model.d_model == 16  # the student's own architecture
+  _, variables = deepflow.load_pretrained(gpt2_teacher)
+  held = jax.tree.leaves(restored.experiment.task.teacher_params)
+  assert len(held) == len(jax.tree.leaves(variables["params"]))
+  for x, y in zip(jax.tree.leaves(variables["params"]), held):
+    np.testing.assert_array_equal(x, y)
+  assert digest() == before
+
+
+def test_bad_hf_teachers(data_dir, gpt2_teacher, tmp_path):
+  """A vocabulary smaller than the student's, positions fewer than the text's chunk (the
+  committed GPT-2 fixture's 64), a tokenizer other than the data's, a missing directory, a
+  classifier's option on a language-model student: one line each."""
+  tokenized = str(tmp_path / "tokenized")
+  shutil.copytree(gpt2_teacher, tokenized)
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(os.path.join(FIXTURES, "hf_tokenizers", "gpt2_bpe", name), tokenized)
+  cases = {(write_gpt2(tmp_path / "small", 64),):
+           r"gives 64 outputs, the student gives logits over 103 tokens",
+           (os.path.join(FIXTURES, "hf", "gpt2"),):
+           r"cannot read the student's inputs of shape \(128,\) int32",
+           (tokenized,): r"reads the ids of its own tokenizer.*set data.tokenizer='hf:",
+           (str(tmp_path / "missing"),): "task.teacher: .*missing: no such directory",
+           (gpt2_teacher, "task.class_weights='balanced'"):
+           "task.class_weights is an option of the other kind of student; this LanguageModel"}
+  for (path, *overrides), message in cases.items():
+    with pytest.raises(ConfigError, match=message) as e:
+      Experiment(lm_student(data_dir, f"hf:{path}", *overrides), None)
+    assert "\n" not in str(e.value)
