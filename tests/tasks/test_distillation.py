@@ -13,7 +13,6 @@ import optax
 import pytest
 
 import deepflow
-from deepflow import config as config_lib
 from deepflow.data.pipeline import INPUTS, TARGETS
 from deepflow.hf import export as hf_export
 from deepflow.models.transformer import TransformerLM
@@ -152,15 +151,15 @@ def gpt2_teacher(tmp_path_factory):
 
 
 def lm_student(data_dir, teacher, *overrides):
-  """A smaller transformer_lm (one layer of 16) on the bundled text, distilled from
-  ``teacher``."""
-  config = experiment("text_transformer")[1].get_config()
-  config.model = dict(name="transformer_lm", d_model=16, num_heads=2, num_layers=1, mlp_dim=32,
-                      max_len=128)
-  config.task = dict(name="distillation", teacher=teacher, temperature=3.0, hard_weight=0.25)
-  return config_lib.finalize(config, [*tiny(data_dir, steps=3), "train.eval_every=0",
-                                      "data.batch_size=8", "data.eval_split='test[:2%]'",
-                                      "optimizer.warmup_steps=0", *overrides])
+  """experiments/hf_distill.py's student, one layer of 16, distilled from ``teacher`` at T=3 with
+  hard weight 0.25, on the bundled characters instead of its checkpoint's tokenizer."""
+  path, _ = experiment("hf_distill")
+  return deepflow.load_config(path, [
+      *tiny(data_dir, steps=3), f"task.teacher='{teacher}'", "task.temperature=3.0",
+      "task.hard_weight=0.25", "data.source=bundled:text", "data.tokenizer=''",
+      "model.d_model=16", "model.num_heads=2", "model.num_layers=1", "model.mlp_dim=32",
+      "data.batch_size=8", "data.eval_split='test[:2%]'", "train.eval_every=0",
+      "train.checkpoint_every=0", "optimizer.warmup_steps=0", *overrides])
 
 
 def test_lm_loss_uses_the_pretrained_teacher(data_dir, gpt2_teacher):
@@ -186,8 +185,8 @@ def test_lm_loss_uses_the_pretrained_teacher(data_dir, gpt2_teacher):
 
 def test_lm_distilled_from_hf_leaves_the_checkpoint_bit_unchanged(data_dir, gpt2_teacher,
                                                                     tmp_path):
-  """A student trains from the checkpoint for 3 steps; the teacher variables the run holds are
-  the checkpoint's, bit for bit, and its files are untouched."""
+  """experiments/hf_distill.py's student trains from the checkpoint for 3 steps; the teacher
+  variables the run holds are the checkpoint's, bit for bit, and its files are untouched."""
   digest = lambda: {f: hashlib.sha256(open(os.path.join(gpt2_teacher, f), "rb").read()  # noqa
                                       ).hexdigest() for f in sorted(os.listdir(gpt2_teacher))}
   before = digest()
@@ -224,3 +223,4 @@ def test_bad_hf_teachers(data_dir, gpt2_teacher, tmp_path):
     with pytest.raises(ConfigError, match=message) as e:
       Experiment(lm_student(data_dir, f"hf:{path}", *overrides), None)
     assert "\n" not in str(e.value)
+
