@@ -224,3 +224,26 @@ def test_bad_hf_teachers(data_dir, gpt2_teacher, tmp_path):
       Experiment(lm_student(data_dir, f"hf:{path}", *overrides), None)
     assert "\n" not in str(e.value)
 
+
+
+def test_text_distill_from_a_language_model_run(data_dir, teacher, tmp_path):
+  """experiments/text_distill.py's student distils from a text_transformer run (the teacher's
+  parameters held bit for bit); a classifier run is no teacher for it (one line)."""
+  small = ["model.d_model=16", "model.num_heads=2", "model.num_layers=1", "model.mlp_dim=32",
+           *tiny(data_dir, steps=2), "data.batch_size=8", "data.eval_split='test[:2%]'",
+           "train.eval_every=0", "train.checkpoint_every=0", "optimizer.warmup_steps=0"]
+  lm_teacher = str(tmp_path / "text_transformer")
+  deepflow.train_and_evaluate(deepflow.load_config(experiment("text_transformer")[0], small),
+                              lm_teacher)
+  path = experiment("text_distill")[0]
+  metrics = deepflow.train_and_evaluate(
+      deepflow.load_config(path, [*small, f"task.teacher='{lm_teacher}'"]), str(tmp_path / "s"))
+  assert np.isfinite(metrics["perplexity"])
+  held = Experiment.from_workdir(str(tmp_path / "s")).experiment.task.teacher_params
+  for x, y in zip(jax.tree.leaves(Experiment.from_workdir(lm_teacher).state.params),
+                  jax.tree.leaves(held)):
+    np.testing.assert_array_equal(x, y)
+  with pytest.raises(ConfigError, match="it is a 'classification' run, the student needs a "
+                                        "LanguageModel teacher") as e:
+    Experiment(deepflow.load_config(path, [*small, f"task.teacher='{teacher}'"]), None)
+  assert "\n" not in str(e.value)
