@@ -15,27 +15,19 @@ parameters; the teacher 121,575) distilled and from the text alone (``task.name=
 32 chunks, seeds 0-2): test perplexity distilled 7.09 mean (6.80..7.33), text alone 8.14
 (7.99..8.36), next-character accuracy 47.4% vs 43.5%; the teacher 4.69 (58.6%).
 """
-from deepflow.config import base_config
+import os
+
+import deepflow
 
 TEACHER = "runs/text_transformer"
+TEXT_TRANSFORMER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "text_transformer.py")
 
 
 def get_config():
-  config = base_config()
-  config.task = dict(name="distillation", teacher=TEACHER, temperature=2.0, hard_weight=0.5)
-  config.model = dict(name="transformer_lm", d_model=32, num_heads=4, num_layers=2, mlp_dim=64,
-                      max_len=128)
-  config.data.source = "bundled:text"
-  config.data.transforms = []           # tokens, not features
-  config.data.batch_size = 32
-  config.data.eval_batch_size = 128
-  config.optimizer.name = "adamw"
-  config.optimizer.learning_rate = 3e-3
-  config.optimizer.schedule = "cosine"
-  config.optimizer.warmup_steps = 100
-  config.optimizer.weight_decay = 0.01
-  config.optimizer.clip_norm = 1.0
-  config.train.steps = 800
-  config.train.eval_every = 400
-  config.train.checkpoint_every = 400
+  """The teacher's experiment (data, optimizer, 800 steps) with a quarter of its width and
+  the distillation task."""
+  config = deepflow.load_config(TEXT_TRANSFORMER)
+  config.model.update(d_model=32, mlp_dim=64)
+  with config.unlocked():
+    config.task = dict(name="distillation", teacher=TEACHER, temperature=2.0, hard_weight=0.5)
   return config
