@@ -3,6 +3,7 @@ classifier, per scored token for a language model), the teacher (a deepflow run 
 Face checkpoint) is frozen and evaluated inside the step, and bad teachers or options are
 one-line errors."""
 import hashlib
+import json
 import os
 import shutil
 
@@ -246,4 +247,40 @@ def test_text_distill_from_a_language_model_run(data_dir, teacher, tmp_path):
   with pytest.raises(ConfigError, match="it is a 'classification' run, the student needs a "
                                         "LanguageModel teacher") as e:
     Experiment(deepflow.load_config(path, [*small, f"task.teacher='{teacher}'"]), None)
+  assert "\n" not in str(e.value)
+
+
+def test_classifier_distilled_from_an_hf_resnet(image_data_dir, tmp_path):
+  """A ResNet checkpoint of the data's 10 classes (the committed fixture's layout) teaches an MLP
+  on generated 16x16 colour images: the loss is the classification formula with the teacher's
+  logits those of ``deepflow.load_pretrained`` (batch statistics included), in numpy; the
+  fixture's own 5 classes are one line."""
+  from deepflow.hf import load, resnet
+  with open(os.path.join(FIXTURES, "hf_vision", "resnet_basic", "config.json")) as f:
+    hf_config = json.load(f)
+  hf_config["id2label"] = {str(i): f"LABEL_{i}" for i in range(10)}
+  model = load.build(resnet.model_section(hf_config), {})
+  variables = model.init(jax.random.PRNGKey(4), np.zeros((1, 16, 16, 3), np.float32))
+  checkpoint = str(tmp_path / "resnet")
+  hf_export.write_pretrained(model, variables, checkpoint)
+  data = dict(data__source="tfds:gen_jpeg", data__data_dir=image_data_dir)
+  exp = Experiment(tiny_config(task=dict(name="distillation", teacher=f"hf:{checkpoint}",
+                                         temperature=2.0, hard_weight=0.5), **data), None)
+  batch = next(iter(exp.pipeline.eval_batches("test")))
+  params, model_state = exp.task.init(jax.random.PRNGKey(1))
+  loss, _ = exp.task.loss(params, model_state, batch, jax.random.PRNGKey(2))
+  teacher_model, teacher_variables = deepflow.load_pretrained(checkpoint)
+  assert "batch_stats" in teacher_variables
+  z_t = np.asarray(teacher_model.apply(teacher_variables, batch[INPUTS]), np.float64)
+  z_s = np.asarray(exp.task.apply(params, model_state, batch[INPUTS], None, train=False)[0],
+                   np.float64)
+  log_softmax = lambda z: z - np.log(np.exp(z).sum(-1, keepdims=True))  # noqa: E731
+  labels = np.asarray(batch[TARGETS])
+  hard = -log_softmax(z_s)[np.arange(len(labels)), labels]
+  lt, ls = log_softmax(z_t / 2), log_softmax(z_s / 2)
+  soft = 4 * (np.exp(lt) * (lt - ls)).sum(-1)
+  np.testing.assert_allclose(loss, np.mean(0.5 * hard + 0.5 * soft), rtol=1e-5)
+  fixture = os.path.join(FIXTURES, "hf_vision", "resnet_basic")
+  with pytest.raises(ConfigError, match="gives 5 outputs, the student has 10 classes") as e:
+    Experiment(tiny_config(task=dict(name="distillation", teacher=f"hf:{fixture}"), **data), None)
   assert "\n" not in str(e.value)
