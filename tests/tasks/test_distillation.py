@@ -14,6 +14,7 @@ import optax
 import pytest
 
 import deepflow
+from deepflow.data.packing import POSITIONS, SEGMENTS
 from deepflow.data.pipeline import INPUTS, TARGETS
 from deepflow.hf import export as hf_export
 from deepflow.models.transformer import TransformerLM
@@ -284,3 +285,31 @@ def test_classifier_distilled_from_an_hf_resnet(image_data_dir, tmp_path):
   with pytest.raises(ConfigError, match="gives 5 outputs, the student has 10 classes") as e:
     Experiment(tiny_config(task=dict(name="distillation", teacher=f"hf:{fixture}"), **data), None)
   assert "\n" not in str(e.value)
+
+
+def test_lm_distillation_on_packed_documents(data_dir, tmp_path):
+  """Documents tokenized by the teacher's own tokenizer and packed into rows: the teacher reads
+  the rows' segments and positions as the student does, and only document tokens are scored
+  (the packing padding is not), in numpy against ``deepflow.load_pretrained``'s logits."""
+  teacher = write_gpt2(tmp_path / "gpt2_bpe", 1001)
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(os.path.join(FIXTURES, "hf_tokenizers", "gpt2_bpe", name), teacher)
+  exp = Experiment(lm_student(data_dir, f"hf:{teacher}", "data.source=bundled:text/documents",
+                              f"data.tokenizer='hf:{teacher}'", "data.seq_len=64"), None)
+  batch = dict(next(iter(exp.pipeline.eval_batches("test"))))
+  segments, positions = np.array(batch[SEGMENTS]), np.asarray(batch[POSITIONS])
+  assert segments.max() > 1  # rows of several documents
+  segments[0, -10:] = 0  # and a row ending in padding, as the last row of a stream does
+  batch[SEGMENTS] = jnp.asarray(segments)
+  params, model_state = exp.task.init(jax.random.PRNGKey(1))
+  loss, (metrics, _) = exp.task.loss(params, model_state, batch, jax.random.PRNGKey(2))
+  model, variables = deepflow.load_pretrained(teacher)
+  z_t = np.asarray(model.apply(variables, batch[INPUTS], segments, positions), np.float64)
+  z_s = np.asarray(exp.task.logits(params, model_state, batch, None, train=False)[0], np.float64)
+  log_softmax = lambda z: z - np.log(np.exp(z).sum(-1, keepdims=True))  # noqa: E731
+  nll = -np.take_along_axis(log_softmax(z_s), np.asarray(batch[TARGETS])[..., None], -1)[..., 0]
+  lt, ls = log_softmax(z_t / 3), log_softmax(z_s / 3)
+  soft = 9 * (np.exp(lt) * (lt - ls)).sum(-1)
+  scored = segments > 0
+  np.testing.assert_allclose(metrics["soft_loss"], soft[scored].mean(), rtol=1e-5)
+  np.testing.assert_allclose(loss, np.mean(0.25 * nll[scored] + 0.75 * soft[scored]), rtol=1e-5)
