@@ -26,7 +26,7 @@ from deepflow.tasks.language import LanguageModel
 from deepflow.tasks.supervised import Classification
 
 HF_PREFIX = "hf:"
-OPTIONS = {"teacher": None, "temperature": 2.0, "hard_weight": 0.5}
+TEACHER_OPTIONS = {"teacher": None, "temperature": 2.0, "hard_weight": 0.5}
 
 
 def soft_loss(student_logits: jax.Array, teacher_logits: jax.Array,
@@ -146,6 +146,7 @@ class Distillation(_Distilled, Classification):
   batches (after the batch regularizers), so both must read the same inputs: same shape, same
   preprocessing."""
 
+  OPTIONS = {**Classification.OPTIONS, **TEACHER_OPTIONS}
   TEACHER_TASK = Classification
   WIDER_TEACHER = False
 
@@ -172,6 +173,7 @@ class LanguageModelDistillation(_Distilled, LanguageModel):
   distribution renormalised over them (the others never occur in the data). A Hugging Face
   teacher with a ``tokenizer.json`` must have the data tokenized by that tokenizer."""
 
+  OPTIONS = {**LanguageModel.OPTIONS, **TEACHER_OPTIONS}
   TEACHER_TASK = LanguageModel
   WIDER_TEACHER = True
 
@@ -188,7 +190,7 @@ class LanguageModelDistillation(_Distilled, LanguageModel):
     if not ours.startswith(HF_PREFIX) or hf_tokenizer.load(
         ours[len(HF_PREFIX):]).tokenizer.get_vocab(with_added_tokens=True) != theirs:
       raise ConfigError(f"task.teacher 'hf:{directory}' reads the ids of its own tokenizer, the "
-                        f"student's data is tokenized by {ours or 'its dataset'!r}; set "
+                        f"student's data by {repr(ours) if ours else 'its dataset'}; set "
                         f"data.tokenizer='hf:{directory}'")
 
   def loss(self, params, model_state, batch, rng):
@@ -204,8 +206,8 @@ class LanguageModelDistillation(_Distilled, LanguageModel):
 def distillation(config, spec) -> _Distilled:
   """A student trained on its labels and a frozen teacher's softened outputs (``task.teacher``: a
   deepflow run or ``hf:DIR``): a language model on token data without classes, else a
-  classifier. The task each student is, is its class (``LanguageModelDistillation``,
-  ``Distillation``)."""
+  classifier. Each kind of student is its own class (``LanguageModelDistillation``,
+  ``Distillation``); the options of the other kind are refused."""
   tokens = np.issubdtype(np.dtype(spec.input_dtype), np.integer) and not spec.num_classes
   student = LanguageModelDistillation if tokens else Distillation
   foreign = [k for k, v in distillation.OPTIONS.items()
@@ -217,8 +219,6 @@ def distillation(config, spec) -> _Distilled:
   return student(config, spec)
 
 
-Distillation.OPTIONS = {**Classification.OPTIONS, **OPTIONS}
-LanguageModelDistillation.OPTIONS = {**LanguageModel.OPTIONS, **OPTIONS}
 # The task section's options (as a task class declares them): either student's.
 distillation.OPTIONS = {**Distillation.OPTIONS, **LanguageModelDistillation.OPTIONS}
 
