@@ -402,9 +402,9 @@ def _validate_text(config: ConfigDict) -> None:
     raise ConfigError(f"data.tokenizer={config.data.tokenizer!r} reads a TFDS or bundled text "
                       f"dataset (data.source='tfds:NAME' or 'bundled:text/documents'), got "
                       f"{config.data.source!r}")
-  if config.task.name != "language_model":
-    raise ConfigError(f"data.tokenizer gives packed token rows for task 'language_model', not "
-                      f"{config.task.name!r}")
+  if config.task.name not in ("language_model", "distillation"):  # the latter: an LM student
+    raise ConfigError(f"data.tokenizer gives packed token rows for task 'language_model' (or "
+                      f"its 'distillation'), not {config.task.name!r}")
   _positive_int(config, "data.seq_len")
   if config.privacy.enabled:  # a packed row mixes documents: no per-example unit to clip
     raise ConfigError("privacy.enabled is not supported with data.tokenizer: a packed row "
