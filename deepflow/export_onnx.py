@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import io
+import logging
 import os
 import re
 import tempfile
@@ -63,6 +65,30 @@ def onnx_model(exp: Experiment, fn, weights: dict[str, np.ndarray],
   """``(ModelProto, outputs)``: ``fn(weights, inputs)`` as ONNX, the weights constant, or a
   one-line ``ConfigError`` naming the op (and the layer that emits it) jax2onnx cannot convert."""
   jax2onnx = _require_edge()
+  with _quiet_converter():
+    return _convert(jax2onnx, exp, fn, weights, input_spec)
+
+
+@contextlib.contextmanager
+def _quiet_converter():
+  """jax2onnx (0.12.5) logs a traceback for each optional plugin whose library is missing or
+  moved (dm_pix), prints debug lines from its convolution conversion, and onnx_ir warns of the
+  symbolic batch's untyped shape values: noise on a user's terminal, none of it about the model.
+  Errors still raise."""
+  loggers = [logging.getLogger(name) for name in ("jax2onnx", "onnx_ir")]
+  levels = [logger.level for logger in loggers]
+  for logger in loggers:
+    logger.setLevel(logging.ERROR)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    for logger, level in zip(loggers, levels):
+      logger.setLevel(level)
+
+
+def _convert(jax2onnx, exp: Experiment, fn, weights: dict[str, np.ndarray],
+             input_spec: jax.ShapeDtypeStruct) -> tuple[Any, jax.ShapeDtypeStruct]:
   constants = {k: jnp.asarray(v) for k, v in weights.items()}
   # Traced here, outside jax2onnx's patches of flax layers but those of _fused_layers: the rules
   # below see lax primitives.

@@ -225,6 +225,9 @@ def test_export_command(trained, tmp_path):
   assert "not safetensors" in one_line_error(done) and not os.listdir(tmp_path)
   done = deepflow_cli("export", "--workdir", workdir, "--format", "onnx", "--out", str(tmp_path))
   assert done.returncode == 0 and "model.onnx" in done.stdout, done.stderr
+  # The converter's own logging and prints (optional plugins' tracebacks, debug lines) are kept
+  # off the user's terminal: one line of output.
+  assert len(done.stdout.splitlines()) == 1 and "Traceback" not in done.stderr, done
   inputs, expected = in_framework(workdir, 3)
   np.testing.assert_allclose(predict.load(str(tmp_path))(inputs), expected, rtol=1e-5,
                              atol=1e-5)
