@@ -12,9 +12,11 @@ digits): 4 x 4 x 2 x 2 = 64 configurations. One process, one machine, measured s
 - vectorized: one TPE round of 8 trials as one population (learning rate, weight decay and
   dropout; the width fixed) vs the same 8-trial TPE study trained one trial after another; wall
   time of each from start to results, and of the trials alone (first start to last end, as the
-  study records them).
+  study records them); then the rounds of a ``--rounds``-round study of the same experiment,
+  which reuse the population's compiled program and data as a study's later rounds do. Once
+  per seed of the search (``--seeds``), after an untimed small study of each kind.
 
-    python benchmarks/sweep_study.py [--steps 100] [--seeds 5] [--tpe-trials 20]
+    python benchmarks/sweep_study.py [--steps 100] [--seeds 5] [--tpe-trials 20] [--rounds 3]
 
 Prints the machine and ``os.getloadavg()`` beside the numbers: the ratios are what to compare
 (the machine is shared).
@@ -81,15 +83,24 @@ def study(config, texts, **kwargs):
   return rows, elapsed
 
 
-def trials_span(rows) -> float:
-  """Seconds from the first trial's start to the last one's end, as the study recorded them:
-  the trials' training alone, without the study's setup and the results and plots after it."""
+def study_trials(rows) -> list:
+  """The trials of the study whose rows these are, as its storage holds them."""
   import optuna
   workdir = os.path.dirname(rows[0]["dir"])
-  trials = optuna.load_study(study_name=sweep.STUDY,
-                             storage=f"sqlite:///{workdir}/study.db").get_trials()
+  return optuna.load_study(study_name=sweep.STUDY,
+                           storage=f"sqlite:///{workdir}/study.db").get_trials()
+
+
+def span(trials) -> float:
+  """Seconds from the first trial's start (its ask) to the last one's end (its tell)."""
   return (max(t.datetime_complete for t in trials) -
           min(t.datetime_start for t in trials)).total_seconds()
+
+
+def trials_span(rows) -> float:
+  """The trials' training alone, as the study recorded it: without the study's setup and the
+  results and plots after it."""
+  return span(study_trials(rows))
 
 
 def best(rows) -> float:
@@ -100,11 +111,50 @@ def load() -> str:
   return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
+def rounds_spans(rows, size: int) -> list[float]:
+  """Seconds of each round of ``size`` trials (first ask to last tell), in order."""
+  trials = sorted(study_trials(rows), key=lambda t: t.number)
+  return [span(trials[i:i + size]) for i in range(0, len(trials), size)]
+
+
+def vectorized(config, repeats: int, rounds: int) -> None:
+  """TPE rounds of 8 as one population vs 8 sequential TPE trials, ``repeats`` times (seeds 0,
+  1, ... of the experiment and the search): a one-round study (its round traces the population's program) and the
+  sequential one, end to end and their trials alone; then each round of a ``rounds``-round
+  study, which reuses the program as a study's rounds after its first do. Untimed first: a
+  small study of each kind (imports, JAX's start)."""
+  warm = digits_mlp(10)
+  study(warm, RANGES, search="tpe", trials=2, population=2)
+  study(warm, RANGES, search="tpe", trials=2)
+  ratios = {"end to end": [], "first round": [], "rounds reusing the program": []}
+  for seed in range(repeats):
+    config = sweep.trial_config(config, [f"seed={seed}"])  # a program no earlier round built
+    vec_rows, vec_time = study(config, RANGES, search="tpe", trials=8, population=8, seed=seed)
+    seq_rows, seq_time = study(config, RANGES, search="tpe", trials=8, seed=seed)
+    long_rows, _ = study(config, RANGES, search="tpe", trials=8 * rounds, population=8,
+                         seed=seed)
+    vec_span, seq_span = trials_span(vec_rows), trials_span(seq_rows)
+    spans = rounds_spans(long_rows, 8)
+    for name, value in (("end to end", vec_time / seq_time), ("first round", vec_span / seq_span),
+                        ("rounds reusing the program", statistics.median(spans) / seq_span)):
+      ratios[name].append(value)
+    print(f"  seed {seed}: 8 TPE trials as one population {vec_time:.2f} s vs one after "
+          f"another {seq_time:.2f} s end to end ({vec_time / seq_time:.2f}); the trials alone "
+          f"{vec_span:.2f} vs {seq_span:.2f} s ({vec_span / seq_span:.2f}); then {rounds} rounds: "
+          + ", ".join(f"{t:.2f}" for t in spans) + f" s (best {best(vec_rows):.4f} vs "
+          f"{best(seq_rows):.4f}); {load()}", flush=True)
+  print("vectorized round of 8 / 8 sequential trials, median (range) of "
+        f"{repeats}: " + "; ".join(f"{name} {statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})"
+                                   for name, v in ratios.items()) + f"; {load()}", flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=100)
   parser.add_argument("--seeds", type=int, default=5)
   parser.add_argument("--tpe-trials", type=int, default=20)
+  parser.add_argument("--rounds", type=int, default=3,
+                      help="rounds of the longer vectorized study (its later rounds: no tracing)")
   parser.add_argument("--parts", default="vectorized,tpe,asha",
                       help="which comparisons to run (tpe and asha run the grid first)")
   args = parser.parse_args()
@@ -114,13 +164,7 @@ def main():
         f"jax {jax.__version__} on {jax.devices()[0].platform}; digits MLP, AdamW, "
         f"{args.steps} steps of 64 per trial, eval every {config.train.eval_every}; {load()}")
   if "vectorized" in parts:
-    vec_rows, vec_time = study(config, RANGES, search="tpe", trials=8, population=8)
-    seq_rows, seq_time = study(config, RANGES, search="tpe", trials=8)
-    vec_span, seq_span = trials_span(vec_rows), trials_span(seq_rows)
-    print(f"vectorized: 8 TPE trials as one population {vec_time:.1f} s vs one after another "
-          f"{seq_time:.1f} s end to end: {vec_time / seq_time:.2f} of the time; the trials "
-          f"alone {vec_span:.1f} s vs {seq_span:.1f} s: {vec_span / seq_span:.2f} (best "
-          f"{best(vec_rows):.4f} vs {best(seq_rows):.4f}); {load()}", flush=True)
+    vectorized(config, args.seeds, args.rounds)
   if "tpe" not in parts and "asha" not in parts:
     return
   grid_rows, grid_time = study(config, SPACE, search="grid")
