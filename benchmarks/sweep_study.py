@@ -6,6 +6,8 @@ digits): 4 x 4 x 2 x 2 = 64 configurations. One process, one machine, measured s
 - grid: all 64 trials, trained in full: the best test accuracy and the total training steps.
 - TPE: ``--search tpe`` over the same 64 configurations, ``--tpe-trials`` trials, once per seed
   of the search; the median over seeds of the gap to the grid's best, in points (0.01 accuracy).
+- GP (``--parts gp``, needs PyTorch): the same with ``--search gp``, Optuna's Gaussian-process
+  sampler (random for its first 10 trials).
 - ASHA: the grid again, ``--prune asha`` (Optuna's GridSampler in a seeded order, successive
   halving on the evaluations every ``eval_every`` steps); per seed the best accuracy and the
   total steps trained (a pruned trial counts the steps it ran), vs the grid's.
@@ -16,16 +18,20 @@ digits): 4 x 4 x 2 x 2 = 64 configurations. One process, one machine, measured s
   which reuse the population's compiled program and data as a study's later rounds do. Once
   per seed of the search (``--seeds``), after an untimed small study of each kind.
 
-    python benchmarks/sweep_study.py [--steps 100] [--seeds 5] [--tpe-trials 20] [--rounds 3]
+    python benchmarks/sweep_study.py [--steps 100] [--seeds 5] [--tpe-trials 20] [--rounds 3] \
+      [--parts vectorized,tpe,gp,asha]
 
 Prints the machine and ``os.getloadavg()`` beside the numbers: the ratios are what to compare
 (the machine is shared).
 
 Measured (x86_64, 2 CPU cores shared with other jobs, load average 6-15, jax 0.10.2): the grid's
 best 0.9778 (6,400 steps); TPE 20 trials: the grid's best in 4 of 5 seeds, 0.28 points below in
-the fifth (median gap 0.00); ASHA: the grid's best in 5 of 5 seeds with 0.21-0.30 of the grid's
-steps (median 0.26); a vectorized TPE round of 8: the trials 0.58 of the time of 8 sequential
-ones (5.1 vs 8.8 s), 0.97 end to end.
+the fifth (median gap 0.00); GP 20 trials, 3 seeds: the grid's best in 2, 0.28 points below in
+the third; ASHA: the grid's best in 5 of 5 seeds with 0.21-0.30 of the grid's steps (median
+0.26). Vectorized (load 3-6), the trials' time of a round of 8 / that of 8 sequential trials:
+0.07 (0.06-0.10) for rounds that reuse the study's program, 0.09 (0.07-0.12) for a first round
+whose program is in the compilation cache (0.12 end to end), 0.38 for one that compiles it
+(0.42 end to end).
 """
 from __future__ import annotations
 
@@ -51,6 +57,13 @@ RANGES = ("optimizer.learning_rate=loguniform(3e-4,1e-2)",
           "model.dropout=uniform(0,0.3)")
 
 
+# JAX's persistent compilation cache, empty at the start: a sequential trial's hyperparameters
+# are constants of its program, so each new trial compiles, as in a real study (an earlier run
+# of this script would have left its trials' programs, which only a rerun of the same values
+# finds); a population's are traced, so its program compiles once.
+CACHE = tempfile.mkdtemp(prefix="sweep_study_cache_")
+
+
 def digits_mlp(steps: int):
   config = base_config()
   config.data.source = "bundled:digits"
@@ -63,6 +76,7 @@ def digits_mlp(steps: int):
   config.train.log_every = steps // 10
   config.train.checkpoint_every = 0
   config.train.progress = False
+  config.train.compilation_cache = CACHE
   return finalize(config)
 
 
@@ -119,10 +133,11 @@ def rounds_spans(rows, size: int) -> list[float]:
 
 def vectorized(config, repeats: int, rounds: int) -> None:
   """TPE rounds of 8 as one population vs 8 sequential TPE trials, ``repeats`` times (seeds 0,
-  1, ... of the experiment and the search): a one-round study (its round traces the population's program) and the
-  sequential one, end to end and their trials alone; then each round of a ``rounds``-round
-  study, which reuses the program as a study's rounds after its first do. Untimed first: a
-  small study of each kind (imports, JAX's start)."""
+  1, ... of the experiment and the search): a one-round study (its round traces the
+  population's program, and compiles it for seed 0; later seeds find it in the compilation
+  cache) and the sequential one, end to end and their trials alone; then each round of a
+  ``rounds``-round study, which reuses the program as a study's rounds after its first do.
+  Untimed first: a small study of each kind (imports, JAX's start)."""
   warm = digits_mlp(10)
   study(warm, RANGES, search="tpe", trials=2, population=2)
   study(warm, RANGES, search="tpe", trials=2)
@@ -148,15 +163,29 @@ def vectorized(config, repeats: int, rounds: int) -> None:
                                    for name, v in ratios.items()) + f"; {load()}", flush=True)
 
 
+def adaptive(config, search: str, grid_best: float, seeds: int, trials: int) -> None:
+  """``--search tpe`` or ``gp`` over the grid's configurations, once per seed of the search:
+  each study's best and its gap to the grid's best, then the median gap."""
+  gaps = []
+  for seed in range(seeds):
+    rows, elapsed = study(config, SPACE, search=search, trials=trials, seed=seed)
+    gaps.append(100 * (grid_best - best(rows)))
+    print(f"  {search} seed {seed}: best {best(rows):.4f} in {len(rows)} trials "
+          f"({gaps[-1]:+.2f} points below the grid's best), {elapsed:.0f} s", flush=True)
+  print(f"{search}: median gap {statistics.median(gaps):+.2f} points in {trials} trials; "
+        f"{load()}", flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=100)
   parser.add_argument("--seeds", type=int, default=5)
-  parser.add_argument("--tpe-trials", type=int, default=20)
+  parser.add_argument("--tpe-trials", type=int, default=20, help="trials of a TPE or GP study")
   parser.add_argument("--rounds", type=int, default=3,
                       help="rounds of the longer vectorized study (its later rounds: no tracing)")
   parser.add_argument("--parts", default="vectorized,tpe,asha",
-                      help="which comparisons to run (tpe and asha run the grid first)")
+                      help="which comparisons to run (tpe, gp and asha run the grid first; gp "
+                           "needs PyTorch)")
   args = parser.parse_args()
   parts = args.parts.split(",")
   config = digits_mlp(args.steps)
@@ -165,21 +194,15 @@ def main():
         f"{args.steps} steps of 64 per trial, eval every {config.train.eval_every}; {load()}")
   if "vectorized" in parts:
     vectorized(config, args.seeds, args.rounds)
-  if "tpe" not in parts and "asha" not in parts:
+  if not {"tpe", "gp", "asha"} & set(parts):
     return
   grid_rows, grid_time = study(config, SPACE, search="grid")
   grid_best, grid_steps = best(grid_rows), steps_trained(grid_rows)
   print(f"grid: {len(grid_rows)} trials, best accuracy {grid_best:.4f}, {grid_steps} steps, "
         f"{grid_time:.0f} s; {load()}", flush=True)
-  if "tpe" in parts:
-    gaps = []
-    for seed in range(args.seeds):
-      rows, elapsed = study(config, SPACE, search="tpe", trials=args.tpe_trials, seed=seed)
-      gaps.append(100 * (grid_best - best(rows)))
-      print(f"  tpe seed {seed}: best {best(rows):.4f} in {len(rows)} trials "
-            f"({gaps[-1]:+.2f} points below the grid's best), {elapsed:.0f} s", flush=True)
-    print(f"tpe: median gap {statistics.median(gaps):+.2f} points in {args.tpe_trials} trials; "
-          f"{load()}", flush=True)
+  for search in ("tpe", "gp"):
+    if search in parts:
+      adaptive(config, search, grid_best, args.seeds, args.tpe_trials)
   if "asha" in parts:
     fractions, hits = [], 0
     for seed in range(args.seeds):
