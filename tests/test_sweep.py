@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import jax
 import numpy as np
@@ -180,6 +181,20 @@ def test_cli_vectorized_sweep(tmp_path):
   assert out.returncode == 0, out.stderr
   assert "Sweep ranked by loss (min)" in out.stdout and "2 trials" in out.stdout
   assert (workdir / "results.csv").exists() and (workdir / "trial_001" / "result.json").exists()
+
+
+def test_a_plot_of_sampled_values_labels_them_short(tmp_path):
+  """Sampled floats (a study's) are labelled to 4 significant digits, so 16 trials of three
+  keys still fit the figure (their full digits made matplotlib give up its layout)."""
+  rng = np.random.default_rng(0)
+  keys = ["optimizer.learning_rate", "optimizer.weight_decay", "model.dropout"]
+  rows = [{**{k: float(v) for k, v in zip(keys, 10 ** rng.uniform(-5, -1, 3))},
+           "accuracy": float(a), "status": "ok", "trial": i}
+          for i, a in enumerate(rng.uniform(0.1, 1, 16))]
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # "Tight layout not applied" is a UserWarning
+    sweep.plot(rows, keys, "accuracy", "max", str(tmp_path / "results.png"))
+  assert os.path.getsize(tmp_path / "results.png") > 0
 
 
 def test_seed_means_table():
