@@ -16,22 +16,25 @@ digits): 4 x 4 x 2 x 2 = 64 configurations. One process, one machine, measured s
   time of each from start to results, and of the trials alone (first start to last end, as the
   study records them); then the rounds of a ``--rounds``-round study of the same experiment,
   which reuse the population's compiled program and data as a study's later rounds do. Once
-  per seed of the search (``--seeds``), after an untimed small study of each kind.
+  per seed of the search (``--seeds``), after an untimed small study of each kind, with JAX's
+  compilation cache in a new directory (``fresh_cache``: each sequential trial compiles).
+- phases (``--parts phases``): where one vectorized round and 8 sequential trials spend their
+  time (asking, training, compiling, evaluating, telling, results), as a table.
 
     python benchmarks/sweep_study.py [--steps 100] [--seeds 5] [--tpe-trials 20] [--rounds 3] \
-      [--parts vectorized,tpe,gp,asha]
+      [--parts vectorized,tpe,gp,asha,phases]
 
 Prints the machine and ``os.getloadavg()`` beside the numbers: the ratios are what to compare
 (the machine is shared).
 
 Measured (x86_64, 2 CPU cores shared with other jobs, load average 6-15, jax 0.10.2): the grid's
 best 0.9778 (6,400 steps); TPE 20 trials: the grid's best in 4 of 5 seeds, 0.28 points below in
-the fifth (median gap 0.00); GP 20 trials, 3 seeds: the grid's best in 2, 0.28 points below in
-the third; ASHA: the grid's best in 5 of 5 seeds with 0.21-0.30 of the grid's steps (median
-0.26). Vectorized (load 3-6), the trials' time of a round of 8 / that of 8 sequential trials:
-0.07 (0.06-0.10) for rounds that reuse the study's program, 0.09 (0.07-0.12) for a first round
-whose program is in the compilation cache (0.12 end to end), 0.38 for one that compiles it
-(0.42 end to end).
+the fifth (median gap 0.00); GP 20 trials: the grid's best in 3 of 5 seeds, 0.28 points below in
+the others; ASHA: the grid's best in 5 of 5 seeds with 0.21-0.30 of the grid's steps (median
+0.26). Vectorized (load 1-4), the trials' time of a round of 8 / that of 8 sequential trials:
+0.07 (0.07-0.08) for rounds that reuse the study's program, 0.11 (0.09-0.13) for a first round
+whose program is in the compilation cache (0.14 end to end), 0.29 for one that compiles it
+(0.32 end to end).
 """
 from __future__ import annotations
 
@@ -57,13 +60,6 @@ RANGES = ("optimizer.learning_rate=loguniform(3e-4,1e-2)",
           "model.dropout=uniform(0,0.3)")
 
 
-# JAX's persistent compilation cache, empty at the start: a sequential trial's hyperparameters
-# are constants of its program, so each new trial compiles, as in a real study (an earlier run
-# of this script would have left its trials' programs, which only a rerun of the same values
-# finds); a population's are traced, so its program compiles once.
-CACHE = tempfile.mkdtemp(prefix="sweep_study_cache_")
-
-
 def digits_mlp(steps: int):
   config = base_config()
   config.data.source = "bundled:digits"
@@ -76,8 +72,16 @@ def digits_mlp(steps: int):
   config.train.log_every = steps // 10
   config.train.checkpoint_every = 0
   config.train.progress = False
-  config.train.compilation_cache = CACHE
   return finalize(config)
+
+
+def fresh_cache(config):
+  """``config`` with JAX's persistent compilation cache in a new, empty directory, for timing: a
+  sequential trial's hyperparameters are constants of its program, so each new trial compiles,
+  as in a real study (an earlier run of this script would have left its trials' programs, which
+  only a rerun of the same values finds); a population's are traced, so it compiles once."""
+  cache = tempfile.mkdtemp(prefix="sweep_study_cache_")
+  return sweep.trial_config(config, [f"train.compilation_cache='{cache}'"])
 
 
 def steps_trained(rows) -> int:
@@ -138,7 +142,7 @@ def vectorized(config, repeats: int, rounds: int) -> None:
   cache) and the sequential one, end to end and their trials alone; then each round of a
   ``rounds``-round study, which reuses the program as a study's rounds after its first do.
   Untimed first: a small study of each kind (imports, JAX's start)."""
-  warm = digits_mlp(10)
+  config, warm = fresh_cache(config), digits_mlp(10)
   study(warm, RANGES, search="tpe", trials=2, population=2)
   study(warm, RANGES, search="tpe", trials=2)
   ratios = {"end to end": [], "first round": [], "rounds reusing the program": []}
@@ -176,6 +180,72 @@ def adaptive(config, search: str, grid_best: float, seeds: int, trials: int) -> 
         f"{load()}", flush=True)
 
 
+# Where a study's time goes (``--parts phases``): (module, attribute, name in the table).
+PHASES = (("deepflow.sweep.worker", "_Run.prepare", "ask: suggest, claim, config"),
+          ("deepflow.sweep.worker", "_Run.surplus", "ask: the study's count"),
+          ("optuna.study", "Study.ask", "ask: Optuna"),
+          ("deepflow.sweep.worker", "_Run.tell", "tell (rounds; optimize's own in sequence)"),
+          ("deepflow.sweep.report", "write", "results and plots"),
+          ("deepflow.sweep.population", "Population.__init__", "population: program, pipelines"),
+          ("deepflow.sweep.population", "Population.init", "population: init"),
+          ("deepflow.train.periodic", "train_members", "population: training loop"),
+          ("deepflow.sweep.population", "Population.evaluate", "  population: evaluations"),
+          ("deepflow.train.loop", "train_and_evaluate", "trials: train_and_evaluate"),
+          ("deepflow.train.fit", "compile_checked", "  trials: compiling the step"),
+          ("deepflow.train.experiment", "Experiment.evaluate", "  trials: evaluations"),
+          ("deepflow.train.periodic", "LogWindow.fetch", "  either loop: log fetches"))
+
+
+def timed_phases(run) -> dict[str, float]:
+  """Seconds spent in each of ``PHASES`` while ``run()`` runs (the functions wrapped meanwhile)."""
+  import functools
+  import importlib
+  seconds = dict.fromkeys((name for _, _, name in PHASES), 0.0)
+  undo = []
+  for module, path, name in PHASES:
+    owner = importlib.import_module(module)
+    *outer, attribute = path.split(".")
+    for part in outer:
+      owner = getattr(owner, part)
+    original = getattr(owner, attribute)
+
+    def wrapper(*args, _original=original, _name=name, **kwargs):
+      start = time.perf_counter()
+      try:
+        return _original(*args, **kwargs)
+      finally:
+        seconds[_name] += time.perf_counter() - start
+    setattr(owner, attribute, functools.wraps(original)(wrapper))
+    undo.append((owner, attribute, original))
+  try:
+    run()
+  finally:
+    for owner, attribute, original in undo:
+      setattr(owner, attribute, original)
+  return seconds
+
+
+def phases(config) -> None:
+  """The table of where one vectorized round of 8 (its program compiled, then found in the
+  compilation cache by a new experiment seed) and 8 sequential trials spend their time."""
+  config = fresh_cache(config)
+  study(config, RANGES, search="tpe", trials=8, population=8)  # compiles the program
+  config = sweep.trial_config(config, ["seed=1"])  # a program no earlier round built
+  rows = {}
+  for name, kwargs in (("vectorized round", {"population": 8}), ("8 sequential", {})):
+    elapsed = {}
+
+    def run(kwargs=kwargs, elapsed=elapsed):
+      elapsed["rows"], elapsed["total"] = study(config, RANGES, search="tpe", trials=8, **kwargs)
+    rows[name] = timed_phases(run)
+    rows[name]["end to end"] = elapsed["total"]
+  print("| phase (s) | " + " | ".join(rows) + " |\n|---|---|---|")
+  for phase in ["end to end", *(name for _, _, name in PHASES)]:
+    if any(r[phase] for r in rows.values()):
+      print(f"| {phase} | " + " | ".join(f"{r[phase]:.2f}" for r in rows.values()) + " |")
+  print(load(), flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=100)
@@ -185,7 +255,7 @@ def main():
                       help="rounds of the longer vectorized study (its later rounds: no tracing)")
   parser.add_argument("--parts", default="vectorized,tpe,asha",
                       help="which comparisons to run (tpe, gp and asha run the grid first; gp "
-                           "needs PyTorch)")
+                           "needs PyTorch; phases: where a round's time goes)")
   args = parser.parse_args()
   parts = args.parts.split(",")
   config = digits_mlp(args.steps)
@@ -194,6 +264,8 @@ def main():
         f"{args.steps} steps of 64 per trial, eval every {config.train.eval_every}; {load()}")
   if "vectorized" in parts:
     vectorized(config, args.seeds, args.rounds)
+  if "phases" in parts:
+    phases(config)
   if not {"tpe", "gp", "asha"} & set(parts):
     return
   grid_rows, grid_time = study(config, SPACE, search="grid")
