@@ -33,14 +33,16 @@ the fifth (median gap 0.00); GP 20 trials: the grid's best in 3 of 5 seeds, 0.28
 the others; ASHA: the grid's best in 5 of 5 seeds with 0.21-0.30 of the grid's steps (median
 0.26). Vectorized (load 1-4), the trials' time of a round of 8 / that of 8 sequential trials:
 0.07 (0.07-0.08) for rounds that reuse the study's program, 0.11 (0.09-0.13) for a first round
-whose program is in the compilation cache (0.14 end to end), 0.29 for one that compiles it
-(0.32 end to end).
+whose program is in the compilation cache (0.14 end to end), 0.29-0.44 for one that compiles
+it (0.32-0.47 end to end, three runs).
 """
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -58,6 +60,8 @@ SPACE = ("optimizer.learning_rate=3e-4,1e-3,3e-3,1e-2",
 RANGES = ("optimizer.learning_rate=loguniform(3e-4,1e-2)",
           "optimizer.weight_decay=uniform(0,1e-2)",
           "model.dropout=uniform(0,0.3)")
+SCRATCH = tempfile.mkdtemp(prefix="sweep_study_")  # every study's directory and cache, removed
+atexit.register(shutil.rmtree, SCRATCH, True)  # at exit (a full run writes about 0.5 GB)
 
 
 def digits_mlp(steps: int):
@@ -80,7 +84,7 @@ def fresh_cache(config):
   sequential trial's hyperparameters are constants of its program, so each new trial compiles,
   as in a real study (an earlier run of this script would have left its trials' programs, which
   only a rerun of the same values finds); a population's are traced, so it compiles once."""
-  cache = tempfile.mkdtemp(prefix="sweep_study_cache_")
+  cache = tempfile.mkdtemp(prefix="cache_", dir=SCRATCH)
   return sweep.trial_config(config, [f"train.compilation_cache='{cache}'"])
 
 
@@ -91,7 +95,7 @@ def steps_trained(rows) -> int:
 
 def study(config, texts, **kwargs):
   """(rows with each trial's directory, wall seconds) of a study in a fresh sweep directory."""
-  workdir = tempfile.mkdtemp(prefix="sweep_study_")
+  workdir = tempfile.mkdtemp(prefix="study_", dir=SCRATCH)
   start = time.perf_counter()
   rows = sweep.run_study(config, workdir, [sweep.parse_param(t) for t in texts], metric="accuracy",
                          **kwargs)
