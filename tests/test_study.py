@@ -4,6 +4,7 @@ study (a real server), one of them killed mid-trial."""
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -71,12 +72,31 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, texts, kwargs, messa
   assert "secret" not in str(error.value) and not workdir.exists()
 
 
-def test_without_the_extra_a_study_is_one_line_naming_it(tmp_path, monkeypatch):
-  monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna raises ImportError
-  with pytest.raises(ConfigError, match=r"^--search tpe needs deepflow's search extra: pip "
-                                        r"install 'deepflow\[search\]'$"):
+@pytest.mark.parametrize("module, search, message", [
+    ("optuna", "tpe", r"deepflow's search extra: pip install 'deepflow\[search\]'"),
+    ("torch", "gp", r"PyTorch \(Optuna's GPSampler is written in it\): pip install torch")])
+def test_without_its_library_a_study_is_one_line_naming_it(tmp_path, monkeypatch, module,
+                                                           search, message):
+  monkeypatch.setitem(sys.modules, module, None)  # import MODULE raises ImportError
+  with pytest.raises(ConfigError, match=rf"^--search {search} needs {message}$"):
     sweep.run_study(helpers.tiny_config(), str(tmp_path / "sweep"), params("seed=0,1"),
-                    search="tpe", trials=2)
+                    search=search, trials=2)
+  assert not (tmp_path / "sweep").exists()
+
+
+def test_cli_gp_without_torch_is_one_line(tmp_path):
+  """As the command runs where PyTorch is not installed (it is no dependency of deepflow)."""
+  experiment = helpers.write_experiment(tmp_path / "tiny.py", helpers.TINY_EXPERIMENT)
+  blocked = ("import sys; sys.modules['torch'] = None; from deepflow.cli import run; "
+             "run(sys.argv)")
+  out = subprocess.run([sys.executable, "-c", blocked, "sweep", f"--config={experiment}",
+                        f"--workdir={tmp_path / 'sweep'}", "--search=gp", "--trials=2",
+                        "--sweep=optimizer.learning_rate=loguniform(1e-3,1e-1)"],
+                       capture_output=True, text=True, timeout=120,
+                       env=helpers.subprocess_environment())
+  assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+      "deepflow: error: --search gp needs PyTorch (Optuna's GPSampler is written in it): pip install "
+      "torch"]
   assert not (tmp_path / "sweep").exists()
 
 

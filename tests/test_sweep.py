@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import jax
 import numpy as np
@@ -105,6 +106,33 @@ def test_vectorized_members_equal_their_trials_trained_alone(tmp_path):
   assert len({round(m["loss"], 5) for m in metrics}) == 16  # every member trained differently
 
 
+def test_a_study_s_rounds_share_one_program(tmp_path):
+  """Populations of one experiment with the same swept keys (a study's rounds) reuse one program:
+  the next round neither retraces its step nor rebuilds its data, and trains what a program
+  built afresh for it trains. A key given in ``keys`` is swept even where the members agree."""
+  from deepflow.sweep import population as population_lib
+  keys = ["model.dropout", "optimizer.learning_rate"]
+
+  def members(*rates):
+    return [sweep.trial_config(sweep_config(), [f"optimizer.learning_rate={lr}",
+                                                "model.dropout=0.1"]) for lr in rates]
+
+  def train(configs, name):
+    dirs = [str(tmp_path / f"{name}_{i}") for i in range(len(configs))]
+    _, results = sweep.train_population(configs, dirs, keys=keys)
+    return results
+  train(members(1e-3, 3e-2), "first")
+  program = sweep.Population(members(1e-3, 3e-2), keys).program
+  second = sweep.Population(members(2e-3, 1e-2), keys)
+  assert second.program is program and sorted(second.hyper) == keys
+  again = train(members(2e-3, 1e-2), "second")
+  assert program.train_step._cache_size() == program.eval_step._cache_size() == 1
+  population_lib._LAST.clear()
+  fresh = train(members(2e-3, 1e-2), "fresh")
+  assert sweep.Population(members(2e-3, 1e-2), keys).program is not program
+  assert again == fresh and again[0]["metrics"] != again[1]["metrics"]
+
+
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_a_diverging_member_fails_as_its_trial_alone_does(tmp_path, policy):
   """The population applies the loop's non-finite policy to each member: the diverging one is
@@ -153,6 +181,20 @@ def test_cli_vectorized_sweep(tmp_path):
   assert out.returncode == 0, out.stderr
   assert "Sweep ranked by loss (min)" in out.stdout and "2 trials" in out.stdout
   assert (workdir / "results.csv").exists() and (workdir / "trial_001" / "result.json").exists()
+
+
+def test_a_plot_of_sampled_values_labels_them_short(tmp_path):
+  """Sampled floats (a study's) are labelled to 4 significant digits, so 16 trials of three
+  keys still fit the figure (their full digits made matplotlib give up its layout)."""
+  rng = np.random.default_rng(0)
+  keys = ["optimizer.learning_rate", "optimizer.weight_decay", "model.dropout"]
+  rows = [{**{k: float(v) for k, v in zip(keys, 10 ** rng.uniform(-5, -1, 3))},
+           "accuracy": float(a), "status": "ok", "trial": i}
+          for i, a in enumerate(rng.uniform(0.1, 1, 16))]
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # "Tight layout not applied" is a UserWarning
+    sweep.plot(rows, keys, "accuracy", "max", str(tmp_path / "results.png"))
+  assert os.path.getsize(tmp_path / "results.png") > 0
 
 
 def test_seed_means_table():

@@ -64,13 +64,11 @@ def write_results(workdir: str, points: Sequence[dict[str, Any]], dirs: Sequence
 
 def ranked_table(rows: Sequence[dict[str, Any]], keys: Sequence[str], metric: str) -> str:
   """A markdown table: rank, trial, swept values, the metric, status."""
-  def fmt(v):
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
   lines = ["| rank | trial | " + " | ".join(keys) + f" | {metric} | status |",
            "|" + "---|" * (len(keys) + 4)]
   for rank, row in enumerate(rows, 1):
-    cells = [str(rank), str(row["trial"]), *(fmt(row[k]) for k in keys),
-             fmt(row.get(metric, float("nan"))), row["status"]]
+    cells = [str(rank), str(row["trial"]), *(_short(row[k]) for k in keys),
+             _short(row.get(metric, float("nan"))), row["status"]]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -96,7 +94,7 @@ def plot(rows: Sequence[dict[str, Any]], keys: Sequence[str], metric: str, mode:
       ax.set_xscale("log")
     ax.set_xlabel(keys[0])
   else:
-    labels = [" ".join(f"{k.split('.')[-1]}={r[k]}" for k in keys) for r in ok]
+    labels = [" ".join(f"{k.split('.')[-1]}={_short(r[k])}" for k in keys) for r in ok]
     ax.barh(range(len(ok)), [r[metric] for r in ok])
     ax.set_yticks(range(len(ok)), labels, fontsize=7)
     ax.invert_yaxis()
@@ -104,6 +102,12 @@ def plot(rows: Sequence[dict[str, Any]], keys: Sequence[str], metric: str, mode:
   ax.set_ylabel(metric) if numeric else ax.set_xlabel(metric)
   fig.tight_layout()
   save_figure(fig, path)
+
+
+def _short(value: Any) -> str:
+  """A value as a table or a plot's label shows it: floats to 4 significant digits (a sampled
+  learning rate's 17 would crowd out the bars)."""
+  return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def save_figure(fig, path: str) -> None:

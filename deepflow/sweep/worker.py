@@ -234,7 +234,8 @@ class _Run:
         for t in asked:
           beats.enter_context(get_heartbeat_thread(t._trial_id, self.study._storage))
         _, results = train_population([c for c, _ in prepared], [d for _, d in prepared],
-                                      on_eval=self.member_reporter(asked))
+                                      on_eval=self.member_reporter(asked),
+                                      keys=[p.key for p in self.params])
       for trial, (_, directory), result in zip(asked, prepared, results):
         _write_json(os.path.join(directory, RESULT), result)
         self.tell(trial, result)
