@@ -10,6 +10,7 @@ otherwise, so a bfloat16 checkpoint loads as bfloat16 with no float32 copy.
 from __future__ import annotations
 
 import re
+import types
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -34,8 +35,8 @@ def load_pretrained(directory: str, *, dtype: Any = None, mesh: Mesh | None = No
   language model; NHWC images for a vision model).
 
   ``dtype``: the variables' dtype (default: the checkpoint's). ``mesh``: place the variables
-  with deepflow's sharding rules (``parallel_config``, default the base config's ``parallel``
-  section) over it; default: the first device. ``fields``: ``dropout``, ``scan_layers``,
+  with deepflow's sharding rules (``parallel_config``, a config's ``parallel`` section; default
+  plain data parallelism: no rules, no FSDP) over it; default: the first device. ``fields``: ``dropout``, ``scan_layers``,
   ``remat_policy``. Problems with the directory are one line naming the file and the fix."""
   refused = sorted(set(fields) - set(hf.COMPATIBLE))
   if refused:
@@ -93,9 +94,8 @@ def _shardings(abstract: Any, mesh: Mesh | None, parallel_config: Any) -> dict[s
   if mesh is None:
     one = SingleDeviceSharding(jax.devices()[0])
     return traverse_util.flatten_dict(jax.tree.map(lambda _: one, abstract), sep="/")
-  if parallel_config is None:
-    from deepflow.config import base_config
-    parallel_config = base_config().parallel
+  if parallel_config is None:  # the base config's strategy, without importing the config module
+    parallel_config = types.SimpleNamespace(strategy="data", rules=[])
   return traverse_util.flatten_dict(
       parallel.state_shardings(abstract, mesh, parallel_config), sep="/")
 
