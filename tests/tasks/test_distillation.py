@@ -52,6 +52,21 @@ def test_soft_gradient_is_the_closed_form(temperature):
                              atol=1e-5)
 
 
+def _reference_terms(z_s, z_t, targets, temperature: float) -> tuple[np.ndarray, np.ndarray]:
+  """Hinton et al.'s two terms per example (or token) in float64 numpy: the cross-entropy on the
+  targets and T^2 * KL(softmax(z_t/T) || softmax(z_s/T))."""
+  z_s, z_t = np.asarray(z_s, np.float64), np.asarray(z_t, np.float64)
+  log_softmax = lambda z: z - np.log(np.exp(z).sum(-1, keepdims=True))  # noqa: E731
+  hard = -np.take_along_axis(log_softmax(z_s), np.asarray(targets)[..., None], -1)[..., 0]
+  lt, ls = log_softmax(z_t / temperature), log_softmax(z_s / temperature)
+  return hard, temperature ** 2 * (np.exp(lt) * (lt - ls)).sum(-1)
+
+
+def _reference_loss(z_s, z_t, labels, temperature: float, hard_weight: float) -> float:
+  hard, soft = _reference_terms(z_s, z_t, labels, temperature)
+  return np.mean(hard_weight * hard + (1 - hard_weight) * soft)
+
+
 def test_loss_mixes_labels_and_teacher(teacher):
   """The task's loss is hard_weight * CE + (1 - hard_weight) * T^2 KL with the teacher's logits
   recomputed from its own run, in numpy."""
@@ -62,14 +77,9 @@ def test_loss_mixes_labels_and_teacher(teacher):
   t_exp, t_state, _, _ = Experiment.from_workdir(teacher)
   z_t = np.asarray(t_exp.task.apply(t_state.params, t_state.model_state, batch[INPUTS], None,
                                     train=False)[0], np.float64)
-  z_s = np.asarray(exp.task.apply(params, model_state, batch[INPUTS], None, train=False)[0],
-                   np.float64)
-  log_softmax = lambda z: z - np.log(np.exp(z).sum(-1, keepdims=True))  # noqa: E731
-  labels = np.asarray(batch[TARGETS])
-  hard = -log_softmax(z_s)[np.arange(len(labels)), labels]
-  lt, ls = log_softmax(z_t / 3), log_softmax(z_s / 3)
-  soft = 9 * (np.exp(lt) * (lt - ls)).sum(-1)
-  np.testing.assert_allclose(loss, np.mean(0.25 * hard + 0.75 * soft), rtol=1e-5)
+  z_s = exp.task.apply(params, model_state, batch[INPUTS], None, train=False)[0]
+  np.testing.assert_allclose(loss, _reference_loss(z_s, z_t, batch[TARGETS], 3.0, 0.25),
+                             rtol=1e-5)
 
 
 def test_cli_run_leaves_the_teacher_bit_unchanged(teacher, tmp_path):
@@ -174,13 +184,8 @@ def test_lm_loss_uses_the_pretrained_teacher(data_dir, gpt2_teacher):
   loss, (metrics, _) = exp.task.loss(params, model_state, batch, jax.random.PRNGKey(2))
   model, variables = deepflow.load_pretrained(gpt2_teacher)
   z_t = np.asarray(model.apply(variables, batch[INPUTS]), np.float64)[..., :103]
-  z_s = np.asarray(exp.task.apply(params, model_state, batch[INPUTS], None, train=False)[0],
-                   np.float64)
-  log_softmax = lambda z: z - np.log(np.exp(z).sum(-1, keepdims=True))  # noqa: E731
-  targets = np.asarray(batch[TARGETS])
-  nll = -np.take_along_axis(log_softmax(z_s), targets[..., None], -1)[..., 0]
-  lt, ls = log_softmax(z_t / 3), log_softmax(z_s / 3)
-  soft = 9 * (np.exp(lt) * (lt - ls)).sum(-1)
+  z_s = exp.task.apply(params, model_state, batch[INPUTS], None, train=False)[0]
+  nll, soft = _reference_terms(z_s, z_t, batch[TARGETS], 3.0)
   np.testing.assert_allclose(metrics["soft_loss"], soft.mean(), rtol=1e-5)
   np.testing.assert_allclose(loss, np.mean(0.25 * nll + 0.75 * soft), rtol=1e-5)
 
@@ -273,14 +278,9 @@ def test_classifier_distilled_from_an_hf_resnet(image_data_dir, tmp_path):
   teacher_model, teacher_variables = deepflow.load_pretrained(checkpoint)
   assert "batch_stats" in teacher_variables
   z_t = np.asarray(teacher_model.apply(teacher_variables, batch[INPUTS]), np.float64)
-  z_s = np.asarray(exp.task.apply(params, model_state, batch[INPUTS], None, train=False)[0],
-                   np.float64)
-  log_softmax = lambda z: z - np.log(np.exp(z).sum(-1, keepdims=True))  # noqa: E731
-  labels = np.asarray(batch[TARGETS])
-  hard = -log_softmax(z_s)[np.arange(len(labels)), labels]
-  lt, ls = log_softmax(z_t / 2), log_softmax(z_s / 2)
-  soft = 4 * (np.exp(lt) * (lt - ls)).sum(-1)
-  np.testing.assert_allclose(loss, np.mean(0.5 * hard + 0.5 * soft), rtol=1e-5)
+  z_s = exp.task.apply(params, model_state, batch[INPUTS], None, train=False)[0]
+  np.testing.assert_allclose(loss, _reference_loss(z_s, z_t, batch[TARGETS], 2.0, 0.5),
+                             rtol=1e-5)
   fixture = os.path.join(FIXTURES, "hf_vision", "resnet_basic")
   with pytest.raises(ConfigError, match="gives 5 outputs, the student has 10 classes") as e:
     Experiment(tiny_config(task=dict(name="distillation", teacher=f"hf:{fixture}"), **data), None)
@@ -305,11 +305,8 @@ def test_lm_distillation_on_packed_documents(data_dir, tmp_path):
   loss, (metrics, _) = exp.task.loss(params, model_state, batch, jax.random.PRNGKey(2))
   model, variables = deepflow.load_pretrained(teacher)
   z_t = np.asarray(model.apply(variables, batch[INPUTS], segments, positions), np.float64)
-  z_s = np.asarray(exp.task.logits(params, model_state, batch, None, train=False)[0], np.float64)
-  log_softmax = lambda z: z - np.log(np.exp(z).sum(-1, keepdims=True))  # noqa: E731
-  nll = -np.take_along_axis(log_softmax(z_s), np.asarray(batch[TARGETS])[..., None], -1)[..., 0]
-  lt, ls = log_softmax(z_t / 3), log_softmax(z_s / 3)
-  soft = 9 * (np.exp(lt) * (lt - ls)).sum(-1)
+  z_s = exp.task.logits(params, model_state, batch, None, train=False)[0]
+  nll, soft = _reference_terms(z_s, z_t, batch[TARGETS], 3.0)
   scored = segments > 0
   np.testing.assert_allclose(metrics["soft_loss"], soft[scored].mean(), rtol=1e-5)
   np.testing.assert_allclose(loss, np.mean(0.25 * nll[scored] + 0.75 * soft[scored]), rtol=1e-5)
