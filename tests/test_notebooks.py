@@ -45,6 +45,10 @@ def kernel_manager(tmp_path) -> KernelManager:
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs(path, tmp_path, data_dir, monkeypatch):
+  # A notebook that shows an extra (ONNX, Optuna) names its modules in metadata.deepflow.requires
+  # and runs where the extra is installed (CI installs them all).
+  for module in nbformat.read(path, as_version=4).metadata.get("deepflow", {}).get("requires", []):
+    pytest.importorskip(module, reason=f"{os.path.basename(path)} needs {module} (an extra)")
   # The kernel inherits this environment: few steps, the session's prepared datasets, and the
   # simulated devices of a `deepflow` subprocess. It runs in tmp_path, so its runs/ land there.
   monkeypatch.setenv("DEEPFLOW_NOTEBOOK_STEPS", STEPS)
