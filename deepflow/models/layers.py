@@ -165,6 +165,19 @@ def decode_cache(module: nn.Module, k: jax.Array, v: jax.Array, cache_len: int
   return k, v, q_pos, k_pos
 
 
+def decode_position(module: nn.Module, length: int) -> jax.Array | int:
+  """Where this call's ``length`` tokens start in a decoding model's sequence: the count kept in
+  ``module``'s collection ``'cache'`` (``position``), advanced past them. The first call
+  (``init``) only creates it (0) and starts at 0."""
+  ready = module.has_variable("cache", "position")
+  position = module.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
+  if not ready:
+    return 0
+  offset = position.value
+  position.value = offset + length
+  return offset
+
+
 class SelfAttention(nn.Module):
   """Multi-head self-attention, optionally causal, with a key/value cache when ``decode``.
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepflow.models.layers import block_stack, decode_cache
+from deepflow.models.layers import block_stack, decode_cache, decode_position
 from deepflow.registry import ConfigError, MODELS
 
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -216,13 +216,7 @@ class Llama(nn.Module):
       raise ConfigError("llama decodes one sequence per row: no segments")
     if x.shape[1] > self.max_len:
       raise ConfigError(f"sequence length {x.shape[1]} exceeds max_len {self.max_len}")
-    offset = 0
-    if self.decode:
-      ready = self.has_variable("cache", "position")
-      position = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
-      if ready:
-        offset = position.value
-        position.value = offset + x.shape[1]
+    offset = decode_position(self, x.shape[1]) if self.decode else 0
     if positions is None:
       positions = jnp.broadcast_to(offset + jnp.arange(x.shape[1]), x.shape)
     table = nn.Embed(self.vocab_size, self.d_model, name="embed")
