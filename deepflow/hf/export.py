@@ -23,7 +23,7 @@ from deepflow import hf, models, parallel  # noqa: F401  (models fills MODELS)
 from deepflow.atomic import write_atomic
 from deepflow.data import tokenizers
 from deepflow.hf import files
-from deepflow.hf.load import LAYER
+from deepflow.hf.load import LAYER, stacked_path
 from deepflow.registry import ConfigError, MODELS, some_names
 from deepflow.train.experiment import RunSource
 
@@ -66,7 +66,7 @@ def write_pretrained(model: nn.Module, variables: Any, out: str, *, dtype: Any =
   flat = traverse_util.flatten_dict(parallel.to_host(dict(variables)), sep="/")
   rules = family.weight_rules(config)
   tensors = {rule.hf_name: (rule, _variable(flat, rule.path)) for rule in rules}
-  used = {LAYER.sub(r"\1blocks/block/", r.path, count=1) for r in rules} | {r.path for r in rules}
+  used = {stacked_path(r.path) for r in rules} | {r.path for r in rules}
   left = sorted(set(flat) - used)
   if left:
     raise ConfigError(f"{some_names(left)} have no place in a {config['model_type']} "
@@ -107,7 +107,7 @@ def _variable(flat: dict[str, Any], path: str) -> Any:
   if path in flat:
     return flat[path]
   match = LAYER.search(path)
-  stacked = LAYER.sub(r"\1blocks/block/", path, count=1) if match else None
+  stacked = stacked_path(path) if match else None
   if stacked not in flat:
     raise ConfigError(f"the model has no variable {path} that its checkpoint layout needs")
   return flat[stacked][int(match.group(2))]

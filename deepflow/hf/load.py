@@ -27,6 +27,12 @@ from deepflow.registry import ConfigError, MODELS, some_names
 LAYER = re.compile(r"(^|/)block(\d+)/")
 
 
+def stacked_path(path: str) -> str:
+  """The ``scan_layers`` name of the unscanned variable ``path``: ``block{i}/`` becomes
+  ``blocks/block/`` (``layers.block_stack``'s layout; the layer is an index on its first axis)."""
+  return LAYER.sub(r"\1blocks/block/", path, count=1)
+
+
 def load_pretrained(directory: str, *, dtype: Any = None, mesh: Mesh | None = None,
                     parallel_config: Any = None, **fields: Any) -> tuple[nn.Module, dict]:
   """(model, variables) from a Hugging Face checkpoint directory (config.json and
@@ -133,7 +139,7 @@ def _groups(rules: list[WeightRule], scanned: bool) -> dict[str, list[tuple[int,
   for rule in rules:
     match = LAYER.search(rule.path) if scanned else None
     if match:
-      path = LAYER.sub(r"\1blocks/block/", rule.path, count=1)
+      path = stacked_path(rule.path)
       groups.setdefault(path, []).append((int(match.group(2)), rule))
     else:
       groups.setdefault(rule.path, []).append((-1, rule))
