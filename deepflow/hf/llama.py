@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from deepflow.hf.rules import WeightRule, transpose
+from deepflow.models.llama import ROPE_TYPES
 from deepflow.registry import ConfigError
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -25,9 +26,9 @@ def _rope(c: dict) -> dict:
   params = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
   kind = params.get("rope_type", params.get("type", "default"))
   theta = params.get("rope_theta", c.get("rope_theta", DEFAULT_THETA))
-  if kind not in ("default", "linear", "llama3"):
-    raise ConfigError(f"config.json: rope type {kind!r} is not supported (supported: default, "
-                      f"linear, llama3)")
+  if kind not in ROPE_TYPES:
+    raise ConfigError(f"config.json: rope type {kind!r} is not supported (supported: "
+                      f"{', '.join(ROPE_TYPES)})")
   if params.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)) != 1.0:
     raise ConfigError("config.json: partial_rotary_factor != 1 is not supported")
   fields = {"rope_theta": float(theta), "rope_type": kind}
