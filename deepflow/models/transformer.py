@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from deepflow.models.layers import (ClassToken, PositionalEmbedding, as_sequence, block_stack,
-                                    in_scope)
+                                    decode_position, in_scope)
 from deepflow.registry import ConfigError, MODELS
 
 POOLINGS = ("mean", "cls")
@@ -105,15 +105,9 @@ class TransformerLM(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, segments: jax.Array | None = None,
                positions: jax.Array | None = None, *, train: bool = False) -> jax.Array:
-    offset = 0
     if self.decode and segments is not None:
       raise ConfigError("transformer_lm decodes one sequence per row: no segments")
-    if self.decode:
-      ready = self.has_variable("cache", "position")
-      position = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
-      if ready:
-        offset = position.value
-        position.value = offset + x.shape[1]
+    offset = decode_position(self, x.shape[1]) if self.decode else 0
     if self.tie_embeddings and self.vocab_size <= 0:
       raise ConfigError("transformer_lm: tie_embeddings needs token inputs (vocab_size > 0)")
     table = nn.Embed(self.vocab_size, self.d_model, name="embed") if self.tie_embeddings else None
