@@ -63,6 +63,9 @@ class Registry(Generic[T]):
   def names(self) -> list[str]:
     return sorted(self._entries)
 
+  def __getitem__(self, name: str) -> T:
+    return self.get(name)
+
   def __contains__(self, name: object) -> bool:
     return name in self._entries
 

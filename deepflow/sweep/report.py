@@ -4,6 +4,7 @@ parameter-importance plots, and the summary ``deepflow sweep --report`` prints f
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import warnings
@@ -61,9 +62,7 @@ def plots(study, workdir: str) -> list[str]:
 
 def summary(study, top: int = 10) -> str:
   """The study's state and its best trials so far, ranked, as text (``--report``)."""
-  counts: dict[str, int] = {}
-  for t in study.get_trials(deepcopy=False):
-    counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
+  counts = collections.Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))
   metric, mode = study.user_attrs.get("metric", "value"), study.user_attrs.get("mode", "min")
   done = [t for _, t in _by_directory(study) if t.state.name == "COMPLETE"]
   done.sort(key=lambda t: -t.value if mode == "max" else t.value)

@@ -244,15 +244,8 @@ class _Run:
     """``train_population``'s ``on_eval``: ``reporter``'s, per member."""
     if not self.pruning:
       return None
-
-    def on_eval(step: int, live: dict[int, dict[str, float]]) -> set[int]:
-      stop = set()
-      for i, metrics in live.items():
-        asked[i].report(self.value(metrics), step)
-        if asked[i].should_prune():
-          stop.add(i)
-      return stop
-    return on_eval
+    reporters = [self.reporter(trial) for trial in asked]
+    return lambda step, live: {i for i, metrics in live.items() if reporters[i](step, metrics)}
 
   def tell(self, trial, result: dict[str, Any]) -> None:
     import optuna

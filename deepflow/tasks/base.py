@@ -46,8 +46,9 @@ class Task:
     # (``deepflow.train.step.gradient_fn``); a ``grads`` method would never be called.
     super().__init_subclass__(**kwargs)
     if "grads" in vars(cls):
-      raise TypeError(f"{cls.__name__} overrides Task.grads: override trained_grads instead "
-                      f"(gradients w.r.t. the trained parameters; see deepflow.tasks.base)")
+      raise TypeError(f"{cls.__name__} defines grads, which the train step never calls: "
+                      f"override trained_grads instead (gradients w.r.t. the trained "
+                      f"parameters; see deepflow.tasks.base)")
 
   def __init__(self, config: ConfigDict, spec: DataSpec):
     self.config = config

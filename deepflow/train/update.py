@@ -84,6 +84,10 @@ def optimizer(c: Any, total_steps: int, regularizer: Regularizer,
   """The ``optimizer`` section's chain with the regularizers' gradient and projection hooks; with
   ``rates`` (a task's parameter groups, e.g. a GAN's players) one chain per top-level sub-tree
   at its own learning rate, by ``optax.multi_transform`` (rate 0: the group is frozen)."""
+  def build(section: Any) -> optax.GradientTransformation:
+    return build_optimizer(section, total_steps, gradient=regularizer.gradient,
+                           projection=regularizer.projection)
+
   def chain(learning_rate: float) -> optax.GradientTransformation:
     if learning_rate == 0:  # frozen; also spares schedules that divide by the rate
       return optax.set_to_zero()
@@ -91,11 +95,9 @@ def optimizer(c: Any, total_steps: int, regularizer: Regularizer,
     if learning_rate != c.learning_rate:
       section = ml_collections.ConfigDict(c.to_dict())
       section.learning_rate = learning_rate
-    return build_optimizer(section, total_steps, gradient=regularizer.gradient,
-                           projection=regularizer.projection)
+    return build(section)
   if rates is None:
-    return build_optimizer(c, total_steps, gradient=regularizer.gradient,
-                           projection=regularizer.projection)
+    return build(c)
   return optax.multi_transform({group: chain(rate) for group, rate in rates.items()},
                                {group: group for group in rates})
 

@@ -56,8 +56,8 @@ def test_a_run_that_does_not_fit_stops_with_one_line_before_writing(tmp_path):
 
 def test_the_largest_batch_that_fits_is_found_by_compiling(monkeypatch):
   """The memory is set between the peaks of global batch 6 and 7 (each compiled directly): the
-  error names 6 (after 1, 2, 4, 8, 6 and 7 were compiled), and a run that fits keeps the
-  executables it compiled."""
+  error names 6 (after 8, the search compiled 1 for its linear guess, then 7 and 6), and a run
+  that fits keeps the executables it compiled."""
   exp = one_device_experiment(8)
   six, seven = train_peak(exp, 6), train_peak(exp, 7)
   limit = (six + seven) / 2

@@ -1,5 +1,6 @@
 """train.periodic.is_time against the schedules written out: logs every 4 steps and at the end,
-evaluations every 4 steps but not at the end (the loop's final evaluation), checkpoints every 4."""
+evaluations every 5 steps but not at the end (the loop's final evaluation), checkpoints every 5
+(10 steps in all)."""
 from deepflow.train.periodic import is_time
 
 

@@ -14,23 +14,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from deepflow.registry import Registry
+
 if TYPE_CHECKING:  # pandas (about 0.4 s to import) loads only where a series is built
   import pandas as pd
 
 
 # ``bundled:NAME`` -> its builder class, filled by ``register_builder`` in the modules that
 # ``deepflow.data.bundled`` imports.
-BUILDERS: dict[str, type] = {}
+BUILDERS: Registry = Registry("bundled dataset")
 
 
 def register_builder(name: str):
   """Class decorator: the builder is the dataset ``bundled:NAME``."""
-  def add(cls: type) -> type:
-    if name in BUILDERS and BUILDERS[name] is not cls:
-      raise ValueError(f"bundled dataset {name!r} is already registered")
-    BUILDERS[name] = cls
-    return cls
-  return add
+  return BUILDERS.register(name)
 
 
 class BundledBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
