@@ -33,6 +33,7 @@ import deepflow
 from deepflow import export, export_onnx, quantize
 from deepflow.data import sources
 from deepflow.train.experiment import Experiment
+from dp_step import cpu_name  # noqa: E402  (benchmarks/ is the script's directory)
 
 MODELS = ("digits_cnn", "text_transformer")
 FIRST_PREDICTION = """
@@ -222,8 +223,7 @@ def main() -> None:
   parser.add_argument("--steps_scale", type=float, default=1.0)
   parser.add_argument("--models", default=",".join(MODELS))
   args = parser.parse_args()
-  import platform
-  print(f"machine: {platform.machine()} {os.cpu_count()} CPUs; load before {os.getloadavg()}")
+  print(f"machine: {cpu_name()}, {os.cpu_count()} cores; load before {os.getloadavg()}")
   rows = [bench(name, args.root, args.steps_scale) for name in args.models.split(",")]
   for row in rows:
     print(summary(row))

@@ -325,9 +325,8 @@ def _int8_constants(model) -> list[str]:
 def export_onnx(run: RunSource | str, out: str, *, quantize: str | None = None
                 ) -> dict[str, Any]:
   """Writes the ONNX artifact of a checkpoint of ``run`` (a workdir or a ``RunSource``) to
-  ``out`` (``model.onnx``,
-  ``signature.json``); returns its signature. Nothing is written if the model cannot be
-  converted."""
+  ``out`` (``model.onnx``, ``signature.json``); returns its signature. Nothing is written if the
+  model cannot be converted."""
   if quantize not in (None, *QUANTIZATIONS):
     raise ConfigError(f"unknown quantization {quantize!r}; known: {', '.join(QUANTIZATIONS)}")
   source = RunSource.of(run)

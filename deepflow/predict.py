@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from deepflow import onnx_runtime
 from deepflow.registry import ConfigError, first_line
 
 MODEL_FILE, WEIGHTS_FILE, SIGNATURE_FILE = "model.bin", "weights.npz", "signature.json"
@@ -62,8 +63,7 @@ class Predictor:
       if sha256(path) != expected:
         raise ArtifactError(f"corrupted artifact {directory}: {name} does not match its "
                             f"checksum in {SIGNATURE_FILE}; export it again")
-    if self.signature.get("runtime") == "onnxruntime":  # deepflow export --format onnx
-      from deepflow import onnx_runtime
+    if self.signature.get("runtime") == onnx_runtime.RUNTIME:  # deepflow export --format onnx
       self._run = onnx_runtime.session(directory)
     else:
       self._run = _jax_function(directory)

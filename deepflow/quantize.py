@@ -28,6 +28,7 @@ which runs a CPU formulation behind ``lax.platform_dependent``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -292,7 +293,6 @@ def float_task(task: Any) -> Any:
 def evaluate(exp: Any, state: Any, split: str, scheme: str = "int8") -> dict[str, float]:
   """``exp.evaluate(state, split)`` with the model quantized: the same batches, padding rows and
   metrics, through the task's own eval step."""
-  import dataclasses
   from deepflow.train import step as step_lib
   copied = copy.copy(exp)
   copied.task = quantized_task(float_task(exp.task), scheme)
