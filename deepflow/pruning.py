@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from deepflow.pytree import Selector, flatten, path_name
-from deepflow.registry import ConfigError
+from deepflow.registry import ConfigError, is_number
 
 PyTree = Any
 
@@ -41,7 +41,7 @@ class Schedule:
   def __post_init__(self):
     for key in ("sparsity", "initial"):
       value = getattr(self, key)
-      if not _number(value) or not 0 <= value < 1:
+      if not is_number(value) or not 0 <= value < 1:
         raise ConfigError(f"regularizer 'pruning': {key} must be in [0, 1), got {value!r}")
     for key in ("start_step", "end_step", "frequency"):
       value = getattr(self, key)
@@ -50,7 +50,7 @@ class Schedule:
     if self.end_step <= self.start_step:
       raise ConfigError(f"regularizer 'pruning': the schedule ends (end_step={self.end_step}) "
                         f"before it starts (start_step={self.start_step})")
-    if self.frequency < 1 or not _number(self.power) or self.power <= 0:
+    if self.frequency < 1 or not is_number(self.power) or self.power <= 0:
       raise ConfigError(f"regularizer 'pruning': frequency must be >= 1 and power > 0, got "
                         f"{self.frequency!r} and {self.power!r}")
 
@@ -121,7 +121,3 @@ def layer_sparsity(params: PyTree, select: Selector) -> dict[str, jax.Array]:
 def is_pruned(config: Any) -> bool:
   """Whether ``config`` lists the ``pruning`` regularizer (its export compresses the weights)."""
   return any(dict(entry).get("name") == "pruning" for entry in config.regularizers)
-
-
-def _number(value) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool)

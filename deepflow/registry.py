@@ -90,11 +90,16 @@ def some_names(names: list[str], limit: int = 8) -> str:
   return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "") or "none"
 
 
+def is_number(value: object) -> bool:
+  """An int or float as a config value (a bool is not one, though Python counts it as an int)."""
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_non_negative(owner: str, **values: object) -> None:
   """A one-line ConfigError for an option of ``owner`` (e.g. "transform 'flip'") that is not a
   number >= 0."""
   for key, value in values.items():
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+    if not is_number(value) or value < 0:
       raise ConfigError(f"{owner}: {key} must be a number >= 0, got {value!r}")
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from deepflow.data.packing import POSITIONS, SEGMENTS
 from deepflow.data.pipeline import INPUTS
-from deepflow.registry import ConfigError, TASKS, first_line
+from deepflow.registry import ConfigError, TASKS, first_line, is_number
 from deepflow.tasks.language import LanguageModel
 from deepflow.tasks.supervised import Classification
 
@@ -229,12 +229,8 @@ def _check_options(options) -> tuple[float, float]:
   if not isinstance(teacher, str) or not teacher:
     raise ConfigError(f"task 'distillation' needs task.teacher, a deepflow run directory or "
                       f"'hf:DIR' (a Hugging Face checkpoint), got {teacher!r}")
-  if not _number(temperature) or temperature <= 0:
+  if not is_number(temperature) or temperature <= 0:
     raise ConfigError(f"task.temperature must be a number > 0, got {temperature!r}")
-  if not _number(weight) or not 0 <= weight <= 1:
+  if not is_number(weight) or not 0 <= weight <= 1:
     raise ConfigError(f"task.hard_weight must be a number in [0, 1], got {weight!r}")
   return float(temperature), float(weight)
-
-
-def _number(value) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool)
